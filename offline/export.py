@@ -1,0 +1,95 @@
+"""Export stage: write a TWLA checkpoint directory atomically (temp dir + validate + rename)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from twla_vllm.format import (CODES_PER_WORD, QUANT_TENSOR_SUFFIXES, WEIGHT_PACKED, CheckpointConfig,
+                              validate_checkpoint)
+
+SHARD_BYTES = 2 * 1024**3
+
+
+def write_checkpoint(out_dir: str, hf_config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                     qconfig: CheckpointConfig, tokenizer: Any = None,
+                     extra_files: dict[str, str] | None = None) -> str:
+    """Write config.json (+quantization_config), model*.safetensors and the tokenizer to `out_dir`.
+
+    Nothing appears at `out_dir` until the whole checkpoint is written and passes
+    `validate_checkpoint`; an existing directory there is replaced only then.
+    `extra_files`: name -> path of files to copy alongside (e.g. a report).
+    """
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        if qconfig.bits_per_weight is None:
+            qconfig.bits_per_weight = stored_bits_per_weight(tensors)
+        cfg = dict(hf_config)
+        cfg["quantization_config"] = qconfig.to_dict()
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2, sort_keys=True)
+        _save_sharded(tmp, {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, src in (extra_files or {}).items():
+            shutil.copy(src, os.path.join(tmp, name))
+        validate_checkpoint(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a checkpoint is meant to be shared
+        for name in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, name), 0o644)
+        if os.path.exists(out_dir):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+            os.rename(out_dir, os.path.join(old, "x"))
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def stored_bits_per_weight(tensors: dict[str, torch.Tensor]) -> float:
+    """Bits stored for quantized linears (codes, scales, offsets, rotations) per linear weight."""
+    bits = weights = 0
+    for name, t in tensors.items():
+        prefix, _, suffix = name.rpartition(".")
+        if suffix in QUANT_TENSOR_SUFFIXES:
+            bits += t.numel() * t.element_size() * 8
+        if suffix == WEIGHT_PACKED:
+            weights += t.numel() * CODES_PER_WORD
+    return round(bits / max(weights, 1), 4)
+
+
+def _save_sharded(d: str, tensors: dict[str, torch.Tensor]) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(d, fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
