@@ -92,9 +92,10 @@ def make_synthetic_checkpoint(out_dir: str, arch: str = "llama", group_size: int
                     w = rotate_weight(w, *rot)
                 t, alpha, mu = ternarize_rtn(w, group_size)
                 tensors.update(fmt.linear_tensors(prefix, t, alpha, mu, *(rot or (None, None))))
-                layer_specs[prefix] = fmt.LayerSpec(act_bits=bits, act_clip=0.95 if bits < 8 else 1.0,
-                                                    rotation=None if rot is None else
-                                                    (rot[0].shape[0], rot[1].shape[0]))
+                layer_specs[prefix] = fmt.LayerSpec(
+                    act_bits=bits, act_clip=0.95 if bits < 8 else 1.0,
+                    rotation=None if rot is None else (rot[0].shape[0], rot[1].shape[0]),
+                    k_blocks=tp_blocks if site in ROW_PARALLEL_SITES else 1)
     qcfg = fmt.CheckpointConfig(group_size=group_size, default=fmt.LayerSpec(act_bits=4, act_clip=1.0),
                                 layers=layer_specs, recipe={"method": "synthetic-rtn", "seed": seed})
     return write_checkpoint(out_dir, cfg_dict, tensors, qcfg, tokenizer=tok)

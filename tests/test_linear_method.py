@@ -11,7 +11,7 @@ from twla_vllm import format as fmt
 from .conftest import vllm_layer_env
 
 
-def naive_linear(x, t, alpha, mu, left, right, bits, clip, bias):
+def naive_linear(x, t, alpha, mu, left, right, bits, clip, bias, k_blocks=1):
     """Independent float64 definition: dequantized W, fake-quantized rotated x, plain matmul."""
     x = x.double()
     if left is not None:
@@ -19,10 +19,12 @@ def naive_linear(x, t, alpha, mu, left, right, bits, clip, bias):
         x = (left.double() @ x.reshape(-1, n1, n2) @ right.double()).reshape(x.shape)
     if bits < 16:
         qmax = 2**bits - 1
-        hi, lo = x.amax(-1, keepdim=True) * clip, x.amin(-1, keepdim=True) * clip
+        m, k = x.shape
+        xb = x.reshape(m, k_blocks, k // k_blocks)
+        hi, lo = xb.amax(-1, keepdim=True) * clip, xb.amin(-1, keepdim=True) * clip
         s = ((hi - lo) / qmax).clamp(min=1e-8)
         z = torch.round(-lo / s)
-        x = (torch.clamp(torch.round(x / s) + z, 0, qmax) - z) * s
+        x = ((torch.clamp(torch.round(xb / s) + z, 0, qmax) - z) * s).reshape(m, k)
     n, k = t.shape
     g = alpha.shape[1]
     w = (t.double().view(n, g, k // g) * alpha.double()[..., None] + mu.double()[..., None]).view(n, k)
@@ -116,13 +118,15 @@ def test_apply_matches_reference(kind, bits, gs, rotated, rng):
     assert err < 2e-4, f"max rel err {err:.2e}"
 
 
+@pytest.mark.parametrize("bits", [4, 16])
+@pytest.mark.parametrize("gs", [32, -1])
 @pytest.mark.parametrize("tp_size", [2, 4])
-def test_row_parallel_tp_shards_sum_to_full(tp_size, rng):
-    """Row-parallel under TP: each rank loads its K-shard (codes, groups, rotation block); the sum of
-    rank outputs (what vLLM's all-reduce computes) equals the unsharded layer."""
-    k, n, gs = 256, 48, 32
+def test_row_parallel_tp_shards_sum_to_full(tp_size, gs, bits, rng):
+    """Row-parallel under TP: each rank loads its K-shard (codes, groups, rotation block, activation
+    blocks); the sum of rank outputs (what vLLM's all-reduce computes) equals the unsharded layer."""
+    k, n = 256, 48
     rot = rotation_for(k, rng, blocks=4)
-    spec = fmt.LayerSpec(act_bits=16, act_clip=1.0, rotation=(rot[0].shape[0], rot[1].shape[0]))
+    spec = fmt.LayerSpec(act_bits=bits, act_clip=0.9, rotation=(rot[0].shape[0], rot[1].shape[0]), k_blocks=4)
     truth, tens = shard_tensors(n, k, gs, rot, False, rng)
     x = torch.randn(5, k, generator=rng)
     with vllm_layer_env():
@@ -136,19 +140,27 @@ def test_row_parallel_tp_shards_sum_to_full(tp_size, rng):
             load(layer, "row", names, {names[0]: tens})
             kl = k // tp_size
             total += layer.quant_method.apply(layer, x[:, r * kl:(r + 1) * kl])
-    # A16 isolates the sharding math from per-shard activation ranges (per-token quant is per rank)
     torch.testing.assert_close(total, want, rtol=1e-4, atol=1e-4)
+    want64 = naive_linear(x, *truth, *rot, bits, 0.9, None, k_blocks=4)
+    assert (want.double() - want64).abs().max() / want64.abs().max() < 2e-4
 
 
 def test_row_parallel_refuses_mixing_rotation(rng):
     k, n, gs = 256, 16, 64
     rot = rotation_for(k, rng, blocks=1)  # dense left factor: mixes across shards
-    spec = fmt.LayerSpec(act_bits=8, act_clip=1.0, rotation=(16, 16))
+    spec = fmt.LayerSpec(act_bits=8, act_clip=1.0, rotation=(16, 16), k_blocks=2)
     _, tens = shard_tensors(n, k, gs, rot, False, rng)
     with vllm_layer_env(0, 2):
         layer, names = build("row", k, [n], gs, spec, False, 0, 2)
-        with pytest.raises(fmt.FormatError, match=r"blk\.down_proj.*input_rot_left.*tensor parallel size 2"):
+        with pytest.raises(fmt.FormatError, match=r"blk\.down_proj.*input_rot_left.*k_blocks=2"):
             load(layer, "row", names, {names[0]: tens})
+
+
+def test_tp_must_divide_k_blocks():
+    spec = fmt.LayerSpec(act_bits=8, act_clip=1.0, k_blocks=1)
+    with vllm_layer_env(0, 2):
+        with pytest.raises(fmt.FormatError, match=r"blk\.down_proj.*tensor parallel size 2.*k_blocks=1"):
+            build("row", 256, [16], 64, spec, False, 0, 2)
 
 
 def test_invalid_code_named(rng):

@@ -128,10 +128,15 @@ class LayerSpec:
     act_bits: int = 4
     act_clip: float = 1.0
     rotation: tuple[int, int] | None = None  # (n1, n2) of the online Kronecker rotation, or None
+    # K splits into k_blocks contiguous blocks that never mix: activation ranges are per (token, block)
+    # and the rotation's left factor is block-diagonal with k_blocks blocks. A row-parallel layer's
+    # input is split across tensor-parallel ranks, so TP size must divide k_blocks; then every rank
+    # computes exactly what one GPU would.
+    k_blocks: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return {"act_bits": self.act_bits, "act_clip": self.act_clip,
-                "rotation": list(self.rotation) if self.rotation else None}
+                "rotation": list(self.rotation) if self.rotation else None, "k_blocks": self.k_blocks}
 
 
 @dataclass
@@ -233,6 +238,9 @@ def _parse_layer_spec(d: Any, where: str, default: LayerSpec | None) -> LayerSpe
     bits = d.get("act_bits", d.get("bits", base.act_bits))
     clip = d.get("act_clip", d.get("clip", base.act_clip))
     rot = d.get("rotation", base.rotation if default is None else None)
+    k_blocks = d.get("k_blocks", 1)
+    if not isinstance(k_blocks, int) or k_blocks < 1:
+        raise FormatError(f"{where}: k_blocks must be a positive int, got {k_blocks!r}")
     if bits not in ACT_BITS_ALLOWED:
         raise FormatError(f"{where}: act_bits must be one of {ACT_BITS_ALLOWED}, got {bits!r}")
     if not isinstance(clip, (int, float)) or not 0.0 < float(clip) <= 1.0:
@@ -242,7 +250,7 @@ def _parse_layer_spec(d: Any, where: str, default: LayerSpec | None) -> LayerSpe
                 or not all(isinstance(v, int) and v > 0 for v in rot)):
             raise FormatError(f"{where}: rotation must be null or [n1, n2] positive ints, got {rot!r}")
         rot = (int(rot[0]), int(rot[1]))
-    return LayerSpec(act_bits=int(bits), act_clip=float(clip), rotation=rot)
+    return LayerSpec(act_bits=int(bits), act_clip=float(clip), rotation=rot, k_blocks=k_blocks)
 
 
 def _matches(pattern: str, name: str) -> bool:
@@ -280,6 +288,14 @@ def check_linear_shape(name: str, spec: LayerSpec, in_features: int, group_size:
     if spec.rotation is not None and spec.rotation[0] * spec.rotation[1] != in_features:
         raise FormatError(f"{name}: rotation {list(spec.rotation)} has n1*n2={math.prod(spec.rotation)} "
                           f"!= in_features {in_features}")
+    kb = spec.k_blocks
+    if kb > 1:
+        block = in_features // kb
+        if in_features % kb or block % CODES_PER_WORD or (group_size != -1 and block % group_size):
+            raise FormatError(f"{name}: k_blocks={kb} must split K={in_features} into blocks that are whole "
+                              f"multiples of 16{'' if group_size == -1 else f' and of group_size={group_size}'}")
+        if spec.rotation is not None and spec.rotation[0] % kb:
+            raise FormatError(f"{name}: k_blocks={kb} does not divide the rotation's n1={spec.rotation[0]}")
 
 
 def bits_per_weight(out_features: int, in_features: int, group_size: int,

@@ -38,14 +38,12 @@ class TwlaLinearMethod(LinearMethodBase):
         k_local, n_local = input_size_per_partition, sum(output_partition_sizes)
         fmt.check_linear_shape(self.prefix, self.spec, input_size, gs)
         tp = input_size // k_local
-        if tp > 1:
-            if k_local % fmt.CODES_PER_WORD or (gs != -1 and k_local % gs):
-                raise FormatError(f"{self.prefix}: tensor parallel size {tp} splits K={input_size} into "
-                                  f"{k_local} per rank, not a multiple of the pack factor 16"
-                                  f"{'' if gs == -1 else f' and group size {gs}'}")
-            if self.spec.rotation is not None and self.spec.rotation[0] % tp:
-                raise FormatError(f"{self.prefix}: rotation {list(self.spec.rotation)} cannot be split over "
-                                  f"tensor parallel size {tp}: n1={self.spec.rotation[0]} is not divisible by {tp}")
+        if tp > 1 and self.spec.k_blocks % tp:
+            raise FormatError(
+                f"{self.prefix}: tensor parallel size {tp} splits this row-parallel layer's input, but the "
+                f"checkpoint makes only k_blocks={self.spec.k_blocks} shard-local blocks (rotation and "
+                f"activation ranges); use a tensor_parallel_size dividing {self.spec.k_blocks}, or re-quantize "
+                f"with more row-parallel blocks")
         layer.twla_tp = tp
 
         weight_packed = PackedvLLMParameter(
@@ -78,8 +76,8 @@ class TwlaLinearMethod(LinearMethodBase):
             shards = ", ".join(self._checkpoint_names())
             raise FormatError(f"{self.prefix}: tensor '{fmt.WEIGHT_PACKED}' (checkpoint: {shards}) holds the "
                               f"invalid code 3; valid codes are 0, 1, 2 (ternary t + 1)") from None
-        if self.spec.rotation is not None and layer.twla_tp > 1:
-            self._shard_left_factor(layer)
+        if self.spec.rotation is not None and self.spec.k_blocks > 1:
+            self._check_and_shard_left_factor(layer)
         for name in (fmt.WEIGHT_SCALE, fmt.WEIGHT_OFFSET, fmt.ROT_LEFT, fmt.ROT_RIGHT):
             if hasattr(layer, name):  # drop the loader-typed wrappers: plain tensors from here on
                 data = getattr(layer, name).data
@@ -89,27 +87,27 @@ class TwlaLinearMethod(LinearMethodBase):
         self.kernel = choose_kernel(LinearSpec(
             name=self.prefix, out_features=t.shape[0], in_features=t.shape[1],
             group_size=self.checkpoint.group_size, act_bits=self.spec.act_bits, act_clip=self.spec.act_clip,
+            k_blocks=self.spec.k_blocks // layer.twla_tp,
             has_rotation=self.spec.rotation is not None, device_type=packed.device.type,
             dtype=layer.twla_params_dtype))
         self.kernel.process_weights(layer, t)
 
-    def _shard_left_factor(self, layer: torch.nn.Module) -> None:
-        """Row-parallel layer: rank r sees rows [r*b, (r+1)*b) of x.reshape(n1, n2), b = n1/tp, so
-        the left factor must be block-diagonal with blocks of b; keep this rank's block."""
+    def _check_and_shard_left_factor(self, layer: torch.nn.Module) -> None:
+        """k_blocks > 1 promises a block-diagonal left factor (rows of x.reshape(n1, n2) never mix
+        across K-blocks). Check it; under TP keep this rank's diagonal block."""
         left = layer.input_rot_left.data
-        tp, n1 = layer.twla_tp, left.shape[0]
-        b = n1 // tp
-        blocks = torch.block_diag(*[torch.ones(b, b, dtype=torch.bool, device=left.device)] * tp)
-        off = left.masked_fill(blocks, 0).abs().max().item()
+        kb, n1, tp = self.spec.k_blocks, left.shape[0], layer.twla_tp
+        b = n1 // kb
+        mask = torch.block_diag(*[torch.ones(b, b, dtype=torch.bool, device=left.device)] * kb)
+        off = left.masked_fill(mask, 0).abs().max().item()
         if off > 1e-6:
             raise FormatError(
-                f"{self.prefix}: tensor '{fmt.ROT_LEFT}' mixes rows across tensor-parallel shards "
-                f"(off-block-diagonal entries up to {off:.3g} for tensor parallel size {tp}); this layer's "
-                f"input is split across ranks, so its left factor must be block-diagonal with {tp} blocks. "
-                f"Serve with a smaller tensor_parallel_size or re-quantize with row-parallel rotation blocks "
-                f"that tensor parallel size {tp} divides")
-        r = layer.tp_rank
-        layer.input_rot_left.data = left[r * b:(r + 1) * b, r * b:(r + 1) * b].contiguous()
+                f"{self.prefix}: tensor '{fmt.ROT_LEFT}' mixes rows across its k_blocks={kb} blocks "
+                f"(off-block-diagonal entries up to {off:.3g}), so it cannot run shard-local under tensor "
+                f"parallel size {tp}; the checkpoint is inconsistent: re-export it")
+        if tp > 1:
+            r, rows = layer.tp_rank, n1 // tp
+            layer.input_rot_left.data = left[r * rows:(r + 1) * rows, r * rows:(r + 1) * rows].contiguous()
 
     def _checkpoint_names(self) -> list[str]:
         parent, _, leaf = self.prefix.rpartition(".")

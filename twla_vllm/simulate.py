@@ -13,34 +13,35 @@ import torch
 from safetensors import safe_open
 
 from . import format as fmt
-from .reference import dequantize_weight, ternary_linear
+from .reference import prepare_unit_sums, ternary_linear
 
 
 class SimTwlaLinear(torch.nn.Module):
     """nn.Linear stand-in: rotate -> per-token fake-quant -> ternary GEMM -> epilogue (+ bias)."""
 
     def __init__(self, t: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor, left: torch.Tensor | None,
-                 right: torch.Tensor | None, act_bits: int, act_clip: float, bias: torch.Tensor | None = None):
+                 right: torch.Tensor | None, act_bits: int, act_clip: float, k_blocks: int = 1,
+                 bias: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = t.shape
-        self.act_bits, self.act_clip = act_bits, act_clip
+        self.act_bits, self.act_clip, self.k_blocks = act_bits, act_clip, k_blocks
         self.register_buffer("t", t.to(torch.float32))
         self.register_buffer("alpha", alpha.to(torch.float32))
         self.register_buffer("mu", mu.to(torch.float32))
-        self.register_buffer("wsum", dequantize_weight(self.t, self.alpha, self.mu).sum(-1))
+        self.register_buffer("wsum", prepare_unit_sums(self.t, self.alpha, self.mu, k_blocks))
         self.register_buffer("left", None if left is None else left.to(torch.float32))
         self.register_buffer("right", None if right is None else right.to(torch.float32))
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = ternary_linear(x, self.t, self.alpha, self.mu, self.left, self.right, self.act_bits,
-                           self.act_clip, wsum=self.wsum)
+                           self.act_clip, self.k_blocks, wsum=self.wsum)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         rot = None if self.left is None else (self.left.shape[0], self.right.shape[0])
         return (f"in={self.in_features}, out={self.out_features}, act_bits={self.act_bits}, "
-                f"clip={self.act_clip:.3f}, rotation={rot}")
+                f"clip={self.act_clip:.3f}, k_blocks={self.k_blocks}, rotation={rot}")
 
 
 def replace_linear(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
@@ -73,7 +74,7 @@ def load_simulated_model(model_dir: str, dtype: torch.dtype = torch.float32,
         right = tensors.pop(f"{prefix}.{fmt.ROT_RIGHT}", None)
         layer = SimTwlaLinear(t, tensors.pop(f"{prefix}.{fmt.WEIGHT_SCALE}"),
                               tensors.pop(f"{prefix}.{fmt.WEIGHT_OFFSET}"), left, right, spec.act_bits,
-                              spec.act_clip, tensors.pop(f"{prefix}.bias", None))
+                              spec.act_clip, spec.k_blocks, tensors.pop(f"{prefix}.bias", None))
         replace_linear(model, prefix, layer)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if unexpected:

@@ -16,6 +16,7 @@ class LinearSpec:
     group_size: int  # -1 = per row
     act_bits: int
     act_clip: float
+    k_blocks: int  # activation ranges per (token, contiguous K-block) on this rank
     has_rotation: bool
     device_type: str
     dtype: torch.dtype

@@ -1,0 +1,53 @@
+"""Shared test helpers: the simulated-quant oracle and running vLLM in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = ["Hello world", "The quick brown fox", "abc", "TWLA serves ternary weights!"]
+MAX_TOKENS = 16
+
+
+def sim_greedy(model_dir: str, prompt_ids: list[list[int]], max_tokens: int = MAX_TOKENS) -> list[list[int]]:
+    """Greedy continuation with the simulated-quant transformers model (no EOS stop)."""
+    from twla_vllm.simulate import load_simulated_model
+
+    model = load_simulated_model(model_dir)
+    outs = []
+    with torch.no_grad():
+        for ids in prompt_ids:
+            x = torch.tensor([ids])
+            gen = []
+            for _ in range(max_tokens):
+                nxt = int(model(x).logits[0, -1].argmax())
+                gen.append(nxt)
+                x = torch.cat([x, torch.tensor([[nxt]])], dim=1)
+            outs.append(gen)
+    return outs
+
+
+def vllm_env(tp: int = 1) -> dict[str, str]:
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_DISABLE_COMPILE_CACHE="1",
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if tp > 1:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % (os.cpu_count() or 1)) for i in range(tp))
+    return env
+
+
+def run_vllm(timeout: int = 600, **args) -> dict:
+    """Run tests/vllm_runner.py with `args`; raise with vLLM's stderr tail on failure."""
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "out.json")
+        proc = subprocess.run([sys.executable, "-m", "tests.vllm_runner", json.dumps(args), out], cwd=REPO,
+                              env=vllm_env(args.get("tp", 1)), capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"vLLM run failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+        with open(out) as f:
+            return json.load(f)
