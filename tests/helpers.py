@@ -47,7 +47,9 @@ def run_vllm(timeout: int = 600, **args) -> dict:
         out = os.path.join(d, "out.json")
         proc = subprocess.run([sys.executable, "-m", "tests.vllm_runner", json.dumps(args), out], cwd=REPO,
                               env=vllm_env(args.get("tp", 1)), capture_output=True, text=True, timeout=timeout)
-        if proc.returncode != 0:
-            raise RuntimeError(f"vLLM run failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+        if proc.returncode != 0:  # workers log their exception to stdout: keep every error line
+            text = proc.stdout + proc.stderr
+            errors = "\n".join(ln for ln in text.splitlines() if "rror" in ln)
+            raise RuntimeError(f"vLLM run failed ({proc.returncode}):\n{errors[-4000:]}\n{text[-3000:]}")
         with open(out) as f:
             return json.load(f)

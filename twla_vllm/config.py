@@ -44,7 +44,7 @@ class TwlaConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "TwlaConfig":
-        return cls(CheckpointConfig.from_dict(config))
+        return cls(CheckpointConfig.from_dict(config, source="config.json: quantization_config"))
 
     def maybe_update_config(self, model_name: str, hf_config: Any = None, revision: str | None = None):
         # Runs once in the front-end process before any worker starts: check every tensor header

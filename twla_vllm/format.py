@@ -368,10 +368,14 @@ def validate_checkpoint(model_dir: str, config: CheckpointConfig | None = None) 
     config = config or read_config(model_dir)
     index = read_tensor_index(model_dir)
     layers: dict[str, dict[str, tuple[str, tuple[int, ...], Any]]] = {}
-    for name, meta in index.items():
+    for name in index:
         prefix, _, suffix = name.rpartition(".")
         if suffix in QUANT_TENSOR_SUFFIXES:
-            layers.setdefault(prefix, {})[suffix] = meta
+            layers[prefix] = {}
+    for name, meta in index.items():  # every tensor of a quantized layer, known or not
+        prefix, _, suffix = name.rpartition(".")
+        if prefix in layers and suffix != "bias":
+            layers[prefix][suffix] = meta
     for prefix, tensors in sorted(layers.items()):
         if WEIGHT_PACKED not in tensors:
             some = next(iter(tensors))
@@ -398,13 +402,13 @@ def validate_checkpoint(model_dir: str, config: CheckpointConfig | None = None) 
                 raise FormatError(f"{where} has shape {list(shape)}, expected {list(wshape)}")
             if dtype != wdtype:
                 raise FormatError(f"{where} has dtype {dtype}, expected {wdtype}")
+        if "weight" in tensors:
+            raise FormatError(f"{os.path.join(model_dir, tensors['weight'][0])}: layer '{prefix}' stores "
+                              f"both a dense '.weight' and quantized tensors")
         for suffix in tensors:
             if suffix not in want:
                 raise FormatError(f"{os.path.join(model_dir, tensors[suffix][0])}: unexpected tensor "
                                   f"'{prefix}.{suffix}' (layer config has rotation={spec.rotation})")
-        if f"{prefix}.weight" in index:
-            raise FormatError(f"{os.path.join(model_dir, index[prefix + '.weight'][0])}: layer '{prefix}' stores "
-                              f"both a dense '.weight' and quantized tensors")
     for name in config.layers:
         if name not in layers:
             raise FormatError(f"{model_dir}/config.json: quantization_config.layers names '{name}', but the "
