@@ -1,0 +1,320 @@
+"""The TWLA pipeline: calibrate -> rotate -> ternarize (block by block, resumable) -> allocate bits ->
+clip -> export. Each decoder block is quantized on the hidden states the already-quantized blocks
+produce, then its state is written to the work directory so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from twla_vllm import format as fmt
+from twla_vllm.simulate import SimTwlaLinear, replace_linear
+
+from . import allocate, clip, data
+from .calibrate import BlockInputs, RotatedLinear, capture_first_block_inputs, decoder_layers, input_gram, run_block
+from .export import write_checkpoint
+from .rotate import (balanced_factors, block_diagonal_orthogonal, fold_head_rotation, fold_norm_into,
+                     learn_kronecker_rotation, random_orthogonal)
+from .ternarize import gptq_ternarize, stage1_fit, ternarize_rtn
+
+ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+MLP_IN = ("mlp.gate_proj", "mlp.up_proj")
+
+
+@dataclass
+class Recipe:
+    """Everything that determines the checkpoint (recorded in it and checked on resume)."""
+
+    group_size: int = 128  # largest multiple of 16 <= this dividing every K is used; -1 = per row
+    weight_method: str = "e2m-atq"  # rtn | atq (init + stage 1) | e2m-atq (GPTQ + stage 1 + stage 2)
+    rotation: str = "kotms"  # kotms | random | none
+    kotms_iters: int = 100
+    kotms_lr: float = 1e-2
+    row_parallel_blocks: int = 8  # max shard-local K-blocks of o_proj/down_proj inputs (max TP size)
+    act_bits: float = 4.0  # average activation bits per block
+    bit_set: tuple[int, ...] = (2, 4, 6, 8)
+    allocation: str = "ila-amp"  # ila-amp | uniform
+    amp_beta: float = 0.5
+    amp_tokens: int = 256
+    clip_search: bool = True
+    default_clip: float = 1.0
+    clip_tokens: int = 512
+    calib: str = "brown"
+    nsamples: int = 16
+    seqlen: int = 512
+    seed: int = 0
+    percdamp: float = 0.1
+    batch_size: int = 4
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Result:
+    checkpoint: str
+    act_bits: list[int]
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    kotms_example: dict | None = None
+
+
+def pick_group_size(ks: list[int], requested: int) -> int:
+    if requested == -1:
+        return -1
+    for g in range(requested - requested % 16, 15, -16):
+        if all(k % g == 0 for k in ks):
+            return g
+    return -1
+
+
+def pick_k_blocks(k: int, group_size: int, max_blocks: int) -> int:
+    """Largest power of two <= max_blocks splitting K into whole packed words and weight groups."""
+    unit = 16 if group_size == -1 else max(16, group_size)
+    b = 1
+    while b * 2 <= max_blocks and k % (b * 2) == 0 and (k // (b * 2)) % unit == 0:
+        b *= 2
+    return b
+
+
+class Quantizer:
+    def __init__(self, model, tokenizer, recipe: Recipe, work_dir: str, device: str = "cpu",
+                 log=print):
+        self.model, self.tok, self.r, self.work, self.device, self.log = model, tokenizer, recipe, work_dir, device, log
+        cfg = model.config
+        self.hidden, self.inter = cfg.hidden_size, cfg.intermediate_size
+        self.heads = cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or self.hidden // self.heads
+        self.gs = pick_group_size([self.hidden, self.heads * self.head_dim, self.inter], recipe.group_size)
+        self.kb_o = pick_k_blocks(self.heads * self.head_dim, self.gs, recipe.row_parallel_blocks)
+        self.kb_down = pick_k_blocks(self.inter, self.gs, recipe.row_parallel_blocks)
+        self.specs: dict[str, fmt.LayerSpec] = {}
+        self.seconds: dict[str, float] = {"calibrate": 0.0, "rotate": 0.0, "ternarize": 0.0}
+        self.kotms_example: dict | None = None
+
+    # ---------------------------------------------------------------- resumable block loop -------
+    def quantize_weights(self) -> None:
+        state = os.path.join(self.work, "state")
+        os.makedirs(state, exist_ok=True)
+        self._check_recipe()
+        layers = decoder_layers(self.model)
+        progress = os.path.join(state, "progress.json")
+        start = json.load(open(progress))["next_block"] if os.path.exists(progress) else 0
+        for l in range(start):
+            self._restore_block(l, os.path.join(state, f"block_{l:03d}"))
+        if start:
+            self.log(f"resuming at block {start}/{len(layers)} from {state}")
+            inputs = torch.load(os.path.join(state, "hidden.pt"), weights_only=False)
+        else:
+            t0 = time.time()
+            ids = data.token_windows(self.tok, data.load_text(self.r.calib, "calib"), self.r.nsamples,
+                                     self.r.seqlen, self.r.seed)
+            inputs = capture_first_block_inputs(self.model, ids, self.r.batch_size)
+            self.seconds["calibrate"] += time.time() - t0
+        for l in tqdm(range(start, len(layers)), desc="quantize blocks", initial=start, total=len(layers)):
+            inputs = self._quantize_block(l, layers[l], inputs)
+            self._save_block(l, os.path.join(state, f"block_{l:03d}"))
+            _atomic_torch_save(inputs, os.path.join(state, "hidden.pt"))
+            _atomic_json(progress, {"next_block": l + 1})
+
+    def _check_recipe(self) -> None:
+        path = os.path.join(self.work, "recipe.json")
+        mine = json.loads(json.dumps(self.r.to_dict()))
+        if os.path.exists(path):
+            saved = json.load(open(path))
+            if saved != mine:
+                diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
+                raise SystemExit(f"{self.work}: an interrupted run with a different recipe is there {diff}; "
+                                 f"delete it or pass --restart")
+        else:
+            _atomic_json(path, mine)
+
+    # ---------------------------------------------------------------- one block ------------------
+    def _quantize_block(self, l: int, layer, inputs: BlockInputs) -> BlockInputs:
+        r = self.r
+        t0 = time.time()
+        attn, mlp = layer.self_attn, layer.mlp
+        lin = {name: layer.get_submodule(name) for name in (*ATTN, "self_attn.o_proj", *MLP_IN, "mlp.down_proj")}
+        if r.rotation != "none":
+            fold_norm_into([lin[n] for n in ATTN], layer.input_layernorm)
+            fold_norm_into([lin[n] for n in MLP_IN], layer.post_attention_layernorm)
+        gen = torch.Generator().manual_seed(r.seed * 1000 + l)
+        # o_proj: its head-local factor moves into v_proj's output (exact), nothing runs online
+        b_o = self._factors(lin["self_attn.o_proj"].weight, self.heads, self.head_dim, 1, gen, learn_left=False)[1]
+        if b_o is not None:
+            fold_head_rotation(lin["self_attn.v_proj"], lin["self_attn.o_proj"], b_o, self.head_dim)
+        sites = [(ATTN, self.hidden, 1), (("self_attn.o_proj",), self.heads * self.head_dim, self.kb_o),
+                 (MLP_IN, self.hidden, 1), (("mlp.down_proj",), self.inter, self.kb_down)]
+        rots = {}
+        for members, k, blocks in sites:
+            if members[0] == "self_attn.o_proj":
+                rots[members] = (None, None)
+                continue
+            n1, n2 = balanced_factors(k, blocks)
+            w = torch.cat([lin[m].weight.data for m in members])
+            rots[members] = self._factors(w, n1, n2, blocks, gen, example=(l == 1 and members == MLP_IN))
+        for members, _, _ in sites:
+            c, b = rots[members]
+            for m in members:
+                w = lin[m].weight.data.float()
+                if c is not None:
+                    w = torch.matmul(torch.matmul(c, w.reshape(-1, c.shape[0], b.shape[0])), b).reshape(w.shape)
+                replace_linear(layer, m, RotatedLinear(w, lin[m].bias, c, b))
+        self.seconds["rotate"] += time.time() - t0
+
+        t0 = time.time()
+        for members, k, blocks in sites:
+            c, b = rots[members]
+            h = None
+            if r.weight_method == "e2m-atq":
+                h = input_gram(layer, layer.get_submodule(members[0]), inputs)
+            for m in members:
+                rl = layer.get_submodule(m)
+                t, alpha, mu = self._ternarize(rl.weight.data, h)
+                prefix = f"model.layers.{l}.{m}"
+                self.specs[prefix] = fmt.LayerSpec(act_bits=16, act_clip=r.default_clip, k_blocks=blocks,
+                                                   rotation=None if c is None else (c.shape[0], b.shape[0]))
+                replace_linear(layer, m, SimTwlaLinear(t, alpha, mu, c, b, 16, r.default_clip, blocks,
+                                                       rl.bias.data if rl.bias is not None else None))
+        out = run_block(layer, inputs)
+        self.seconds["ternarize"] += time.time() - t0
+        return out
+
+    def _factors(self, w, n1, n2, blocks, gen, learn_left=True, example=False):
+        r = self.r
+        if r.rotation == "none":
+            return None, None
+        if r.rotation == "random":
+            c = (block_diagonal_orthogonal(n1, blocks, gen) if blocks > 1 else random_orthogonal(n1, gen)) \
+                if learn_left else None
+            return c, random_orthogonal(n2, gen)
+        c, b, hist = learn_kronecker_rotation(w, n1, n2, self.gs, r.kotms_iters, r.kotms_lr, blocks, learn_left)
+        if example:
+            wr = w.float().reshape(-1, n1, n2)
+            wr = (wr if c is None else torch.matmul(c, wr)) @ b
+            self.kotms_example = {"before": w.float().flatten(), "after": wr.flatten(), "loss": hist}
+        return c, b
+
+    def _ternarize(self, w: torch.Tensor, h: torch.Tensor | None):
+        m = self.r.weight_method
+        if m == "rtn":
+            return ternarize_rtn(w, self.gs)
+        if m == "atq":
+            n, k = w.shape
+            gs = k if self.gs == -1 else self.gs
+            t, a, mu = stage1_fit(w.float().reshape(n, k // gs, gs))
+            return t.reshape(n, k).to(torch.int8), a.squeeze(-1), mu.squeeze(-1)
+        if m == "e2m-atq":
+            return gptq_ternarize(w, h, self.gs, stage2=True, percdamp=self.r.percdamp)
+        raise ValueError(f"unknown weight_method {m!r}")
+
+    # ---------------------------------------------------------------- block state on disk ---------
+    def _block_prefixes(self, l: int) -> list[str]:
+        return [f"model.layers.{l}.{m}" for m in (*ATTN, "self_attn.o_proj", *MLP_IN, "mlp.down_proj")]
+
+    def _save_block(self, l: int, path: str) -> None:
+        layer = decoder_layers(self.model)[l]
+        tensors = {}
+        for name, p in layer.state_dict().items():
+            tensors[name] = p.detach().contiguous().clone()
+        save_file(tensors, path + ".safetensors.tmp")
+        os.replace(path + ".safetensors.tmp", path + ".safetensors")
+        _atomic_json(path + ".json", {p: self.specs[p].to_dict() for p in self._block_prefixes(l)})
+
+    def _restore_block(self, l: int, path: str) -> None:
+        layer = decoder_layers(self.model)[l]
+        tensors = load_file(path + ".safetensors")
+        specs = json.load(open(path + ".json"))
+        for prefix, d in specs.items():
+            spec = fmt._parse_layer_spec(d, path, fmt.LayerSpec())
+            self.specs[prefix] = spec
+            m = prefix.split(".", 3)[3]
+            g = lambda s: tensors.get(f"{m}.{s}")  # noqa: E731
+            replace_linear(layer, m, SimTwlaLinear(g("t"), g("alpha"), g("mu"), g("left"), g("right"),
+                                                   spec.act_bits, spec.act_clip, spec.k_blocks, g("bias")))
+        rest = {k: v for k, v in tensors.items() if not any(k.startswith(p.split(".", 3)[3] + ".")
+                                                              for p in specs)}
+        layer.load_state_dict(rest, strict=False)
+
+    # ---------------------------------------------------------------- after all blocks ------------
+    def sim_layers(self) -> dict[str, SimTwlaLinear]:
+        return {name: mod for name, mod in self.model.named_modules() if isinstance(mod, SimTwlaLinear)}
+
+    def allocate_and_clip(self) -> list[int]:
+        r = self.r
+        n_layers = len(decoder_layers(self.model))
+        t0 = time.time()
+        heldout = data.load_text(r.calib, "heldout")
+        if r.allocation == "ila-amp":
+            ids = data.token_windows(self.tok, heldout, max(1, r.amp_tokens // 128), 128, r.seed + 1)
+            table = allocate.measure_sensitivity(self.model, ids, r.bit_set, set_block_bits=self.set_block_bits,
+                                                 log=self.log)
+            bits = allocate.allocate_bits(table, r.bit_set, r.act_bits, r.amp_beta)
+            self.amp_table = table
+        else:
+            bits = [int(r.act_bits)] * n_layers
+        for l, b in enumerate(bits):
+            self.set_block_bits(l, b)
+        self.seconds["allocate"] = time.time() - t0
+        t0 = time.time()
+        if r.clip_search:
+            ids = data.token_windows(self.tok, heldout, max(1, r.clip_tokens // 256), 256, r.seed + 2)
+            clips = clip.search_clips(self.model, ids, self._sites(), r.batch_size, log=self.log)
+            for prefix, c in clips.items():
+                self.sim_layers()[prefix].act_clip = c
+        for prefix, mod in self.sim_layers().items():
+            self.specs[prefix] = dataclasses.replace(self.specs[prefix], act_bits=mod.act_bits,
+                                                     act_clip=round(float(mod.act_clip), 4))
+        self.seconds["clip"] = time.time() - t0
+        return bits
+
+    def _sites(self) -> list[list[str]]:
+        out = []
+        for l in range(len(decoder_layers(self.model))):
+            for members in (ATTN, ("self_attn.o_proj",), MLP_IN, ("mlp.down_proj",)):
+                out.append([f"model.layers.{l}.{m}" for m in members])
+        return out
+
+    def set_block_bits(self, l: int, bits: int) -> None:
+        for prefix in self._block_prefixes(l):
+            self.model.get_submodule(prefix).act_bits = bits
+
+    def export(self, out_dir: str, src_config: dict, dtype: torch.dtype, extra_files=None) -> str:
+        tensors: dict[str, torch.Tensor] = {}
+        sims = self.sim_layers()
+        for name, p in self.model.state_dict().items():
+            owner = name.rpartition(".")[0]
+            if owner in sims or (name == "lm_head.weight" and getattr(self.model.config, "tie_word_embeddings", False)):
+                continue
+            tensors[name] = p.to(dtype) if p.is_floating_point() else p
+        for prefix, mod in sims.items():
+            tensors.update(fmt.linear_tensors(prefix, mod.t.to(torch.int8), mod.alpha, mod.mu, mod.left, mod.right))
+            if mod.bias is not None:
+                tensors[f"{prefix}.bias"] = mod.bias.to(dtype)
+        default = fmt.LayerSpec(act_bits=int(round(self.r.act_bits)), act_clip=self.r.default_clip)
+        qcfg = fmt.CheckpointConfig(group_size=self.gs, default=default, layers=dict(self.specs),
+                                    recipe={"method": "twla", **self.r.to_dict()})
+        return write_checkpoint(out_dir, src_config, tensors, qcfg, tokenizer=self.tok, extra_files=extra_files)
+
+
+def _atomic_json(path: str, obj) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def _atomic_torch_save(obj, path: str) -> None:
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def clear_work_dir(work_dir: str) -> None:
+    shutil.rmtree(work_dir, ignore_errors=True)
