@@ -1,0 +1,174 @@
+"""Offline quantizer components against brute-force / closed-form checks, resume, and vLLM loading."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+import torch
+
+from twla_offline import allocate
+from twla_offline.calibrate import RotatedLinear
+from twla_offline.rotate import (cayley, fold_head_rotation, fold_norm_into, learn_kronecker_rotation,
+                                 orthogonality_error, trimodal_loss)
+from twla_offline.ternarize import gptq_ternarize, stage2_refit, ternarize_rtn
+from twla_vllm.reference import rotate_weight
+
+
+def test_stage2_is_least_squares(rng):
+    t = torch.randint(-1, 2, (6, 48), generator=rng).float()
+    w = torch.randn(6, 48, generator=rng)
+    x = torch.randn(200, 48, generator=rng) * torch.rand(48, generator=rng)
+    alpha, mu = stage2_refit(w, t, x.t() @ x)
+    for i in range(6):
+        design = torch.stack([x @ t[i], x.sum(1)], 1).double()
+        sol = torch.linalg.lstsq(design, (x @ w[i]).double()).solution
+        torch.testing.assert_close(torch.stack([alpha[i, 0], mu[i, 0]]).double(), sol, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("gs", [32, -1])
+def test_e2m_atq_beats_rtn_on_output_error(gs, rng):
+    w = torch.randn(48, 128, generator=rng) * 0.02
+    x = torch.randn(1024, 128, generator=rng) * torch.linspace(0.1, 3, 128)
+    h = x.t() @ x
+
+    def out_err(t, a, m):
+        g = a.shape[1]
+        wq = (t.float().view(48, g, -1) * a[..., None] + m[..., None]).view(48, 128)
+        return float(((wq - w) @ x.t()).pow(2).mean())
+
+    t, a, m = gptq_ternarize(w, h, gs)
+    assert set(t.unique().tolist()) <= {-1, 0, 1}
+    assert out_err(t, a, m) < out_err(*ternarize_rtn(w, gs))
+
+
+def test_dp_equals_exhaustive_search(rng):
+    bit_set = (2, 4, 6, 8)
+    for trial in range(5):
+        n = 5
+        single = [{b: float(torch.rand(1, generator=rng)) * (8 - b) for b in bit_set if b != 8} for _ in range(n)]
+        pair = [{}] + [{(bp, b): float(torch.randn(1, generator=rng)) * 0.3
+                        for bp in (2, 4, 6) for b in (2, 4, 6)} for _ in range(n - 1)]
+        table = allocate.SensitivityTable(1.0, bit_set, single, pair)
+        avg = [3.0, 4.0, 5.2][trial % 3]
+        got = allocate.allocate_bits(table, bit_set, avg, beta=0.5)
+        best = min((c for c in itertools.product(bit_set, repeat=n) if sum(c) <= round(avg * n)),
+                   key=lambda c: allocate.chain_cost(table, list(c), 0.5))
+        assert sum(got) <= round(avg * n)
+        assert allocate.chain_cost(table, got, 0.5) == pytest.approx(allocate.chain_cost(table, list(best), 0.5))
+
+
+def test_rotations_stay_orthogonal_and_kotms_lowers_the_loss(rng):
+    assert orthogonality_error(cayley(torch.randn(16, 16, generator=rng))) < 1e-5
+    w = torch.randn(64, 256, generator=rng) * 0.02
+    c, b, hist = learn_kronecker_rotation(w, 16, 16, 64, iters=60, left_blocks=2)
+    assert orthogonality_error(c) < 1e-5 and orthogonality_error(b) < 1e-5
+    assert c[:8, 8:].abs().max() == 0  # block-diagonal: shard-local under TP
+    wr = rotate_weight(w, c, b)
+    assert trimodal_loss(wr, 64) < trimodal_loss(w, 64)
+    assert hist[-1] < hist[0]
+
+
+def _tiny_llama(rng):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from twla_offline.synthetic import tiny_config
+
+    torch.manual_seed(int(torch.randint(0, 2**30, (1,), generator=rng)))
+    cfg = tiny_config("qwen2", 98)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+            if n.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model, cfg
+
+
+def test_folding_keeps_the_fp_model(rng):
+    from twla_offline.rotate import random_orthogonal
+
+    model, _ = _tiny_llama(rng)
+    ids = torch.randint(3, 98, (2, 20), generator=rng)
+    with torch.no_grad():
+        want = model(ids).logits
+        layer = model.model.layers[0]
+        a = layer.self_attn
+        fold_norm_into([a.q_proj, a.k_proj, a.v_proj], layer.input_layernorm)
+        fold_norm_into([layer.mlp.gate_proj, layer.mlp.up_proj], layer.post_attention_layernorm)
+        fold_head_rotation(a.v_proj, a.o_proj, random_orthogonal(64, rng), 64)
+        c, b = random_orthogonal(8, rng), random_orthogonal(16, rng)
+        layer.mlp.gate_proj = RotatedLinear(rotate_weight(layer.mlp.gate_proj.weight.data, c, b), None, c, b)
+        got = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tiny_dense_dir(tmp_path_factory):
+    from twla_offline.synthetic import char_tokenizer
+
+    model, _ = _tiny_llama(torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 1.0)
+    d = str(tmp_path_factory.mktemp("dense") / "tiny-qwen2")
+    model.save_pretrained(d)
+    char_tokenizer().save_pretrained(d)
+    return d
+
+
+def _tiny_recipe():
+    from twla_offline.pipeline import Recipe
+
+    return Recipe(nsamples=4, seqlen=64, kotms_iters=10, amp_tokens=128, clip_tokens=256, batch_size=2)
+
+
+def _quantize(src, out, recipe, fail_after_block=None):
+    from twla_offline import pipeline
+    from twla_offline.cli import quantize
+
+    if fail_after_block is None:
+        return quantize(src, out, recipe, evaluate_after=False)
+    original = pipeline._atomic_json
+
+    def crash(path, obj):
+        original(path, obj)
+        if path.endswith("progress.json") and obj["next_block"] == fail_after_block + 1:
+            raise KeyboardInterrupt("simulated kill")
+
+    pipeline._atomic_json = crash
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            quantize(src, out, recipe, evaluate_after=False)
+    finally:
+        pipeline._atomic_json = original
+
+
+def _tensors(d):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(d, "model.safetensors"))
+
+
+def test_resume_after_kill_gives_the_same_checkpoint(tiny_dense_dir, tmp_path):
+    recipe = _tiny_recipe()
+    whole = _quantize(tiny_dense_dir, str(tmp_path / "whole"), recipe)["checkpoint"]
+    resumed_out = str(tmp_path / "resumed")
+    _quantize(tiny_dense_dir, resumed_out, recipe, fail_after_block=0)
+    assert not os.path.exists(resumed_out)  # nothing half-written at the destination
+    assert os.path.exists(resumed_out + ".work/state/block_000.safetensors")
+    resumed = _quantize(tiny_dense_dir, resumed_out, recipe)["checkpoint"]
+    a, b = _tensors(whole), _tensors(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.vllm
+def test_quantized_checkpoint_serves_in_vllm(tiny_dense_dir, tmp_path):
+    from .helpers import PROMPTS, run_vllm, sim_greedy
+
+    ckpt = _quantize(tiny_dense_dir, str(tmp_path / "q"), _tiny_recipe())["checkpoint"]
+    got = run_vllm(model=ckpt, prompts=PROMPTS)
+    assert got["tokens"] == sim_greedy(ckpt, got["prompt_tokens"])
