@@ -37,6 +37,7 @@ class Recipe:
     group_size: int = 128  # largest multiple of 16 <= this dividing every K is used; -1 = per row
     weight_method: str = "e2m-atq"  # rtn | atq (init + stage 1) | e2m-atq (GPTQ + stage 1 + stage 2)
     rotation: str = "kotms"  # kotms | random | none
+    fold_norms: bool = False  # RMSNorm γ into q/k/v and gate/up (exact in fp; changes what is ternarized)
     kotms_iters: int = 100
     kotms_lr: float = 1e-2
     row_parallel_blocks: int = 8  # max shard-local K-blocks of o_proj/down_proj inputs (max TP size)
@@ -143,7 +144,7 @@ class Quantizer:
         t0 = time.time()
         attn, mlp = layer.self_attn, layer.mlp
         lin = {name: layer.get_submodule(name) for name in (*ATTN, "self_attn.o_proj", *MLP_IN, "mlp.down_proj")}
-        if r.rotation != "none":
+        if r.fold_norms:
             fold_norm_into([lin[n] for n in ATTN], layer.input_layernorm)
             fold_norm_into([lin[n] for n in MLP_IN], layer.post_attention_layernorm)
         gen = torch.Generator().manual_seed(r.seed * 1000 + l)
@@ -249,32 +250,44 @@ class Quantizer:
         return {name: mod for name, mod in self.model.named_modules() if isinstance(mod, SimTwlaLinear)}
 
     def allocate_and_clip(self) -> list[int]:
+        bits = self.allocate()
+        if self.r.clip_search:
+            self.search_clips()
+        return bits
+
+    def allocate(self) -> list[int]:
+        """Activation bits per block (ILA-AMP on held-out text, or uniform) applied to the model."""
         r = self.r
         n_layers = len(decoder_layers(self.model))
         t0 = time.time()
-        heldout = data.load_text(r.calib, "heldout")
         if r.allocation == "ila-amp":
+            heldout = data.load_text(r.calib, "heldout")
             ids = data.token_windows(self.tok, heldout, max(1, r.amp_tokens // 128), 128, r.seed + 1)
             table = allocate.measure_sensitivity(self.model, ids, r.bit_set, set_block_bits=self.set_block_bits,
                                                  log=self.log)
             bits = allocate.allocate_bits(table, r.bit_set, r.act_bits, r.amp_beta)
-            self.amp_table = table
         else:
             bits = [int(r.act_bits)] * n_layers
         for l, b in enumerate(bits):
             self.set_block_bits(l, b)
+        self._sync_specs()
         self.seconds["allocate"] = time.time() - t0
+        return bits
+
+    def search_clips(self) -> None:
         t0 = time.time()
-        if r.clip_search:
-            ids = data.token_windows(self.tok, heldout, max(1, r.clip_tokens // 256), 256, r.seed + 2)
-            clips = clip.search_clips(self.model, ids, self._sites(), r.batch_size, log=self.log)
-            for prefix, c in clips.items():
-                self.sim_layers()[prefix].act_clip = c
+        heldout = data.load_text(self.r.calib, "heldout")
+        ids = data.token_windows(self.tok, heldout, max(1, self.r.clip_tokens // 256), 256, self.r.seed + 2)
+        sims = self.sim_layers()
+        for prefix, c in clip.search_clips(self.model, ids, self._sites(), self.r.batch_size, log=self.log).items():
+            sims[prefix].act_clip = c
+        self._sync_specs()
+        self.seconds["clip"] = time.time() - t0
+
+    def _sync_specs(self) -> None:
         for prefix, mod in self.sim_layers().items():
             self.specs[prefix] = dataclasses.replace(self.specs[prefix], act_bits=mod.act_bits,
                                                      act_clip=round(float(mod.act_clip), 4))
-        self.seconds["clip"] = time.time() - t0
-        return bits
 
     def _sites(self) -> list[list[str]]:
         out = []

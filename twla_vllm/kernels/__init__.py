@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from .base import LinearSpec, TwlaKernel
 from .torch_ref import TorchReferenceKernel
+from .triton_kernel import TritonKernel
 
-# Highest priority first. GPU kernels are added ahead of the reference as they land.
-KERNELS: list[type[TwlaKernel]] = [TorchReferenceKernel]
+# Highest priority first: Triton on CUDA, the plain-torch reference everywhere else.
+KERNELS: list[type[TwlaKernel]] = [TritonKernel, TorchReferenceKernel]
 
 
 def choose_kernel(spec: LinearSpec) -> TwlaKernel:
