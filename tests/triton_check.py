@@ -102,10 +102,12 @@ def main() -> int:
         (1, 33, 128, 64, 1, 4, True, torch.float32), (3, 40, 192, -1, 1, 2, False, torch.float32),
         (5, 24, 256, 32, 4, 6, True, torch.float32), (17, 48, 128, -1, 2, 8, True, torch.float32),
         (20, 37, 384, 128, 1, 4, True, torch.float32), (2, 16, 64, 16, 2, 3, False, torch.float32),
+        (130, 24, 128, 64, 2, 4, True, torch.float32),  # prefill path: int8 scratch + tensor-core tiles
     ]
     if a.gpu:
         cases += [(m, 4096, 4096, 128, 1, 4, True, torch.bfloat16) for m in (1, 7, 64, 300)]
-        cases += [(33, 1000, 4096, -1, 8, 6, True, torch.bfloat16), (1, 11008 // 8, 384, 128, 2, 4, True, torch.bfloat16)]
+        cases += [(33, 1000, 4096, -1, 8, 6, True, torch.bfloat16), (1, 11008 // 8, 384, 64, 2, 4, True, torch.bfloat16),
+                  (200, 96, 256, 64, 4, 4, True, torch.float32)]
     bad = 0
     for c in cases:
         fails = check_case(*c, dev, gen)

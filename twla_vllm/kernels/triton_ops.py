@@ -1,6 +1,6 @@
 """Triton kernels for TWLA linears (CUDA; also run under TRITON_INTERPRET=1 for CPU tests).
 
-act_quant:     per token, Kronecker rotation L·X·R (fp32, IEEE dots), per-(token, K-block) asymmetric
+act_quant:     per token, Kronecker rotation L·X·R (fp32-accurate 3xTF32 tensor-core dots), per-(token, K-block) asymmetric
                quantization to `bits` into int8 containers; emits step s and zero point z per block.
 ternary_gemm:  int8 activations × 2-bit packed codes (unpacked in registers from the byte-lane int32
                words), exact int32 accumulation per unit (K-group ∩ K-block), fp32 epilogue
@@ -29,7 +29,8 @@ def _round_half_even(v):
 @triton.jit
 def _act_quant_kernel(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, K, stride_x, stride_q,
                       ROWS: tl.constexpr, COLS: tl.constexpr, RP: tl.constexpr, CP: tl.constexpr,
-                      HAS_ROT: tl.constexpr, KB: tl.constexpr, BITS: tl.constexpr, CLIP: tl.constexpr):
+                      HAS_ROT: tl.constexpr, KB: tl.constexpr, BITS: tl.constexpr, CLIP: tl.constexpr,
+                      PRECISION: tl.constexpr):
     # the token row is viewed as [ROWS, COLS] (= [n1, n2] when rotated, [KB, K/KB] otherwise),
     # padded to powers of two [RP, CP]; K-block b owns rows [b*ROWS/KB, (b+1)*ROWS/KB)
     m = tl.program_id(0)
@@ -43,8 +44,8 @@ def _act_quant_kernel(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, K, stride_x, str
                      mask=(ri[:, None] < ROWS) & (ri[None, :] < ROWS), other=0.0)
         rm = tl.load(r_ptr + ci[:, None] * COLS + ci[None, :],
                      mask=(ci[:, None] < COLS) & (ci[None, :] < COLS), other=0.0)
-        x = tl.dot(lm, x, input_precision="ieee")
-        x = tl.dot(x, rm, input_precision="ieee")
+        x = tl.dot(lm, x, input_precision=PRECISION)
+        x = tl.dot(x, rm, input_precision=PRECISION)
     qmax = 2.0 ** BITS - 1.0
     half = 2.0 ** (BITS - 1)
     row_max = tl.max(tl.where(valid, x, float("-inf")), axis=1)
@@ -87,6 +88,7 @@ def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | 
         _act_quant_kernel[(m,)](x, left if left is not None else x, right if right is not None else x, q, s, z,
                                 k, x.stride(0), q.stride(0), ROWS=rows, COLS=cols, RP=rp, CP=cp,
                                 HAS_ROT=left is not None, KB=k_blocks, BITS=bits, CLIP=float(clip),
+                                PRECISION="ieee" if x.device.type == "cpu" else "tf32x3",
                                 num_warps=4 if rp * cp <= 4096 else 8)
     return q, s, z
 
@@ -104,36 +106,77 @@ def _unpack_codes(w_ptr, rn, word0, stride_w, N, BN: tl.constexpr, BK: tl.conste
 
 
 @triton.jit
+def _unpack_kernel(w_ptr, t_ptr, N, K, stride_w, BN: tl.constexpr, BK: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BN + tl.arange(0, BN)
+    t = _unpack_codes(w_ptr, rn, pid_k * (BK // 16), stride_w, N, BN, BK)
+    rk = pid_k * BK + tl.arange(0, BK)
+    tl.store(t_ptr + rn[:, None] * K + rk[None, :], t.to(tl.int8), mask=(rn[:, None] < N) & (rk[None, :] < K))
+
+
+def unpack_int8(packed: torch.Tensor) -> torch.Tensor:
+    """Packed codes [N, K/16] -> int8 t [N, K] (scratch for the tensor-core prefill GEMM)."""
+    n, k = packed.shape[0], packed.shape[1] * 16
+    t = torch.empty(n, k, dtype=torch.int8, device=packed.device)
+    bk = _block_k(k, 256)
+    _unpack_kernel[(triton.cdiv(n, 32), k // bk)](packed, t, n, k, packed.stride(0), BN=32, BK=bk, num_warps=4)
+    return t
+
+
+@triton.jit
 def _ternary_gemm_kernel(q_ptr, s_ptr, z_ptr, w_ptr, a_ptr, mu_ptr, ws_ptr, y_ptr, M, N, K,
                          stride_q, stride_w, stride_y, G: tl.constexpr, KB: tl.constexpr, U: tl.constexpr,
-                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr):
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr,
+                         INT8_W: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
+    # One flat, pipelinable K loop. With several units (K-groups / K-blocks) every BK chunk (BK divides
+    # the unit) is promoted to fp32 right after its exact int32 dot (DeepGEMM-style); with one unit the
+    # int32 accumulator runs over all of K and the epilogue happens once.
     KU = K // U
     y = tl.zeros([BM, BN], dtype=tl.float32)
-    for u in range(U):
-        acc = tl.zeros([BM, BN], dtype=tl.int32)
-        sx = tl.zeros([BM], dtype=tl.int32)
-        for k0 in range(u * KU, (u + 1) * KU, BK):
-            a = tl.load(q_ptr + rm[:, None] * stride_q + k0 + rk[None, :], mask=rm[:, None] < M, other=0)
+    acc = tl.zeros([BM, BN], dtype=tl.int32)
+    sx = tl.zeros([BM], dtype=tl.int32)
+    for k0 in range(0, K, BK):
+        a = tl.load(q_ptr + rm[:, None] * stride_q + k0 + rk[None, :], mask=rm[:, None] < M, other=0)
+        if INT8_W:  # pre-unpacked int8 weights, K-major like the activations
+            t = tl.load(w_ptr + rn[:, None] * stride_w + k0 + rk[None, :], mask=rn[:, None] < N, other=0)
+        else:
             t = _unpack_codes(w_ptr, rn, k0 // 16, stride_w, N, BN, BK)
+        if U == 1:
             if USE_DOT:
                 acc += tl.dot(a, tl.trans(t.to(tl.int8)), out_dtype=tl.int32)
             else:
                 acc += tl.sum(a.to(tl.int32)[:, None, :] * t[None, :, :], axis=2)
             sx += tl.sum(a.to(tl.int32), axis=1)
-        b = u // (U // KB)
-        g = u // (U // G)
-        s = tl.load(s_ptr + rm * KB + b, mask=rm < M, other=0.0)
-        z = tl.load(z_ptr + rm * KB + b, mask=rm < M, other=0.0)
-        alpha = tl.load(a_ptr + rn * G + g, mask=rn < N, other=0.0)
-        mu = tl.load(mu_ptr + rn * G + g, mask=rn < N, other=0.0)
-        ws = tl.load(ws_ptr + rn * U + u, mask=rn < N, other=0.0)
-        y += s[:, None] * (alpha[None, :] * acc.to(tl.float32) + mu[None, :] * sx.to(tl.float32)[:, None]
-                           - z[:, None] * ws[None, :])
+        else:
+            if USE_DOT:
+                part = tl.dot(a, tl.trans(t.to(tl.int8)), out_dtype=tl.int32)
+            else:
+                part = tl.sum(a.to(tl.int32)[:, None, :] * t[None, :, :], axis=2)
+            psx = tl.sum(a.to(tl.int32), axis=1)
+            u = k0 // KU
+            b = u // (U // KB)
+            g = u // (U // G)
+            s = tl.load(s_ptr + rm * KB + b, mask=rm < M, other=0.0)
+            z = tl.load(z_ptr + rm * KB + b, mask=rm < M, other=0.0)
+            alpha = tl.load(a_ptr + rn * G + g, mask=rn < N, other=0.0)
+            mu = tl.load(mu_ptr + rn * G + g, mask=rn < N, other=0.0)
+            ws = tl.load(ws_ptr + rn * U + u, mask=rn < N, other=0.0) * (BK / KU)  # this chunk's share
+            y += s[:, None] * (alpha[None, :] * part.to(tl.float32) + mu[None, :] * psx.to(tl.float32)[:, None]
+                               - z[:, None] * ws[None, :])
+    if U == 1:
+        s = tl.load(s_ptr + rm, mask=rm < M, other=0.0)
+        z = tl.load(z_ptr + rm, mask=rm < M, other=0.0)
+        alpha = tl.load(a_ptr + rn, mask=rn < N, other=0.0)
+        mu = tl.load(mu_ptr + rn, mask=rn < N, other=0.0)
+        ws = tl.load(ws_ptr + rn, mask=rn < N, other=0.0)
+        y = s[:, None] * (alpha[None, :] * acc.to(tl.float32) + mu[None, :] * sx.to(tl.float32)[:, None]
+                          - z[:, None] * ws[None, :])
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -146,7 +189,9 @@ def _block_k(unit: int, cap: int) -> int:
 
 
 # (BM, BN, BK cap, warps, stages) by M bucket: fixed tables, no autotuning inside CUDA graphs
-_GEMM_CONFIGS = ((16, 64, 128, 4, 3), (64, 128, 128, 4, 3), (128, 128, 128, 8, 3))
+_GEMV_CONFIG = (16, 256, 4, 2)  # BN, BK cap, warps, stages (M <= 8, CUDA cores)
+_GEMM_CONFIGS = ((16, 32, 256, 4, 3), (64, 64, 256, 4, 3), (128, 128, 128, 8, 3), (128, 256, 128, 8, 3))
+PREFILL_UNPACK_M = 128  # from here on, unpack to an int8 scratch and run plain int8 tensor-core tiles
 
 
 def ternary_gemm(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor,
@@ -159,15 +204,17 @@ def ternary_gemm(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
     y = out if out is not None else torch.empty(m, n, dtype=out_dtype, device=q.device)
     if m == 0:
         return y
+    int8_w = m >= PREFILL_UNPACK_M
     if m <= 8:
-        bm, bn, bkc, warps, stages = 1 if m == 1 else 8, 64, 64, 4, 2
-        use_dot = False
+        bn, bkc, warps, stages = _GEMV_CONFIG
+        bm, use_dot = (1 if m == 1 else 8), False
     else:
-        bm, bn, bkc, warps, stages = _GEMM_CONFIGS[0 if m <= 32 else 1 if m <= 256 else 2]
+        bm, bn, bkc, warps, stages = _GEMM_CONFIGS[0 if m <= 32 else 1 if m <= 64 else 2 if m <= 1024 else 3]
         use_dot = True
+    w = unpack_int8(packed) if int8_w else packed
     bk = _block_k(k // u, bkc)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
-    _ternary_gemm_kernel[grid](q, s, z, packed, alpha, mu, wsum, y, m, n, k, q.stride(0), packed.stride(0),
+    _ternary_gemm_kernel[grid](q, s, z, w, alpha, mu, wsum, y, m, n, k, q.stride(0), w.stride(0),
                                y.stride(0), G=g, KB=kb, U=u, BM=bm, BN=bn, BK=bk, USE_DOT=use_dot,
-                               num_warps=warps, num_stages=stages)
+                               INT8_W=int8_w, num_warps=warps, num_stages=stages)
     return y
