@@ -44,16 +44,20 @@ def orth(n):
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--group-size", type=int, default=128, help="weight group along K; -1 = per row")
+    gs = ap.parse_args().group_size
     torch.manual_seed(0)
     bw = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}, copy bandwidth {bw / 1e12:.2f} TB/s")
     rows = []
     for k, n in SHAPES:
-        gs = 128
         t = torch.randint(-1, 2, (n, k), dtype=torch.int8, device="cuda")
         packed = fmt.pack_ternary(t.cpu()).cuda()
-        alpha = torch.rand(n, k // gs, device="cuda") * 0.02
-        mu = torch.randn(n, k // gs, device="cuda") * 0.001
+        alpha = torch.rand(n, fmt.num_groups(k, gs), device="cuda") * 0.02
+        mu = torch.randn(n, fmt.num_groups(k, gs), device="cuda") * 0.001
         wsum = prepare_unit_sums(t.float(), alpha, mu, 1).contiguous()
         left, right = (orth(f) for f in FACTORS[k])
         w_bf16 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
@@ -73,7 +77,7 @@ def main() -> None:
                 floor = 2 * m * n * k / 1.1e15 * 1e6  # measured Triton int8 peak on H100 (kernels.md)
             rows.append((k, n, m, t_quant, t_gemm, t_all, t_bf16, t_int, t_bf16 / t_all, floor / t_all))
             print(f"{k}->{n} M={m}: twla {t_all:.1f} us, bf16 {t_bf16:.1f} us", flush=True)
-    print("\n| K->N | M | quant µs | gemm µs | twla µs | bf16 µs | _int_mm µs | bf16/twla | floor % |")
+    print(f"\ngroup size {gs}\n| K->N | M | quant µs | gemm µs | twla µs | bf16 µs | _int_mm µs | bf16/twla | floor % |")
     print("|---|---|---|---|---|---|---|---|---|")
     for k, n, m, tq, tg, ta, tb, ti, ratio, fl in rows:
         print(f"| {k}->{n} | {m} | {tq:.1f} | {tg:.1f} | {ta:.1f} | {tb:.1f} | {ti:.1f} | {ratio:.2f}x | {100 * fl:.0f}% |")

@@ -189,7 +189,7 @@ def _block_k(unit: int, cap: int) -> int:
 
 
 # (BM, BN, BK cap, warps, stages) by M bucket: fixed tables, no autotuning inside CUDA graphs
-_GEMV_CONFIG = (16, 256, 4, 2)  # BN, BK cap, warps, stages (M <= 8, CUDA cores)
+_GEMV_CONFIG = (8, 256, 2, 3)  # BN, BK cap, warps, stages (M <= 8, CUDA cores); from kernel_sweep.py
 _GEMM_CONFIGS = ((16, 32, 256, 4, 3), (64, 64, 256, 4, 3), (128, 128, 128, 8, 3), (128, 256, 128, 8, 3))
 PREFILL_UNPACK_M = 128  # from here on, unpack to an int8 scratch and run plain int8 tensor-core tiles
 

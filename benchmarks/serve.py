@@ -1,0 +1,114 @@
+"""Serving benchmark on GPU vLLM: bf16 vs fp8 vs twla (W1.58A4) on a Llama-3-8B-shaped model with dummy
+weights (load_format="dummy"), CUDA graphs and torch.compile on.
+
+    python benchmarks/serve.py [--methods bf16,fp8,twla] [--workdir /tmp/serve-bench]
+
+Prints decode tok/s at batch 1 and 64 (128-token prompts, 256 generated), prefill tok/s (32 prompts ×
+2048 tokens, 1 output token) and GPU memory of the weights, with ratios to bf16 from the same run.
+Each method runs in its own process (one engine per process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+LLAMA3_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+             "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+             "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "max_position_embeddings": 8192,
+             "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False, "bos_token_id": 128000,
+             "eos_token_id": 128001, "torch_dtype": "bfloat16"}
+
+
+def twla_config(n_layers: int) -> dict:
+    """Default TWLA settings for this shape: group 128, A4, balanced rotations (64x64 for 4096;
+    112x128 for down_proj's 14336, k_blocks 8 = shard-local up to TP 8), o_proj folded."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from twla_vllm import format as fmt
+
+    layers = {}
+    for i in range(n_layers):
+        for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+            layers[f"model.layers.{i}.{m}"] = fmt.LayerSpec(4, 0.9, (64, 64))
+        layers[f"model.layers.{i}.self_attn.o_proj"] = fmt.LayerSpec(4, 0.9, None, k_blocks=8)
+        layers[f"model.layers.{i}.mlp.down_proj"] = fmt.LayerSpec(4, 0.9, (112, 128), k_blocks=8)
+    return fmt.CheckpointConfig(group_size=128, default=fmt.LayerSpec(4, 0.9), layers=layers).to_dict()
+
+
+def run_one(method: str, workdir: str, out: str) -> None:
+    import torch
+    from vllm import LLM, SamplingParams
+
+    model_dir = os.path.join(workdir, method)
+    os.makedirs(model_dir, exist_ok=True)
+    cfg = dict(LLAMA3_8B)
+    if method == "twla":
+        cfg["quantization_config"] = twla_config(cfg["num_hidden_layers"])
+    with open(os.path.join(model_dir, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    kw = dict(model=model_dir, load_format="dummy", skip_tokenizer_init=True, max_model_len=4096,
+              gpu_memory_utilization=0.85, max_num_seqs=64, seed=0)
+    if method == "fp8":
+        kw["quantization"] = "fp8"
+    llm = LLM(**kw)
+    weights = torch.cuda.memory_allocated() / 1e9  # after load: weights (+ small buffers); KV cache is reserved later
+    res = {"method": method, "weights_gb_allocated_after_init": round(weights, 2)}
+    rng = torch.Generator().manual_seed(0)
+
+    def prompts(n, length):
+        return [{"prompt_token_ids": torch.randint(10, 120000, (length,), generator=rng).tolist()} for _ in range(n)]
+
+    def timed(batch, length, gen):
+        p = prompts(batch, length)
+        sp = SamplingParams(temperature=0, max_tokens=gen, ignore_eos=True, detokenize=False)
+        llm.generate(p[:1], SamplingParams(max_tokens=4, ignore_eos=True, detokenize=False))  # warm
+        t0 = time.perf_counter()
+        llm.generate(p, sp)
+        return time.perf_counter() - t0
+
+    t = timed(1, 128, 256)
+    res["decode_bs1_tok_s"] = 256 / t
+    t = timed(64, 128, 256)
+    res["decode_bs64_tok_s"] = 64 * 256 / t
+    t = timed(32, 2048, 1)
+    res["prefill_tok_s"] = 32 * 2048 / t
+    with open(out, "w") as f:
+        json.dump(res, f)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--methods", default="bf16,fp8,twla")
+    ap.add_argument("--workdir", default="/tmp/serve-bench")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.one:
+        run_one(a.one, a.workdir, a.out)
+        return
+    results = []
+    for m in a.methods.split(","):
+        out = os.path.join(a.workdir, f"{m}.json")
+        os.makedirs(a.workdir, exist_ok=True)
+        proc = subprocess.run([sys.executable, __file__, "--one", m, "--workdir", a.workdir, "--out", out])
+        if proc.returncode or not os.path.exists(out):
+            print(f"{m}: failed (exit {proc.returncode})", flush=True)
+            continue
+        results.append(json.load(open(out)))
+    base = next((r for r in results if r["method"] == "bf16"), None)
+    print("\n| method | decode bs=1 tok/s | decode bs=64 tok/s | prefill tok/s | weights GB (allocated) |")
+    print("|---|---|---|---|---|")
+    for r in results:
+        def cell(key):
+            v = r[key]
+            return f"{v:.0f}" + (f" ({v / base[key]:.2f}x)" if base else "")
+        print(f"| {r['method']} | {cell('decode_bs1_tok_s')} | {cell('decode_bs64_tok_s')} | {cell('prefill_tok_s')} "
+              f"| {r['weights_gb_allocated_after_init']} |")
+
+
+if __name__ == "__main__":
+    main()
