@@ -39,6 +39,24 @@ def twla_config(n_layers: int) -> dict:
     return fmt.CheckpointConfig(group_size=128, default=fmt.LayerSpec(4, 0.9), layers=layers).to_dict()
 
 
+def weight_bytes(model) -> dict:
+    """GPU bytes of all parameters, and of the decoder linears per linear weight (bytes/parameter)."""
+    import torch
+
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    lin_bytes = lin_params = 0
+    for name, mod in model.named_modules():
+        if not name.endswith(("qkv_proj", "o_proj", "gate_up_proj", "down_proj")):
+            continue
+        own = [p for p in mod.parameters(recurse=False) if p is not None and not name.endswith("bias")]
+        lin_bytes += sum(p.numel() * p.element_size() for p in own)
+        if hasattr(mod, "twla_packed"):
+            lin_params += mod.twla_packed.numel() * 16
+        elif hasattr(mod, "weight") and isinstance(mod.weight, torch.Tensor):
+            lin_params += mod.weight.numel() * (2 if mod.weight.dtype == torch.uint8 else 1)
+    return {"weights_gb": round(total / 1e9, 2), "linear_bytes_per_param": round(lin_bytes / max(lin_params, 1), 3)}
+
+
 def run_one(method: str, workdir: str, out: str) -> None:
     import torch
     from vllm import LLM, SamplingParams
@@ -55,8 +73,7 @@ def run_one(method: str, workdir: str, out: str) -> None:
     if method == "fp8":
         kw["quantization"] = "fp8"
     llm = LLM(**kw)
-    weights = torch.cuda.memory_allocated() / 1e9  # after load: weights (+ small buffers); KV cache is reserved later
-    res = {"method": method, "weights_gb_allocated_after_init": round(weights, 2)}
+    res = {"method": method, **llm.apply_model(weight_bytes)[0]}
     rng = torch.Generator().manual_seed(0)
 
     def prompts(n, length):
@@ -100,14 +117,14 @@ def main() -> None:
             continue
         results.append(json.load(open(out)))
     base = next((r for r in results if r["method"] == "bf16"), None)
-    print("\n| method | decode bs=1 tok/s | decode bs=64 tok/s | prefill tok/s | weights GB (allocated) |")
-    print("|---|---|---|---|---|")
+    print("\n| method | decode bs=1 tok/s | decode bs=64 tok/s | prefill tok/s | weights GB | linear bytes/param |")
+    print("|---|---|---|---|---|---|")
     for r in results:
         def cell(key):
             v = r[key]
             return f"{v:.0f}" + (f" ({v / base[key]:.2f}x)" if base else "")
         print(f"| {r['method']} | {cell('decode_bs1_tok_s')} | {cell('decode_bs64_tok_s')} | {cell('prefill_tok_s')} "
-              f"| {r['weights_gb_allocated_after_init']} |")
+              f"| {r['weights_gb']} | {r['linear_bytes_per_param']} |")
 
 
 if __name__ == "__main__":

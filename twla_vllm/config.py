@@ -49,7 +49,7 @@ class TwlaConfig(QuantizationConfig):
     def maybe_update_config(self, model_name: str, hf_config: Any = None, revision: str | None = None):
         # Runs once in the front-end process before any worker starts: check every tensor header
         # here so bad checkpoints fail with a message naming the file and tensor, not deep in a loader.
-        if os.path.isdir(model_name):
+        if os.path.isdir(model_name) and _has_weight_files(model_name):  # none: load_format="dummy"
             validate_checkpoint(model_name, self.checkpoint)
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper: Any) -> None:
@@ -86,3 +86,7 @@ class TwlaConfig(QuantizationConfig):
         from .linear import TwlaLinearMethod
 
         return TwlaLinearMethod(self.checkpoint, spec, prefix)
+
+
+def _has_weight_files(d: str) -> bool:
+    return any(f.endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt")) for f in os.listdir(d))
