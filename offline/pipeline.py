@@ -17,10 +17,12 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from twla_vllm import format as fmt
+from twla_vllm.reference import kron_rotate
 from twla_vllm.simulate import SimTwlaLinear, replace_linear
 
 from . import allocate, clip, data
-from .calibrate import BlockInputs, RotatedLinear, capture_first_block_inputs, decoder_layers, input_gram, run_block
+from .calibrate import (BlockInputs, RotatedLinear, capture_first_block_inputs, capture_inputs, decoder_layers,
+                        input_gram, run_block)
 from .export import write_checkpoint
 from .rotate import (balanced_factors, block_diagonal_orthogonal, fold_head_rotation, fold_norm_into,
                      learn_kronecker_rotation, random_orthogonal)
@@ -100,6 +102,7 @@ class Quantizer:
         self.specs: dict[str, fmt.LayerSpec] = {}
         self.seconds: dict[str, float] = {"calibrate": 0.0, "rotate": 0.0, "ternarize": 0.0}
         self.kotms_example: dict | None = None
+        self.act_example: dict | None = None
 
     # ---------------------------------------------------------------- resumable block loop -------
     def quantize_weights(self) -> None:
@@ -162,6 +165,9 @@ class Quantizer:
             n1, n2 = balanced_factors(k, blocks)
             w = torch.cat([lin[m].weight.data for m in members])
             rots[members] = self._factors(w, n1, n2, blocks, gen, example=(l == 1 and members == MLP_IN))
+        if l == 1 and rots[MLP_IN][0] is not None:  # report: channel ranges of one input before/after
+            x = capture_inputs(layer, lin[MLP_IN[0]], inputs, max_tokens=2048)
+            self.act_example = {"before": x.abs().amax(0), "after": kron_rotate(x, *rots[MLP_IN]).abs().amax(0)}
         for members, _, _ in sites:
             c, b = rots[members]
             for m in members:

@@ -56,7 +56,7 @@ def _plots(ckpt: str, summary: dict, q) -> list[str]:
             w = ex[key]
             w = (w - w.mean()) / w.abs().mean()
             ax.hist(w.clamp(-4, 4).numpy(), bins=200, color="tab:green")
-            ax.set_title(f"block 1 gate/up weights {key} KOTMS (normalised)")
+            ax.set_title(f"gate/up weights, {key} KOTMS")
         axes[2].plot(ex["loss"])
         axes[2].set_title("KOTMS tri-modal NLL")
         fig.tight_layout()
