@@ -4,7 +4,8 @@
 
 Rows (weights W, activations A; A4MP = ILA-AMP mixed per-block bits averaging 4):
   RTN ternary (per group), ATQ (PT²-LLM-style init + stage 1), +stage 2 (E2M-ATQ with GPTQ feedback),
-  +KOTMS, +ILA-AMP, +clip search (= TWLA default), and QuaRot-style randomized-Hadamard + RTN INT2.
+  +KOTMS (one rotation per input site, deployable), KOTMS per linear (the paper's placement, simulation only),
+  +ILA-AMP, +clip search (= TWLA default), and QuaRot-style randomized-Hadamard + RTN INT2.
 PPL is measured on the same windows for every row; the ratio is to the dense model in the same run.
 """
 
@@ -75,7 +76,17 @@ def main() -> None:
         record(name, "1.58", "16", perplexity(model, windows), bits, secs)
         q.allocate()  # uniform 4 bits
         record(name, "1.58", "4", perplexity(model, windows), bits, secs)
+    twla = q
+    model, tok = load_model(path)
     t0 = time.time()
+    q = Quantizer(model, tok, Recipe(group_size=a.group_size, allocation="uniform", clip_search=False,
+                                     rotation_sharing="linear"), tempfile.mkdtemp(prefix="twla-bench-"))
+    q.quantize_weights()
+    secs_pl = time.time() - t0
+    record("KOTMS per linear (paper; sim only)", "1.58", "16", perplexity(model, windows), ternary_bits(q), secs_pl)
+    q.allocate()
+    record("KOTMS per linear (paper; sim only)", "1.58", "4", perplexity(model, windows), ternary_bits(q), secs_pl)
+    q, model = twla, twla.model
     q.r.allocation = "ila-amp"
     q.allocate()
     record("+ ILA-AMP", "1.58", "4MP", perplexity(model, windows), bits, secs + q.seconds["allocate"])

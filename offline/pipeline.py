@@ -39,6 +39,9 @@ class Recipe:
     group_size: int = 128  # largest multiple of 16 <= this dividing every K is used; -1 = per row
     weight_method: str = "e2m-atq"  # rtn | atq (init + stage 1) | e2m-atq (GPTQ + stage 1 + stage 2)
     rotation: str = "kotms"  # kotms | random | none
+    # "site": one rotation shared by the linears reading one input (deployable: q/k/v and gate/up run
+    # fused in vLLM). "linear": the paper's own rotation per linear (simulation and ablation only).
+    rotation_sharing: str = "site"
     fold_norms: bool = False  # RMSNorm γ into q/k/v and gate/up (exact in fp; changes what is ternarized)
     kotms_iters: int = 100
     kotms_lr: float = 1e-2
@@ -157,6 +160,8 @@ class Quantizer:
             fold_head_rotation(lin["self_attn.v_proj"], lin["self_attn.o_proj"], b_o, self.head_dim)
         sites = [(ATTN, self.hidden, 1), (("self_attn.o_proj",), self.heads * self.head_dim, self.kb_o),
                  (MLP_IN, self.hidden, 1), (("mlp.down_proj",), self.inter, self.kb_down)]
+        if r.rotation_sharing == "linear":  # every linear its own site (paper-faithful, not exportable)
+            sites = [((m,), k, blocks) for members, k, blocks in sites for m in members]
         rots = {}
         for members, k, blocks in sites:
             if members[0] == "self_attn.o_proj":
@@ -165,7 +170,7 @@ class Quantizer:
             n1, n2 = balanced_factors(k, blocks)
             w = torch.cat([lin[m].weight.data for m in members])
             rots[members] = self._factors(w, n1, n2, blocks, gen, example=(l == 1 and members == MLP_IN))
-        if l == 1 and rots[MLP_IN][0] is not None:  # report: channel ranges of one input before/after
+        if l == 1 and rots.get(MLP_IN, (None,))[0] is not None:  # report: channel ranges of one input before/after
             x = capture_inputs(layer, lin[MLP_IN[0]], inputs, max_tokens=2048)
             self.act_example = {"before": x.abs().amax(0), "after": kron_rotate(x, *rots[MLP_IN]).abs().amax(0)}
         for members, _, _ in sites:
