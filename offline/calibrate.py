@@ -25,9 +25,6 @@ class BlockInputs:
     hidden: list[torch.Tensor]
     kwargs: dict[str, Any]
 
-    def map(self, fn) -> "BlockInputs":
-        return BlockInputs([fn(h) for h in self.hidden], self.kwargs)
-
 
 def decoder_layers(model) -> torch.nn.ModuleList:
     return model.model.layers
@@ -89,6 +86,21 @@ class RotatedLinear(torch.nn.Module):
         return y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
+def _feed_until_hook(layer, module: torch.nn.Module, inputs: BlockInputs, hook, enough=lambda: False) -> None:
+    """Run the block on each mini-batch with `hook` on `module`'s input; the hook stops the forward."""
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        for h in inputs.hidden:
+            try:
+                _call(layer, h, inputs.kwargs)
+            except _Stop:
+                pass
+            if enough():
+                break
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def input_gram(layer, module: torch.nn.Module, inputs: BlockInputs, rotate: bool = True) -> torch.Tensor:
     """Σ x'ᵀx' over all calibration tokens of `module`'s (rotated) input; the forward stops there."""
@@ -101,15 +113,7 @@ def input_gram(layer, module: torch.nn.Module, inputs: BlockInputs, rotate: bool
         acc["h"] = acc.get("h", 0) + x.t() @ x
         raise _Stop
 
-    handle = module.register_forward_pre_hook(hook)
-    try:
-        for h in inputs.hidden:
-            try:
-                _call(layer, h, inputs.kwargs)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
+    _feed_until_hook(layer, module, inputs, hook)
     return acc["h"]
 
 
@@ -122,15 +126,5 @@ def capture_inputs(layer, module: torch.nn.Module, inputs: BlockInputs, max_toke
         rows.append(args[0].reshape(-1, args[0].shape[-1]).float())
         raise _Stop
 
-    handle = module.register_forward_pre_hook(hook)
-    try:
-        for h in inputs.hidden:
-            try:
-                _call(layer, h, inputs.kwargs)
-            except _Stop:
-                pass
-            if sum(r.shape[0] for r in rows) >= max_tokens:
-                break
-    finally:
-        handle.remove()
+    _feed_until_hook(layer, module, inputs, hook, enough=lambda: sum(r.shape[0] for r in rows) >= max_tokens)
     return torch.cat(rows)[:max_tokens]

@@ -39,26 +39,6 @@ def block_diagonal_orthogonal(n: int, blocks: int, generator: torch.Generator | 
     return torch.block_diag(*[random_orthogonal(n // blocks, generator) for _ in range(blocks)])
 
 
-def is_block_diagonal(m: torch.Tensor, blocks: int, tol: float = 1e-6) -> bool:
-    n = m.shape[0]
-    if n % blocks:
-        return False
-    b = n // blocks
-    mask = torch.block_diag(*[torch.ones(b, b, dtype=torch.bool)] * blocks)
-    return bool(m.masked_fill(mask, 0).abs().max() <= tol)
-
-
-def max_tp_for_rotation(left: torch.Tensor, limit: int = 64) -> int:
-    """Largest tensor-parallel size (power of two <= limit) for which `left` is shard-local."""
-    best = 1
-    tp = 2
-    while tp <= min(limit, left.shape[0]):
-        if is_block_diagonal(left, tp):
-            best = tp
-        tp *= 2
-    return best
-
-
 def orthogonality_error(m: torch.Tensor) -> float:
     eye = torch.eye(m.shape[0], dtype=torch.float64)
     return float((m.double() @ m.double().t() - eye).abs().max())

@@ -53,8 +53,6 @@ FUSED_GROUPS: dict[str, tuple[str, ...]] = {
     "qkv_proj": ("q_proj", "k_proj", "v_proj"),
     "gate_up_proj": ("gate_proj", "up_proj"),
 }
-# HF linears that vLLM shards along K (input) under tensor parallelism.
-ROW_PARALLEL_NAMES = ("o_proj", "down_proj")
 
 
 class FormatError(ValueError):
