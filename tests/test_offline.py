@@ -172,3 +172,24 @@ def test_quantized_checkpoint_serves_in_vllm(tiny_dense_dir, tmp_path):
     ckpt = _quantize(tiny_dense_dir, str(tmp_path / "q"), _tiny_recipe())["checkpoint"]
     got = run_vllm(model=ckpt, prompts=PROMPTS)
     assert got["tokens"] == sim_greedy(ckpt, got["prompt_tokens"])
+
+
+def test_report_writes_table_and_plots(tiny_dense_dir, tmp_path):
+    from twla_offline.models import load_model
+    from twla_offline.pipeline import Quantizer, Recipe
+    from twla_offline.report import write_report
+
+    model, tok = load_model(tiny_dense_dir)
+    q = Quantizer(model, tok, Recipe(nsamples=2, seqlen=64, kotms_iters=3, allocation="uniform",
+                                     clip_search=False, batch_size=2), str(tmp_path / "work"))
+    q.quantize_weights()
+    bits = q.allocate()
+    summary = {"model": "tiny", "group_size": q.gs, "bits_per_weight": 2.5, "act_bits_per_block": bits,
+               "stage_seconds": {"total": 1.0},
+               "eval": {"baseline": {"ppl": 10.0}, "twla": {"ppl": 20.0}}}
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    write_report(str(out), summary, q)
+    files = set(os.listdir(out))
+    assert {"report.json", "report.md", "act_bits.png", "kotms_weights.png", "act_ranges.png"} <= files
+    assert "PPL ratio TWLA / baseline: **2.00x**" in (out / "report.md").read_text()
