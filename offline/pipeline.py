@@ -246,7 +246,7 @@ class Quantizer:
         tensors = load_file(path + ".safetensors")
         specs = json.load(open(path + ".json"))
         for prefix, d in specs.items():
-            spec = fmt._parse_layer_spec(d, path, fmt.LayerSpec())
+            spec = fmt.parse_layer_spec(d, path, fmt.LayerSpec())
             self.specs[prefix] = spec
             m = prefix.split(".", 3)[3]
             g = lambda s: tensors.get(f"{m}.{s}")  # noqa: E731

@@ -45,10 +45,7 @@ def _plots(ckpt: str, summary: dict, q) -> list[str]:
     ax.set_xlabel("decoder block")
     ax.set_ylabel("activation bits")
     ax.set_title(f"ILA-AMP allocation (mean {sum(bits) / len(bits):.2f})")
-    fig.tight_layout()
-    fig.savefig(os.path.join(ckpt, "act_bits.png"), dpi=100)
-    plt.close(fig)
-    out.append("act_bits.png")
+    out.append(_save(fig, ckpt, "act_bits.png"))
     ex = getattr(q, "kotms_example", None) if q is not None else None
     if ex:
         fig, axes = plt.subplots(1, 3, figsize=(12, 3))
@@ -59,10 +56,7 @@ def _plots(ckpt: str, summary: dict, q) -> list[str]:
             ax.set_title(f"gate/up weights, {key} KOTMS")
         axes[2].plot(ex["loss"])
         axes[2].set_title("KOTMS tri-modal NLL")
-        fig.tight_layout()
-        fig.savefig(os.path.join(ckpt, "kotms_weights.png"), dpi=100)
-        plt.close(fig)
-        out.append("kotms_weights.png")
+        out.append(_save(fig, ckpt, "kotms_weights.png"))
     act = getattr(q, "act_example", None) if q is not None else None
     if act:
         fig, ax = plt.subplots(figsize=(6, 3))
@@ -74,8 +68,14 @@ def _plots(ckpt: str, summary: dict, q) -> list[str]:
         ax.set_ylabel("max |activation|")
         ax.set_title("mlp input channel ranges, block 1")
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(ckpt, "act_ranges.png"), dpi=100)
-        plt.close(fig)
-        out.append("act_ranges.png")
+        out.append(_save(fig, ckpt, "act_ranges.png"))
     return out
+
+
+def _save(fig, ckpt: str, name: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(os.path.join(ckpt, name), dpi=100)
+    plt.close(fig)
+    return name

@@ -191,10 +191,10 @@ class CheckpointConfig:
         if not isinstance(gs, int) or not (gs == -1 or (gs > 0 and gs % CODES_PER_WORD == 0)):
             raise err("weight.group_size", f"must be -1 (per row) or a positive multiple of 16, got {gs!r}")
         act = d.get("activation") or {}
-        default = _parse_layer_spec(act, f"{source}: key 'activation'", None)
+        default = parse_layer_spec(act, f"{source}: key 'activation'", None)
         layers = {}
         for name, spec in (d.get("layers") or {}).items():
-            layers[name] = _parse_layer_spec(spec, f"{source}: key 'layers.{name}'", default)
+            layers[name] = parse_layer_spec(spec, f"{source}: key 'layers.{name}'", default)
         ignore = d.get("ignore", ["lm_head"])
         if not isinstance(ignore, list) or not all(isinstance(x, str) for x in ignore):
             raise err("ignore", "must be a list of module names or 're:' regexes")
@@ -229,7 +229,7 @@ class CheckpointConfig:
                     raise FormatError(f"{source}: key 'ignore': either all or none of {full} may be ignored")
 
 
-def _parse_layer_spec(d: Any, where: str, default: LayerSpec | None) -> LayerSpec:
+def parse_layer_spec(d: Any, where: str, default: LayerSpec | None) -> LayerSpec:
     if not isinstance(d, dict):
         raise FormatError(f"{where}: expected an object, got {d!r}")
     base = default or LayerSpec()

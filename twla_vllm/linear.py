@@ -92,7 +92,7 @@ class TwlaLinearMethod(LinearMethodBase):
             k_blocks=self.spec.k_blocks // layer.twla_tp,
             has_rotation=self.spec.rotation is not None, device_type=packed.device.type,
             dtype=layer.twla_params_dtype))
-        self.kernel.process_weights(layer, t)
+        self.kernel.process_weights(layer, t, packed)
 
     def _check_and_shard_left_factor(self, layer: torch.nn.Module, check: bool = True) -> None:
         """k_blocks > 1 promises a block-diagonal left factor (rows of x.reshape(n1, n2) never mix

@@ -32,9 +32,9 @@ class TwlaKernel(ABC):
         ...
 
     @abstractmethod
-    def process_weights(self, layer: torch.nn.Module, t: torch.Tensor) -> None:
-        """Turn the loaded layer (alpha, mu, rotation as float32; t = int8 ternary [N, K]) into
-        this kernel's runtime layout."""
+    def process_weights(self, layer: torch.nn.Module, t: torch.Tensor, packed: torch.Tensor) -> None:
+        """Turn the loaded layer (alpha, mu, rotation as float32; t = int8 ternary [N, K], `packed` =
+        the same codes as stored, int32 [N, K/16]) into this kernel's runtime layout."""
 
     @abstractmethod
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -17,7 +17,7 @@ class TorchReferenceKernel(TwlaKernel):
     def can_implement(cls, spec: LinearSpec) -> tuple[bool, str | None]:
         return True, None
 
-    def process_weights(self, layer: torch.nn.Module, t: torch.Tensor) -> None:
+    def process_weights(self, layer: torch.nn.Module, t: torch.Tensor, packed: torch.Tensor) -> None:
         tf = t.to(torch.float32)
         layer.register_parameter("twla_t", torch.nn.Parameter(tf, requires_grad=False))
         wsum = prepare_unit_sums(tf, layer.weight_scale, layer.weight_offset, self.spec.k_blocks)

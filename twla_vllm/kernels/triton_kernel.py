@@ -22,9 +22,8 @@ class TritonKernel(TwlaKernel):
             return False, "float activations (act_bits 16) run on the reference kernel"
         return True, None
 
-    def process_weights(self, layer: torch.nn.Module, t: torch.Tensor) -> None:
-        packed = fmt.pack_ternary(t.cpu()).to(t.device)
-        layer.register_parameter("twla_packed", torch.nn.Parameter(packed, requires_grad=False))
+    def process_weights(self, layer: torch.nn.Module, t: torch.Tensor, packed: torch.Tensor) -> None:
+        layer.register_parameter("twla_packed", torch.nn.Parameter(packed.contiguous(), requires_grad=False))
         wsum = prepare_unit_sums(t, layer.weight_scale, layer.weight_offset, self.spec.k_blocks)
         layer.register_parameter("twla_wsum", torch.nn.Parameter(wsum.contiguous(), requires_grad=False))
         for name in (fmt.WEIGHT_SCALE, fmt.WEIGHT_OFFSET):
