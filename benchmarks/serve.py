@@ -1,11 +1,13 @@
 """Serving benchmark on GPU vLLM: bf16 vs fp8 vs twla (W1.58A4) on a Llama-3-8B-shaped model with dummy
 weights (load_format="dummy"), CUDA graphs and torch.compile on.
 
-    python benchmarks/serve.py [--methods bf16,fp8,twla] [--workdir /tmp/serve-bench]
+    python benchmarks/serve.py [--methods bf16,fp8,twla] [--workdir /tmp/serve-bench] [--profile]
 
 Prints decode tok/s at batch 1 and 64 (128-token prompts, 256 generated), prefill tok/s (32 prompts ×
 2048 tokens, 1 output token) and GPU memory of the weights, with ratios to bf16 from the same run.
-Each method runs in its own process (one engine per process).
+Each method runs in its own process (one engine per process). --profile adds, per method, where the GPU
+time of one bs=1 decode step goes (torch profiler, CUDA graphs on; needs the in-process engine core,
+VLLM_ENABLE_V1_MULTIPROCESSING=0, as the staged GPU vLLM uses).
 """
 
 from __future__ import annotations
@@ -57,7 +59,35 @@ def weight_bytes(model) -> dict:
     return {"weights_gb": round(total / 1e9, 2), "linear_bytes_per_param": round(lin_bytes / max(lin_params, 1), 3)}
 
 
-def run_one(method: str, workdir: str, out: str) -> None:
+KERNEL_GROUPS = (("ternary GEMV/GEMM", ("ternary_gemv", "ternary_gemm", "unpack_kernel")),
+                 ("rotate+quantize", ("act_quant",)),
+                 ("attention", ("flash", "attn", "attention", "reshape_and_cache", "rotary")),
+                 ("dense GEMM (bf16/fp8, lm_head)", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "sm90", "scaled_mm")))
+
+
+def decode_step_breakdown(llm, sampling_params_cls, prompt) -> dict:
+    """GPU µs per bs=1 decode step by kernel group: (profile of 33 tokens − profile of 1 token) / 32."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def kernel_us(n_tokens):
+        sp = sampling_params_cls(temperature=0, max_tokens=n_tokens, ignore_eos=True, detokenize=False)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            llm.generate([prompt], sp)
+        groups = dict.fromkeys([g for g, _ in KERNEL_GROUPS] + ["other"], 0.0)
+        for ev in prof.key_averages():
+            us = ev.self_device_time_total
+            if us <= 0:
+                continue
+            name = ev.key.lower()
+            group = next((g for g, pats in KERNEL_GROUPS if any(p in name for p in pats)), "other")
+            groups[group] += us
+        return groups
+
+    one, many = kernel_us(1), kernel_us(33)
+    return {g: round((many[g] - one[g]) / 32, 1) for g in one}
+
+
+def run_one(method: str, workdir: str, out: str, profile_step: bool = False) -> None:
     import torch
     from vllm import LLM, SamplingParams
 
@@ -93,6 +123,8 @@ def run_one(method: str, workdir: str, out: str) -> None:
     res["decode_bs64_tok_s"] = 64 * 256 / t
     t = timed(32, 2048, 1)
     res["prefill_tok_s"] = 32 * 2048 / t
+    if profile_step:
+        res["decode_step_us"] = decode_step_breakdown(llm, SamplingParams, prompts(1, 128)[0])
     with open(out, "w") as f:
         json.dump(res, f)
 
@@ -101,17 +133,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--methods", default="bf16,fp8,twla")
     ap.add_argument("--workdir", default="/tmp/serve-bench")
+    ap.add_argument("--profile", action="store_true", help="GPU time of one bs=1 decode step by kernel group")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
-        run_one(a.one, a.workdir, a.out)
+        run_one(a.one, a.workdir, a.out, a.profile)
         return
     results = []
     for m in a.methods.split(","):
         out = os.path.join(a.workdir, f"{m}.json")
         os.makedirs(a.workdir, exist_ok=True)
-        proc = subprocess.run([sys.executable, __file__, "--one", m, "--workdir", a.workdir, "--out", out])
+        proc = subprocess.run([sys.executable, __file__, "--one", m, "--workdir", a.workdir, "--out", out]
+                              + (["--profile"] if a.profile else []))
         if proc.returncode or not os.path.exists(out):
             print(f"{m}: failed (exit {proc.returncode})", flush=True)
             continue
@@ -125,6 +159,16 @@ def main() -> None:
             return f"{v:.0f}" + (f" ({v / base[key]:.2f}x)" if base else "")
         print(f"| {r['method']} | {cell('decode_bs1_tok_s')} | {cell('decode_bs64_tok_s')} | {cell('prefill_tok_s')} "
               f"| {r['weights_gb']} | {r['linear_bytes_per_param']} |")
+    if a.profile:
+        groups = [g for g, _ in KERNEL_GROUPS] + ["other"]
+        print("\nGPU time of one bs=1 decode step (µs, torch profiler, CUDA graphs on)")
+        print("| method | " + " | ".join(groups) + " | total |")
+        print("|---|" + "---|" * (len(groups) + 1))
+        for r in results:
+            st = r.get("decode_step_us")
+            if st:
+                print(f"| {r['method']} | " + " | ".join(f"{st[g]:.0f}" for g in groups)
+                      + f" | {sum(st.values()):.0f} |")
 
 
 if __name__ == "__main__":

