@@ -47,8 +47,40 @@ def run(m, k, n, gs):
     return bench(lambda i: T.ternary_gemm(*qszs, *layers[i], torch.bfloat16), copies)
 
 
+def act_quant_variants() -> None:
+    """Fused rotate+quantize at decode sizes: precision of the rotation dots × warps (one CUDA graph each)."""
+    import triton as tr
+
+    for n1, n2 in ((64, 64), (112, 128)):
+        k = n1 * n2
+        left, right = (torch.linalg.qr(torch.randn(n, n, device="cuda"))[0].contiguous() for n in (n1, n2))
+        for m in (1, 8, 64):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            q = torch.empty(m, k, dtype=torch.int8, device="cuda")
+            s = torch.empty(m, 1, device="cuda")
+            z = torch.empty(m, 1, device="cuda")
+            sx = torch.empty(m, k // 128, dtype=torch.int32, device="cuda")
+            rp, cp = tr.next_power_of_2(n1), tr.next_power_of_2(n2)
+            for prec in ("tf32x3", "tf32", "ieee"):
+                for warps in (4, 8, 16):
+                    def call(i, prec=prec, warps=warps):
+                        T._act_quant_kernel[(m,)](x, left, right, q, s, z, sx, k, x.stride(0), q.stride(0), ROWS=n1,
+                                                  COLS=n2, RP=rp, CP=cp, HAS_ROT=True, KB=1, BITS=4, CLIP=0.9,
+                                                  U=k // 128, UP=tr.next_power_of_2(k // 128), KUP=128,
+                                                  PRECISION=prec, num_warps=warps)
+                    try:
+                        us = bench(call, 1)
+                    except Exception as e:  # noqa: BLE001
+                        us = float("nan")
+                        print("error", type(e).__name__, str(e)[:120])
+                    print(f"act_quant {n1}x{n2} M={m} {prec} warps={warps}: {us:.1f} us", flush=True)
+
+
 def main() -> None:
     torch.manual_seed(0)
+    if "--act-quant" in sys.argv:
+        act_quant_variants()
+        return
     best = {}
     shapes = [(4096, 14336), (14336, 4096), (4096, 6144), (4096, 4096)]
     sweeps = {1: list(itertools.product((8, 16), (64, 128), (1, 2, 4), (0, 1056, 2112))),

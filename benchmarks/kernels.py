@@ -29,6 +29,7 @@ from twla_vllm.reference import unit_code_sums  # noqa: E402
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
 MS = [1, 8, 16, 64, 256, 2048, 8192]
 FACTORS = {4096: (64, 64), 14336: (112, 128)}
+K_BLOCKS = {4096: 1, 14336: 8}  # as benchmarks/serve.py: down_proj's input in 8 shard-local blocks
 
 
 L2_BEATING_BYTES = 128 << 20
@@ -47,7 +48,7 @@ def n_copies(nbytes: int) -> int:
 def copy_bandwidth() -> float:
     a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
-    us = bench(lambda: b.copy_(a))
+    us = bench(lambda i: b.copy_(a))
     return 2 * a.numel() / (us * 1e-6)
 
 
@@ -69,22 +70,24 @@ def main() -> None:
     for k, n in SHAPES:
         t = torch.randint(-1, 2, (n, k), dtype=torch.int8, device="cuda")
         g = fmt.num_groups(k, gs)
+        kb = K_BLOCKS[k]
+        u = max(g, kb)
         c2 = n_copies(n * k // 4)
         packed = [fmt.pack_ternary(t.cpu()).cuda() for _ in range(c2)]
         alpha = [(torch.rand(n, g, device="cuda") * 0.02).half() for _ in range(c2)]
         mu = [(torch.randn(n, g, device="cuda") * 0.001).half() for _ in range(c2)]
-        tsum = [unit_code_sums(t, g) for _ in range(c2)]
+        tsum = [unit_code_sums(t, u) for _ in range(c2)]
         left, right = (orth(f) for f in FACTORS[k])
         c16, c8 = n_copies(2 * n * k), n_copies(n * k)
         w_bf16 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(c16)]
         w_i8 = [torch.randint(-1, 2, (n, k), dtype=torch.int8, device="cuda") for _ in range(c8)]
         for m in MS:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            q, s, z, sx = T.act_quant(x, left, right, 4, 0.9, 1, g)
-            t_quant = bench(lambda i: T.act_quant(x, left, right, 4, 0.9, 1, g))
+            q, s, z, sx = T.act_quant(x, left, right, 4, 0.9, kb, u)
+            t_quant = bench(lambda i: T.act_quant(x, left, right, 4, 0.9, kb, u))
             t_gemm = bench(lambda i: T.ternary_gemm(q, s, z, sx, packed[i], alpha[i], mu[i], tsum[i], torch.bfloat16),
                            c2)
-            t_all = bench(lambda i: T.ternary_gemm(*T.act_quant(x, left, right, 4, 0.9, 1, g), packed[i], alpha[i],
+            t_all = bench(lambda i: T.ternary_gemm(*T.act_quant(x, left, right, 4, 0.9, kb, u), packed[i], alpha[i],
                                                    mu[i], tsum[i], torch.bfloat16), c2)
             t_bf16 = bench(lambda i: x @ w_bf16[i].t(), c16)
             t_int = bench(lambda i: torch._int_mm(q, w_i8[i].t()), c8) if m > 16 else float("nan")

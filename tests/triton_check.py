@@ -118,6 +118,7 @@ def main() -> int:
         (5, 24, 256, 32, 4, 6, True, f32, False), (17, 48, 128, -1, 2, 8, True, f32, False),
         (20, 37, 384, 128, 1, 4, True, f32, False), (2, 16, 2048, 128, 2, 3, False, f32, True),
         (8, 19, 192, 96, 1, 4, False, f32, False),  # 6-word units (SmolLM2's group 96)
+        (24, 40, 512, -1, 1, 4, False, f32, False),  # one unit split along K by the GEMM's split-K
         (130, 24, 128, 64, 2, 4, True, f32, False),  # prefill path: int8 scratch + tensor-core tiles
     ]
     if a.gpu:

@@ -44,55 +44,50 @@ def _dp4a(a, b, c, ASM: tl.constexpr):
 
 
 @triton.jit
-def _act_quant_kernel(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, sx_ptr, K, stride_x, stride_q,
-                      ROWS: tl.constexpr, COLS: tl.constexpr, RP: tl.constexpr, CP: tl.constexpr,
+def _act_quant_kernel(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, sx_ptr, stride_x, stride_q,
+                      ROWS: tl.constexpr, COLS: tl.constexpr, RBP: tl.constexpr, CP: tl.constexpr,
                       HAS_ROT: tl.constexpr, KB: tl.constexpr, BITS: tl.constexpr, CLIP: tl.constexpr,
-                      U: tl.constexpr, UP: tl.constexpr, KUP: tl.constexpr, PRECISION: tl.constexpr):
-    # the token row is viewed as [ROWS, COLS] (= [n1, n2] when rotated, [KB, K/KB] otherwise),
-    # padded to powers of two [RP, CP]; K-block b owns rows [b*ROWS/KB, (b+1)*ROWS/KB)
+                      U: tl.constexpr, UBP: tl.constexpr, KUP: tl.constexpr, PRECISION: tl.constexpr):
+    # One program per (token, K-block). The token row is viewed as [ROWS, COLS] (= [n1, n2] when rotated);
+    # K-block b owns rows [b*RB, (b+1)*RB), and the left factor is block-diagonal along those blocks
+    # (checked at load), so blocks rotate and quantize independently: more CTAs, smaller tiles.
     m = tl.program_id(0)
-    ri = tl.arange(0, RP)
+    b = tl.program_id(1)
+    RB: tl.constexpr = ROWS // KB
+    ri = tl.arange(0, RBP)
     ci = tl.arange(0, CP)
-    valid = (ri[:, None] < ROWS) & (ci[None, :] < COLS)
-    offs = ri[:, None] * COLS + ci[None, :]
+    valid = (ri[:, None] < RB) & (ci[None, :] < COLS)
+    offs = (b * RB + ri[:, None]) * COLS + ci[None, :]
     x = tl.load(x_ptr + m * stride_x + offs, mask=valid, other=0.0).to(tl.float32)
     if HAS_ROT:
-        lm = tl.load(l_ptr + ri[:, None] * ROWS + ri[None, :],
-                     mask=(ri[:, None] < ROWS) & (ri[None, :] < ROWS), other=0.0)
+        lm = tl.load(l_ptr + (b * RB + ri[:, None]) * ROWS + b * RB + ri[None, :],
+                     mask=(ri[:, None] < RB) & (ri[None, :] < RB), other=0.0)
         rm = tl.load(r_ptr + ci[:, None] * COLS + ci[None, :],
                      mask=(ci[:, None] < COLS) & (ci[None, :] < COLS), other=0.0)
         x = tl.dot(lm, x, input_precision=PRECISION)
         x = tl.dot(x, rm, input_precision=PRECISION)
     qmax = 2.0 ** BITS - 1.0
     half = 2.0 ** (BITS - 1)
-    row_max = tl.max(tl.where(valid, x, float("-inf")), axis=1)
-    row_min = tl.min(tl.where(valid, x, float("inf")), axis=1)
-    s_row = tl.zeros([RP], dtype=tl.float32)
-    z_row = tl.zeros([RP], dtype=tl.float32)
-    RB: tl.constexpr = ROWS // KB
-    for b in tl.static_range(KB):
-        in_b = (ri >= b * RB) & (ri < (b + 1) * RB)
-        hi = tl.max(tl.where(in_b, row_max, float("-inf")), axis=0) * CLIP
-        lo = tl.min(tl.where(in_b, row_min, float("inf")), axis=0) * CLIP
-        # IEEE-rounded divisions (div_rn): the default fast fp32 division differs from torch's in the
-        # last bit, which flips a rounding decision now and then
-        s = tl.maximum(tl.math.div_rn(hi - lo, qmax), 1e-8)
-        z = _round_half_even(tl.math.div_rn(-lo, s))
-        tl.store(s_ptr + m * KB + b, s)
-        tl.store(z_ptr + m * KB + b, z - half)
-        s_row = tl.where(in_b, s, s_row)
-        z_row = tl.where(in_b, z, z_row)
-    q = _round_half_even(tl.math.div_rn(x, s_row[:, None])) + z_row[:, None]
+    hi = tl.max(tl.max(tl.where(valid, x, float("-inf")), axis=1), axis=0) * CLIP
+    lo = tl.min(tl.min(tl.where(valid, x, float("inf")), axis=1), axis=0) * CLIP
+    # IEEE-rounded divisions (div_rn): the default fast fp32 division differs from torch's in the
+    # last bit, which flips a rounding decision now and then
+    s = tl.maximum(tl.math.div_rn(hi - lo, qmax), 1e-8)
+    z = _round_half_even(tl.math.div_rn(-lo, s))
+    tl.store(s_ptr + m * KB + b, s)
+    tl.store(z_ptr + m * KB + b, z - half)
+    q = _round_half_even(tl.math.div_rn(x, s)) + z
     q = tl.minimum(tl.maximum(q, 0.0), qmax) - half
     tl.store(q_ptr + m * stride_q + offs, q.to(tl.int8), mask=valid)
-    # per-unit sums of the stored codes, read back as [U, K/U] (any unit size, no reshape of the tile)
+    # this block's per-unit sums of the stored codes, read back as [U/KB, K/U] (any unit size)
     tl.debug_barrier()
+    UB: tl.constexpr = U // KB
     KU: tl.constexpr = (ROWS * COLS) // U
-    ui = tl.arange(0, UP)
+    ui = tl.arange(0, UBP)
     ji = tl.arange(0, KUP)
-    qu = tl.load(q_ptr + m * stride_q + ui[:, None] * KU + ji[None, :],
-                 mask=(ui[:, None] < U) & (ji[None, :] < KU), other=0)
-    tl.store(sx_ptr + m * U + ui, tl.sum(qu.to(tl.int32), axis=1), mask=ui < U)
+    qu = tl.load(q_ptr + m * stride_q + b * RB * COLS + ui[:, None] * KU + ji[None, :],
+                 mask=(ui[:, None] < UB) & (ji[None, :] < KU), other=0)
+    tl.store(sx_ptr + m * U + b * UB + ui, tl.sum(qu.to(tl.int32), axis=1), mask=ui < UB)
 
 
 def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None, bits: int, clip: float,
@@ -101,6 +96,7 @@ def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | 
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [M, K] -> (q int8 [M, K], s fp32 [M, KB], z fp32 [M, KB], sx int32 [M, units]) as
     `reference.quantize_per_token` of `reference.kron_rotate(x, left, right)`; sx = per-unit sums of q.
+    A left factor must be block-diagonal over the k_blocks (TwlaLinearMethod checks it at load).
     `out`: preallocated outputs (tests poison them)."""
     m, k = x.shape
     x = x.contiguous()
@@ -110,17 +106,19 @@ def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | 
                           torch.empty(m, units, dtype=torch.int32, device=x.device))
     if left is not None:
         rows, cols = left.shape[0], right.shape[0]
-    else:
-        rows, cols = k_blocks, k // k_blocks
-    rp = max(16, triton.next_power_of_2(rows))
+        rbp = max(16, triton.next_power_of_2(rows // k_blocks))  # tl.dot needs >= 16
+    else:  # no rotation: any [rows, cols] view whose rows split into the k_blocks
+        cols = _block_k(k // k_blocks, 256)
+        rows = k // cols
+        rbp = triton.next_power_of_2(rows // k_blocks)
     cp = max(16, triton.next_power_of_2(cols))
     if m:
-        _act_quant_kernel[(m,)](x, left if left is not None else x, right if right is not None else x, q, s, z,
-                                sx, k, x.stride(0), q.stride(0), ROWS=rows, COLS=cols, RP=rp, CP=cp,
-                                HAS_ROT=left is not None, KB=k_blocks, BITS=bits, CLIP=float(clip), U=units,
-                                UP=triton.next_power_of_2(units), KUP=triton.next_power_of_2(k // units),
-                                PRECISION="ieee" if x.device.type == "cpu" else "tf32x3",
-                                num_warps=4 if rp * cp <= 4096 else 8)
+        _act_quant_kernel[(m, k_blocks)](
+            x, left if left is not None else x, right if right is not None else x, q, s, z, sx, x.stride(0),
+            q.stride(0), ROWS=rows, COLS=cols, RBP=rbp, CP=cp, HAS_ROT=left is not None, KB=k_blocks, BITS=bits,
+            CLIP=float(clip), U=units, UBP=triton.next_power_of_2(units // k_blocks),
+            KUP=triton.next_power_of_2(k // units), PRECISION="ieee" if x.device.type == "cpu" else "tf32x3",
+            num_warps=4 if rbp * cp <= 4096 else 8)
     return q, s, z, sx
 
 
@@ -170,9 +168,10 @@ def _unit_params(a_ptr, mu_ptr, ts_ptr, rn, ru, N, G: tl.constexpr, U: tl.conste
 def _ternary_gemm_kernel(q_ptr, s_ptr, z_ptr, sx_ptr, w_ptr, a_ptr, mu_ptr, ts_ptr, y_ptr, M, N, K,
                          stride_q, stride_w, stride_y, G: tl.constexpr, KB: tl.constexpr, U: tl.constexpr,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, INT8_W: tl.constexpr,
-                         UC: tl.constexpr, PRECISION: tl.constexpr):
+                         UC: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)  # split-K (small grids): each split owns whole units and adds its share
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
@@ -182,7 +181,8 @@ def _ternary_gemm_kernel(q_ptr, s_ptr, z_ptr, sx_ptr, w_ptr, a_ptr, mu_ptr, ts_p
     KU = K // U
     y = tl.zeros([BM, BN], dtype=tl.float32)
     acc = tl.zeros([BM, BN], dtype=tl.int32)
-    for k0 in range(0, K, BK):
+    KS = K // SPLIT
+    for k0 in range(pid_k * KS, (pid_k + 1) * KS, BK):
         a = tl.load(q_ptr + rm[:, None] * stride_q + k0 + rk[None, :], mask=rm[:, None] < M, other=0)
         if INT8_W:  # pre-unpacked int8 weights, K-major like the activations
             t = tl.load(w_ptr + rn[:, None] * stride_w + k0 + rk[None, :], mask=rn[:, None] < N, other=0)
@@ -200,18 +200,28 @@ def _ternary_gemm_kernel(q_ptr, s_ptr, z_ptr, sx_ptr, w_ptr, a_ptr, mu_ptr, ts_p
         s = tl.load(s_ptr + rm, mask=rm < M, other=0.0)
         alpha = tl.load(a_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
         y = acc.to(tl.float32) * (s[:, None] * alpha[None, :])
-    # rank-U terms, off the main loop: Σ_u (s·sx)[m,u]·μ[u,n] − (s·z)[m,u]·wsum[u,n]
-    for u0 in range(0, U, UC):
+    # rank-U terms, off the main loop: Σ_u (s·sx)[m,u]·μ[u,n] − (s·z)[m,u]·wsum[u,n] over this split's units
+    if U >= SPLIT:
+        u_lo = pid_k * (U // SPLIT)
+        u_hi = u_lo + U // SPLIT
+    else:  # one unit split along K: the first split adds its terms
+        u_lo = 0
+        u_hi = tl.where(pid_k == 0, U, 0)
+    for u0 in range(u_lo, u_hi, UC):
         ru = u0 + tl.arange(0, UC)
-        ok = (rm[:, None] < M) & (ru[None, :] < U)
+        ok = (rm[:, None] < M) & (ru[None, :] < u_hi)
         su = tl.load(s_ptr + rm[:, None] * KB + ru[None, :] // (U // KB), mask=ok, other=0.0)
         zu = tl.load(z_ptr + rm[:, None] * KB + ru[None, :] // (U // KB), mask=ok, other=0.0)
         sxu = tl.load(sx_ptr + rm[:, None] * U + ru[None, :], mask=ok, other=0).to(tl.float32)
         _, mu, ws = _unit_params(a_ptr, mu_ptr, ts_ptr, rn[None, :], ru[:, None], N, G, U, KU)
+        ws = tl.where(ru[:, None] < u_hi, ws, 0.0)
         y += tl.dot(su * sxu, mu, input_precision=PRECISION)
         y -= tl.dot(su * zu, ws, input_precision=PRECISION)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
-    tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    if SPLIT == 1:
+        tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(y_ptr + rm[:, None] * stride_y + rn[None, :], y, mask=mask)
 
 
 @triton.jit
@@ -294,6 +304,7 @@ GEMV_CONFIGS = [(1, {"BN": 8, "BP": 128, "warps": 2, "stages": 2, "split_ctas": 
 # (BM, BN, BK cap, warps, stages) by M bucket
 GEMM_CONFIGS = ((16, 32, 256, 4, 3), (64, 128, 128, 4, 3), (128, 128, 128, 8, 4), (128, 128, 128, 8, 4))
 PREFILL_UNPACK_M = 128  # from here on, unpack to an int8 scratch and run plain int8 tensor-core tiles
+GEMM_SPLIT_CTAS = 132  # below the unpack threshold: split K (fp32 atomics) while 2x the grid fits one wave
 
 
 def _gemv_words(wk: int, wu: int, cap: int) -> int:
@@ -336,20 +347,31 @@ def ternary_gemm(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, sx: torch.Te
             q.view(torch.int32), s, z, packed, alpha, mu, tsum, y, m, n, k, q.stride(0) // 4, packed.stride(0),
             y.stride(0), G=g, KB=kb, U=u, WU=k // 16 // u, BM=triton.next_power_of_2(m), BN=bn, BP=bp, SPLIT=split,
             ASM=q.device.type == "cuda", num_warps=c["warps"], num_stages=c["stages"])
-        if split > 1:
-            if out is None:
-                return y.to(out_dtype)
-            out.copy_(y)
-            return out
-        return y
-    y = out if out is not None else torch.empty(m, n, dtype=out_dtype, device=q.device)
+        return _from_split(y, out, out_dtype) if split > 1 else y
     int8_w = m >= PREFILL_UNPACK_M
     bm, bn, bkc, warps, stages = GEMM_CONFIGS[0 if m <= 32 else 1 if m <= 64 else 2 if m <= 1024 else 3]
     w = unpack_int8(packed) if int8_w else packed
     bk = _block_k(k // u, bkc)
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    grid_mn = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    split = 1
+    while (not int8_w and grid_mn * split * 2 <= GEMM_SPLIT_CTAS and k % (2 * split * bk) == 0
+           and (u == 1 or u % (2 * split) == 0)):
+        split *= 2
+    if split > 1:
+        y = torch.zeros(m, n, dtype=torch.float32, device=q.device)
+    else:
+        y = out if out is not None else torch.empty(m, n, dtype=out_dtype, device=q.device)
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
     _ternary_gemm_kernel[grid](q, s, z, sx, w, alpha, mu, tsum, y, m, n, k, q.stride(0), w.stride(0),
                                y.stride(0), G=g, KB=kb, U=u, BM=bm, BN=bn, BK=bk, INT8_W=int8_w, UC=16,
-                               PRECISION="ieee" if q.device.type == "cpu" else "tf32x3",
+                               SPLIT=split, PRECISION="ieee" if q.device.type == "cpu" else "tf32x3",
                                num_warps=warps, num_stages=stages)
-    return y
+    return _from_split(y, out, out_dtype) if split > 1 else y
+
+
+def _from_split(y: torch.Tensor, out: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """fp32 split-K accumulator -> the caller's dtype / buffer."""
+    if out is None:
+        return y.to(out_dtype)
+    out.copy_(y)
+    return out
