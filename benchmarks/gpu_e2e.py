@@ -5,6 +5,9 @@ perplexity against the CPU reference path computed beforehand.
     python benchmarks/gpu_e2e.py --checkpoint DIR --make-ref ref.json
     # on the GPU box (vLLM staged): compare
     python benchmarks/gpu_e2e.py --checkpoint DIR --ref ref.json [--tp 2]
+    # tensor parallel vs single GPU: save one run's tokens, compare another run against them
+    python benchmarks/gpu_e2e.py --checkpoint DIR --ref ref.json --tp 1 --save tp1.json
+    python benchmarks/gpu_e2e.py --checkpoint DIR --ref ref.json --tp 2 --compare-to tp1.json
 """
 
 from __future__ import annotations
@@ -53,7 +56,8 @@ def make_ref(ckpt: str, out: str, seqlen: int) -> None:
     print(f"reference written: sim PPL {ref['sim_ppl']:.3f}")
 
 
-def compare(ckpt: str, ref_path: str, tp: int, dtype: str, eager: bool) -> int:
+def compare(ckpt: str, ref_path: str, tp: int, dtype: str, eager: bool, save: str | None = None,
+            compare_to: str | None = None) -> int:
     from vllm import LLM, SamplingParams
 
     ref = json.load(open(ref_path))
@@ -61,6 +65,15 @@ def compare(ckpt: str, ref_path: str, tp: int, dtype: str, eager: bool) -> int:
               enforce_eager=eager, seed=0)
     outs = llm.generate([{"prompt_token_ids": p} for p in ref["prompts"]],
                         SamplingParams(temperature=0, max_tokens=GEN_TOKENS, ignore_eos=True))
+    got_all = [list(o.outputs[0].token_ids) for o in outs]
+    if save:
+        with open(save, "w") as f:
+            json.dump({"tp": tp, "tokens": got_all}, f)
+    if compare_to:
+        other = json.load(open(compare_to))
+        equal = sum(a == b for a, b in zip(got_all, other["tokens"]))
+        print(f"TP {tp} vs TP {other['tp']}: {equal}/{len(got_all)} prompts give identical {GEN_TOKENS}-token "
+              f"greedy outputs")
     same = 0
     for o, want in zip(outs, ref["tokens"]):
         got = list(o.outputs[0].token_ids)
@@ -90,11 +103,13 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--seqlen", type=int, default=PPL_SEQLEN, help="PPL window (make-ref)")
+    ap.add_argument("--save", help="write this run's greedy tokens (JSON)")
+    ap.add_argument("--compare-to", help="a --save file from another run (e.g. TP 1) to compare tokens with")
     a = ap.parse_args()
     if a.make_ref:
         make_ref(a.checkpoint, a.make_ref, a.seqlen)
     else:
-        sys.exit(compare(a.checkpoint, a.ref, a.tp, a.dtype, a.enforce_eager))
+        sys.exit(compare(a.checkpoint, a.ref, a.tp, a.dtype, a.enforce_eager, a.save, a.compare_to))
 
 
 if __name__ == "__main__":
