@@ -11,7 +11,6 @@ import os
 import sys
 
 import torch
-import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -19,11 +18,7 @@ from twla_vllm import format as fmt  # noqa: E402
 from twla_vllm.kernels import triton_ops as T  # noqa: E402
 from twla_vllm.reference import unit_code_sums  # noqa: E402
 
-
-def bench(fn, copies: int) -> float:
-    """µs per call as served: CUDA graph, weights cycling over copies so they stream from HBM (not L2)."""
-    us = triton.testing.do_bench_cudagraph(lambda: [fn(i) for i in range(copies)], rep=30, return_mode="median")
-    return us * 1e3 / copies
+from kernels import bench, n_copies  # noqa: E402  (benchmarks/kernels.py: graph-timed, weights cycling over copies)
 
 
 def layer(k, n, gs):
@@ -38,7 +33,7 @@ LAYERS: dict = {}
 
 
 def run(m, k, n, gs):
-    copies = -(-(128 << 20) // (n * k // 4))
+    copies = n_copies(n * k // 4)
     if (k, n, gs) not in LAYERS:
         LAYERS[(k, n, gs)] = [layer(k, n, gs) for _ in range(copies)]
     layers = LAYERS[(k, n, gs)]
