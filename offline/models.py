@@ -10,9 +10,14 @@ dequantized Q4 model.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+from typing import TYPE_CHECKING
 
-import torch
+from .errors import CliError, UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 CACHE = os.environ.get("TWLA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "twla"))
 # name -> (python packages holding the file or its byte chunks, in order; GGUF file name)
@@ -23,23 +28,62 @@ GGUF_MODELS = {
 }
 
 
+# what a hub id looks like ("org/name" or "name"); anything else that is not a directory is a bad path
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+# files of a hub model that loading needs (no .bin/.onnx/.gguf duplicates of the weights)
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+
+
 def resolve_model(name: str) -> str:
-    """A local HF directory for `name` (converting a packaged GGUF on first use)."""
+    """A local HF directory for `name`: a directory, a packaged GGUF (converted on first use) or a hub id
+    (downloaded, or taken from the local hub cache when the hub is unreachable)."""
     if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise UsageError(f"{name}: not a Hugging Face model directory (it has no config.json)")
         return name
     if name in GGUF_MODELS:
         return convert_gguf(name)
-    return name  # a Hugging Face hub id: transformers downloads it when the hub is reachable
+    if os.path.exists(name):
+        raise UsageError(f"{name}: is a file; a model is a directory with config.json, a hub id or one of "
+                         f"{', '.join(GGUF_MODELS)}")
+    if not HUB_ID.fullmatch(name):
+        raise UsageError(f"{name}: no such directory (and not a Hugging Face id or one of "
+                         f"{', '.join(GGUF_MODELS)})")
+    return _hub_snapshot(name)
+
+
+def _hub_snapshot(repo_id: str) -> str:
+    """Download `repo_id`'s config, tokenizer and safetensors weights; huggingface_hub falls back to its
+    cache on its own when the hub is unreachable, and fails at once (not after transformers' retries)
+    when neither works."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        path = snapshot_download(repo_id, allow_patterns=HUB_FILES, etag_timeout=5)
+    except GatedRepoError as e:
+        raise CliError(f"{repo_id}: gated on the Hugging Face hub; accept its license and log in "
+                       f"(hf auth login)") from e
+    except RepositoryNotFoundError as e:
+        raise UsageError(f"{repo_id}: not a local directory, nor a model on the Hugging Face hub "
+                         f"(or it is private: log in with hf auth login)") from e
+    except LocalEntryNotFoundError as e:
+        raise CliError(f"{repo_id}: not a local directory and the Hugging Face hub is unreachable "
+                       f"(nor is it in the local hub cache)") from e
+    if not any(f.endswith(".safetensors") for f in os.listdir(path)):
+        raise CliError(f"{repo_id}: the hub repository has no safetensors weights")
+    return path
 
 
 def convert_gguf(name: str) -> str:
     out = os.path.join(CACHE, name)
     if os.path.isfile(os.path.join(out, "config.json")):
         return out
+    pkgs, fname = GGUF_MODELS[name]
+    src = _gguf_dir(name, pkgs, fname)  # first: a missing package is reported before the slow imports
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    pkgs, fname = GGUF_MODELS[name]
-    src = _gguf_dir(name, pkgs, fname)
     print(f"converting {fname} (GGUF) to a Hugging Face directory at {out} ...")
     tok = AutoTokenizer.from_pretrained(src, gguf_file=fname)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=fname, dtype=torch.float32)
@@ -86,9 +130,11 @@ def _gguf_dir(name: str, pkgs: tuple[str, ...], fname: str) -> str:
     return out
 
 
-def load_model(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+def load_model(path: str, dtype: torch.dtype | None = None, device: str = "cpu"):
+    """(model in eval mode on `device`, tokenizer) of the HF directory `path`; dtype defaults to float32."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32).to(device).eval()
     return model, tok

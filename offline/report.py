@@ -1,4 +1,8 @@
-"""Report next to the checkpoint: report.json, report.md and PNG plots."""
+"""Report inside the checkpoint: report.json, report.md and PNG plots.
+
+The quantizer writes it into the finished checkpoint before that moves to `--out`, so no reader ever
+sees a half-written report.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +11,24 @@ import os
 
 import torch
 
+TRIMODAL_CENTRES = (-1.0, 0.0, 1.0)  # of a (row, group) of weights, centred and divided by its mean |w|
+COLUMNS = {"baseline": "dense", "twla": "TWLA (quantized)"}
 
-def write_report(ckpt: str, summary: dict, quantizer=None) -> None:
+
+def write_report(ckpt: str, summary: dict, quantizer=None) -> list[str]:
+    """Write report.json, report.md and the plots into `ckpt`; return the names of the files written."""
     with open(os.path.join(ckpt, "report.json"), "w") as f:
         json.dump(summary, f, indent=1)
     plots = _plots(ckpt, summary, quantizer)
     ev = summary.get("eval", {})
     lines = [f"# TWLA report: {summary['model']}", "",
-             f"Checkpoint: `{ckpt}`  ", f"Weights: ternary, group size {summary['group_size']}, "
+             f"Checkpoint: `{summary.get('checkpoint', ckpt)}`  ",
+             f"Weights: ternary, group size {summary['group_size']}, "
              f"**{summary['bits_per_weight']} bits/weight** stored (codes + fp16 scales/offsets + rotations)  ",
              f"Activation bits per block (ILA-AMP or uniform): {summary['act_bits_per_block']}", "",
              "| model | PPL (Brown test, 512-token windows) | last-word acc | next-sentence 4-way acc |",
              "|---|---|---|---|"]
-    for name, r in ev.items():
+    for name, r in ((k, ev[k]) for k in ("baseline", "twla") if k in ev):
         lines.append(f"| {name} | {r['ppl']:.2f} | {r.get('last_word_acc', float('nan')):.3f} | "
                      f"{r.get('next_sentence_4way_acc', float('nan')):.3f} |")
     if "baseline" in ev and "twla" in ev:
@@ -27,9 +36,50 @@ def write_report(ckpt: str, summary: dict, quantizer=None) -> None:
     lines += ["", "Time per stage (s): " + ", ".join(f"{k} {v}" for k, v in summary["stage_seconds"].items()), "",
               "Note: for smollm2-135m the baseline is the dequantized Q4_1 GGUF model (the registries ship no "
               "fp16 weights); proxy tasks are built from held-out Brown text and are not standard benchmarks.", ""]
+    lines += _generations(ev.get("generations"), summary)
     lines += [f"![{p}]({p})" for p in plots]
     with open(os.path.join(ckpt, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+    return ["report.json", "report.md", *plots]
+
+
+@torch.no_grad()
+def greedy_continuations(model, tok, prompts: tuple[str, ...], n_tokens: int) -> list[str]:
+    """Greedy continuation of each prompt, `n_tokens` tokens or up to EOS (no cache: exact, and short)."""
+    device = next(model.parameters()).device
+    texts = []
+    for prompt in prompts:
+        ids = torch.tensor([tok(prompt)["input_ids"]], device=device)
+        new: list[int] = []
+        for _ in range(n_tokens):
+            nxt = int(model(ids, use_cache=False).logits[0, -1].argmax())
+            if nxt == tok.eos_token_id:
+                break
+            new.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]], device=device)], dim=1)
+        texts.append(tok.decode(new, skip_special_tokens=True))
+    return texts
+
+
+def _generations(gens: list[dict] | None, summary: dict) -> list[str]:
+    if not gens:
+        return []
+    cols = [k for k in COLUMNS if k in gens[0]]
+    bits = summary["act_bits_per_block"]
+    lines = ["## Greedy continuations, dense and quantized side by side", "",
+             f"The same prompts continued greedily by each model (TWLA: simulated in PyTorch with the "
+             f"checkpoint's numerics). What to expect: at {summary['bits_per_weight']} bits per weight and "
+             f"{sum(bits) / len(bits):.1f} activation bits on average, a small model keeps little of its "
+             f"quality (the PPL ratio above measures the loss), so the quantized text often drifts off topic, "
+             f"repeats itself or breaks into fragments where the dense model stays coherent.", "",
+             "| prompt | " + " | ".join(COLUMNS[k] for k in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for g in gens:
+        lines.append("| " + " | ".join(_cell(g[k]) for k in ("prompt", *cols)) + " |")
+    return lines + [""]
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ↵ ")
 
 
 def _plots(ckpt: str, summary: dict, q) -> list[str]:
@@ -48,14 +98,25 @@ def _plots(ckpt: str, summary: dict, q) -> list[str]:
     out.append(_save(fig, ckpt, "act_bits.png"))
     ex = getattr(q, "kotms_example", None) if q is not None else None
     if ex:
-        fig, axes = plt.subplots(1, 3, figsize=(12, 3))
-        for ax, key in zip(axes, ("before", "after")):
-            w = ex[key]
-            w = (w - w.mean()) / w.abs().mean()
-            ax.hist(w.clamp(-4, 4).numpy(), bins=200, color="tab:green")
-            ax.set_title(f"gate/up weights, {key} KOTMS")
-        axes[2].plot(ex["loss"])
-        axes[2].set_title("KOTMS tri-modal NLL")
+        # the weights as KOTMS sees them: per (row, group), centred and in units of the group's mean |w|,
+        # where a ternary-friendly group clusters at the centres -1, 0, +1; log counts show the tails
+        glen = q.gs if q.gs > 0 else q.hidden
+        fig, axes = plt.subplots(1, 2, figsize=(12, 3.5))
+        for key, color in (("before", "tab:gray"), ("after", "tab:green")):
+            x = _group_normalized(ex[key], glen)
+            near = (x[:, None] - torch.tensor(TRIMODAL_CENTRES)).abs().amin(1).lt(0.25).float().mean()
+            axes[0].hist(x.clamp(-6, 6).numpy(), bins=241, range=(-6, 6), histtype="step", color=color,
+                         label=f"{key} KOTMS ({100 * near:.1f}% within 0.25 of a centre)")
+        for c in TRIMODAL_CENTRES:
+            axes[0].axvline(c, color="tab:red", linestyle=":", linewidth=1)
+        axes[0].set_yscale("log")
+        axes[0].set_xlabel("(w - group mean) / group mean |w|   (|x| > 6 piled at the edges)")
+        axes[0].set_ylabel("count")
+        axes[0].set_title("gate/up weights of block 1; red: tri-modal centres")
+        axes[0].legend(fontsize=8)
+        axes[1].plot(ex["loss"])
+        axes[1].set_xlabel("Adam step")
+        axes[1].set_title("KOTMS tri-modal NLL")
         out.append(_save(fig, ckpt, "kotms_weights.png"))
     act = getattr(q, "act_example", None) if q is not None else None
     if act:
@@ -70,6 +131,13 @@ def _plots(ckpt: str, summary: dict, q) -> list[str]:
         ax.legend()
         out.append(_save(fig, ckpt, "act_ranges.png"))
     return out
+
+
+def _group_normalized(w: torch.Tensor, glen: int) -> torch.Tensor:
+    """Row-major weights cut into groups of `glen`, each centred and divided by its mean |w| (flattened)."""
+    g = w.float().reshape(-1, glen)
+    g = g - g.mean(-1, keepdim=True)
+    return (g / g.abs().mean(-1, keepdim=True).clamp(min=1e-12)).flatten()
 
 
 def _save(fig, ckpt: str, name: str) -> str:

@@ -1,19 +1,20 @@
 """Synthetic TWLA checkpoints for tests: a tiny random Llama or Qwen2, RTN-ternarized, with random
 orthogonal Kronecker rotations shared per input site and per-layer activation bits.
 
-    twla-make-synthetic OUT_DIR [--arch llama|qwen2] [--group-size 64] [--seed 0]
+    twla-make-synthetic OUT_DIR [--arch llama|qwen2] [--group-size 64] [--seed 0] [--overwrite]
 """
 
 from __future__ import annotations
-
-import argparse
 
 import torch
 
 from twla_vllm import format as fmt
 from twla_vllm.reference import rotate_weight
 
+from .errors import Parser, cli_errors
 from .export import write_checkpoint
+from .options import seed as seed_option
+from .outdir import check_out_dir
 from .rotate import balanced_factors, block_diagonal_orthogonal, random_orthogonal
 from .ternarize import ternarize_rtn
 
@@ -57,9 +58,10 @@ def tiny_config(arch: str, vocab_size: int, layers: int = 2) -> dict:
 
 def make_synthetic_checkpoint(out_dir: str, arch: str = "llama", group_size: int = 64, seed: int = 0,
                               rotate: bool = True, tp_blocks: int = 2, layers: int = 2,
-                              act_bits_cycle: tuple[int, ...] = (8, 4, 6)) -> str:
+                              act_bits_cycle: tuple[int, ...] = (8, 4, 6), overwrite: bool = False) -> str:
     """Write a random tiny model as a TWLA checkpoint. Layer l gets act_bits_cycle[l % len] (all its
-    linears; o_proj one step of the cycle later, to exercise per-layer settings)."""
+    linears; o_proj one step of the cycle later, to exercise per-layer settings). `out_dir`: as for
+    `write_checkpoint` (new or empty; a twla checkpoint only with `overwrite`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tok = char_tokenizer()
@@ -98,7 +100,7 @@ def make_synthetic_checkpoint(out_dir: str, arch: str = "llama", group_size: int
                     k_blocks=tp_blocks if site in ROW_PARALLEL_SITES else 1)
     qcfg = fmt.CheckpointConfig(group_size=group_size, default=fmt.LayerSpec(act_bits=4, act_clip=1.0),
                                 layers=layer_specs, recipe={"method": "synthetic-rtn", "seed": seed})
-    return write_checkpoint(out_dir, cfg_dict, tensors, qcfg, tokenizer=tok)
+    return write_checkpoint(out_dir, cfg_dict, tensors, qcfg, tokenizer=tok, overwrite=overwrite)
 
 
 def _is_quantized_weight(key: str) -> bool:
@@ -106,14 +108,22 @@ def _is_quantized_weight(key: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("out_dir")
-    ap.add_argument("--arch", default="llama", choices=["llama", "qwen2"])
-    ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-rotation", action="store_true")
+    ap = Parser(prog="twla-make-synthetic", description=__doc__)
+    ap.add_argument("out_dir", help="checkpoint directory to write: new or empty (a twla checkpoint only "
+                                    "with --overwrite)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace OUT_DIR if it is a checkpoint twla wrote and holds nothing else")
+    ap.add_argument("--arch", default="llama", choices=["llama", "qwen2"], help="model architecture")
+    # the tiny model's K are 128 and 256: a group must divide both
+    ap.add_argument("--group-size", type=int, default=64, choices=[-1, 16, 32, 64, 128],
+                    help="ternary weight group along K (-1 = per row)")
+    ap.add_argument("--seed", type=seed_option, default=0, help="seed of the random weights and rotations")
+    ap.add_argument("--no-rotation", action="store_true", help="store no input rotations")
     args = ap.parse_args(argv)
-    path = make_synthetic_checkpoint(args.out_dir, args.arch, args.group_size, args.seed, not args.no_rotation)
+    with cli_errors(ap.prog, args.debug):
+        check_out_dir(args.out_dir, args.overwrite)  # before building the model
+        path = make_synthetic_checkpoint(args.out_dir, args.arch, args.group_size, args.seed,
+                                         not args.no_rotation, overwrite=args.overwrite)
     print(f"wrote synthetic TWLA checkpoint: {path}")
 
 
