@@ -1,19 +1,24 @@
-"""Kernel benchmark (CUDA): TWLA rotate+quantize and packed ternary GEMM/GEMV against cuBLAS bf16 and
-torch._int_mm, same run, same shapes (Llama-3-8B linears, K -> N).
+"""Kernel benchmark (CUDA): TWLA transform+quantize and the packed-code GEMV/GEMM (format v2) against cuBLAS
+bf16, fp8 and torch._int_mm, same run, same shapes (Llama-3-8B linears, K -> N).
 
-    python benchmarks/kernels.py            # prints a markdown table
+    python benchmarks/kernels.py [--group-size 32] [--code ternary] [--json benchmarks/results/kernels.json]
+    python benchmarks/kernels.py --sweep      # also time alternative tensor-core tiles and the int8 scratch path
+    python benchmarks/kernels.py --act-quant  # transform precision: time and code agreement with float64
 
-Timing as served: CUDA graphs (triton.testing.do_bench_cudagraph, median), and each timed call cycles
-through enough copies of the layer's weights (> 100 MB) that they stream from HBM, not from the 50 MB L2,
-as consecutive layers of a model do.
+Timing as served: CUDA graphs (triton.testing.do_bench_cudagraph, median), and each timed call cycles through
+enough copies of the layer's weights (> 128 MB) that they stream from HBM, not from the 50 MB L2, as
+consecutive layers of a model do.
 
-Columns: quant = fused rotate+quantize alone; gemm = ternary GEMM alone; twla = quant + gemm (end to end);
-floor% = byte floor (2-bit codes at the measured copy bandwidth) / twla for M <= 64, else the int8
-tensor-core floor (measured _int_mm-class peak) / twla.
+Columns: quant = fused transform+quantize alone; gemm = the matmul alone; twla = the whole op as served
+(`torch.ops.twla.quant_linear`: quant + matmul + epilogue); floor% = byte floor (codes + int8 group scales at
+the measured copy bandwidth) / twla for M <= 64, else the int8 tensor-core floor (1.1 POPS, kernels.md) / twla.
 """
 
 from __future__ import annotations
 
+import argparse
+import datetime
+import json
 import os
 import sys
 
@@ -22,16 +27,18 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import twla_vllm.ops  # noqa: E402,F401
 from twla_vllm import format as fmt  # noqa: E402
 from twla_vllm.kernels import triton_ops as T  # noqa: E402
-from twla_vllm.reference import unit_code_sums  # noqa: E402
+from twla_vllm.reference import block_row_sums, kron_rotate, quantize_per_token  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
 MS = [1, 8, 16, 64, 256, 2048, 8192]
 FACTORS = {4096: (64, 64), 14336: (112, 128)}
 K_BLOCKS = {4096: 1, 14336: 8}  # as benchmarks/serve.py: down_proj's input in 8 shard-local blocks
-
-
+SWEEP_TILES = [(16, 64, 256, 4, 4), (16, 128, 128, 4, 4), (32, 128, 128, 4, 4), (64, 64, 128, 4, 4),
+               (64, 128, 128, 4, 3), (64, 128, 256, 8, 3), (128, 128, 128, 8, 3), (128, 256, 128, 8, 3),
+               (256, 128, 128, 8, 3)]
 L2_BEATING_BYTES = 128 << 20
 
 
@@ -52,55 +59,127 @@ def copy_bandwidth() -> float:
     return 2 * a.numel() / (us * 1e-6)
 
 
-def orth(n):
+def orth(n: int) -> torch.Tensor:
     q, _ = torch.linalg.qr(torch.randn(n, n, device="cuda"))
     return q.contiguous()
 
 
-def main() -> None:
-    import argparse
+def random_layer(n: int, k: int, gs: int, code: fmt.WeightCode):
+    c = torch.randint(0, code.num_codes, (n, k), dtype=torch.int32)
+    g = fmt.num_groups(k, gs)
+    qa = torch.randint(1, 127 // max(code.vmax, -code.vmin) + 1, (n, g), dtype=torch.int8)
+    qm = torch.zeros(n, g, dtype=torch.int8)
+    w_int = fmt.int_weights(c, qa, qm, code)
+    return (fmt.pack_codes(c, code).cuda(), (torch.rand(n) * 1e-3).half().cuda(), qa.cuda(), qm.cuda(), w_int)
 
+
+def act_quant_table() -> None:
+    """Transform precision at serving sizes: µs and fraction of codes equal to a float64 transform."""
+    print("\n| factors | K-blocks | M | precision | µs | codes equal to float64 |\n|---|---|---|---|---|---|")
+    for k, kb in ((4096, 1), (14336, 8)):
+        n1, n2 = FACTORS[k]
+        left = torch.block_diag(*[orth(n1 // kb) for _ in range(kb)]).contiguous()
+        right = orth(n2)
+        for m in (1, 64, 8192):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * (1 + 3 * torch.rand(k, device="cuda"))
+            want, _, _ = quantize_per_token(kron_rotate(x.double(), left.double(), right.double()).float(), 4, 0.9, kb)
+            for prec in ("tf32x3", "tf32", "bf16"):
+                us = bench(lambda i: T.act_quant(x, left, right, 4, 0.9, kb, prec))
+                q, _, _ = T.act_quant(x, left, right, 4, 0.9, kb, prec)
+                agree = (q.float() == want).float().mean().item()
+                print(f"| {n1}x{n2} | {kb} | {m} | {prec} | {us:.1f} | {agree:.5f} |", flush=True)
+
+
+def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--group-size", type=int, default=128, help="weight group along K; -1 = per row")
-    gs = ap.parse_args().group_size
+    ap.add_argument("--group-size", type=int, default=32, help="weight group along K; -1 = per row")
+    ap.add_argument("--code", default="ternary", choices=sorted(fmt.CODES))
+    ap.add_argument("--sweep", action="store_true", help="time alternative tensor-core tiles and the scratch path")
+    ap.add_argument("--act-quant", action="store_true", help="transform precision table")
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--json", help="write the rows here (benchmarks/results schema)")
+    a = ap.parse_args()
+    gs, code = a.group_size, fmt.CODES[a.code]
     torch.manual_seed(0)
     bw = copy_bandwidth()
-    print(f"device {torch.cuda.get_device_name()}, copy bandwidth {bw / 1e12:.2f} TB/s")
-    rows = []
+    print(f"device {torch.cuda.get_device_name()}, copy bandwidth {bw / 1e12:.2f} TB/s, {code.name} group {gs}")
+    if a.act_quant:
+        act_quant_table()
+    rows, sweep = [], []
     for k, n in SHAPES:
-        t = torch.randint(-1, 2, (n, k), dtype=torch.int8, device="cuda")
-        g = fmt.num_groups(k, gs)
         kb = K_BLOCKS[k]
-        u = max(g, kb)
-        c2 = n_copies(n * k // 4)
-        packed = [fmt.pack_ternary(t.cpu()).cuda() for _ in range(c2)]
-        alpha = [(torch.rand(n, g, device="cuda") * 0.02).half() for _ in range(c2)]
-        mu = [(torch.randn(n, g, device="cuda") * 0.001).half() for _ in range(c2)]
-        tsum = [unit_code_sums(t, u) for _ in range(c2)]
-        left, right = (orth(f) for f in FACTORS[k])
+        g = fmt.num_groups(k, gs)
+        nbytes = n * k * code.bits // 8 + 2 * n * g
+        c = n_copies(nbytes)
+        layers = []
+        for _ in range(c):
+            packed, rs, qa, qm, w_int = random_layer(n, k, gs, code)
+            layers.append((packed, rs, qa, qm, block_row_sums(w_int, kb).cuda()))
+        left = torch.block_diag(*[orth(FACTORS[k][0] // kb) for _ in range(kb)]).contiguous()
+        right = orth(FACTORS[k][1])
         c16, c8 = n_copies(2 * n * k), n_copies(n * k)
         w_bf16 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(c16)]
-        w_i8 = [torch.randint(-1, 2, (n, k), dtype=torch.int8, device="cuda") for _ in range(c8)]
-        for m in MS:
+        w_i8 = [torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda") for _ in range(c8)]
+        w_f8 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16).to(torch.float8_e4m3fn) for _ in range(c8)]
+        one = torch.ones((), device="cuda")
+        for m in map(int, a.ms.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            q, s, z, sx = T.act_quant(x, left, right, 4, 0.9, kb, u)
-            t_quant = bench(lambda i: T.act_quant(x, left, right, 4, 0.9, kb, u))
-            t_gemm = bench(lambda i: T.ternary_gemm(q, s, z, sx, packed[i], alpha[i], mu[i], tsum[i], torch.bfloat16),
-                           c2)
-            t_all = bench(lambda i: T.ternary_gemm(*T.act_quant(x, left, right, 4, 0.9, kb, u), packed[i], alpha[i],
-                                                   mu[i], tsum[i], torch.bfloat16), c2)
+            lanes = 8 // code.bits
+            q, s, z = T.act_quant(x, left, right, 4, 0.9, kb, lanes=lanes if T.uses_scratch(m) else 0)
+            q_lanes = T.act_quant(x, left, right, 4, 0.9, kb, lanes=lanes)[0]  # for the scratch path
+
+            def mm(i, **kw):
+                p, rs, qa, qm, rsum = layers[i]
+                q_in = q_lanes if kw.get("scratch", T.uses_scratch(m)) else q
+                return T.quant_matmul(q_in, s, z, p, rs, qa, qm, rsum, code.bits, code.step, code.offset, gs,
+                                      torch.bfloat16, **kw)
+
+            def op(i):
+                p, rs, qa, qm, rsum = layers[i]
+                return torch.ops.twla.quant_linear(x, p, rs, qa, qm, rsum, left, right, None, None, None, code.bits,
+                                                   code.step, code.offset, gs, 4, 0.9, kb, n, n)
+
+            t_quant = bench(lambda i: T.act_quant(x, left, right, 4, 0.9, kb, lanes=lanes if T.uses_scratch(m) else 0))
+            t_gemm = bench(mm, c)
+            t_all = bench(op, c)
             t_bf16 = bench(lambda i: x @ w_bf16[i].t(), c16)
+            xq = x.to(torch.float8_e4m3fn)
+            t_fp8 = bench(lambda i: torch._scaled_mm(xq, w_f8[i].t(), one, one, out_dtype=torch.bfloat16), c8) \
+                if m >= 16 else float("nan")
             t_int = bench(lambda i: torch._int_mm(q, w_i8[i].t()), c8) if m > 16 else float("nan")
-            if m <= 64:
-                floor = n * (k / 4 + 6 * g) / bw * 1e6  # codes + fp16 alpha/mu + int16 unit sums
-            else:
-                floor = 2 * m * n * k / 1.1e15 * 1e6  # measured Triton int8 peak on H100 (kernels.md)
-            rows.append((k, n, m, t_quant, t_gemm, t_all, t_bf16, t_int, t_bf16 / t_all, floor / t_all))
-            print(f"{k}->{n} M={m}: twla {t_all:.1f} us, bf16 {t_bf16:.1f} us", flush=True)
-    print(f"\ngroup size {gs}\n| K->N | M | quant µs | gemm µs | twla µs | bf16 µs | _int_mm µs | bf16/twla | floor % |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for k, n, m, tq, tg, ta, tb, ti, ratio, fl in rows:
-        print(f"| {k}->{n} | {m} | {tq:.1f} | {tg:.1f} | {ta:.1f} | {tb:.1f} | {ti:.1f} | {ratio:.2f}x | {100 * fl:.0f}% |")
+            if a.sweep and (k, n) == (4096, 14336) and m in (8, 16, 64, 256, 8192):
+                for tile in SWEEP_TILES:
+                    if tile[0] > 2 * max(m, 16) or (m >= 2048 and tile[0] < 64):
+                        continue
+                    for scratch in (False, True) if m >= 256 else (False,):
+                        try:
+                            us = bench(lambda i: mm(i, scratch=scratch, tile=tile), c)
+                        except Exception as e:  # noqa: BLE001 - a tile that does not compile is a result too
+                            us = float("nan")
+                            print(f"  tile {tile} scratch={scratch}: {type(e).__name__}: {str(e)[:120]}")
+                        sweep.append((k, n, m, tile, scratch, us))
+            floor = nbytes / bw * 1e6 if m <= 64 else 2 * m * n * k / 1.1e15 * 1e6
+            rows.append(dict(k=k, n=n, m=m, quant_us=t_quant, gemm_us=t_gemm, twla_us=t_all, bf16_us=t_bf16,
+                             fp8_us=None if t_fp8 != t_fp8 else t_fp8, int_mm_us=None if t_int != t_int else t_int,
+                             floor_pct=100 * floor / t_all))
+            print(f"{k}->{n} M={m}: twla {t_all:.1f} us (quant {t_quant:.1f}, gemm {t_gemm:.1f}), bf16 {t_bf16:.1f} us",
+                  flush=True)
+    if sweep:
+        print("\n| K->N | M | tile (BM,BN,BK,warps,stages) | scratch | µs |\n|---|---|---|---|---|")
+        for k, n, m, tile, scratch, us in sweep:
+            print(f"| {k}->{n} | {m} | {tile} | {scratch} | {us:.1f} |")
+    print(f"\n{code.name}, group size {gs}\n| K->N | M | quant µs | gemm µs | twla µs | bf16 µs | fp8 µs | _int_mm µs "
+          f"| bf16/twla | floor % |\n|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        f = lambda v: "–" if v is None else f"{v:.1f}"  # noqa: E731
+        print(f"| {r['k']}->{r['n']} | {r['m']} | {r['quant_us']:.1f} | {r['gemm_us']:.1f} | {r['twla_us']:.1f} | "
+              f"{r['bf16_us']:.1f} | {f(r['fp8_us'])} | {f(r['int_mm_us'])} | {r['bf16_us'] / r['twla_us']:.2f}x | "
+              f"{r['floor_pct']:.0f}% |")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump({"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+                       "command": "python " + " ".join(sys.argv), "code": code.name, "group_size": gs,
+                       "rows": rows}, fh, indent=1)
 
 
 if __name__ == "__main__":

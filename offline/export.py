@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from twla_vllm.format import (CODES_PER_WORD, QUANT_TENSOR_SUFFIXES, WEIGHT_PACKED, CheckpointConfig,
+from twla_vllm.format import (QUANT_TENSOR_SUFFIXES, WEIGHT_PACKED, CheckpointConfig,
                               validate_checkpoint)
 
 from .outdir import check_out_dir, install_dir, record_files
@@ -36,7 +36,7 @@ def write_checkpoint(out_dir: str, hf_config: dict[str, Any], tensors: dict[str,
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
     try:
         if qconfig.bits_per_weight is None:
-            qconfig.bits_per_weight = stored_bits_per_weight(tensors)
+            qconfig.bits_per_weight = stored_bits_per_weight(tensors, qconfig.code.codes_per_word)
         cfg = dict(hf_config)
         cfg["quantization_config"] = qconfig.to_dict()
         with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -58,7 +58,7 @@ def write_checkpoint(out_dir: str, hf_config: dict[str, Any], tensors: dict[str,
     return out_dir
 
 
-def stored_bits_per_weight(tensors: dict[str, torch.Tensor]) -> float:
+def stored_bits_per_weight(tensors: dict[str, torch.Tensor], codes_per_word: int) -> float:
     """Bits stored for quantized linears (codes, scales, offsets, rotations) per linear weight."""
     bits = weights = 0
     for name, t in tensors.items():
@@ -66,7 +66,7 @@ def stored_bits_per_weight(tensors: dict[str, torch.Tensor]) -> float:
         if suffix in QUANT_TENSOR_SUFFIXES:
             bits += t.numel() * t.element_size() * 8
         if suffix == WEIGHT_PACKED:
-            weights += t.numel() * CODES_PER_WORD
+            weights += t.numel() * codes_per_word
     return round(bits / max(weights, 1), 4)
 
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from twla_vllm import format as fmt
 from twla_vllm.reference import kron_rotate
-from twla_vllm.simulate import SimTwlaLinear, replace_linear
+from twla_vllm.simulate import QuantWeight, SimTwlaLinear, replace_linear
 
 from . import allocate, clip, data
 from .calibrate import (BlockInputs, RotatedLinear, capture_first_block_inputs, capture_inputs, decoder_layers,
@@ -26,7 +26,7 @@ from .calibrate import (BlockInputs, RotatedLinear, capture_first_block_inputs, 
 from .export import write_checkpoint
 from .rotate import (balanced_factors, block_diagonal_orthogonal, fold_head_rotation, fold_norm_into,
                      learn_kronecker_rotation, random_orthogonal)
-from .ternarize import gptq_ternarize, stage1_fit, ternarize_rtn
+from .weights import fit_rtn, gptq_quantize
 
 ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 MLP_IN = ("mlp.gate_proj", "mlp.up_proj")
@@ -36,7 +36,8 @@ MLP_IN = ("mlp.gate_proj", "mlp.up_proj")
 class Recipe:
     """Everything that determines the checkpoint (recorded in it and checked on resume)."""
 
-    group_size: int = 128  # largest multiple of 16 <= this dividing every K is used; -1 = per row
+    code: str = "ternary"  # weight code: ternary | binary | int4 (twla_vllm.format.CODES)
+    group_size: int = 128  # largest multiple of 16 (32 for binary) <= this dividing every K; -1 = per row
     weight_method: str = "e2m-atq"  # rtn | atq (init + stage 1) | e2m-atq (GPTQ + stage 1 + stage 2)
     rotation: str = "kotms"  # kotms | random | none
     # "site": one rotation shared by the linears reading one input (deployable: q/k/v and gate/up run
@@ -73,10 +74,11 @@ class Result:
     kotms_example: dict | None = None
 
 
-def pick_group_size(ks: list[int], requested: int) -> int:
+def pick_group_size(ks: list[int], requested: int, code: str = "ternary") -> int:
     if requested == -1:
         return -1
-    for g in range(requested - requested % 16, 15, -16):
+    unit = max(16, fmt.CODES[code].codes_per_word)
+    for g in range(requested - requested % unit, unit - 1, -unit):
         if all(k % g == 0 for k in ks):
             return g
     return -1
@@ -99,11 +101,12 @@ class Quantizer:
         self.hidden, self.inter = cfg.hidden_size, cfg.intermediate_size
         self.heads = cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or self.hidden // self.heads
-        self.gs = pick_group_size([self.hidden, self.heads * self.head_dim, self.inter], recipe.group_size)
+        self.gs = pick_group_size([self.hidden, self.heads * self.head_dim, self.inter], recipe.group_size,
+                                  recipe.code)
         self.kb_o = pick_k_blocks(self.heads * self.head_dim, self.gs, recipe.row_parallel_blocks)
         self.kb_down = pick_k_blocks(self.inter, self.gs, recipe.row_parallel_blocks)
         self.specs: dict[str, fmt.LayerSpec] = {}
-        self.seconds: dict[str, float] = {"calibrate": 0.0, "rotate": 0.0, "ternarize": 0.0}
+        self.seconds: dict[str, float] = {"calibrate": 0.0, "rotate": 0.0, "weights": 0.0}
         self.kotms_example: dict | None = None
         self.act_example: dict | None = None
 
@@ -190,14 +193,14 @@ class Quantizer:
                 h = input_gram(layer, layer.get_submodule(members[0]), inputs)
             for m in members:
                 rl = layer.get_submodule(m)
-                t, alpha, mu = self._ternarize(rl.weight.data, h)
+                qw = self._quantize_weight(rl.weight.data, h)
                 prefix = f"model.layers.{l}.{m}"
                 self.specs[prefix] = fmt.LayerSpec(act_bits=16, act_clip=r.default_clip, k_blocks=blocks,
                                                    rotation=None if c is None else (c.shape[0], b.shape[0]))
-                replace_linear(layer, m, SimTwlaLinear(t, alpha, mu, c, b, 16, r.default_clip, blocks,
+                replace_linear(layer, m, SimTwlaLinear(qw, c, b, 16, r.default_clip, blocks,
                                                        rl.bias.data if rl.bias is not None else None))
         out = run_block(layer, inputs)
-        self.seconds["ternarize"] += time.time() - t0
+        self.seconds["weights"] += time.time() - t0
         return out
 
     def _factors(self, w, n1, n2, blocks, gen, learn_left=True, example=False):
@@ -215,17 +218,14 @@ class Quantizer:
             self.kotms_example = {"before": w.float().flatten(), "after": wr.flatten(), "loss": hist}
         return c, b
 
-    def _ternarize(self, w: torch.Tensor, h: torch.Tensor | None):
-        m = self.r.weight_method
+    def _quantize_weight(self, w: torch.Tensor, h: torch.Tensor | None) -> QuantWeight:
+        m, code = self.r.weight_method, fmt.CODES[self.r.code]
         if m == "rtn":
-            return ternarize_rtn(w, self.gs)
+            return fit_rtn(w, code, self.gs)
         if m == "atq":
-            n, k = w.shape
-            gs = k if self.gs == -1 else self.gs
-            t, a, mu = stage1_fit(w.float().reshape(n, k // gs, gs))
-            return t.reshape(n, k).to(torch.int8), a.squeeze(-1), mu.squeeze(-1)
+            return fit_rtn(w, code, self.gs, iters=15)
         if m == "e2m-atq":
-            return gptq_ternarize(w, h, self.gs, stage2=True, percdamp=self.r.percdamp)
+            return gptq_quantize(w, h, code, self.gs, stage2=True, percdamp=self.r.percdamp)
         raise ValueError(f"unknown weight_method {m!r}")
 
     # ---------------------------------------------------------------- block state on disk ---------
@@ -250,8 +250,10 @@ class Quantizer:
             self.specs[prefix] = spec
             m = prefix.split(".", 3)[3]
             g = lambda s: tensors.get(f"{m}.{s}")  # noqa: E731
-            replace_linear(layer, m, SimTwlaLinear(g("t"), g("alpha"), g("mu"), g("left"), g("right"),
-                                                   spec.act_bits, spec.act_clip, spec.k_blocks, g("bias")))
+            qw = QuantWeight(g("codes").to(torch.int32), fmt.CODES[self.r.code], g("row_scale"), g("group_scale"),
+                             g("group_offset"))
+            replace_linear(layer, m, SimTwlaLinear(qw, g("left"), g("right"), spec.act_bits, spec.act_clip,
+                                                   spec.k_blocks, g("bias"), g("lowrank_a"), g("lowrank_b")))
         rest = {k: v for k, v in tensors.items() if not any(k.startswith(p.split(".", 3)[3] + ".")
                                                               for p in specs)}
         layer.load_state_dict(rest, strict=False)
@@ -320,12 +322,12 @@ class Quantizer:
                 continue
             tensors[name] = p.to(dtype) if p.is_floating_point() else p
         for prefix, mod in sims.items():
-            tensors.update(fmt.linear_tensors(prefix, mod.t.to(torch.int8), mod.alpha, mod.mu, mod.left, mod.right))
+            tensors.update(mod.tensors(prefix))
             if mod.bias is not None:
                 tensors[f"{prefix}.bias"] = mod.bias.to(dtype)
         default = fmt.LayerSpec(act_bits=int(round(self.r.act_bits)), act_clip=self.r.default_clip)
         qcfg = fmt.CheckpointConfig(group_size=self.gs, default=default, layers=dict(self.specs),
-                                    recipe={"method": "twla", **self.r.to_dict()})
+                                    weight_code=self.r.code, recipe={"method": "twla", **self.r.to_dict()})
         return write_checkpoint(out_dir, src_config, tensors, qcfg, tokenizer=self.tok, extra_files=extra_files)
 
 

@@ -16,7 +16,7 @@ from .export import write_checkpoint
 from .options import seed as seed_option
 from .outdir import check_out_dir
 from .rotate import balanced_factors, block_diagonal_orthogonal, random_orthogonal
-from .ternarize import ternarize_rtn
+from .weights import fit_rtn
 
 # input sites of a decoder block: the linears that read the same activation share one rotation
 SITES = {"attn_in": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -58,10 +58,13 @@ def tiny_config(arch: str, vocab_size: int, layers: int = 2) -> dict:
 
 def make_synthetic_checkpoint(out_dir: str, arch: str = "llama", group_size: int = 64, seed: int = 0,
                               rotate: bool = True, tp_blocks: int = 2, layers: int = 2,
-                              act_bits_cycle: tuple[int, ...] = (8, 4, 6), overwrite: bool = False) -> str:
+                              act_bits_cycle: tuple[int, ...] = (8, 4, 6), overwrite: bool = False,
+                              code: str = "ternary", lowrank_rank: int = 0, per_linear_rotation: bool = False) -> str:
     """Write a random tiny model as a TWLA checkpoint. Layer l gets act_bits_cycle[l % len] (all its
     linears; o_proj one step of the cycle later, to exercise per-layer settings). `out_dir`: as for
-    `write_checkpoint` (new or empty; a twla checkpoint only with `overwrite`)."""
+    `write_checkpoint` (new or empty; a twla checkpoint only with `overwrite`). `code`: the weight code;
+    `lowrank_rank` > 0 adds a random low-rank branch to every linear (the RTN fit is then of W - A·B);
+    `per_linear_rotation` gives q/k/v and gate/up their own transforms (vLLM's fused module runs per shard)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tok = char_tokenizer()
@@ -81,26 +84,37 @@ def make_synthetic_checkpoint(out_dir: str, arch: str = "llama", group_size: int
         for j, (site, members) in enumerate(SITES.items()):
             bits = act_bits_cycle[(i + (site == "o_in")) % len(act_bits_cycle)]
             k = state[f"model.layers.{i}.{members[0]}.weight"].shape[1]
-            rot = None
-            if rotate:
-                blocks = tp_blocks if site in ROW_PARALLEL_SITES else 1
-                n1, n2 = balanced_factors(k, blocks)
-                left = block_diagonal_orthogonal(n1, blocks, gen) if blocks > 1 else random_orthogonal(n1, gen)
-                rot = (left, random_orthogonal(n2, gen))
+            blocks = tp_blocks if site in ROW_PARALLEL_SITES else 1
+            rot = _random_rotation(k, blocks, gen) if rotate else None
             for member in members:
                 prefix = f"model.layers.{i}.{member}"
+                if rotate and per_linear_rotation and member != members[0]:
+                    rot = _random_rotation(k, blocks, gen)
                 w = state[f"{prefix}.weight"]
+                la = lb = None
+                if lowrank_rank:
+                    la = torch.randn(w.shape[0], lowrank_rank, generator=gen) * 0.05
+                    lb = torch.randn(lowrank_rank, k, generator=gen) * 0.05
+                    w = w - la.half().float() @ lb.half().float()
                 if rot is not None:
                     w = rotate_weight(w, *rot)
-                t, alpha, mu = ternarize_rtn(w, group_size)
-                tensors.update(fmt.linear_tensors(prefix, t, alpha, mu, *(rot or (None, None))))
+                q = fit_rtn(w, fmt.CODES[code], group_size)
+                tensors.update(fmt.linear_tensors(prefix, q.codes, q.code, q.row_scale, q.group_scale,
+                                                  q.group_offset, *(rot or (None, None)), la, lb))
                 layer_specs[prefix] = fmt.LayerSpec(
                     act_bits=bits, act_clip=0.95 if bits < 8 else 1.0,
                     rotation=None if rot is None else (rot[0].shape[0], rot[1].shape[0]),
-                    k_blocks=tp_blocks if site in ROW_PARALLEL_SITES else 1)
+                    k_blocks=blocks, lowrank_rank=lowrank_rank)
     qcfg = fmt.CheckpointConfig(group_size=group_size, default=fmt.LayerSpec(act_bits=4, act_clip=1.0),
-                                layers=layer_specs, recipe={"method": "synthetic-rtn", "seed": seed})
+                                layers=layer_specs, weight_code=code,
+                                recipe={"method": "synthetic-rtn", "seed": seed, "code": code})
     return write_checkpoint(out_dir, cfg_dict, tensors, qcfg, tokenizer=tok, overwrite=overwrite)
+
+
+def _random_rotation(k: int, blocks: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    n1, n2 = balanced_factors(k, blocks)
+    left = block_diagonal_orthogonal(n1, blocks, gen) if blocks > 1 else random_orthogonal(n1, gen)
+    return left, random_orthogonal(n2, gen)
 
 
 def _is_quantized_weight(key: str) -> bool:
@@ -119,11 +133,14 @@ def main(argv: list[str] | None = None) -> None:
                     help="ternary weight group along K (-1 = per row)")
     ap.add_argument("--seed", type=seed_option, default=0, help="seed of the random weights and rotations")
     ap.add_argument("--no-rotation", action="store_true", help="store no input rotations")
+    ap.add_argument("--code", default="ternary", choices=sorted(fmt.CODES), help="weight code")
+    ap.add_argument("--lowrank-rank", type=int, default=0, help="rank of a random low-rank branch (0 = none)")
     args = ap.parse_args(argv)
     with cli_errors(ap.prog, args.debug):
         check_out_dir(args.out_dir, args.overwrite)  # before building the model
         path = make_synthetic_checkpoint(args.out_dir, args.arch, args.group_size, args.seed,
-                                         not args.no_rotation, overwrite=args.overwrite)
+                                         not args.no_rotation, overwrite=args.overwrite, code=args.code,
+                                         lowrank_rank=args.lowrank_rank)
     print(f"wrote synthetic TWLA checkpoint: {path}")
 
 

@@ -12,7 +12,8 @@ from twla_offline import allocate
 from twla_offline.calibrate import RotatedLinear
 from twla_offline.rotate import (cayley, fold_head_rotation, fold_norm_into, learn_kronecker_rotation,
                                  orthogonality_error, trimodal_loss)
-from twla_offline.ternarize import gptq_ternarize, stage2_refit, ternarize_rtn
+from twla_offline.weights import fit_rtn, gptq_quantize, stage2_refit, to_int_grid
+from twla_vllm.format import CODES, check_int_grid
 from twla_vllm.reference import rotate_weight
 
 
@@ -28,19 +29,39 @@ def test_stage2_is_least_squares(rng):
 
 
 @pytest.mark.parametrize("gs", [32, -1])
-def test_e2m_atq_beats_rtn_on_output_error(gs, rng):
+@pytest.mark.parametrize("code", ["ternary", "binary", "int4"])
+def test_e2m_atq_beats_rtn_on_output_error(code, gs, rng):
     w = torch.randn(48, 128, generator=rng) * 0.02
     x = torch.randn(1024, 128, generator=rng) * torch.linspace(0.1, 3, 128)
     h = x.t() @ x
 
-    def out_err(t, a, m):
-        g = a.shape[1]
-        wq = (t.float().view(48, g, -1) * a[..., None] + m[..., None]).view(48, 128)
-        return float(((wq - w) @ x.t()).pow(2).mean())
+    def out_err(q):
+        return float(((q.dequantize() - w) @ x.t()).pow(2).mean())
 
-    t, a, m = gptq_ternarize(w, h, gs)
-    assert set(t.unique().tolist()) <= {-1, 0, 1}
-    assert out_err(t, a, m) < out_err(*ternarize_rtn(w, gs))
+    q = gptq_quantize(w, h, CODES[code], gs)
+    assert int(q.codes.min()) >= 0 and int(q.codes.max()) < CODES[code].num_codes
+    check_int_grid(q.group_scale, q.group_offset, CODES[code], "test")  # raises if off the grid
+    assert out_err(q) < out_err(fit_rtn(w, CODES[code], gs))
+
+
+def test_integer_grid_search_is_the_best_neighbour(rng):
+    """to_int_grid returns, per row, the (a, m) minimising the output error over the 3x3 integer neighbours."""
+    code = CODES["ternary"]
+    w = torch.randn(16, 32, generator=rng) * 0.02
+    v = torch.randint(-1, 2, (16, 32), generator=rng).float()
+    x = torch.randn(256, 32, generator=rng)
+    h = x.t() @ x
+    alpha, mu = stage2_refit(w, v, h)
+    s = torch.full((16, 1), float(alpha.abs().max() + mu.abs().max()) / 127 * 1.3)
+    a, m = to_int_grid(w, v, alpha.abs(), mu, s, code, h)
+    for i in range(16):
+        def err(ai, mi):
+            r = w[i] - s[i] * (ai * v[i] + mi)
+            return float(r @ h @ r)
+        a0, m0 = round(float(alpha[i].abs() / s[i])), round(float(mu[i] / s[i]))
+        best = min(((ai, mi) for ai in (a0 - 1, a0, a0 + 1) for mi in (m0 - 1, m0, m0 + 1)
+                    if 0 <= ai and ai + abs(mi) <= 127), key=lambda p: err(*p))
+        assert err(int(a[i]), int(m[i])) <= err(*best) * (1 + 1e-6)
 
 
 def test_dp_equals_exhaustive_search(rng):

@@ -1,4 +1,4 @@
-"""The registered op: schema/fake-impl checks and torch.compile (what vLLM does with it)."""
+"""The registered reference op: schema/fake-impl checks and torch.compile (what vLLM does with it)."""
 
 from __future__ import annotations
 
@@ -7,31 +7,35 @@ import torch
 
 import twla_vllm.ops  # noqa: F401
 from twla_offline.rotate import random_orthogonal
-from twla_vllm.reference import prepare_unit_sums
+from twla_offline.weights import fit_rtn
+from twla_vllm.format import CODES
+from twla_vllm.reference import block_row_sums
 
 
-def op_args(m, n, k, g, bits, kb, rotated, gen):
-    t = torch.randint(-1, 2, (n, k), generator=gen).float()
-    alpha = torch.rand(n, g, generator=gen) + 0.1
-    mu = torch.randn(n, g, generator=gen) * 0.01
-    wsum = prepare_unit_sums(t, alpha, mu, kb)
+def op_args(m, n, k, gs, bits, kb, rotated, rank, gen, code="ternary"):
+    q = fit_rtn(torch.randn(n, k, generator=gen), CODES[code], gs)
+    w_int = q.int_weights()
     left = random_orthogonal(8, gen) if rotated else None
     right = random_orthogonal(k // 8, gen) if rotated else None
-    return (torch.randn(m, k, generator=gen), t, alpha, mu, wsum, left, right, bits, 0.9, kb)
+    la = torch.randn(n, rank, generator=gen) if rank else None
+    lb = torch.randn(rank, k, generator=gen) if rank else None
+    return (torch.randn(m, k, generator=gen), w_int.float(), q.row_scale.float(), block_row_sums(w_int, kb), left,
+            right, la, lb, torch.randn(n, generator=gen), bits, 0.9)
 
 
-@pytest.mark.parametrize("bits,g,kb,rotated", [(4, 1, 1, True), (2, 4, 2, False), (8, 2, 4, True), (16, 1, 1, False)])
-def test_opcheck(bits, g, kb, rotated, rng):
-    args = op_args(5, 24, 128, g, bits, kb, rotated, rng)
-    torch.library.opcheck(torch.ops.twla.ternary_linear_ref.default, args,
+@pytest.mark.parametrize("bits,gs,kb,rotated,rank,code", [(4, -1, 1, True, 0, "ternary"), (2, 32, 2, False, 4, "int4"),
+                                                          (8, 64, 4, True, 2, "binary"), (16, 128, 1, False, 0, "ternary")])
+def test_opcheck(bits, gs, kb, rotated, rank, code, rng):
+    args = op_args(5, 24, 128, gs, bits, kb, rotated, rank, rng, code)
+    torch.library.opcheck(torch.ops.twla.quant_linear_ref.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
 def test_torch_compile_fullgraph_dynamic(rng):
-    args = op_args(7, 24, 128, 2, 4, 2, True, rng)
+    args = op_args(7, 24, 128, 64, 4, 2, True, 4, rng)
 
     def f(x, *rest):
-        return torch.ops.twla.ternary_linear_ref(x, *rest) * 2
+        return torch.ops.twla.quant_linear_ref(x, *rest) * 2
 
     compiled = torch.compile(f, fullgraph=True, dynamic=True)
     torch.testing.assert_close(compiled(*args), f(*args))

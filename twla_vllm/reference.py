@@ -1,18 +1,20 @@
-"""Plain-torch definition of a TWLA linear: the CPU serving path and the oracle for every GPU kernel.
+"""Plain-torch definition of a TWLA linear (format v2): the CPU serving path and the oracle for every GPU
+kernel.
 
-y = W_hat @ x' where x' is the rotated, per-token asymmetric fake-quantized activation and
-W_hat = alpha * t + mu per (row, K-group). Computed the way an integer kernel does it:
+With the layer's integer weights W_int = a * v(c) + m (int8 range, see `format`), row scale s_n and, per
+token, the transformed activation x' ~= s_b * (q - z_b) quantized per contiguous K-block b:
 
-    x' ~= s_m * (q_mk - z_m)                 q: signed int8 container, z: zero point (integers)
-    acc_mng = sum_{k in g} q_mk * t_nk       exact: integer products, partial sums < 2**24 in fp32
-    y_mn = sum_u s_mu * ( alpha_nu * acc_mnu + mu_nu * sx_mu - z_mu * wsum_nu )
+    acc_mnb = sum_{k in b} q_mk * W_int_nk                  exact integer dot
+    y_mn    = s_n * sum_b s_mb * float32(acc_mnb - z_mb * rowsum_nb)
+            + (lowrank_a @ (lowrank_b @ x_m))_n + bias_n     rowsum_nb = sum_{k in b} W_int_nk
 
-over "units" u: the finer of the weight K-groups and the activation K-blocks (per-token ranges are
-taken per contiguous K-block when a row-parallel layer must stay shard-local), with
-sx_mu = sum_{k in u} q_mk and wsum_nu = sum_{k in u} W_hat_nk.
+Kernels evaluate the integer part exactly (int32) and then the same float32 steps in this order. Here the
+integer dot runs as a float32 matmul: exact while every partial sum stays below 2**24 in magnitude, which
+|W_int| <= 127 and |q| <= 2**(b-1) guarantee for b <= 4-bit activations up to K = 16 384 (and in practice far
+beyond: sums of signed terms grow like sqrt(K)). The integer correction is formed in float64 (exact).
 
-Every serving path and the offline simulation call `ternary_linear`, so offline and served numbers
-come from one definition.
+Every serving path and the offline simulation call `quant_linear`, so offline and served numbers come from
+one definition.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def kron_rotate(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor 
 
 
 def rotate_weight(w: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """Fold the rotation into W (rows = outputs): W' = W Pᵀ, so that W' (P x) = W x."""
+    """Fold an orthogonal rotation into W (rows = outputs): W' = W Pᵀ, so that W' (P x) = W x."""
     n1, n2 = left.shape[0], right.shape[0]
     return torch.matmul(torch.matmul(left, w.reshape(-1, n1, n2)), right).reshape(w.shape)
 
@@ -69,76 +71,41 @@ def fake_quant_per_token(x: torch.Tensor, bits: int, clip: float, blocks: int = 
     return xq.reshape(x.shape).to(x.dtype)
 
 
-def dequantize_weight(t: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
-    """W_hat [N, K] = alpha * t + mu, alpha/mu [N, G] broadcast over K-groups of size K/G."""
-    n, k = t.shape
-    g = alpha.shape[1]
-    w = t.float().view(n, g, k // g) * alpha.float().unsqueeze(-1) + mu.float().unsqueeze(-1)
-    return w.view(n, k)
+def block_row_sums(w_int: torch.Tensor, k_blocks: int) -> torch.Tensor:
+    """[N, k_blocks] exact sums of W_int per contiguous K-block (int32)."""
+    n, k = w_int.shape
+    return w_int.to(torch.int32).view(n, k_blocks, k // k_blocks).sum(-1).to(torch.int32)
 
 
-def ternary_linear(x: torch.Tensor, t: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor,
-                   left: torch.Tensor | None, right: torch.Tensor | None, act_bits: int,
-                   act_clip: float, k_blocks: int = 1, bias: torch.Tensor | None = None,
-                   wsum: torch.Tensor | None = None) -> torch.Tensor:
+def quant_linear(x: torch.Tensor, w_int: torch.Tensor, row_scale: torch.Tensor, rowsum: torch.Tensor,
+                 left: torch.Tensor | None, right: torch.Tensor | None, act_bits: int, act_clip: float,
+                 lowrank_a: torch.Tensor | None = None, lowrank_b: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """One TWLA linear on x [..., K] -> [..., N] in x's dtype (see module docstring).
 
-    t: [N, K] ternary values (int8 or float); alpha, mu: [N, G]; k_blocks: activation ranges per
-    contiguous K-block; wsum: optional precomputed `unit_sums` (saves a pass over t per call).
-    """
+    w_int: [N, K] integer weights (int8, or float32 holding integers: what CPU serving keeps resident);
+    row_scale: [N] or [N, 1]; rowsum: [N, KB] from `block_row_sums` (KB = the layer's k_blocks)."""
     shape = x.shape
-    x2 = kron_rotate(x.reshape(-1, shape[-1]).float(), left, right)
-    tf = t if t.dtype == torch.float32 else t.float()
-    n, k = tf.shape
+    x2 = x.reshape(-1, shape[-1]).float()
+    xr = kron_rotate(x2, left, right)
+    wf = w_int if w_int.dtype == torch.float32 else w_int.float()
+    n, k = wf.shape
+    s_n = row_scale.float().reshape(1, n)
     if act_bits >= 16:
-        y = x2 @ dequantize_weight(tf, alpha, mu).t()
+        y = (xr @ wf.t()) * s_n
     else:
-        # Work on "units": the finer of the weight groups and the activation blocks, so each unit has
-        # one alpha/mu and one activation (s, z).
-        units = max(alpha.shape[1], k_blocks)
-        a_u, m_u = expand_groups(alpha.float(), units), expand_groups(mu.float(), units)
-        if wsum is None:
-            wsum = unit_sums(tf, a_u, m_u)
-        q, s, z = quantize_per_token(x2, act_bits, act_clip, k_blocks)
+        kb = rowsum.shape[1]
+        q, s, z = quantize_per_token(xr, act_bits, act_clip, kb)
         m = q.shape[0]
-        s_u = s.repeat_interleave(units // k_blocks, dim=1)  # [M, U]
-        z_u = z.repeat_interleave(units // k_blocks, dim=1)
-        if units == 1:
-            acc = (q @ tf.t()) * a_u.t()
-            y = s * (acc + q.sum(-1, keepdim=True) * m_u.t() - z * wsum.t())
-        else:  # one exact integer GEMM per unit, promoted to fp32 with its alpha and activation step
-            ku = k // units
-            acc_u = torch.bmm(q.view(m, units, ku).transpose(0, 1), tf.view(n, units, ku).permute(1, 2, 0))
-            sx_u = q.view(m, units, ku).sum(-1)  # [M, U]
-            y = torch.einsum("umn,nu,mu->mn", acc_u, a_u, s_u)
-            y = y + (sx_u * s_u) @ m_u.t() - (z_u * s_u) @ wsum.t()
+        if kb == 1:
+            acc = (q @ wf.t()).unsqueeze(1)  # [M, 1, N]
+        else:
+            acc = torch.bmm(q.view(m, kb, k // kb).transpose(0, 1), wf.view(n, kb, k // kb).permute(1, 2, 0))
+            acc = acc.transpose(0, 1)  # [M, KB, N]
+        corr = z.double().unsqueeze(-1) * rowsum.t().double().unsqueeze(0)  # [M, KB, N]
+        y = ((acc.double() - corr).float() * s.unsqueeze(-1)).sum(1) * s_n
+    if lowrank_a is not None:
+        y = y + (x2 @ lowrank_b.float().t()) @ lowrank_a.float().t()
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).contiguous().reshape(*shape[:-1], n)  # fake impl promises a dense layout
-
-
-def expand_groups(p: torch.Tensor, units: int) -> torch.Tensor:
-    """[N, G] per-group parameter -> [N, units] (units is a multiple of G)."""
-    return p.repeat_interleave(units // p.shape[1], dim=1)
-
-
-def prepare_unit_sums(t: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor, k_blocks: int) -> torch.Tensor:
-    """The `wsum` argument of `ternary_linear`, computed once when weights load."""
-    units = max(alpha.shape[1], k_blocks)
-    return unit_sums(t, expand_groups(alpha.float(), units), expand_groups(mu.float(), units))
-
-
-def unit_code_sums(t: torch.Tensor, units: int) -> torch.Tensor:
-    """[N, units] exact integer sums of t per unit (int16 when they fit): the resident form of wsum
-    for integer kernels, which rebuild wsum = alpha_u * tsum + mu_u * unit_size in-kernel."""
-    n, k = t.shape
-    tsum = t.to(torch.int32).view(n, units, k // units).sum(-1)
-    return tsum.to(torch.int16) if k // units <= torch.iinfo(torch.int16).max else tsum
-
-
-def unit_sums(t: torch.Tensor, alpha_u: torch.Tensor, mu_u: torch.Tensor) -> torch.Tensor:
-    """[N, U] sums of W_hat over each unit: alpha_u * sum(t) + mu_u * unit_size."""
-    n, k = t.shape
-    units = alpha_u.shape[1]
-    tsum = t.float().view(n, units, k // units).sum(-1)
-    return alpha_u * tsum + mu_u * (k // units)

@@ -1,5 +1,5 @@
-"""Simulated-quant Hugging Face model: each quantized nn.Linear replaced by `SimTwlaLinear`, which
-runs `reference.ternary_linear` (the same function the vLLM CPU path runs).
+"""Simulated-quant Hugging Face model: each quantized nn.Linear replaced by `SimTwlaLinear`, which runs
+`reference.quant_linear` (the same function the vLLM CPU path runs).
 
 Used by the offline tool for evaluation and by tests as the oracle for served tokens.
 """
@@ -8,46 +8,99 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
 
 from . import format as fmt
-from .reference import prepare_unit_sums, ternary_linear
+from .reference import block_row_sums, quant_linear
+
+
+@dataclass
+class QuantWeight:
+    """One linear's quantized weight as stored (format v2): codes [N, K] of `code`, fp16-representable row
+    scale [N], int8 group scale/offset [N, G]."""
+
+    codes: torch.Tensor
+    code: fmt.WeightCode
+    row_scale: torch.Tensor
+    group_scale: torch.Tensor
+    group_offset: torch.Tensor
+
+    def int_weights(self) -> torch.Tensor:
+        return fmt.int_weights(self.codes, self.group_scale, self.group_offset, self.code)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.int_weights().float() * self.row_scale.float().reshape(-1, 1)
 
 
 class SimTwlaLinear(torch.nn.Module):
-    """nn.Linear stand-in: rotate -> per-token fake-quant -> ternary GEMM -> epilogue (+ bias)."""
+    """nn.Linear stand-in: transform -> per-token fake-quant -> integer GEMM -> epilogue (+ low-rank, bias)."""
 
-    def __init__(self, t: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor, left: torch.Tensor | None,
-                 right: torch.Tensor | None, act_bits: int, act_clip: float, k_blocks: int = 1,
-                 bias: torch.Tensor | None = None):
+    def __init__(self, weight: QuantWeight, left: torch.Tensor | None, right: torch.Tensor | None,
+                 act_bits: int, act_clip: float, k_blocks: int = 1, bias: torch.Tensor | None = None,
+                 lowrank_a: torch.Tensor | None = None, lowrank_b: torch.Tensor | None = None):
         super().__init__()
-        self.out_features, self.in_features = t.shape
+        self.code = weight.code
+        self.out_features, self.in_features = weight.codes.shape
         self.act_bits, self.act_clip, self.k_blocks = act_bits, act_clip, k_blocks
-        self.register_buffer("t", t.to(torch.float32))
-        self.register_buffer("alpha", alpha.to(torch.float32))
-        self.register_buffer("mu", mu.to(torch.float32))
-        self.register_buffer("wsum", prepare_unit_sums(self.t, self.alpha, self.mu, k_blocks))
-        self.register_buffer("left", None if left is None else left.to(torch.float32))
-        self.register_buffer("right", None if right is None else right.to(torch.float32))
+        self.register_buffer("codes", weight.codes.to(torch.uint8))
+        self.register_buffer("row_scale", weight.row_scale.reshape(-1).to(torch.float16).float())
+        self.register_buffer("group_scale", weight.group_scale.to(torch.int8))
+        self.register_buffer("group_offset", weight.group_offset.to(torch.int8))
+        w_int = weight.int_weights()
+        self.register_buffer("w_int", w_int.float())  # resident as exact float32 integers (BLAS GEMM)
+        self.register_buffer("rowsum", block_row_sums(w_int, k_blocks))
+        self.register_buffer("left", None if left is None else left.float())
+        self.register_buffer("right", None if right is None else right.float())
+        self.register_buffer("lowrank_a", None if lowrank_a is None else lowrank_a.to(fmt.LOWRANK_DTYPE).float())
+        self.register_buffer("lowrank_b", None if lowrank_b is None else lowrank_b.to(fmt.LOWRANK_DTYPE).float())
         self.register_buffer("bias", bias)
 
+    @property
+    def weight(self) -> QuantWeight:
+        return QuantWeight(self.codes.to(torch.int32), self.code, self.row_scale, self.group_scale,
+                           self.group_offset)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = ternary_linear(x, self.t, self.alpha, self.mu, self.left, self.right, self.act_bits,
-                           self.act_clip, self.k_blocks, wsum=self.wsum)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        return quant_linear(x, self.w_int, self.row_scale, self.rowsum, self.left, self.right, self.act_bits,
+                            self.act_clip, self.lowrank_a, self.lowrank_b,
+                            None if self.bias is None else self.bias)
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """This layer's checkpoint tensors (format v2)."""
+        w = self.weight
+        return fmt.linear_tensors(prefix, w.codes, self.code, w.row_scale, w.group_scale, w.group_offset,
+                                  self.left, self.right, self.lowrank_a, self.lowrank_b)
 
     def extra_repr(self) -> str:
         rot = None if self.left is None else (self.left.shape[0], self.right.shape[0])
-        return (f"in={self.in_features}, out={self.out_features}, act_bits={self.act_bits}, "
-                f"clip={self.act_clip:.3f}, k_blocks={self.k_blocks}, rotation={rot}")
+        rank = 0 if self.lowrank_a is None else self.lowrank_a.shape[1]
+        return (f"in={self.in_features}, out={self.out_features}, code={self.code.name}, "
+                f"act_bits={self.act_bits}, clip={self.act_clip:.3f}, k_blocks={self.k_blocks}, "
+                f"rotation={rot}, lowrank_rank={rank}")
 
 
 def replace_linear(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
     parent_name, _, leaf = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, leaf, new)
+
+
+def layer_weight(tensors: dict[str, torch.Tensor], prefix: str, qcfg: fmt.CheckpointConfig) -> QuantWeight:
+    """Pop one linear's weight tensors (v1 layers are projected onto the v2 grid, as served)."""
+    packed = tensors.pop(f"{prefix}.{fmt.WEIGHT_PACKED}")
+    codes = fmt.unpack_codes(packed, qcfg.code, f"{prefix}.{fmt.WEIGHT_PACKED}")
+    if qcfg.version == 1:
+        t = qcfg.code.values(codes)
+        codes, s, qa, qm = fmt.upgrade_v1(t, tensors.pop(f"{prefix}.{fmt.WEIGHT_SCALE}"),
+                                          tensors.pop(f"{prefix}.{fmt.WEIGHT_OFFSET_V1}"))
+        return QuantWeight(codes, qcfg.code, s.reshape(-1), qa, qm)
+    qa = tensors.pop(f"{prefix}.{fmt.WEIGHT_GROUP_SCALE}")
+    qm = tensors.pop(f"{prefix}.{fmt.WEIGHT_GROUP_OFFSET}")
+    fmt.check_int_grid(qa, qm, qcfg.code, prefix)
+    return QuantWeight(codes, qcfg.code, tensors.pop(f"{prefix}.{fmt.WEIGHT_SCALE}").reshape(-1), qa, qm)
 
 
 def load_simulated_model(model_dir: str, dtype: torch.dtype = torch.float32,
@@ -69,12 +122,11 @@ def load_simulated_model(model_dir: str, dtype: torch.dtype = torch.float32,
     quantized = sorted({k.rpartition(".")[0] for k in tensors if k.endswith("." + fmt.WEIGHT_PACKED)})
     for prefix in quantized:
         spec = qcfg.spec(prefix)
-        t = fmt.unpack_ternary(tensors.pop(f"{prefix}.{fmt.WEIGHT_PACKED}"))
-        left = tensors.pop(f"{prefix}.{fmt.ROT_LEFT}", None)
-        right = tensors.pop(f"{prefix}.{fmt.ROT_RIGHT}", None)
-        layer = SimTwlaLinear(t, tensors.pop(f"{prefix}.{fmt.WEIGHT_SCALE}"),
-                              tensors.pop(f"{prefix}.{fmt.WEIGHT_OFFSET}"), left, right, spec.act_bits,
-                              spec.act_clip, spec.k_blocks, tensors.pop(f"{prefix}.bias", None))
+        weight = layer_weight(tensors, prefix, qcfg)
+        layer = SimTwlaLinear(weight, tensors.pop(f"{prefix}.{fmt.ROT_LEFT}", None),
+                              tensors.pop(f"{prefix}.{fmt.ROT_RIGHT}", None), spec.act_bits, spec.act_clip,
+                              spec.k_blocks, tensors.pop(f"{prefix}.bias", None),
+                              tensors.pop(f"{prefix}.{fmt.LOWRANK_A}", None), tensors.pop(f"{prefix}.{fmt.LOWRANK_B}", None))
         replace_linear(model, prefix, layer)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if unexpected:

@@ -2,16 +2,15 @@ from __future__ import annotations
 
 import torch
 
-from .. import format as fmt
 from .. import ops
-from ..reference import unit_code_sums
-from .base import LinearSpec, TwlaKernel
+from ..reference import block_row_sums
+from .base import LayerWeights, LinearSpec, TwlaKernel, register
 
 
 class TritonKernel(TwlaKernel):
-    """CUDA: fused rotate + per-token quantize, then the packed 2-bit × int8 GEMM/GEMV. Resident per
-    weight: 2-bit codes, fp16 α/μ per group (as stored) and int16 code sums per unit, i.e.
-    0.25 + 6/group bytes (0.297 B/param at group 128)."""
+    """CUDA: fused transform + per-token quantize, then the packed-code int8 GEMV / tensor-core GEMM with the
+    low-rank branch and bias in its epilogue. Resident per weight: the B-bit codes, int8 group scale and
+    offset, fp16 row scale and int32 row sums per K-block."""
 
     @classmethod
     def can_implement(cls, spec: LinearSpec) -> tuple[bool, str | None]:
@@ -21,23 +20,44 @@ class TritonKernel(TwlaKernel):
             return False, "Triton is not installed"
         if spec.act_bits > 8:
             return False, "float activations (act_bits 16) run on the reference kernel"
+        if (spec.in_features // spec.k_blocks) % 32:
+            return False, f"K-block of {spec.in_features // spec.k_blocks} is not a multiple of 32 (int8 MMA K)"
+        if len(spec.shard_sizes) > 3:
+            return False, "more than three fused shards"
         return True, None
 
-    def process_weights(self, layer: torch.nn.Module, t: torch.Tensor, packed: torch.Tensor) -> None:
-        layer.register_parameter("twla_packed", torch.nn.Parameter(packed.contiguous(), requires_grad=False))
-        self.units = max(layer.weight_scale.shape[1], self.spec.k_blocks)
-        tsum = unit_code_sums(t, self.units)
-        layer.register_parameter("twla_tsum", torch.nn.Parameter(tsum.contiguous(), requires_grad=False))
-        for name in (fmt.WEIGHT_SCALE, fmt.WEIGHT_OFFSET):  # fp16 in the checkpoint: exact round trip
-            getattr(layer, name).data = getattr(layer, name).data.half().contiguous()
+    def process_weights(self, layer: torch.nn.Module, w: LayerWeights) -> None:
+        register(layer, "twla_packed", w.packed)
+        register(layer, "twla_row_scale", w.row_scale.half())
+        register(layer, "twla_qa", w.group_scale)
+        register(layer, "twla_qm", w.group_offset)
+        register(layer, "twla_rowsum", block_row_sums(w.w_int, self.spec.k_blocks))
+        register(layer, "twla_left", w.left)
+        register(layer, "twla_right", w.right)
+        register(layer, "twla_lowrank_a", w.lowrank_a)
+        register(layer, "twla_lowrank_b", w.lowrank_b)
+        ends = [sl.stop for sl in self.shard_slices()] + [self.spec.out_features] * 2
+        self.shard_ends = (ends[0], ends[1])
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        q, s, z, sx = torch.ops.twla.act_quant(x2, getattr(layer, fmt.ROT_LEFT, None),
-                                               getattr(layer, fmt.ROT_RIGHT, None), self.spec.act_bits,
-                                               self.spec.act_clip, self.spec.k_blocks, self.units)
-        y = torch.ops.twla.ternary_gemm(q, s, z, sx, layer.twla_packed, layer.weight_scale,
-                                        layer.weight_offset, layer.twla_tsum, x.dtype)
-        if bias is not None:
-            y = y + bias
+        s = self.spec
+        if not s.per_shard_rotation:
+            y = self._call(layer, x2, slice(None), 0, bias, self.shard_ends, layer.twla_lowrank_b)
+        else:  # one transform per shard: each shard quantizes its own copy of x
+            rank = s.lowrank_rank
+            n = s.out_features
+            y = torch.cat([self._call(layer, x2, rows, i, None if bias is None else bias[rows], (n, n),
+                                      None if not rank else layer.twla_lowrank_b[i * rank:(i + 1) * rank])
+                           for i, rows in enumerate(self.shard_slices())], dim=-1)
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def _call(self, layer, x2, rows, j, bias, ends, lowrank_b):
+        s = self.spec
+        left = None if layer.twla_left is None else layer.twla_left[j]
+        right = None if layer.twla_right is None else layer.twla_right[j]
+        la = None if not s.lowrank_rank else layer.twla_lowrank_a[rows]
+        return torch.ops.twla.quant_linear(
+            x2, layer.twla_packed[rows], layer.twla_row_scale[rows], layer.twla_qa[rows], layer.twla_qm[rows],
+            layer.twla_rowsum[rows], left, right, la, lowrank_b, bias, s.code.bits, s.code.step, s.code.offset,
+            s.group_size, s.act_bits, s.act_clip, s.k_blocks, *ends)

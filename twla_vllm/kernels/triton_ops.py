@@ -1,18 +1,22 @@
-"""Triton kernels for TWLA linears (CUDA; also run under TRITON_INTERPRET=1 for CPU tests).
+"""Triton kernels for TWLA linears, format v2 (CUDA; also run under TRITON_INTERPRET=1 for CPU tests).
 
-act_quant:     per token, Kronecker rotation L·X·R (fp32-accurate 3xTF32 tensor-core dots), per-(token, K-block)
-               asymmetric quantization to `bits` into int8 containers; emits step s, zero point z per block
-               and the activation sums sx per unit (the finer of weight K-groups and K-blocks).
-ternary_gemv:  decode (M <= 8) on CUDA cores: byte-lane SWAR unpack, (w >> 2i) & 0x03030303 gives four
-               biased codes c = t + 1 per op, multiplied by four int8 activations per `dp4a`; optional
-               split-K with fp32 atomics. Exact int32 sums per unit; Σ t·x = Σ c·x − Σ x.
-ternary_gemm:  M > 8 on int8 tensor cores (codes unpacked in registers, or into an int8 scratch for
-               prefill); the loop only promotes exact per-unit int32 dots with s·α (one FMA per element);
-               the rank-U terms μ·sx − z·wsum are added after the loop as two small fp32 dots.
+act_quant:  per token and K-block: Kronecker transform L·X·R, asymmetric quantization to `bits` into int8
+            containers, step s and zero point z per block; several tokens per program for large M.
+gemv:       M <= 8 on CUDA cores. Byte-lane SWAR: (w >> B*i) & mask gives four codes per op, `dp4a` multiplies
+            them by four int8 activations; per weight group the integer sums are promoted with the group's
+            integers: acc += a*(step*Σc·x - offset*Σx) + m*Σx. Everything stays int32 and exact.
+gemm:       M > 8 on int8 tensor cores, weights as the left operand (swap-AB: tokens are the MMA's N). The
+            weight tile is unpacked in registers to w_int = a*v(c) + m (int8); the K loop is a plain int8 dot
+            into int32; s_n, the activation step and the zero-point term z*rowsum go to the epilogue, together
+            with the low-rank branch lowrank_a @ (x @ lowrank_bᵀ) and the bias.
+unpack:     large M unpacks the weights once into an int8 scratch and runs the same GEMM on it (W_SRC = 1). The
+            unpack builds four int8 weights per instruction pair from one packed word: ((w >> B*i) & mask) *
+            (a*step) + (m - a*offset + 128), then XOR 0x80 per byte (inline PTX; a pure-`tl` twin for the
+            interpreter gives the same bytes), in "lane order" (`lane_perm`); act_quant then writes the activations
+            in the same order.
 
-Every kernel evaluates y = Σ_u s·(α·acc + μ·sx − z·wsum) of `twla_vllm.reference`, with
-wsum = α·tsum + μ·|u| rebuilt in-kernel from int16 code sums (exact) so only fp16 α/μ stay resident.
-Rounding is half-to-even everywhere. Only pure `tl` runs in the interpreter: `dp4a` has a shift/mask twin.
+Every kernel evaluates `twla_vllm.reference.quant_linear`: exact integer dots, then
+y = s_n * Σ_b s_b * float32(acc_b - z_b * rowsum_b) (+ low-rank, bias). Rounding is half-to-even everywhere.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import libdevice
 
 
 @triton.jit
@@ -28,6 +33,17 @@ def _round_half_even(v):
     tie = (r - v) == 0.5
     odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
     return tl.where(tie & odd, r - 1.0, r)
+
+
+@triton.jit
+def _mul_rn(a, b, ASM: tl.constexpr):
+    """a * b rounded on its own: the compiler may not contract it into an FMA with a following add (the
+    reference rounds clip*max and clip*min separately; a fused subtract moves the step by an ulp and flips
+    codes)."""
+    if ASM:
+        return libdevice.mul_rn(a, b)
+    else:
+        return a * b
 
 
 @triton.jit
@@ -43,335 +59,492 @@ def _dp4a(a, b, c, ASM: tl.constexpr):
         return r
 
 
+# ------------------------------------------------------------------------------------------------------
+# Activations: transform + per-token quantization
+# ------------------------------------------------------------------------------------------------------
 @triton.jit
-def _act_quant_kernel(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, sx_ptr, stride_x, stride_q,
+def _act_quant_kernel(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, M, stride_x, stride_q,
                       ROWS: tl.constexpr, COLS: tl.constexpr, RBP: tl.constexpr, CP: tl.constexpr,
-                      HAS_ROT: tl.constexpr, KB: tl.constexpr, BITS: tl.constexpr, CLIP: tl.constexpr,
-                      U: tl.constexpr, UBP: tl.constexpr, KUP: tl.constexpr, PRECISION: tl.constexpr):
-    # One program per (token, K-block). The token row is viewed as [ROWS, COLS] (= [n1, n2] when rotated);
-    # K-block b owns rows [b*RB, (b+1)*RB), and the left factor is block-diagonal along those blocks
-    # (checked at load), so blocks rotate and quantize independently: more CTAs, smaller tiles.
-    m = tl.program_id(0)
+                      BT: tl.constexpr, HAS_ROT: tl.constexpr, KB: tl.constexpr, BITS: tl.constexpr,
+                      CLIP: tl.constexpr, LANES: tl.constexpr, PRECISION: tl.constexpr, ASM: tl.constexpr):
+    # One program per (BT tokens, K-block). A token row is viewed as [ROWS, COLS] (= [n1, n2] when transformed);
+    # K-block b owns rows [b*RB, (b+1)*RB), and the left factor is block-diagonal along those blocks (checked at
+    # load), so blocks transform and quantize independently. The BT tokens share one load of the factors and
+    # one [BT*RBP, CP] x [CP, CP] dot with the right factor.
+    pid = tl.program_id(0)
     b = tl.program_id(1)
     RB: tl.constexpr = ROWS // KB
+    ti = pid * BT + tl.arange(0, BT)
     ri = tl.arange(0, RBP)
     ci = tl.arange(0, CP)
-    valid = (ri[:, None] < RB) & (ci[None, :] < COLS)
-    offs = (b * RB + ri[:, None]) * COLS + ci[None, :]
-    x = tl.load(x_ptr + m * stride_x + offs, mask=valid, other=0.0).to(tl.float32)
+    valid = (ti[:, None, None] < M) & (ri[None, :, None] < RB) & (ci[None, None, :] < COLS)
+    offs = (b * RB + ri[None, :, None]) * COLS + ci[None, None, :]  # [1, RBP, CP] position within a token
+    x = tl.load(x_ptr + ti[:, None, None] * stride_x + offs, mask=valid, other=0.0).to(tl.float32)
     if HAS_ROT:
         lm = tl.load(l_ptr + (b * RB + ri[:, None]) * ROWS + b * RB + ri[None, :],
                      mask=(ri[:, None] < RB) & (ri[None, :] < RB), other=0.0)
         rm = tl.load(r_ptr + ci[:, None] * COLS + ci[None, :],
                      mask=(ci[:, None] < COLS) & (ci[None, :] < COLS), other=0.0)
-        x = tl.dot(lm, x, input_precision=PRECISION)
-        x = tl.dot(x, rm, input_precision=PRECISION)
+        if PRECISION == "bf16":  # single-pass bf16 operands, fp32 accumulation
+            lm, rm, x = lm.to(tl.bfloat16), rm.to(tl.bfloat16), x.to(tl.bfloat16)
+        x = tl.reshape(tl.dot(tl.reshape(x, (BT * RBP, CP)), rm, input_precision=PRECISION), (BT, RBP, CP))
+        if PRECISION == "bf16":
+            x = x.to(tl.bfloat16)
+        x = tl.dot(tl.broadcast_to(lm[None, :, :], (BT, RBP, RBP)), x, input_precision=PRECISION)
     qmax = 2.0 ** BITS - 1.0
     half = 2.0 ** (BITS - 1)
-    hi = tl.max(tl.max(tl.where(valid, x, float("-inf")), axis=1), axis=0) * CLIP
-    lo = tl.min(tl.min(tl.where(valid, x, float("inf")), axis=1), axis=0) * CLIP
-    # IEEE-rounded divisions (div_rn): the default fast fp32 division differs from torch's in the
-    # last bit, which flips a rounding decision now and then
-    s = tl.maximum(tl.math.div_rn(hi - lo, qmax), 1e-8)
+    hi = _mul_rn(tl.max(tl.max(tl.where(valid, x, float("-inf")), axis=2), axis=1), CLIP, ASM)
+    lo = _mul_rn(tl.min(tl.min(tl.where(valid, x, float("inf")), axis=2), axis=1), CLIP, ASM)
+    # IEEE-rounded divisions (div_rn): the default fast fp32 division differs from torch's in the last bit,
+    # which flips a rounding decision now and then
+    s = tl.maximum(tl.math.div_rn(hi - lo, qmax), 1e-8)  # [BT]
     z = _round_half_even(tl.math.div_rn(-lo, s))
-    tl.store(s_ptr + m * KB + b, s)
-    tl.store(z_ptr + m * KB + b, z - half)
-    q = _round_half_even(tl.math.div_rn(x, s)) + z
+    tl.store(s_ptr + ti * KB + b, s, mask=ti < M)
+    tl.store(z_ptr + ti * KB + b, z - half, mask=ti < M)
+    q = _round_half_even(tl.math.div_rn(x, s[:, None, None])) + z[:, None, None]
     q = tl.minimum(tl.maximum(q, 0.0), qmax) - half
-    tl.store(q_ptr + m * stride_q + offs, q.to(tl.int8), mask=valid)
-    # this block's per-unit sums of the stored codes, read back as [U/KB, K/U] (any unit size)
-    tl.debug_barrier()
-    UB: tl.constexpr = U // KB
-    KU: tl.constexpr = (ROWS * COLS) // U
-    ui = tl.arange(0, UBP)
-    ji = tl.arange(0, KUP)
-    qu = tl.load(q_ptr + m * stride_q + b * RB * COLS + ui[:, None] * KU + ji[None, :],
-                 mask=(ui[:, None] < UB) & (ji[None, :] < KU), other=0)
-    tl.store(sx_ptr + m * U + b * UB + ui, tl.sum(qu.to(tl.int32), axis=1), mask=ui < UB)
+    if LANES > 0:  # lane order (the int8 scratch's order): k = CPW*p + 4*i + b is stored at CPW*p + LANES*b + i
+        CPW: tl.constexpr = 4 * LANES
+        r = offs % CPW
+        offs = offs - r + LANES * (r % 4) + r // 4
+    tl.store(q_ptr + ti[:, None, None] * stride_q + offs, q.to(tl.int8), mask=valid)
 
 
 def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None, bits: int, clip: float,
-              k_blocks: int, units: int,
-              out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (q int8 [M, K], s fp32 [M, KB], z fp32 [M, KB], sx int32 [M, units]) as
-    `reference.quantize_per_token` of `reference.kron_rotate(x, left, right)`; sx = per-unit sums of q.
-    A left factor must be block-diagonal over the k_blocks (TwlaLinearMethod checks it at load).
+              k_blocks: int, precision: str | None = None, lanes: int = 0,
+              out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (q int8 [M, K], s fp32 [M, KB], z fp32 [M, KB]) as `reference.quantize_per_token` of
+    `reference.kron_rotate(x, left, right)`. A left factor must be block-diagonal over the k_blocks
+    (TwlaLinearMethod checks it at load). `precision` of the transform dots: "tf32x3" (fp32-accurate), "tf32"
+    (the CUDA default: single pass, ~0.1% of 4-bit codes one step off, see benchmarks/RESULTS.md) or "bf16".
+    lanes > 0 stores q in the lane order of a code with that many lanes (what `unpack_weights` writes).
     `out`: preallocated outputs (tests poison them)."""
     m, k = x.shape
     x = x.contiguous()
-    q, s, z, sx = out or (torch.empty(m, k, dtype=torch.int8, device=x.device),
-                          torch.empty(m, k_blocks, dtype=torch.float32, device=x.device),
-                          torch.empty(m, k_blocks, dtype=torch.float32, device=x.device),
-                          torch.empty(m, units, dtype=torch.int32, device=x.device))
+    q, s, z = out or (torch.empty(m, k, dtype=torch.int8, device=x.device),
+                      torch.empty(m, k_blocks, dtype=torch.float32, device=x.device),
+                      torch.empty(m, k_blocks, dtype=torch.float32, device=x.device))
+    cuda = x.device.type == "cuda"
+    precision = precision or ("tf32" if cuda else "ieee")
     if left is not None:
         rows, cols = left.shape[0], right.shape[0]
         rbp = max(16, triton.next_power_of_2(rows // k_blocks))  # tl.dot needs >= 16
-    else:  # no rotation: any [rows, cols] view whose rows split into the k_blocks
-        cols = _block_k(k // k_blocks, 256)
+    else:  # no transform: any [rows, cols] view whose rows split into the k_blocks
+        cols = block_k(k // k_blocks, 256, 16)
         rows = k // cols
         rbp = triton.next_power_of_2(rows // k_blocks)
     cp = max(16, triton.next_power_of_2(cols))
+    # tokens per program: one at decode sizes (latency), up to 16K tile elements for many tokens
+    bt = 1 if m <= 16 else max(1, min(8, 16384 // (rbp * cp)))
     if m:
-        _act_quant_kernel[(m, k_blocks)](
-            x, left if left is not None else x, right if right is not None else x, q, s, z, sx, x.stride(0),
-            q.stride(0), ROWS=rows, COLS=cols, RBP=rbp, CP=cp, HAS_ROT=left is not None, KB=k_blocks, BITS=bits,
-            CLIP=float(clip), U=units, UBP=triton.next_power_of_2(units // k_blocks),
-            KUP=triton.next_power_of_2(k // units), PRECISION="ieee" if x.device.type == "cpu" else "tf32x3",
-            num_warps=4 if rbp * cp <= 4096 else 8)
-    return q, s, z, sx
+        _act_quant_kernel[(triton.cdiv(m, bt), k_blocks)](
+            x, left if left is not None else x, right if right is not None else x, q, s, z, m, x.stride(0),
+            q.stride(0), ROWS=rows, COLS=cols, RBP=rbp, CP=cp, BT=bt, HAS_ROT=left is not None, KB=k_blocks,
+            BITS=bits, CLIP=float(clip), LANES=lanes, PRECISION=precision, ASM=cuda,
+            num_warps=4 if bt * rbp * cp <= 4096 else 8)
+    return q, s, z
 
 
+def lane_perm(k: int, lanes: int) -> torch.Tensor:
+    """Index map of lane order: position j holds natural k = perm[j] (CPW = 4*lanes codes per word)."""
+    j = torch.arange(k)
+    cpw = 4 * lanes
+    r = j % cpw
+    return j - r + 4 * (r % lanes) + r // lanes
+
+
+# ------------------------------------------------------------------------------------------------------
 @triton.jit
-def _unpack_codes(w_ptr, rn, word0, stride_w, N, BN: tl.constexpr, BK: tl.constexpr):
-    """[BN, BK] int32 ternary t = code - 1 for rows rn, codes word0*16 .. word0*16+BK-1."""
-    WPB: tl.constexpr = BK // 16
-    wi = tl.arange(0, WPB)
-    words = tl.load(w_ptr + rn[:, None] * stride_w + word0 + wi[None, :], mask=rn[:, None] < N, other=0x55555555)
-    j = tl.arange(0, 16)
-    shifts = 8 * (j % 4) + 2 * (j // 4)
-    codes = (words[:, :, None] >> shifts[None, None, :]) & 3
-    return tl.reshape(codes, (BN, BK)) - 1
-
-
-@triton.jit
-def _unpack_kernel(w_ptr, t_ptr, N, K, stride_w, BN: tl.constexpr, BK: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rn = pid_n * BN + tl.arange(0, BN)
-    t = _unpack_codes(w_ptr, rn, pid_k * (BK // 16), stride_w, N, BN, BK)
-    rk = pid_k * BK + tl.arange(0, BK)
-    tl.store(t_ptr + rn[:, None] * K + rk[None, :], t.to(tl.int8), mask=(rn[:, None] < N) & (rk[None, :] < K))
-
-
-def unpack_int8(packed: torch.Tensor) -> torch.Tensor:
-    """Packed codes [N, K/16] -> int8 t [N, K] (scratch for the tensor-core prefill GEMM)."""
-    n, k = packed.shape[0], packed.shape[1] * 16
-    t = torch.empty(n, k, dtype=torch.int8, device=packed.device)
-    bk = _block_k(k, 256)
-    _unpack_kernel[(triton.cdiv(n, 32), k // bk)](packed, t, n, k, packed.stride(0), BN=32, BK=bk, num_warps=4)
-    return t
-
-
-@triton.jit
-def _unit_params(a_ptr, mu_ptr, ts_ptr, rn, ru, N, G: tl.constexpr, U: tl.constexpr, KU):
-    """α, μ, wsum = α·tsum + μ·KU for rows rn (any shape) × units ru (broadcastable), fp32."""
-    ok = (rn < N) & (ru < U)
-    g = ru // (U // G)
-    alpha = tl.load(a_ptr + rn * G + g, mask=ok, other=0.0).to(tl.float32)
-    mu = tl.load(mu_ptr + rn * G + g, mask=ok, other=0.0).to(tl.float32)
-    ts = tl.load(ts_ptr + rn * U + ru, mask=ok, other=0).to(tl.float32)
-    return alpha, mu, alpha * ts + mu * KU
-
-
-@triton.jit
-def _ternary_gemm_kernel(q_ptr, s_ptr, z_ptr, sx_ptr, w_ptr, a_ptr, mu_ptr, ts_ptr, y_ptr, M, N, K,
-                         stride_q, stride_w, stride_y, G: tl.constexpr, KB: tl.constexpr, U: tl.constexpr,
-                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, INT8_W: tl.constexpr,
-                         UC: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)  # split-K (small grids): each split owns whole units and adds its share
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    rk = tl.arange(0, BK)
-    # One flat, pipelinable K loop. With several units (K-groups / K-blocks) every BK chunk (BK divides
-    # the unit) is promoted with s·α right after its exact int32 dot (DeepGEMM-style); with one unit
-    # the int32 accumulator runs over all of K.
-    KU = K // U
-    y = tl.zeros([BM, BN], dtype=tl.float32)
-    acc = tl.zeros([BM, BN], dtype=tl.int32)
-    KS = K // SPLIT
-    for k0 in range(pid_k * KS, (pid_k + 1) * KS, BK):
-        a = tl.load(q_ptr + rm[:, None] * stride_q + k0 + rk[None, :], mask=rm[:, None] < M, other=0)
-        if INT8_W:  # pre-unpacked int8 weights, K-major like the activations
-            t = tl.load(w_ptr + rn[:, None] * stride_w + k0 + rk[None, :], mask=rn[:, None] < N, other=0)
-        else:
-            t = _unpack_codes(w_ptr, rn, k0 // 16, stride_w, N, BN, BK).to(tl.int8)
-        if U == 1:
-            acc = tl.dot(a, tl.trans(t), acc, out_dtype=tl.int32)
-        else:
-            part = tl.dot(a, tl.trans(t), out_dtype=tl.int32)
-            u = k0 // KU
-            s = tl.load(s_ptr + rm * KB + u // (U // KB), mask=rm < M, other=0.0)
-            alpha = tl.load(a_ptr + rn * G + u // (U // G), mask=rn < N, other=0.0).to(tl.float32)
-            y += part.to(tl.float32) * (s[:, None] * alpha[None, :])
-    if U == 1:
-        s = tl.load(s_ptr + rm, mask=rm < M, other=0.0)
-        alpha = tl.load(a_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-        y = acc.to(tl.float32) * (s[:, None] * alpha[None, :])
-    # rank-U terms, off the main loop: Σ_u (s·sx)[m,u]·μ[u,n] − (s·z)[m,u]·wsum[u,n] over this split's units
-    if U >= SPLIT:
-        u_lo = pid_k * (U // SPLIT)
-        u_hi = u_lo + U // SPLIT
-    else:  # one unit split along K: the first split adds its terms
-        u_lo = 0
-        u_hi = tl.where(pid_k == 0, U, 0)
-    for u0 in range(u_lo, u_hi, UC):
-        ru = u0 + tl.arange(0, UC)
-        ok = (rm[:, None] < M) & (ru[None, :] < u_hi)
-        su = tl.load(s_ptr + rm[:, None] * KB + ru[None, :] // (U // KB), mask=ok, other=0.0)
-        zu = tl.load(z_ptr + rm[:, None] * KB + ru[None, :] // (U // KB), mask=ok, other=0.0)
-        sxu = tl.load(sx_ptr + rm[:, None] * U + ru[None, :], mask=ok, other=0).to(tl.float32)
-        _, mu, ws = _unit_params(a_ptr, mu_ptr, ts_ptr, rn[None, :], ru[:, None], N, G, U, KU)
-        ws = tl.where(ru[:, None] < u_hi, ws, 0.0)
-        y += tl.dot(su * sxu, mu, input_precision=PRECISION)
-        y -= tl.dot(su * zu, ws, input_precision=PRECISION)
-    mask = (rm[:, None] < M) & (rn[None, :] < N)
-    if SPLIT == 1:
-        tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+def _lanes_asm(byts, mul, add, BITS: tl.constexpr):
+    """LANES int8 tensors from packed bytes: lane i = ((w >> B*i) & mask) * mul + add, XOR 0x80 per byte.
+    Four bytes (one packed word, all in one weight group) share one register; `mul`/`add` are the group's
+    a*step and (m - a*offset + 128) * 0x01010101, read from the register of the word's first byte."""
+    if BITS == 2:
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b32 t;
+            and.b32 t, $4, 0x03030303; mad.lo.u32 t, t, $5, $9; xor.b32 $0, t, 0x80808080;
+            shr.u32 t, $4, 2; and.b32 t, t, 0x03030303; mad.lo.u32 t, t, $5, $9; xor.b32 $1, t, 0x80808080;
+            shr.u32 t, $4, 4; and.b32 t, t, 0x03030303; mad.lo.u32 t, t, $5, $9; xor.b32 $2, t, 0x80808080;
+            shr.u32 t, $4, 6; and.b32 t, t, 0x03030303; mad.lo.u32 t, t, $5, $9; xor.b32 $3, t, 0x80808080;
+            }""",
+            "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [byts, mul, add], dtype=(tl.int8, tl.int8, tl.int8, tl.int8),
+            is_pure=True, pack=4)
+    elif BITS == 4:
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b32 t;
+            and.b32 t, $2, 0x0F0F0F0F; mad.lo.u32 t, t, $3, $7; xor.b32 $0, t, 0x80808080;
+            shr.u32 t, $2, 4; and.b32 t, t, 0x0F0F0F0F; mad.lo.u32 t, t, $3, $7; xor.b32 $1, t, 0x80808080;
+            }""",
+            "=r,=r,r,r,r,r,r,r,r,r,r", [byts, mul, add], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
     else:
-        tl.atomic_add(y_ptr + rm[:, None] * stride_y + rn[None, :], y, mask=mask)
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b32 t;
+            and.b32 t, $8, 0x01010101; mad.lo.u32 t, t, $9, $13; xor.b32 $0, t, 0x80808080;
+            shr.u32 t, $8, 1; and.b32 t, t, 0x01010101; mad.lo.u32 t, t, $9, $13; xor.b32 $1, t, 0x80808080;
+            shr.u32 t, $8, 2; and.b32 t, t, 0x01010101; mad.lo.u32 t, t, $9, $13; xor.b32 $2, t, 0x80808080;
+            shr.u32 t, $8, 3; and.b32 t, t, 0x01010101; mad.lo.u32 t, t, $9, $13; xor.b32 $3, t, 0x80808080;
+            shr.u32 t, $8, 4; and.b32 t, t, 0x01010101; mad.lo.u32 t, t, $9, $13; xor.b32 $4, t, 0x80808080;
+            shr.u32 t, $8, 5; and.b32 t, t, 0x01010101; mad.lo.u32 t, t, $9, $13; xor.b32 $5, t, 0x80808080;
+            shr.u32 t, $8, 6; and.b32 t, t, 0x01010101; mad.lo.u32 t, t, $9, $13; xor.b32 $6, t, 0x80808080;
+            shr.u32 t, $8, 7; and.b32 t, t, 0x01010101; mad.lo.u32 t, t, $9, $13; xor.b32 $7, t, 0x80808080;
+            }""",
+            "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [byts, mul, add], dtype=(tl.int8,) * 8, is_pure=True,
+            pack=4)
 
 
 @triton.jit
-def _ternary_gemv_kernel(x_ptr, s_ptr, z_ptr, w_ptr, a_ptr, mu_ptr, ts_ptr, y_ptr, M, N, K,
-                         stride_x, stride_w, stride_y, G: tl.constexpr, KB: tl.constexpr, U: tl.constexpr,
-                         WU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
-                         SPLIT: tl.constexpr, ASM: tl.constexpr):
-    # x_ptr: the int8 activations viewed as int32 words [M, K/4]; w_ptr: packed codes [N, K/16].
-    # Word p of a weight row holds codes 16p..16p+15; (word >> 2i) & 0x03030303 = codes 16p+4i..16p+4i+3,
-    # which meet activation word 4p+i in one dp4a.
+def _lane_tl(u, i: tl.constexpr, a, c, BITS: tl.constexpr):
+    """Pure-`tl` twin of one lane of `_lanes_asm` (per element, for the interpreter)."""
+    code = (u >> (BITS * i)) & (2**BITS - 1)
+    return (code * a + c).to(tl.int8)
+
+
+@triton.jit
+def _unpack_tile(w_ptr, qa_ptr, qm_ptr, rn, k0, N, K, stride_w, G: tl.constexpr, GS: tl.constexpr,
+                 BITS: tl.constexpr, STEP: tl.constexpr, OFF: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 ASM: tl.constexpr):
+    """int8 weights [BN, BK] for rows rn and codes k0..k0+BK-1, in lane order: column j = CPW*p + LANES*b + i
+    holds the code k = k0 + CPW*p + 4*i + b. w_ptr points at the packed words viewed as bytes. The bytes are
+    loaded as [BN, words, 4] so the four bytes of a word are one register of the inline assembly (which reads
+    its group's multiplier from that register's first element)."""
+    LANES: tl.constexpr = 8 // BITS
+    CPW: tl.constexpr = 4 * LANES
+    NW: tl.constexpr = BK // CPW  # words of one row in this tile
+    wi = tl.arange(0, NW)
+    bi = tl.arange(0, 4)
+    ok = (rn[:, None] < N) & (k0 + wi[None, :] * CPW < K)
+    byts = tl.load(w_ptr + rn[:, None, None] * stride_w + k0 // LANES + 4 * wi[None, :, None] + bi[None, None, :],
+                   mask=ok[:, :, None], other=0)
+    pq = rn[:, None] * G + (k0 + wi[None, :] * CPW) // GS
+    qa = tl.load(qa_ptr + pq, mask=ok, other=0).to(tl.int32)[:, :, None]
+    qm = tl.load(qm_ptr + pq, mask=ok, other=0).to(tl.int32)[:, :, None]
+    if ASM:
+        mul = tl.broadcast_to(qa * STEP, (BN, NW, 4))
+        add = tl.broadcast_to(((qm - qa * OFF + 128) & 255) * 0x01010101, (BN, NW, 4))
+        lanes = _lanes_asm(byts, mul, add, BITS)
+        if BITS == 4:
+            w = tl.join(lanes[0], lanes[1])
+        elif BITS == 2:
+            w = tl.join(tl.join(lanes[0], lanes[2]), tl.join(lanes[1], lanes[3]))
+        else:
+            w = tl.join(tl.join(tl.join(lanes[0], lanes[4]), tl.join(lanes[2], lanes[6])),
+                        tl.join(tl.join(lanes[1], lanes[5]), tl.join(lanes[3], lanes[7])))
+    else:
+        u = byts.to(tl.int32) & 255
+        a = qa * STEP
+        c = qm - qa * OFF
+        if BITS == 4:
+            w = tl.join(_lane_tl(u, 0, a, c, BITS), _lane_tl(u, 1, a, c, BITS))
+        elif BITS == 2:
+            w = tl.join(tl.join(_lane_tl(u, 0, a, c, BITS), _lane_tl(u, 2, a, c, BITS)),
+                        tl.join(_lane_tl(u, 1, a, c, BITS), _lane_tl(u, 3, a, c, BITS)))
+        else:
+            w = tl.join(tl.join(tl.join(_lane_tl(u, 0, a, c, BITS), _lane_tl(u, 4, a, c, BITS)),
+                                tl.join(_lane_tl(u, 2, a, c, BITS), _lane_tl(u, 6, a, c, BITS))),
+                        tl.join(tl.join(_lane_tl(u, 1, a, c, BITS), _lane_tl(u, 5, a, c, BITS)),
+                                tl.join(_lane_tl(u, 3, a, c, BITS), _lane_tl(u, 7, a, c, BITS))))
+    return tl.reshape(w, (BN, BK))
+
+
+@triton.jit
+def _unpack_natural(w_ptr, qa_ptr, qm_ptr, rn, k0, N, K, stride_w, G: tl.constexpr, GS: tl.constexpr,
+                    BITS: tl.constexpr, STEP: tl.constexpr, OFF: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """int8 weights [BN, BK] for rows rn and codes k0..k0+BK-1 in natural order, per element in plain `tl`
+    (shift, mask, multiply-add): what the tensor-core kernel feeds its dot. (Packed inline PTX as in
+    `_unpack_tile` is faster but needs the four bytes of a register to share one group, which Triton's layout
+    choices for a dot operand do not guarantee.)"""
+    CPW: tl.constexpr = 32 // BITS
+    NW: tl.constexpr = BK // CPW
+    wi = tl.arange(0, NW)
+    ok = (rn[:, None] < N) & (k0 + wi[None, :] * CPW < K)
+    words = tl.load(w_ptr + rn[:, None] * stride_w + k0 // CPW + wi[None, :], mask=ok, other=0)
+    pq = rn[:, None] * G + (k0 + wi[None, :] * CPW) // GS
+    qa = tl.load(qa_ptr + pq, mask=ok, other=0).to(tl.int32)
+    qm = tl.load(qm_ptr + pq, mask=ok, other=0).to(tl.int32)
+    j = tl.arange(0, CPW)
+    codes = (words[:, :, None] >> (8 * (j % 4) + BITS * (j // 4))[None, None, :]) & (2**BITS - 1)
+    w = codes * (qa * STEP)[:, :, None] + (qm - qa * OFF)[:, :, None]
+    return tl.reshape(w.to(tl.int8), (BN, BK))
+
+
+@triton.jit
+def _unpack_kernel(w_ptr, qa_ptr, qm_ptr, out_ptr, N, K, stride_w, G: tl.constexpr, GS: tl.constexpr,
+                   BITS: tl.constexpr, STEP: tl.constexpr, OFF: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                   ASM: tl.constexpr):
+    # writes lane order (`lane_perm`), contiguous: the activations of the scratch GEMM come in the same order
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    k0 = tl.program_id(1) * BK
+    w = _unpack_tile(w_ptr, qa_ptr, qm_ptr, rn, k0, N, K, stride_w, G, GS, BITS, STEP, OFF, BN, BK, ASM)
+    rk = k0 + tl.arange(0, BK)
+    tl.store(out_ptr + rn[:, None] * K + rk[None, :], w, mask=(rn[:, None] < N) & (rk[None, :] < K))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Decode GEMV (M <= 8): dp4a on byte lanes, integer group promotion
+# ------------------------------------------------------------------------------------------------------
+@triton.jit
+def _gemv_kernel(x_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_ptr, lr_ptr, bias_ptr, y_ptr,
+                 acc_ptr, M, N, K, stride_x, stride_w, stride_y, stride_lr, SB1, SB2,
+                 BITS: tl.constexpr, STEP: tl.constexpr, OFF: tl.constexpr, G: tl.constexpr, GW: tl.constexpr,
+                 KB: tl.constexpr, R: tl.constexpr, NSH: tl.constexpr, RP: tl.constexpr,
+                 CP: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, SPLIT: tl.constexpr, ASM: tl.constexpr):
+    # x_ptr: int8 activations (natural order) viewed as int32 words [M, K/4]; w_ptr: packed words [N, K/CPW].
+    # Word p of a row holds codes CPW*p..; (word >> B*i) & mask = codes CPW*p+4i..+3, which meet activation
+    # word LANES*p + i in one dp4a. GW = words per weight group.
+    LANES: tl.constexpr = 8 // BITS
+    MASK: tl.constexpr = (2**BITS - 1) * 0x01010101
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     rn = pid_n * BN + tl.arange(0, BN)
     rm = tl.arange(0, BM)
     rp = tl.arange(0, BP)
-    span = K // 16 // SPLIT  # WU: words per unit
-    w_lo = pid_s * span
-    KU = K // U
+    WK = K // (4 * LANES)  # words per row
+    span = WK // SPLIT
+    BW = WK // KB  # words per activation K-block
+    UPI: tl.constexpr = BP // GW if BP >= GW else 1  # weight groups touched per chunk
+    acc = tl.zeros([BM, BN], dtype=tl.int32)
     y = tl.zeros([BM, BN], dtype=tl.float32)
-    acc_tot = tl.zeros([BM, BN], dtype=tl.int32)
-    sx_tot = tl.zeros([BM], dtype=tl.int32)
     ones = tl.full([BM, BP], 0x01010101, dtype=tl.int32)
-    for w0 in range(w_lo, w_lo + span, BP):
+    for w0 in range(pid_s * span, (pid_s + 1) * span, BP):
         wt = tl.load(w_ptr + rn[:, None] * stride_w + w0 + rp[None, :], mask=rn[:, None] < N, other=0)
-        acc = tl.zeros([BM, BN, BP], dtype=tl.int32)
-        sxw = tl.zeros([BM, BP], dtype=tl.int32)
-        for i in tl.static_range(4):
-            xi = tl.load(x_ptr + rm[:, None] * stride_x + 4 * (w0 + rp[None, :]) + i, mask=rm[:, None] < M,
+        cx = tl.zeros([BM, BN, BP], dtype=tl.int32)
+        sx = tl.zeros([BM, BP], dtype=tl.int32)
+        for i in tl.static_range(LANES):
+            xi = tl.load(x_ptr + rm[:, None] * stride_x + LANES * (w0 + rp[None, :]) + i, mask=rm[:, None] < M,
                          other=0)
-            wl = (wt >> (2 * i)) & 0x03030303
-            acc = _dp4a(tl.broadcast_to(wl[None, :, :], (BM, BN, BP)),
-                        tl.broadcast_to(xi[:, None, :], (BM, BN, BP)), acc, ASM)
-            sxw = _dp4a(xi, ones, sxw, ASM)
-        if U == 1:
-            acc_tot += tl.sum(acc, axis=2)
-            sx_tot += tl.sum(sxw, axis=1)
-        else:
-            # the chunk holds UPI whole units (BP >= WU) or 1/(WU/BP) of one unit (BP < WU)
-            UPI: tl.constexpr = BP // WU if BP >= WU else 1
-            acc_u = tl.sum(tl.reshape(acc, (BM, BN, UPI, BP // UPI)), axis=3)
-            sx_u = tl.sum(tl.reshape(sxw, (BM, UPI, BP // UPI)), axis=2)
-            ru = w0 // WU + tl.arange(0, UPI)
-            alpha, mu, ws = _unit_params(a_ptr, mu_ptr, ts_ptr, rn[:, None], ru[None, :], N, G, U, KU)
-            if BP < WU:
-                ws = ws * (BP / WU)  # this chunk's share of the unit's Σ W_hat
-            su = tl.load(s_ptr + rm[:, None] * KB + ru[None, :] // (U // KB), mask=rm[:, None] < M, other=0.0)
-            zu = tl.load(z_ptr + rm[:, None] * KB + ru[None, :] // (U // KB), mask=rm[:, None] < M, other=0.0)
-            sxf = sx_u.to(tl.float32)
-            inner = (alpha[None, :, :] * (acc_u - sx_u[:, None, :]).to(tl.float32) + mu[None, :, :] * sxf[:, None, :]
-                     - zu[:, None, :] * ws[None, :, :])
-            y += tl.sum(su[:, None, :] * inner, axis=2)
-    if U == 1:
-        alpha = tl.load(a_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-        mu = tl.load(mu_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-        ts = tl.load(ts_ptr + rn, mask=rn < N, other=0).to(tl.float32)
-        ws = (alpha * ts + mu * KU) / SPLIT  # each split adds its share of the row's Σ W_hat
-        s = tl.load(s_ptr + rm, mask=rm < M, other=0.0)
-        z = tl.load(z_ptr + rm, mask=rm < M, other=0.0)
-        y = s[:, None] * (alpha[None, :] * (acc_tot - sx_tot[:, None]).to(tl.float32)
-                          + mu[None, :] * sx_tot.to(tl.float32)[:, None] - z[:, None] * ws[None, :])
+            wl = (wt >> (BITS * i)) & MASK
+            cx = _dp4a(tl.broadcast_to(wl[None, :, :], (BM, BN, BP)), tl.broadcast_to(xi[:, None, :], (BM, BN, BP)),
+                       cx, ASM)
+            sx = _dp4a(xi, ones, sx, ASM)
+        cx_g = tl.sum(tl.reshape(cx, (BM, BN, UPI, BP // UPI)), axis=3)  # Σ c·x per (token, row, group)
+        sx_g = tl.sum(tl.reshape(sx, (BM, UPI, BP // UPI)), axis=2)  # Σ x per (token, group)
+        g = w0 // GW + tl.arange(0, UPI)
+        pq = rn[:, None] * G + g[None, :]
+        qa = tl.load(qa_ptr + pq, mask=rn[:, None] < N, other=0).to(tl.int32)
+        qm = tl.load(qm_ptr + pq, mask=rn[:, None] < N, other=0).to(tl.int32)
+        # Σ_k (a*v + m)*x = a*(step*Σ c·x - offset*Σ x) + m*Σ x, exact in int32
+        acc += tl.sum(qa[None, :, :] * (STEP * cx_g - OFF * sx_g[:, None, :]) + qm[None, :, :] * sx_g[:, None, :],
+                      axis=2)
+        if KB > 1:
+            if (w0 + BP) % BW == 0:  # end of an activation K-block: promote with its step and zero point
+                b = w0 // BW
+                sb = tl.load(s_ptr + rm * KB + b, mask=rm < M, other=0.0)
+                zb = tl.load(z_ptr + rm * KB + b, mask=rm < M, other=0.0).to(tl.int32)
+                rs = tl.load(rs_ptr + rn * KB + b, mask=rn < N, other=0)
+                y += sb[:, None] * (acc - zb[:, None] * rs[None, :]).to(tl.float32)
+                acc = tl.zeros([BM, BN], dtype=tl.int32)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
-    if SPLIT == 1:
-        tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    if SPLIT > 1:  # int32 partial sums: exact and order-independent; `_epilogue_kernel` finishes
+        tl.atomic_add(acc_ptr + rm[:, None] * N + rn[None, :], acc, mask=mask)
     else:
-        tl.atomic_add(y_ptr + rm[:, None] * stride_y + rn[None, :], y, mask=mask)
+        if KB == 1:
+            sb = tl.load(s_ptr + rm, mask=rm < M, other=0.0)
+            zb = tl.load(z_ptr + rm, mask=rm < M, other=0.0).to(tl.int32)
+            rs = tl.load(rs_ptr + rn, mask=rn < N, other=0)
+            y = sb[:, None] * (acc - zb[:, None] * rs[None, :]).to(tl.float32)
+        y = _finish(y, rm, rn, M, N, ws_ptr, la_ptr, lr_ptr, bias_ptr, stride_lr, SB1, SB2, R, NSH, RP, CP,
+                    HAS_BIAS, False, "ieee")
+        tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _block_k(unit: int, cap: int) -> int:
+@triton.jit
+def _finish(y, rm, rn, M, N, ws_ptr, la_ptr, lr_ptr, bias_ptr, stride_lr, SB1, SB2, R: tl.constexpr,
+            NSH: tl.constexpr, RP: tl.constexpr, CP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """y [BM, BN] (tokens x rows): * row scale, + low-rank branch, + bias. The rows of a fused module belong
+    to NSH shards (row bounds SB1 <= SB2), each with its own R columns of lr = x @ lowrank_bᵀ [M, NSH*R]."""
+    y = y * tl.load(ws_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if R > 0:
+        c = tl.arange(0, CP)
+        sh, j = c // RP, c % RP
+        ok_c = (j < R) & (sh < NSH)
+        shard = (rn >= SB1).to(tl.int32) + (rn >= SB2).to(tl.int32)
+        a = tl.load(la_ptr + rn[:, None] * R + j[None, :],
+                    mask=(rn[:, None] < N) & ok_c[None, :] & (shard[:, None] == sh[None, :]), other=0.0)
+        lr = tl.load(lr_ptr + rm[:, None] * stride_lr + (sh * R + j)[None, :],
+                     mask=(rm[:, None] < M) & ok_c[None, :], other=0.0)
+        if DOT:
+            y += tl.dot(lr, tl.trans(a.to(tl.float32)), input_precision=PRECISION)
+        else:
+            y += tl.sum(lr[:, None, :] * a.to(tl.float32)[None, :, :], axis=2)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    return y
+
+
+@triton.jit
+def _epilogue_kernel(acc_ptr, s_ptr, z_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_ptr, lr_ptr, bias_ptr, y_ptr,
+                     M, N, stride_y, stride_lr, SB1, SB2, R: tl.constexpr, NSH: tl.constexpr, RP: tl.constexpr,
+                     CP: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    rm = tl.arange(0, BM)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    acc = tl.load(acc_ptr + rm[:, None] * N + rn[None, :], mask=mask, other=0)
+    sb = tl.load(s_ptr + rm, mask=rm < M, other=0.0)
+    zb = tl.load(z_ptr + rm, mask=rm < M, other=0.0).to(tl.int32)
+    rs = tl.load(rs_ptr + rn, mask=rn < N, other=0)
+    y = sb[:, None] * (acc - zb[:, None] * rs[None, :]).to(tl.float32)
+    y = _finish(y, rm, rn, M, N, ws_ptr, la_ptr, lr_ptr, bias_ptr, stride_lr, SB1, SB2, R, NSH, RP, CP,
+                    HAS_BIAS, False, "ieee")
+    tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Tensor-core GEMM (M > 8): swap-AB, int8 weight tile from registers (or from the int8 scratch)
+# ------------------------------------------------------------------------------------------------------
+@triton.jit
+def _gemm_kernel(q_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_ptr, lr_ptr, bias_ptr, y_ptr,
+                 M, N, K, stride_q, stride_w, stride_y, stride_lr, SB1, SB2,
+                 BITS: tl.constexpr, STEP: tl.constexpr, OFF: tl.constexpr, G: tl.constexpr, GS: tl.constexpr,
+                 KB: tl.constexpr, R: tl.constexpr, NSH: tl.constexpr, RP: tl.constexpr,
+                 CP: tl.constexpr, HAS_BIAS: tl.constexpr, W_SRC: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_N: tl.constexpr, ASM: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    # W_SRC 0: w_ptr = packed words, unpacked per tile, q in natural order; W_SRC 1: w_ptr = the int8 scratch
+    # [N, K] and q, both in lane order (the dot is order-agnostic as long as both agree).
+    pid = tl.program_id(0)
+    n_tiles_m = tl.cdiv(M, BM)
+    n_tiles_n = tl.cdiv(N, BN)
+    # grouped order: GROUP_N weight-row tiles share their activations' reads in L2
+    per_group = GROUP_N * n_tiles_m
+    first_n = (pid // per_group) * GROUP_N
+    group = tl.minimum(n_tiles_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % per_group) % group
+    pid_m = (pid % per_group) // group
+    rn = pid_n * BN + tl.arange(0, BN)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rk = tl.arange(0, BK)
+    BLK = K // KB
+    acc = tl.zeros([BN, BM], dtype=tl.int32)
+    y = tl.zeros([BN, BM], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        if W_SRC == 0:
+            w = _unpack_natural(w_ptr, qa_ptr, qm_ptr, rn, k0, N, K, stride_w, G, GS, BITS, STEP, OFF, BN, BK)
+        else:
+            w = tl.load(w_ptr + rn[:, None] * stride_w + k0 + rk[None, :],
+                        mask=(rn[:, None] < N) & (k0 + rk[None, :] < K), other=0)
+        xt = tl.load(q_ptr + rm[None, :] * stride_q + k0 + rk[:, None],
+                     mask=(rm[None, :] < M) & (k0 + rk[:, None] < K), other=0)
+        acc = tl.dot(w, xt, acc, out_dtype=tl.int32)
+        if KB > 1:
+            if (k0 + BK) % BLK == 0:  # end of an activation K-block: promote once per block
+                b = k0 // BLK
+                sb = tl.load(s_ptr + rm * KB + b, mask=rm < M, other=0.0)
+                zb = tl.load(z_ptr + rm * KB + b, mask=rm < M, other=0.0).to(tl.int32)
+                rs = tl.load(rs_ptr + rn * KB + b, mask=rn < N, other=0)
+                y += (acc - rs[:, None] * zb[None, :]).to(tl.float32) * sb[None, :]
+                acc = tl.zeros([BN, BM], dtype=tl.int32)
+    if KB == 1:
+        sb = tl.load(s_ptr + rm, mask=rm < M, other=0.0)
+        zb = tl.load(z_ptr + rm, mask=rm < M, other=0.0).to(tl.int32)
+        rs = tl.load(rs_ptr + rn, mask=rn < N, other=0)
+        y = (acc - rs[:, None] * zb[None, :]).to(tl.float32) * sb[None, :]
+    y = _finish(tl.trans(y), rm, rn, M, N, ws_ptr, la_ptr, lr_ptr, bias_ptr, stride_lr, SB1, SB2, R, NSH,
+                RP, CP, HAS_BIAS, True, PRECISION)
+    tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Host side
+# ------------------------------------------------------------------------------------------------------
+def block_k(unit: int, cap: int, floor: int = 32) -> int:
+    """Largest power of two in [floor, cap] dividing `unit` (K, or a K-block)."""
     for bk in (256, 128, 64, 32, 16):
-        if bk <= cap and unit % bk == 0:
+        if floor <= bk <= cap and unit % bk == 0:
             return bk
-    raise ValueError(f"unit size {unit} is not a multiple of 16")
+    raise ValueError(f"K-extent {unit} is not a multiple of {floor}")
 
 
-# Fixed tables (no autotuning inside CUDA graphs), from benchmarks/kernel_sweep.py on the H100.
 GEMV_MAX_M = 8  # up to here: CUDA-core dp4a GEMV
-# GEMV by M bucket (max M, config); split-K doubles while the grid has fewer than split_ctas CTAs
-GEMV_CONFIGS = [(1, {"BN": 8, "BP": 128, "warps": 2, "stages": 2, "split_ctas": 1056}),
-                (GEMV_MAX_M, {"BN": 32, "BP": 64, "warps": 4, "stages": 2, "split_ctas": 1056})]
-# (BM, BN, BK cap, warps, stages) by M bucket
-GEMM_CONFIGS = ((16, 32, 256, 4, 3), (64, 128, 128, 4, 3), (128, 128, 128, 8, 4), (128, 128, 128, 8, 4))
-PREFILL_UNPACK_M = 128  # from here on, unpack to an int8 scratch and run plain int8 tensor-core tiles
-GEMM_SPLIT_CTAS = 132  # below the unpack threshold: split K (fp32 atomics) while 2x the grid fits one wave
+GEMV_CONFIGS = ((1, 8, 64, 2), (GEMV_MAX_M, 32, 32, 4))  # (max M, BN, BP words, warps)
+GEMV_SPLIT_CTAS = 528  # split K (int32 atomics) while the grid has fewer CTAs than this (4 per SM)
+# tensor-core tiles by M bucket: (max M, BM tokens, BN rows, BK cap, warps, stages), from `benchmarks/kernels.py
+# --sweep` on the H100 (4096 -> 14336; benchmarks/KERNEL_NOTES.md)
+GEMM_CONFIGS = ((16, 16, 64, 256, 4, 4), (32, 32, 128, 128, 4, 4), (128, 64, 64, 128, 4, 4),
+                (1 << 62, 256, 128, 128, 8, 3))
+SCRATCH_MIN_M = 256  # from here on: unpack once to an int8 scratch, then the GEMM on int8 weights
 
 
-def _gemv_words(wk: int, wu: int, cap: int) -> int:
-    """Words per GEMV step: a power of two dividing K/16 that holds whole units or divides one."""
-    bp = cap
-    while bp > 1 and (wk % bp or (bp % wu and wu % bp)):
-        bp //= 2
-    return bp
+def uses_scratch(m: int) -> bool:
+    return m >= SCRATCH_MIN_M
 
 
-def _gemv_split(n_ctas: int, words: int, bp: int, split_ctas: int) -> int:
-    split = 1
-    while n_ctas * split < split_ctas and words % (2 * split * bp) == 0:
-        split *= 2
-    return split
+def unpack_weights(packed: torch.Tensor, qa: torch.Tensor, qm: torch.Tensor, bits: int, step: int, offset: int,
+                   group_size: int) -> torch.Tensor:
+    """Packed codes -> int8 weights [N, K] in lane order (`lane_perm`): the prefill scratch."""
+    n = packed.shape[0]
+    k = packed.shape[1] * 32 // bits
+    out = torch.empty(n, k, dtype=torch.int8, device=packed.device)
+    bk = block_k(k, 256)
+    _unpack_kernel[(triton.cdiv(n, 64), k // bk)](
+        packed.view(torch.int8), qa, qm, out, n, k, packed.stride(0) * 4, G=qa.shape[1],
+        GS=k if group_size == -1 else group_size, BITS=bits, STEP=step, OFF=offset, BN=64, BK=bk,
+        ASM=packed.device.type == "cuda", num_warps=4)
+    return out
 
 
-def ternary_gemm(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, sx: torch.Tensor, packed: torch.Tensor,
-                 alpha: torch.Tensor, mu: torch.Tensor, tsum: torch.Tensor, out_dtype: torch.dtype,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """y [M, N] = Σ_u s·(α·(q·tᵀ) + μ·sx − z·wsum) per unit, as `reference.ternary_linear`.
+def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torch.Tensor, row_scale: torch.Tensor,
+                 qa: torch.Tensor, qm: torch.Tensor, rowsum: torch.Tensor, bits: int, step: int, offset: int,
+                 group_size: int, out_dtype: torch.dtype, lowrank_a: torch.Tensor | None = None,
+                 lr: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                 shard_bounds: tuple[int, int] | None = None, scratch: bool | None = None,
+                 tile: tuple[int, int, int, int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """y [M, N] = s_n * Σ_b s_b (q·W_intᵀ - z_b rowsum_b) (+ lowrank_a @ lrᵀ per shard, + bias).
 
-    q/s/z/sx from `act_quant`; packed [N, K/16] int32 codes; alpha/mu [N, G] (fp16 or fp32);
-    tsum [N, U] int16/int32 per-unit sums of t (`reference.unit_code_sums`)."""
+    q/s/z from `act_quant` (lane order iff `uses_scratch(M)`); packed [N, K*bits/32] int32; row_scale [N]
+    fp16/fp32; qa/qm [N, G] int8; rowsum [N, KB] int32; lr [M, S*R] fp32 = x @ lowrank_bᵀ of the S shards,
+    whose rows end at shard_bounds (two ascending row indices; (N, N) for one shard). `scratch`, `tile`
+    (BM, BN, BK cap, warps, stages): override the tensor-core path's table (benchmarks)."""
     m, k = q.shape
     n = packed.shape[0]
-    g, kb, u = alpha.shape[1], s.shape[1], tsum.shape[1]
+    kb, g = s.shape[1], qa.shape[1]
+    gs = k if group_size == -1 else group_size
+    y = out if out is not None else torch.empty(m, n, dtype=out_dtype, device=q.device)
     if m == 0:
-        return out if out is not None else torch.empty(0, n, dtype=out_dtype, device=q.device)
-    if m <= GEMV_MAX_M:
-        c = next(cfg for max_m, cfg in GEMV_CONFIGS if m <= max_m)
-        bp, bn = _gemv_words(k // 16, k // 16 // u, c["BP"]), c["BN"]
+        return y
+    r = 0 if lowrank_a is None else lowrank_a.shape[1]
+    nsh = lr.shape[1] // r if r else 1
+    rp = max(16, triton.next_power_of_2(r))
+    sb1, sb2 = shard_bounds or (n, n)
+    args = (row_scale, qa, qm, rowsum, lowrank_a if r else row_scale, lr if r else s,
+            bias if bias is not None else row_scale, y)
+    meta = dict(BITS=bits, STEP=step, OFF=offset, G=g, KB=kb, R=r, NSH=nsh, RP=rp,
+                CP=triton.next_power_of_2(nsh * rp), HAS_BIAS=bias is not None)
+    stride_lr = lr.stride(0) if r else 0
+    asm = q.device.type == "cuda"
+    if m <= GEMV_MAX_M and tile is None:
+        _, bn, bp, warps = next(c for c in GEMV_CONFIGS if m <= c[0])
+        lanes = 8 // bits
+        words = k // (4 * lanes)
+        gw = gs // (4 * lanes)
+        while (words // kb) % bp or (bp % gw and gw % bp):  # a power of two that never straddles a group
+            bp //= 2
         n_ctas = triton.cdiv(n, bn)
-        split = _gemv_split(n_ctas, k // 16, bp, c["split_ctas"])
+        split = 1
+        while kb == 1 and n_ctas * split * 2 <= GEMV_SPLIT_CTAS and words % (2 * split * bp) == 0:
+            split *= 2
+        acc = torch.zeros(m, n, dtype=torch.int32, device=q.device) if split > 1 else y
+        bm = triton.next_power_of_2(m)
+        _gemv_kernel[(n_ctas, split)](q.view(torch.int32), s, z, packed, *args, acc, m, n, k, q.stride(0) // 4,
+                                      packed.stride(0), y.stride(0), stride_lr, sb1, sb2, GW=gw, BM=bm, BN=bn, BP=bp,
+                                      SPLIT=split, ASM=asm, num_warps=warps, **meta)
         if split > 1:
-            y = torch.zeros(m, n, dtype=torch.float32, device=q.device)
-        else:
-            y = out if out is not None else torch.empty(m, n, dtype=out_dtype, device=q.device)
-        _ternary_gemv_kernel[(n_ctas, split)](
-            q.view(torch.int32), s, z, packed, alpha, mu, tsum, y, m, n, k, q.stride(0) // 4, packed.stride(0),
-            y.stride(0), G=g, KB=kb, U=u, WU=k // 16 // u, BM=triton.next_power_of_2(m), BN=bn, BP=bp, SPLIT=split,
-            ASM=q.device.type == "cuda", num_warps=c["warps"], num_stages=c["stages"])
-        return _from_split(y, out, out_dtype) if split > 1 else y
-    int8_w = m >= PREFILL_UNPACK_M
-    bm, bn, bkc, warps, stages = GEMM_CONFIGS[0 if m <= 32 else 1 if m <= 64 else 2 if m <= 1024 else 3]
-    w = unpack_int8(packed) if int8_w else packed
-    bk = _block_k(k // u, bkc)
-    grid_mn = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    split = 1
-    while (not int8_w and grid_mn * split * 2 <= GEMM_SPLIT_CTAS and k % (2 * split * bk) == 0
-           and (u == 1 or u % (2 * split) == 0)):
-        split *= 2
-    if split > 1:
-        y = torch.zeros(m, n, dtype=torch.float32, device=q.device)
-    else:
-        y = out if out is not None else torch.empty(m, n, dtype=out_dtype, device=q.device)
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
-    _ternary_gemm_kernel[grid](q, s, z, sx, w, alpha, mu, tsum, y, m, n, k, q.stride(0), w.stride(0),
-                               y.stride(0), G=g, KB=kb, U=u, BM=bm, BN=bn, BK=bk, INT8_W=int8_w, UC=16,
-                               SPLIT=split, PRECISION="ieee" if q.device.type == "cpu" else "tf32x3",
-                               num_warps=warps, num_stages=stages)
-    return _from_split(y, out, out_dtype) if split > 1 else y
-
-
-def _from_split(y: torch.Tensor, out: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """fp32 split-K accumulator -> the caller's dtype / buffer."""
-    if out is None:
-        return y.to(out_dtype)
-    out.copy_(y)
-    return out
+            del meta["BITS"], meta["STEP"], meta["OFF"], meta["G"], meta["KB"]
+            _epilogue_kernel[(triton.cdiv(n, 64),)](acc, s, z, *args, m, n, y.stride(0), stride_lr, sb1, sb2,
+                                                    BM=bm, BN=64, num_warps=4, **meta)
+        return y
+    bm, bn, bkc, warps, stages = tile or next(c for c in GEMM_CONFIGS if m <= c[0])[1:]
+    use_scratch = uses_scratch(m) if scratch is None else scratch
+    w = unpack_weights(packed, qa, qm, bits, step, offset, group_size) if use_scratch else packed
+    bk = block_k(k // kb, bkc)
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    _gemm_kernel[grid](q, s, z, w, *args, m, n, k, q.stride(0), w.stride(0), y.stride(0), stride_lr, sb1, sb2,
+                       GS=gs, W_SRC=int(use_scratch), BM=bm, BN=bn, BK=bk, GROUP_N=8, ASM=asm,
+                       PRECISION="ieee" if q.device.type == "cpu" else "tf32x3", num_warps=warps,
+                       num_stages=stages, **meta)
+    return y
