@@ -69,45 +69,59 @@ def _act_quant_kernel(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, M, stride_x, str
                       CLIP: tl.constexpr, LANES: tl.constexpr, PRECISION: tl.constexpr, ASM: tl.constexpr):
     # One program per (BT tokens, K-block). A token row is viewed as [ROWS, COLS] (= [n1, n2] when transformed);
     # K-block b owns rows [b*RB, (b+1)*RB), and the left factor is block-diagonal along those blocks (checked at
-    # load), so blocks transform and quantize independently. The BT tokens share one load of the factors and
-    # one [BT*RBP, CP] x [CP, CP] dot with the right factor.
+    # load), so blocks transform and quantize independently. The BT tokens are stacked as [BT*RBP, CP]: one dot
+    # with the right factor for all of them, and one with the left factor after moving the token index next to
+    # the columns ([RBP, BT*CP]), so both are plain 2-D tensor-core dots and the factors are loaded once.
     pid = tl.program_id(0)
     b = tl.program_id(1)
     RB: tl.constexpr = ROWS // KB
-    ti = pid * BT + tl.arange(0, BT)
-    ri = tl.arange(0, RBP)
+    ti = pid * BT + tl.arange(0, BT * RBP) // RBP  # token of each stacked row
+    ri = tl.arange(0, BT * RBP) % RBP
     ci = tl.arange(0, CP)
-    valid = (ti[:, None, None] < M) & (ri[None, :, None] < RB) & (ci[None, None, :] < COLS)
-    offs = (b * RB + ri[None, :, None]) * COLS + ci[None, None, :]  # [1, RBP, CP] position within a token
-    x = tl.load(x_ptr + ti[:, None, None] * stride_x + offs, mask=valid, other=0.0).to(tl.float32)
+    valid = (ti[:, None] < M) & (ri[:, None] < RB) & (ci[None, :] < COLS)
+    offs = (b * RB + ri[:, None]) * COLS + ci[None, :]  # position within a token
+    x = tl.load(x_ptr + ti[:, None] * stride_x + offs, mask=valid, other=0.0).to(tl.float32)
     if HAS_ROT:
-        lm = tl.load(l_ptr + (b * RB + ri[:, None]) * ROWS + b * RB + ri[None, :],
-                     mask=(ri[:, None] < RB) & (ri[None, :] < RB), other=0.0)
+        rr = tl.arange(0, RBP)
+        lm = tl.load(l_ptr + (b * RB + rr[:, None]) * ROWS + b * RB + rr[None, :],
+                     mask=(rr[:, None] < RB) & (rr[None, :] < RB), other=0.0)
         rm = tl.load(r_ptr + ci[:, None] * COLS + ci[None, :],
                      mask=(ci[:, None] < COLS) & (ci[None, :] < COLS), other=0.0)
         if PRECISION == "bf16":  # single-pass bf16 operands, fp32 accumulation
-            lm, rm, x = lm.to(tl.bfloat16), rm.to(tl.bfloat16), x.to(tl.bfloat16)
-        x = tl.reshape(tl.dot(tl.reshape(x, (BT * RBP, CP)), rm, input_precision=PRECISION), (BT, RBP, CP))
+            x = tl.dot(x.to(tl.bfloat16), rm.to(tl.bfloat16))
+        else:
+            x = tl.dot(x, rm, input_precision=PRECISION)
+        if BT > 1:
+            x = tl.reshape(tl.permute(tl.reshape(x, (BT, RBP, CP)), (1, 0, 2)), (RBP, BT * CP))
         if PRECISION == "bf16":
-            x = x.to(tl.bfloat16)
-        x = tl.dot(tl.broadcast_to(lm[None, :, :], (BT, RBP, RBP)), x, input_precision=PRECISION)
+            x = tl.dot(lm.to(tl.bfloat16), x.to(tl.bfloat16))
+        else:
+            x = tl.dot(lm, x, input_precision=PRECISION)
+        if BT > 1:
+            x = tl.reshape(tl.permute(tl.reshape(x, (RBP, BT, CP)), (1, 0, 2)), (BT * RBP, CP))
     qmax = 2.0 ** BITS - 1.0
     half = 2.0 ** (BITS - 1)
-    hi = _mul_rn(tl.max(tl.max(tl.where(valid, x, float("-inf")), axis=2), axis=1), CLIP, ASM)
-    lo = _mul_rn(tl.min(tl.min(tl.where(valid, x, float("inf")), axis=2), axis=1), CLIP, ASM)
+    xt = tl.reshape(x, (BT, RBP * CP))
+    vt = tl.reshape(valid, (BT, RBP * CP))
+    hi = _mul_rn(tl.max(tl.where(vt, xt, float("-inf")), axis=1), CLIP, ASM)
+    lo = _mul_rn(tl.min(tl.where(vt, xt, float("inf")), axis=1), CLIP, ASM)
     # IEEE-rounded divisions (div_rn): the default fast fp32 division differs from torch's in the last bit,
     # which flips a rounding decision now and then
     s = tl.maximum(tl.math.div_rn(hi - lo, qmax), 1e-8)  # [BT]
     z = _round_half_even(tl.math.div_rn(-lo, s))
-    tl.store(s_ptr + ti * KB + b, s, mask=ti < M)
-    tl.store(z_ptr + ti * KB + b, z - half, mask=ti < M)
-    q = _round_half_even(tl.math.div_rn(x, s[:, None, None])) + z[:, None, None]
-    q = tl.minimum(tl.maximum(q, 0.0), qmax) - half
+    tok = pid * BT + tl.arange(0, BT)
+    tl.store(s_ptr + tok * KB + b, s, mask=tok < M)
+    tl.store(z_ptr + tok * KB + b, z - half, mask=tok < M)
+    q = _round_half_even(tl.math.div_rn(xt, s[:, None])) + z[:, None]
+    q = tl.reshape(tl.minimum(tl.maximum(q, 0.0), qmax) - half, (BT * RBP, CP))
     if LANES > 0:  # lane order (the int8 scratch's order): k = CPW*p + 4*i + b is stored at CPW*p + LANES*b + i
         CPW: tl.constexpr = 4 * LANES
-        r = offs % CPW
-        offs = offs - r + LANES * (r % 4) + r // 4
-    tl.store(q_ptr + ti[:, None, None] * stride_q + offs, q.to(tl.int8), mask=valid)
+        if COLS % CPW == 0:  # words never cross a row of the view: permute in registers, store contiguously
+            q = tl.reshape(tl.permute(tl.reshape(q, (BT * RBP, CP // CPW, LANES, 4)), (0, 1, 3, 2)), (BT * RBP, CP))
+        else:
+            r = offs % CPW
+            offs = offs - r + LANES * (r % 4) + r // 4
+    tl.store(q_ptr + ti[:, None] * stride_q + offs, q.to(tl.int8), mask=valid)
 
 
 def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None, bits: int, clip: float,
@@ -135,8 +149,9 @@ def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | 
         rows = k // cols
         rbp = triton.next_power_of_2(rows // k_blocks)
     cp = max(16, triton.next_power_of_2(cols))
-    # tokens per program: one at decode sizes (latency), up to 16K tile elements for many tokens
-    bt = 1 if m <= 16 else max(1, min(8, 16384 // (rbp * cp)))
+    # tokens per program: one at decode sizes (latency); for many tokens up to 8K tile elements, so the factors
+    # are loaded once per several tokens
+    bt = 1 if m <= 16 else max(1, min(8, 8192 // (rbp * cp)))
     if m:
         _act_quant_kernel[(triton.cdiv(m, bt), k_blocks)](
             x, left if left is not None else x, right if right is not None else x, q, s, z, m, x.stride(0),
@@ -291,10 +306,13 @@ def _gemv_kernel(x_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
                  acc_ptr, M, N, K, stride_x, stride_w, stride_y, stride_lr, SB1, SB2,
                  BITS: tl.constexpr, STEP: tl.constexpr, OFF: tl.constexpr, G: tl.constexpr, GW: tl.constexpr,
                  KB: tl.constexpr, R: tl.constexpr, NSH: tl.constexpr, RP: tl.constexpr,
-                 CP: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, SPLIT: tl.constexpr, ASM: tl.constexpr):
+                 CP: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
+                 SPLIT: tl.constexpr, ASM: tl.constexpr):
     # x_ptr: int8 activations (natural order) viewed as int32 words [M, K/4]; w_ptr: packed words [N, K/CPW].
     # Word p of a row holds codes CPW*p..; (word >> B*i) & mask = codes CPW*p+4i..+3, which meet activation
-    # word LANES*p + i in one dp4a. GW = words per weight group.
+    # word LANES*p + i in one dp4a. GW = words per weight group. Program (n, s) covers K-split s; with several
+    # activation K-blocks (KB > 1) the splits are the blocks, each promoted with its own step and zero point into
+    # an fp32 partial (acc_ptr [KB, M, N]) that `_epilogue_kernel` sums in a fixed order.
     LANES: tl.constexpr = 8 // BITS
     MASK: tl.constexpr = (2**BITS - 1) * 0x01010101
     pid_n = tl.program_id(0)
@@ -302,12 +320,9 @@ def _gemv_kernel(x_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
     rn = pid_n * BN + tl.arange(0, BN)
     rm = tl.arange(0, BM)
     rp = tl.arange(0, BP)
-    WK = K // (4 * LANES)  # words per row
-    span = WK // SPLIT
-    BW = WK // KB  # words per activation K-block
+    span = K // (4 * LANES) // SPLIT  # words per split
     UPI: tl.constexpr = BP // GW if BP >= GW else 1  # weight groups touched per chunk
     acc = tl.zeros([BM, BN], dtype=tl.int32)
-    y = tl.zeros([BM, BN], dtype=tl.float32)
     ones = tl.full([BM, BP], 0x01010101, dtype=tl.int32)
     for w0 in range(pid_s * span, (pid_s + 1) * span, BP):
         wt = tl.load(w_ptr + rn[:, None] * stride_w + w0 + rp[None, :], mask=rn[:, None] < N, other=0)
@@ -329,23 +344,20 @@ def _gemv_kernel(x_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
         # Σ_k (a*v + m)*x = a*(step*Σ c·x - offset*Σ x) + m*Σ x, exact in int32
         acc += tl.sum(qa[None, :, :] * (STEP * cx_g - OFF * sx_g[:, None, :]) + qm[None, :, :] * sx_g[:, None, :],
                       axis=2)
-        if KB > 1:
-            if (w0 + BP) % BW == 0:  # end of an activation K-block: promote with its step and zero point
-                b = w0 // BW
-                sb = tl.load(s_ptr + rm * KB + b, mask=rm < M, other=0.0)
-                zb = tl.load(z_ptr + rm * KB + b, mask=rm < M, other=0.0).to(tl.int32)
-                rs = tl.load(rs_ptr + rn * KB + b, mask=rn < N, other=0)
-                y += sb[:, None] * (acc - zb[:, None] * rs[None, :]).to(tl.float32)
-                acc = tl.zeros([BM, BN], dtype=tl.int32)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
-    if SPLIT > 1:  # int32 partial sums: exact and order-independent; `_epilogue_kernel` finishes
+    if KB > 1:  # this split is activation block pid_s
+        sb = tl.load(s_ptr + rm * KB + pid_s, mask=rm < M, other=0.0)
+        zb = tl.load(z_ptr + rm * KB + pid_s, mask=rm < M, other=0.0).to(tl.int32)
+        rs = tl.load(rs_ptr + rn * KB + pid_s, mask=rn < N, other=0)
+        y = sb[:, None] * (acc - zb[:, None] * rs[None, :]).to(tl.float32)
+        tl.store(acc_ptr + (pid_s * M + rm[:, None]) * N + rn[None, :], y, mask=mask)
+    elif SPLIT > 1:  # int32 partial sums: exact and order-independent; `_epilogue_kernel` finishes
         tl.atomic_add(acc_ptr + rm[:, None] * N + rn[None, :], acc, mask=mask)
     else:
-        if KB == 1:
-            sb = tl.load(s_ptr + rm, mask=rm < M, other=0.0)
-            zb = tl.load(z_ptr + rm, mask=rm < M, other=0.0).to(tl.int32)
-            rs = tl.load(rs_ptr + rn, mask=rn < N, other=0)
-            y = sb[:, None] * (acc - zb[:, None] * rs[None, :]).to(tl.float32)
+        sb = tl.load(s_ptr + rm, mask=rm < M, other=0.0)
+        zb = tl.load(z_ptr + rm, mask=rm < M, other=0.0).to(tl.int32)
+        rs = tl.load(rs_ptr + rn, mask=rn < N, other=0)
+        y = sb[:, None] * (acc - zb[:, None] * rs[None, :]).to(tl.float32)
         y = _finish(y, rm, rn, M, N, ws_ptr, la_ptr, lr_ptr, bias_ptr, stride_lr, SB1, SB2, R, NSH, RP, CP,
                     HAS_BIAS, False, "ieee")
         tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -378,18 +390,25 @@ def _finish(y, rm, rn, M, N, ws_ptr, la_ptr, lr_ptr, bias_ptr, stride_lr, SB1, S
 
 @triton.jit
 def _epilogue_kernel(acc_ptr, s_ptr, z_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_ptr, lr_ptr, bias_ptr, y_ptr,
-                     M, N, stride_y, stride_lr, SB1, SB2, R: tl.constexpr, NSH: tl.constexpr, RP: tl.constexpr,
-                     CP: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                     M, N, stride_y, stride_lr, SB1, SB2, KB: tl.constexpr, R: tl.constexpr, NSH: tl.constexpr,
+                     RP: tl.constexpr, CP: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
+                     BN: tl.constexpr):
+    # after a split GEMV: KB == 1: acc_ptr holds int32 sums; KB > 1: fp32 partials per block, summed in order
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     rm = tl.arange(0, BM)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
-    acc = tl.load(acc_ptr + rm[:, None] * N + rn[None, :], mask=mask, other=0)
-    sb = tl.load(s_ptr + rm, mask=rm < M, other=0.0)
-    zb = tl.load(z_ptr + rm, mask=rm < M, other=0.0).to(tl.int32)
-    rs = tl.load(rs_ptr + rn, mask=rn < N, other=0)
-    y = sb[:, None] * (acc - zb[:, None] * rs[None, :]).to(tl.float32)
+    if KB == 1:
+        acc = tl.load(acc_ptr + rm[:, None] * N + rn[None, :], mask=mask, other=0)
+        sb = tl.load(s_ptr + rm, mask=rm < M, other=0.0)
+        zb = tl.load(z_ptr + rm, mask=rm < M, other=0.0).to(tl.int32)
+        rs = tl.load(rs_ptr + rn, mask=rn < N, other=0)
+        y = sb[:, None] * (acc - zb[:, None] * rs[None, :]).to(tl.float32)
+    else:
+        y = tl.zeros([BM, BN], dtype=tl.float32)
+        for b in tl.static_range(KB):
+            y += tl.load(acc_ptr + (b * M + rm[:, None]) * N + rn[None, :], mask=mask, other=0.0)
     y = _finish(y, rm, rn, M, N, ws_ptr, la_ptr, lr_ptr, bias_ptr, stride_lr, SB1, SB2, R, NSH, RP, CP,
-                    HAS_BIAS, False, "ieee")
+                HAS_BIAS, False, "ieee")
     tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -525,16 +544,19 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
         while (words // kb) % bp or (bp % gw and gw % bp):  # a power of two that never straddles a group
             bp //= 2
         n_ctas = triton.cdiv(n, bn)
-        split = 1
+        split = kb  # several activation blocks: one split per block
         while kb == 1 and n_ctas * split * 2 <= GEMV_SPLIT_CTAS and words % (2 * split * bp) == 0:
             split *= 2
-        acc = torch.zeros(m, n, dtype=torch.int32, device=q.device) if split > 1 else y
+        if kb > 1:
+            acc = torch.empty(kb, m, n, dtype=torch.float32, device=q.device)
+        else:
+            acc = torch.zeros(m, n, dtype=torch.int32, device=q.device) if split > 1 else y
         bm = triton.next_power_of_2(m)
         _gemv_kernel[(n_ctas, split)](q.view(torch.int32), s, z, packed, *args, acc, m, n, k, q.stride(0) // 4,
                                       packed.stride(0), y.stride(0), stride_lr, sb1, sb2, GW=gw, BM=bm, BN=bn, BP=bp,
                                       SPLIT=split, ASM=asm, num_warps=warps, **meta)
         if split > 1:
-            del meta["BITS"], meta["STEP"], meta["OFF"], meta["G"], meta["KB"]
+            del meta["BITS"], meta["STEP"], meta["OFF"], meta["G"]
             _epilogue_kernel[(triton.cdiv(n, 64),)](acc, s, z, *args, m, n, y.stride(0), stride_lr, sb1, sb2,
                                                     BM=bm, BN=64, num_warps=4, **meta)
         return y
