@@ -1,24 +1,35 @@
-"""Accuracy benchmark: TWLA ablation ladder and baselines in one harness, on held-out Brown test text.
+"""Accuracy benchmark: ladders of methods in one harness, on the same held-out Brown test windows.
 
-    python benchmarks/accuracy.py --model smollm2-135m [--windows 16] [--json out.json]
-    # larger models: baselines + an already-written TWLA checkpoint (twla-quantize) on the same windows
-    python benchmarks/accuracy.py --model qwen2.5-coder-1.5b --twla-checkpoint DIR --windows 8
+    python benchmarks/accuracy.py --model smollm2-135m --ladder twla [--windows 16]
+    python benchmarks/accuracy.py --model smollm2-135m --ladder groups        # format v2 grid vs fp16 scales
+    python benchmarks/accuracy.py --model qwen2.5-coder-1.5b --ladder baselines --checkpoint DIR --windows 8
 
-Rows (weights W, activations A; A4MP = ILA-AMP mixed per-block bits averaging 4):
-  RTN ternary (per group), ATQ (PT²-LLM-style init + stage 1), +stage 2 (E2M-ATQ with GPTQ feedback),
-  +KOTMS (one rotation per input site, deployable), KOTMS per linear (the paper's placement, simulation only),
-  +ILA-AMP, +clip search (= TWLA default), and QuaRot-style randomized-Hadamard + RTN INT2.
-PPL is measured on the same windows for every row; the ratio is to the dense model in the same run.
+Ladders (rows: weights W, activations A; A4MP = ILA-AMP mixed per-block bits averaging 4):
+  twla       RTN ternary, ATQ (stage 1), + stage 2 (E2M-ATQ, GPTQ), + KOTMS, KOTMS per linear, + ILA-AMP,
+             + clip search (= TWLA default), each at A16 and A4 where meaningful
+  groups     E2M-ATQ + KOTMS at groups 128 / 64 / 32, integer grid (format v2) vs fp16 alpha/mu (format v1 scales),
+             W1.58A16 and W1.58A4
+  baselines  dense, RTN ternary and QuaRot-style randomized Hadamard + RTN INT2, plus `--checkpoint` (a finished
+             checkpoint, simulated) on the same windows
+Other modes' ladders (BWLA, TwinQuant) use the same `Harness` from their own scripts.
+
+PPL is measured on the same windows for every row; ratio = PPL / dense PPL of the same run. bits/weight counts
+every tensor a checkpoint stores for the quantized linears (codes, scales, transforms, low-rank branch). Rows are
+merged into benchmarks/results/accuracy_<model>.json (schema: shared design notes, results.md), replacing rows of
+the same method and bits.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime
 import json
 import os
 import sys
 import tempfile
 import time
+from typing import Any
 
 import torch
 
@@ -27,119 +38,171 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from twla_offline import data  # noqa: E402
 from twla_offline.baselines import apply_quarot_rtn, set_act_bits  # noqa: E402
 from twla_offline.evaluate import perplexity  # noqa: E402
+from twla_offline.export import stored_bits_per_weight  # noqa: E402
 from twla_offline.models import load_model, resolve_model  # noqa: E402
-from twla_offline.pipeline import Quantizer, Recipe  # noqa: E402
-from twla_vllm import format as fmt  # noqa: E402
+from twla_offline.pipeline import Quantizer  # noqa: E402
+from twla_offline.recipe import Recipe  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+SEQLEN = 512
 
 
-def ternary_bits(q: Quantizer) -> float:
-    """Honest bits/weight of the in-memory ternary model (codes, fp16 scales, rotations per linear)."""
-    bits = weights = 0.0
-    for mod in q.sim_layers().values():
-        n, k = mod.t.shape
-        rot = None if mod.left is None else (mod.left.shape[0], mod.right.shape[0])
-        bits += fmt.bits_per_weight(n, k, q.gs, rot) * n * k
-        weights += n * k
-    return bits / weights
+class Harness:
+    """One model, one set of test windows, rows recorded in the results schema."""
+
+    def __init__(self, model: str, windows: int, device: str = "cpu"):
+        self.model_name, self.device = model, device
+        self.path = resolve_model(model)
+        dense, self.tok = load_model(self.path, torch.float32, device)
+        self.windows = data.eval_windows(self.tok, data.load_text("brown", "test"), SEQLEN, windows)
+        self.n_windows = windows
+        self.rows: list[dict[str, Any]] = []
+        self.dense_ppl = self.ppl(dense)
+        self.record("dense", 16, 16, self.dense_ppl, 16.0, 0.0)
+
+    def ppl(self, model) -> float:
+        return perplexity(model, self.windows.to(next(model.parameters()).device))
+
+    def record(self, method: str, w_bits: float | str, a_bits: float | str, ppl: float, bits: float, seconds: float,
+               **extra: Any) -> None:
+        row = {"method": method, "w_bits": w_bits, "a_bits": a_bits, "ppl": round(ppl, 3),
+               "ratio": round(ppl / self.dense_ppl, 3), "bits_per_weight": round(bits, 4),
+               "quant_seconds": round(seconds, 1), **extra}
+        self.rows.append(row)
+        print(f"{method:44s} W{w_bits!s:5s} A{a_bits!s:5s} ppl {ppl:12.2f} ({row['ratio']:.2f}x)  bits {bits:.3f}  "
+              f"({seconds:.0f}s)", flush=True)
+
+    def quantize(self, recipe: Recipe) -> tuple[Quantizer, float]:
+        """A fresh copy of the model with `recipe`'s weight stage done (uniform bits not yet applied)."""
+        model, tok = load_model(self.path, torch.float32, self.device)
+        t0 = time.time()
+        q = Quantizer(model, tok, recipe, tempfile.mkdtemp(prefix="twla-bench-"), self.device, log=lambda *x: None)
+        q.quantize_weights()
+        return q, time.time() - t0
+
+    def run(self, method: str, recipe: Recipe, w_bits: float | str, act: tuple[int, ...] = (16, 4)) -> Quantizer:
+        """Quantize with `recipe` (uniform activation bits), record one row per activation width in `act`."""
+        q, secs = self.quantize(dataclasses.replace(recipe, allocation="uniform", clip_search=False))
+        bits = honest_bits(q)
+        for a in act:
+            for l in range(len(q.sim_layers()) // 7):
+                q.set_block_bits(l, a)
+            self.record(method, w_bits, a, self.ppl(q.model), bits, secs)
+        return q
+
+    def table(self) -> str:
+        lines = ["| method | W | A | PPL | PPL / dense | bits/weight | quant time (s) |", "|---|---|---|---|---|---|---|"]
+        for r in self.rows:
+            lines.append(f"| {r['method']} | {r['w_bits']} | {r['a_bits']} | {r['ppl']:.2f} | {r['ratio']:.2f}x | "
+                         f"{r['bits_per_weight']} | {r['quant_seconds']} |")
+        return "\n".join(lines)
+
+    def save(self, path: str | None = None) -> str:
+        """Merge this run's rows into accuracy_<model>.json (rows of the same method and bits are replaced)."""
+        path = path or os.path.join(RESULTS, f"accuracy_{self.model_name}.json")
+        old = json.load(open(path)) if os.path.exists(path) else {"rows": []}
+        command = "python " + " ".join(sys.argv)
+        mine = {(r["method"], str(r["w_bits"]), str(r["a_bits"])) for r in self.rows}
+        rows = [r for r in old["rows"] if (r["method"], str(r["w_bits"]), str(r["a_bits"])) not in mine]
+        rows += [{**r, "command": command} for r in self.rows]
+        out = {"device": torch.cuda.get_device_name() if self.device.startswith("cuda") else "cpu",
+               "date": datetime.date.today().isoformat(), "command": command, "model": self.model_name,
+               "dense_ppl": round(self.dense_ppl, 3), "windows": self.n_windows, "seqlen": SEQLEN, "rows": rows}
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(out, f, indent=1)
+        os.replace(path + ".tmp", path)
+        return path
 
 
-def record_checkpoint(ckpt: str, windows: torch.Tensor, record) -> None:
-    """The TWLA row from a finished checkpoint: simulated-quant model (reference definitions)."""
-    from twla_vllm.simulate import load_simulated_model
+def honest_bits(q: Quantizer) -> float:
+    """Bits/weight a checkpoint of q's in-memory model would store (`export.stored_bits_per_weight`)."""
+    sims = q.sim_layers()
+    if any(m.group_scale.is_floating_point() for m in sims.values()):  # fp16 alpha/mu (v1): codes, 2 fp16 per
+        weights = sum(m.out_features * m.in_features for m in sims.values())  # group, fp32 transform factors
+        bits = sum(m.code.bits * m.out_features * m.in_features + 32 * m.group_scale.numel()
+                   + (0 if m.left is None else 32 * (m.left.numel() + m.right.numel())) for m in sims.values())
+        return bits / weights
+    tensors = {}
+    for prefix, mod in sims.items():
+        tensors.update(mod.tensors(prefix))
+    return stored_bits_per_weight(tensors, next(iter(sims.values())).code.codes_per_word)
 
-    with open(os.path.join(ckpt, "config.json")) as f:
-        qc = json.load(f)["quantization_config"]
-    with open(os.path.join(ckpt, "report.json")) as f:
-        secs = json.load(f)["stage_seconds"]["total"]
-    record(f"TWLA default ({os.path.basename(ckpt.rstrip('/'))})", "1.58", "4MP",
-           perplexity(load_simulated_model(ckpt), windows), qc["bits_per_weight"], secs)
 
-
-def ladder_rest(path: str, group_size: int, twla: Quantizer, bits: float, secs: float, windows: torch.Tensor,
-                record) -> list[int]:
-    """Per-linear KOTMS (simulation), then ILA-AMP and clip search on top of the +KOTMS quantizer
-    (`twla`, its bits/weight and seconds so far); returns the chosen bits of every block."""
-    model, tok = load_model(path)
-    t0 = time.time()
-    q = Quantizer(model, tok, Recipe(group_size=group_size, allocation="uniform", clip_search=False,
-                                     rotation_sharing="linear"), tempfile.mkdtemp(prefix="twla-bench-"))
-    q.quantize_weights()
-    secs_pl = time.time() - t0
-    record("KOTMS per linear (paper; sim only)", "1.58", "16", perplexity(model, windows), ternary_bits(q), secs_pl)
-    q.allocate()
-    record("KOTMS per linear (paper; sim only)", "1.58", "4", perplexity(model, windows), ternary_bits(q), secs_pl)
-    q, model = twla, twla.model
-    q.r.allocation = "ila-amp"
-    q.allocate()
-    record("+ ILA-AMP", "1.58", "4MP", perplexity(model, windows), bits, secs + q.seconds["allocate"])
+def twla_ladder(h: Harness, group_size: int) -> None:
+    base = Recipe(group_size=group_size)
+    for name, kw in [("RTN ternary", dict(weight_method="rtn", rotation="none")),
+                     ("ATQ (init + stage 1)", dict(weight_method="atq", rotation="none")),
+                     ("+ stage 2 (E2M-ATQ, GPTQ)", dict(rotation="none")),
+                     ("KOTMS per linear", dict(rotation_sharing="linear"))]:
+        h.run(name, dataclasses.replace(base, **kw), 1.58)
+    q = h.run("+ KOTMS", base, 1.58)
+    bits, secs = honest_bits(q), sum(q.seconds.values())
+    q.r = dataclasses.replace(q.r, allocation="ila-amp")
+    chosen = q.allocate()
+    h.record("+ ILA-AMP", 1.58, "4MP", h.ppl(q.model), bits, secs + q.seconds["allocate"])
     q.search_clips()
-    record("+ clip search (TWLA)", "1.58", "4MP", perplexity(model, windows), bits,
-           secs + q.seconds["allocate"] + q.seconds["clip"])
-    return [m.act_bits for m in list(q.sim_layers().values())[::7]]
+    h.record("default", 1.58, "4MP", h.ppl(q.model), bits, secs + q.seconds["allocate"] + q.seconds["clip"],
+             act_bits_per_block=chosen)
+
+
+def group_ladder(h: Harness) -> None:
+    """Format v2's integer grid against fp16 alpha/mu at the same group size (E2M-ATQ + KOTMS, uniform bits)."""
+    from twla_offline import weights
+
+    original = weights.gptq_quantize
+    for gs in (128, 64, 32):
+        h.run(f"v2 int8 grid, group {gs}", Recipe(group_size=gs), 1.58)
+        weights.gptq_quantize = lambda *a, **k: original(*a, **{**k, "int_grid": False})
+        try:  # the pipeline imported the name: patch where it is looked up
+            import twla_offline.pipeline as p
+
+            p.gptq_quantize = weights.gptq_quantize
+            h.run(f"fp16 alpha/mu (v1 scales), group {gs}", Recipe(group_size=gs), 1.58)
+        finally:
+            weights.gptq_quantize = original
+            p.gptq_quantize = original
+
+
+def baselines(h: Harness, group_size: int, checkpoint: str | None) -> None:
+    h.run("RTN ternary", Recipe(group_size=group_size, weight_method="rtn", rotation="none"), 1.58)
+    model, _ = load_model(h.path, torch.float32, h.device)
+    t0 = time.time()
+    apply_quarot_rtn(model, weight_bits=2, group_size=group_size, act_bits=16)
+    secs = time.time() - t0
+    h.record("QuaRot-style RTN INT2", 2, 16, h.ppl(model), 2 + 32 / group_size, secs)
+    set_act_bits(model, 4)
+    h.record("QuaRot-style RTN INT2", 2, 4, h.ppl(model), 2 + 32 / group_size, secs)
+    if checkpoint:
+        from twla_vllm.simulate import load_simulated_model
+
+        with open(os.path.join(checkpoint, "config.json")) as f:
+            qc = json.load(f)["quantization_config"]
+        secs = json.load(open(os.path.join(checkpoint, "report.json")))["stage_seconds"]["total"] \
+            if os.path.exists(os.path.join(checkpoint, "report.json")) else float("nan")
+        h.record("default", 1.58, "4MP", h.ppl(load_simulated_model(checkpoint, device=h.device)),
+                 qc["bits_per_weight"], secs, checkpoint=os.path.basename(checkpoint.rstrip("/")))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--ladder", choices=["twla", "groups", "baselines"], default="twla")
     ap.add_argument("--windows", type=int, default=16, help="512-token test windows for PPL")
-    ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--json")
-    ap.add_argument("--twla-checkpoint", help="evaluate this TWLA checkpoint instead of running the ladder")
+    ap.add_argument("--group-size", type=int, default=32)
+    ap.add_argument("--checkpoint", help="baselines ladder: also evaluate this finished checkpoint")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", help="results file (default benchmarks/results/accuracy_<model>.json)")
     a = ap.parse_args()
-    path = resolve_model(a.model)
-    rows: list[dict] = []
-
-    def record(name, w, act, ppl, bits, secs):
-        rows.append({"method": name, "W": w, "A": act, "ppl": ppl, "bits_per_weight": round(bits, 3),
-                     "quant_seconds": round(secs, 1)})
-        print(f"{name:34s} W{w:5s} A{act:4s} ppl {ppl:12.2f}  bits {bits:.3f}  ({secs:.0f}s)", flush=True)
-
-    model, tok = load_model(path)
-    windows = data.eval_windows(tok, data.load_text("brown", "test"), 512, a.windows)
-    base = perplexity(model, windows)
-    record("dense (dequantized GGUF baseline)" if "smollm2" in a.model else "dense", "16", "16", base, 16.0, 0)
-
-    ladder = [("RTN ternary", dict(weight_method="rtn", rotation="none")),
-              ("ATQ (init + stage 1)", dict(weight_method="atq", rotation="none")),
-              ("+ stage 2 (E2M-ATQ, GPTQ)", dict(weight_method="e2m-atq", rotation="none")),
-              ("+ KOTMS", dict(weight_method="e2m-atq", rotation="kotms"))]
-    if a.twla_checkpoint:
-        ladder = ladder[:1]
-    for name, kw in ladder:
-        model, tok = load_model(path)
-        t0 = time.time()
-        q = Quantizer(model, tok, Recipe(group_size=a.group_size, allocation="uniform", clip_search=False, **kw),
-                      tempfile.mkdtemp(prefix="twla-bench-"), log=lambda *x: None)
-        q.quantize_weights()
-        secs = time.time() - t0
-        bits = ternary_bits(q)
-        record(name, "1.58", "16", perplexity(model, windows), bits, secs)
-        q.allocate()  # uniform 4 bits
-        record(name, "1.58", "4", perplexity(model, windows), bits, secs)
-    if a.twla_checkpoint:
-        record_checkpoint(a.twla_checkpoint, windows, record)
+    h = Harness(a.model, a.windows, a.device)
+    if a.ladder == "twla":
+        twla_ladder(h, a.group_size)
+    elif a.ladder == "groups":
+        group_ladder(h)
     else:
-        act_bits = ladder_rest(path, a.group_size, q, bits, secs, windows, record)
-        rows[-1]["act_bits_per_block"] = act_bits  # the "+ clip search" row
-    gs = q.gs
-    del q, model  # free the ternary model before loading the next copy
-
-    model, tok = load_model(path)
-    t0 = time.time()
-    apply_quarot_rtn(model, weight_bits=2, group_size=gs, act_bits=16)
-    secs = time.time() - t0
-    w2bits = 2 + 32 / gs
-    record("QuaRot-style RTN INT2", "2", "16", perplexity(model, windows), w2bits, secs)
-    set_act_bits(model, 4)
-    record("QuaRot-style RTN INT2", "2", "4", perplexity(model, windows), w2bits, secs)
-
-    print(f"\n| method | W | A | PPL | PPL / dense | bits/weight | quant time (s) |\n|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['method']} | {r['W']} | {r['A']} | {r['ppl']:.2f} | {r['ppl'] / base:.2f}x | "
-              f"{r['bits_per_weight']} | {r['quant_seconds']} |")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"model": a.model, "windows": a.windows, "group_size": gs, "rows": rows}, f, indent=1)
+        baselines(h, a.group_size, a.checkpoint)
+    print("\n" + h.table())
+    print(f"rows merged into {h.save(a.json)}")
 
 
 if __name__ == "__main__":

@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import Parser, UsageError, cli_errors
 from .models import resolve_model
-from .options import add_recipe_args, calib_source, check_recipe_args, positive_int, recipe_from_args
+from .options import add_recipe_args, calib_source, check_recipe, positive_int, recipe_from_args
 from .outdir import check_out_dir, install_dir, record_files
 
 if TYPE_CHECKING:
-    from .pipeline import Recipe
+    from .recipe import Recipe
 
 # written by the pipeline once the first block is quantized: from then on OUT.work/ holds work worth resuming
 PROGRESS = os.path.join("state", "progress.json")
@@ -163,11 +163,12 @@ def quantize_parser() -> Parser:
 def quantize_main(argv: list[str] | None = None) -> None:
     ap = quantize_parser()
     a = ap.parse_args(argv)
-    check_recipe_args(ap, a)
+    recipe = recipe_from_args(a)
+    check_recipe(ap, recipe)
     with cli_errors(ap.prog, a.debug):
         check_out_dir(a.out, a.overwrite, name=f"--out {a.out}")  # before anything slow
         path = resolve_model(a.model)
-        s = quantize(a.model, a.out, recipe_from_args(a), _device(a.device), a.restart, not a.no_eval,
+        s = quantize(a.model, a.out, recipe, _device(a.device), a.restart, not a.no_eval,
                      a.eval_windows, overwrite=a.overwrite, model_path=path)
     print(json.dumps({k: v for k, v in s.items() if k != "recipe"}, indent=1))
 

@@ -9,12 +9,10 @@ from tqdm import tqdm
 
 from .calibrate import capture_first_block_inputs, capture_inputs, decoder_layers, run_block
 
-GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(9))  # 1.00 .. 0.60
-
 
 @torch.no_grad()
-def search_clips(model, ids: torch.Tensor, sites: list[list[str]], batch_size: int = 4,
-                 grid=GRID, log=print) -> dict[str, float]:
+def search_clips(model, ids: torch.Tensor, sites: list[list[str]], batch_size: int,
+                 grid: tuple[float, ...], log=print) -> dict[str, float]:
     layers = decoder_layers(model)
     inputs = capture_first_block_inputs(model, ids, batch_size)
     chosen: dict[str, float] = {}

@@ -8,29 +8,15 @@ torch, transformers and vLLM takes seconds.
 from __future__ import annotations
 
 import argparse
-import ast
 import os
-from typing import TYPE_CHECKING, Any, Callable
+import dataclasses
+from typing import Any, Callable
 
-if TYPE_CHECKING:
-    from .pipeline import Recipe
+from . import recipe as R
 
 CALIB_SOURCES = ("brown", "wikitext2", "c4")
 BLOCK_BITS = range(2, 9)  # activation bits one block can get (16, unquantized, is never allocated)
 MAX_SEED = 2**32 - 1
-
-
-def recipe_defaults() -> dict[str, Any]:
-    """Field defaults of `pipeline.Recipe`, read from pipeline.py's source without importing it: pipeline
-    imports torch. The defaults are literals, so this is exact (tests/test_cli.py checks it against the
-    imported class)."""
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "pipeline.py")) as f:
-        tree = ast.parse(f.read())
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == "Recipe":
-            return {s.target.id: ast.literal_eval(s.value) for s in node.body
-                    if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name) and s.value is not None}
-    raise RuntimeError("offline/pipeline.py defines no Recipe class")
 
 
 def _int_check(ok: Callable[[int], bool], allowed: str) -> Callable[[str], int]:
@@ -47,6 +33,7 @@ def _int_check(ok: Callable[[int], bool], allowed: str) -> Callable[[str], int]:
 
 
 positive_int = _int_check(lambda v: v >= 1, "a positive integer")
+non_negative_int = _int_check(lambda v: v >= 0, "an integer >= 0")
 group_size = _int_check(lambda v: v == -1 or (v > 0 and v % 16 == 0), "-1 (per row) or a positive multiple of 16")
 power_of_two = _int_check(lambda v: v >= 1 and v & (v - 1) == 0, "a power of two >= 1 (1, 2, 4, 8, ...)")
 seed = _int_check(lambda v: 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]")
@@ -83,57 +70,92 @@ def calib_source(text: str) -> str:
 
 
 def add_recipe_args(ap: argparse.ArgumentParser) -> None:
-    d = recipe_defaults()
-    g = ap.add_argument_group("recipe (recorded in the checkpoint; a resumed run must use the same)")
-    g.add_argument("--group-size", type=group_size, default=d["group_size"],
-                   help="weight group along K: the largest multiple of 16 <= this that divides every K is "
-                        "used; -1 = one group per row")
-    g.add_argument("--act-bits", type=act_bits, default=d["act_bits"],
-                   help="average activation bits per decoder block, in [2, 8]")
-    g.add_argument("--bit-set", type=bit_set, default=",".join(map(str, d["bit_set"])),
-                   help="activation bits a block may get: comma-separated integers in 2..8 (e.g. 2,4,6,8); "
-                        "must reach --act-bits from below and above")
-    g.add_argument("--weight-method", default=d["weight_method"], choices=["e2m-atq", "atq", "rtn"],
-                   help="ternarization: e2m-atq (GPTQ + two refits), atq (refit only), rtn (round to nearest)")
-    g.add_argument("--rotation", default=d["rotation"], choices=["kotms", "random", "none"],
-                   help="input rotation: kotms (learned Kronecker), random orthogonal, or none")
-    g.add_argument("--kotms-iters", type=positive_int, default=d["kotms_iters"],
-                   help="Adam steps that learn each KOTMS rotation")
-    g.add_argument("--allocation", default=d["allocation"], choices=["ila-amp", "uniform"],
-                   help="how --act-bits is spread over blocks: ila-amp (by measured sensitivity) or uniform")
+    """Recipe options. Each defaults to the --method preset's value (shown for TWLA); data sizes left unset
+    follow the device (recipe.DEVICE_DEFAULTS: cpu / cuda)."""
+    d = R.preset("twla").to_dict()
+    dev = {k: f"{c} on cpu, {g} on cuda" for k, (c, g) in R.DEVICE_DEFAULTS.items()}
+    g = ap.add_argument_group("recipe (recorded in the checkpoint; a resumed run must use the same). Defaults: the "
+                              "--method preset (values shown are TWLA's)")
+    g.add_argument("--method", choices=R.METHODS, default="twla",
+                   help="preset: twla (ternary, KOTMS, A4 by ILA-AMP), bwla (binary, OKT, rank-16 PSP branch, A6), "
+                        "twinquant (int4 residual, learned transforms, rank-32 branch, A4)")
+    g.add_argument("--code", choices=R.CODES, help=f"weight code (default: {d['code']})")
+    g.add_argument("--group-size", type=group_size,
+                   help=f"weight group along K: the largest multiple of 16 (32 for binary) <= this that divides "
+                        f"every K; -1 = one group per row (default: {d['group_size']})")
+    g.add_argument("--act-bits", type=act_bits, help=f"average activation bits per decoder block, in [2, 8] "
+                                                      f"(default: {d['act_bits']:g})")
+    g.add_argument("--bit-set", type=bit_set, help=f"activation bits a block may get: comma-separated integers in "
+                                                    f"2..8; must reach --act-bits from below and above (default: "
+                                                    f"{','.join(map(str, d['bit_set']))})")
+    g.add_argument("--weight-method", choices=R.WEIGHT_METHODS,
+                   help="weight fit: e2m-atq (GPTQ + weight-space and output-aware refits + integer grid), atq "
+                        f"(weight-space refit only), rtn (round to nearest) (default: {d['weight_method']})")
+    g.add_argument("--rotation", choices=R.ROTATIONS,
+                   help="online Kronecker transform of each input: kotms (TWLA), okt (BWLA), learned "
+                        f"(TwinQuant), random orthogonal, or none (default: {d['rotation']})")
+    g.add_argument("--rotation-sharing", choices=("site", "linear"),
+                   help="site: one transform per input shared by q/k/v and gate/up (fused, quantized once); "
+                        "linear: each linear its own, as the papers (vLLM's fused module quantizes its input once "
+                        f"per member) (default: {d['rotation_sharing']})")
+    g.add_argument("--factor-rule", choices=("balanced", "reference"),
+                   help="Kronecker factor sizes: balanced (n1 ~ n2, cheapest online) or reference (the TWLA "
+                        f"code's rule, e.g. 576 -> 8x72) (default: {d['factor_rule']})")
+    g.add_argument("--o-proj-rotation", choices=("head", "full"),
+                   help="o_proj input: head (a head-local factor folded into v_proj, free) or full (an online "
+                        f"transform across heads) (default: {d['o_proj_rotation']})")
+    g.add_argument("--lowrank", choices=R.LOWRANKS,
+                   help="16-bit low-rank branch: none, svd (truncated SVD, residual quantized), psp (BWLA), "
+                        f"learned (TwinQuant) (default: {d['lowrank']})")
+    g.add_argument("--lowrank-rank", type=non_negative_int, help=f"rank of the low-rank branch (default: {d['lowrank_rank']})")
+    g.add_argument("--kotms-iters", type=positive_int, help=f"Adam steps that learn each KOTMS rotation "
+                                                             f"(default: {d['kotms_iters']})")
+    g.add_argument("--allocation", choices=R.ALLOCATIONS,
+                   help="how --act-bits is spread over blocks: ila-amp (by measured sensitivity) or uniform "
+                        f"(default: {d['allocation']})")
     g.add_argument("--no-clip-search", action="store_true",
                    help="skip the per-linear activation clip search (clip = 1.0)")
-    g.add_argument("--row-parallel-blocks", type=power_of_two, default=d["row_parallel_blocks"],
-                   help="max tensor-parallel size the checkpoint supports (shard-local blocks of o/down "
-                        "inputs): a power of two")
-    g.add_argument("--calib", type=calib_source, default=d["calib"],
-                   help="calibration text: brown (embedded), wikitext2, c4 (need the hub) or a text file")
-    g.add_argument("--nsamples", type=positive_int, default=d["nsamples"],
-                   help="calibration windows of --seqlen tokens")
-    g.add_argument("--seqlen", type=positive_int, default=d["seqlen"], help="tokens per calibration window")
-    g.add_argument("--amp-tokens", type=positive_int, default=d["amp_tokens"],
-                   help="held-out tokens ILA-AMP measures block sensitivity on")
-    g.add_argument("--seed", type=seed, default=d["seed"],
-                   help="seed of every random choice (windows, rotations): same command + seed = same bytes")
+    g.add_argument("--row-parallel-blocks", type=power_of_two,
+                   help="max tensor-parallel size the checkpoint supports (shard-local blocks of o/down inputs; "
+                        f"1 = a full left factor, TP 1 only): a power of two (default: {d['row_parallel_blocks']})")
+    g.add_argument("--calib", type=calib_source,
+                   help="calibration text: brown (embedded), wikitext2, c4 (need the hub) or a text file "
+                        f"(default: {d['calib']})")
+    g.add_argument("--nsamples", type=positive_int, help=f"calibration windows of --seqlen tokens (default: "
+                                                          f"{dev['nsamples']})")
+    g.add_argument("--seqlen", type=positive_int, help=f"tokens per calibration window (default: {dev['seqlen']})")
+    g.add_argument("--amp-tokens", type=positive_int,
+                   help=f"held-out tokens ILA-AMP measures block sensitivity on (default: {dev['amp_tokens']})")
+    g.add_argument("--clip-tokens", type=positive_int,
+                   help=f"held-out tokens for the activation clip search (default: {dev['clip_tokens']})")
+    g.add_argument("--seed", type=seed, help="seed of every random choice (windows, rotations): same command + "
+                                             f"seed = same bytes (default: {d['seed']})")
 
 
-def check_recipe_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
-    """Checks that involve two options (argparse checks each alone, string defaults included)."""
-    bits = a.bit_set
-    if a.allocation == "ila-amp" and not bits[0] <= a.act_bits <= bits[-1]:
+_FLAG_FIELDS = ("code", "group_size", "act_bits", "bit_set", "weight_method", "rotation", "rotation_sharing",
+                "factor_rule", "o_proj_rotation", "lowrank", "lowrank_rank", "kotms_iters", "allocation",
+                "row_parallel_blocks", "calib", "nsamples", "seqlen", "amp_tokens", "clip_tokens", "seed")
+
+
+def recipe_from_args(a: argparse.Namespace) -> R.Recipe:
+    """The --method preset with every given flag applied."""
+    given: dict[str, Any] = {f: getattr(a, f) for f in _FLAG_FIELDS if getattr(a, f, None) is not None}
+    if a.no_clip_search:
+        given["clip_search"] = False
+    return dataclasses.replace(R.preset(a.method), **given)
+
+
+def check_recipe(ap: argparse.ArgumentParser, r: R.Recipe) -> None:
+    """Checks that involve several options (argparse checks each alone)."""
+    bits = r.bit_set
+    if r.allocation == "ila-amp" and not bits[0] <= r.act_bits <= bits[-1]:
         ap.error(f"--bit-set {','.join(map(str, bits))} must include values at or below and at or above "
-                 f"--act-bits {a.act_bits:g}")
-    if a.allocation == "uniform" and a.act_bits != int(a.act_bits):
-        ap.error(f"--act-bits {a.act_bits:g} with --allocation uniform: must be a whole number (every block "
+                 f"--act-bits {r.act_bits:g}")
+    if r.allocation == "uniform" and r.act_bits != int(r.act_bits):
+        ap.error(f"--act-bits {r.act_bits:g} with --allocation uniform: must be a whole number (every block "
                  f"gets the same bits)")
-
-
-def recipe_from_args(a: argparse.Namespace) -> Recipe:
-    """The pipeline's Recipe for the parsed options (imports the pipeline, hence torch)."""
-    from .pipeline import Recipe
-
-    return Recipe(group_size=a.group_size, act_bits=a.act_bits, bit_set=a.bit_set,
-                  weight_method=a.weight_method, rotation=a.rotation, kotms_iters=a.kotms_iters,
-                  allocation=a.allocation, clip_search=not a.no_clip_search,
-                  row_parallel_blocks=a.row_parallel_blocks, calib=a.calib, nsamples=a.nsamples,
-                  seqlen=a.seqlen, amp_tokens=a.amp_tokens, seed=a.seed)
+    if r.code == "binary" and r.group_size != -1 and r.group_size % 32:
+        ap.error(f"--group-size {r.group_size} with --code binary: must be -1 or a multiple of 32 (one packed word)")
+    if (r.lowrank == "none") != (r.lowrank_rank == 0):
+        ap.error(f"--lowrank {r.lowrank} with --lowrank-rank {r.lowrank_rank}: a branch needs a rank > 0, and a "
+                 f"rank needs a --lowrank method")

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -20,58 +19,53 @@ from twla_vllm import format as fmt
 from twla_vllm.reference import kron_rotate
 from twla_vllm.simulate import QuantWeight, SimTwlaLinear, replace_linear
 
-from . import allocate, clip, data
+from . import allocate, clip, data, lowrank
 from .calibrate import (BlockInputs, RotatedLinear, capture_first_block_inputs, capture_inputs, decoder_layers,
                         input_gram, run_block)
 from .export import write_checkpoint
-from .rotate import (balanced_factors, block_diagonal_orthogonal, fold_head_rotation, fold_norm_into,
-                     learn_kronecker_rotation, random_orthogonal)
+from .recipe import Recipe
+from .rotate import (balanced_factors, block_diagonal_orthogonal, fold_head_rotation, fold_norm_into, fold_weight,
+                     learn_kronecker_rotation, random_orthogonal, reference_factors, unfold_weight)
 from .weights import fit_rtn, gptq_quantize
 
 ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+
+
+SITE_INPUT_TOKENS = 4096  # calibration rows handed to transform / low-rank learners that use activations
+
+
+def transform_learner(name: str):
+    """The learner of rotation `name`: learner(w, n1, n2, group_size, left_blocks, learn_left, recipe, site_inputs)
+    -> (left or None, right, loss history), where w stacks the weights that read the site's input and
+    site_inputs() returns up to SITE_INPUT_TOKENS of its calibration rows [T, K] (captured on first call).
+    Factors may be any invertible matrices; orthogonal ones fold exactly as rotations."""
+    if name == "kotms":
+        return lambda w, n1, n2, gs, blocks, learn_left, r, site_inputs: learn_kronecker_rotation(
+            w, n1, n2, gs, r.kotms_iters, r.kotms_lr, blocks, learn_left)
+    if name == "okt":
+        from .okt import learn_okt
+
+        return learn_okt
+    if name == "learned":
+        from .twinquant import learn_transform
+
+        return learn_transform
+    raise ValueError(f"unknown rotation {name!r} (allowed: kotms, okt, learned, random, none)")
+
+
+def lowrank_fit(name: str):
+    """The fit of low-rank method `name`: fit(w, quantize, rank, recipe, site_inputs) -> (QuantWeight, A, B); see
+    `lowrank`."""
+    if name == "svd":
+        return lowrank.fit_svd
+    if name == "psp":
+        return lowrank.fit_psp
+    if name == "learned":
+        from .twinquant import fit_lowrank
+
+        return fit_lowrank
+    raise ValueError(f"unknown low-rank method {name!r} (allowed: svd, psp, learned)")
 MLP_IN = ("mlp.gate_proj", "mlp.up_proj")
-
-
-@dataclass
-class Recipe:
-    """Everything that determines the checkpoint (recorded in it and checked on resume)."""
-
-    code: str = "ternary"  # weight code: ternary | binary | int4 (twla_vllm.format.CODES)
-    group_size: int = 128  # largest multiple of 16 (32 for binary) <= this dividing every K; -1 = per row
-    weight_method: str = "e2m-atq"  # rtn | atq (init + stage 1) | e2m-atq (GPTQ + stage 1 + stage 2)
-    rotation: str = "kotms"  # kotms | random | none
-    # "site": one rotation shared by the linears reading one input (deployable: q/k/v and gate/up run
-    # fused in vLLM). "linear": the paper's own rotation per linear (simulation and ablation only).
-    rotation_sharing: str = "site"
-    fold_norms: bool = False  # RMSNorm γ into q/k/v and gate/up (exact in fp; changes what is ternarized)
-    kotms_iters: int = 100
-    kotms_lr: float = 1e-2
-    row_parallel_blocks: int = 8  # max shard-local K-blocks of o_proj/down_proj inputs (max TP size)
-    act_bits: float = 4.0  # average activation bits per block
-    bit_set: tuple[int, ...] = (2, 4, 6, 8)
-    allocation: str = "ila-amp"  # ila-amp | uniform
-    amp_beta: float = 0.5
-    amp_tokens: int = 256
-    clip_search: bool = True
-    default_clip: float = 1.0
-    clip_tokens: int = 512
-    calib: str = "brown"
-    nsamples: int = 16
-    seqlen: int = 512
-    seed: int = 0
-    percdamp: float = 0.1
-    batch_size: int = 4
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-@dataclass
-class Result:
-    checkpoint: str
-    act_bits: list[int]
-    stage_seconds: dict[str, float] = field(default_factory=dict)
-    kotms_example: dict | None = None
 
 
 def pick_group_size(ks: list[int], requested: int, code: str = "ternary") -> int:
@@ -96,11 +90,12 @@ def pick_k_blocks(k: int, group_size: int, max_blocks: int) -> int:
 class Quantizer:
     def __init__(self, model, tokenizer, recipe: Recipe, work_dir: str, device: str = "cpu",
                  log=print):
-        self.model, self.tok, self.r, self.work, self.device, self.log = model, tokenizer, recipe, work_dir, device, log
         cfg = model.config
         self.hidden, self.inter = cfg.hidden_size, cfg.intermediate_size
         self.heads = cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or self.hidden // self.heads
+        recipe = recipe.resolved(device, max(self.hidden, self.inter, self.heads * self.head_dim))
+        self.model, self.tok, self.r, self.work, self.device, self.log = model, tokenizer, recipe, work_dir, device, log
         self.gs = pick_group_size([self.hidden, self.heads * self.head_dim, self.inter], recipe.group_size,
                                   recipe.code)
         self.kb_o = pick_k_blocks(self.heads * self.head_dim, self.gs, recipe.row_parallel_blocks)
@@ -157,22 +152,26 @@ class Quantizer:
             fold_norm_into([lin[n] for n in ATTN], layer.input_layernorm)
             fold_norm_into([lin[n] for n in MLP_IN], layer.post_attention_layernorm)
         gen = torch.Generator().manual_seed(r.seed * 1000 + l)
-        # o_proj: its head-local factor moves into v_proj's output (exact), nothing runs online
-        b_o = self._factors(lin["self_attn.o_proj"].weight, self.heads, self.head_dim, 1, gen, learn_left=False)[1]
-        if b_o is not None:
-            fold_head_rotation(lin["self_attn.v_proj"], lin["self_attn.o_proj"], b_o, self.head_dim)
+        o_online = r.o_proj_rotation == "full"
+        if not o_online:  # o_proj's head-local factor moves into v_proj's output (exact), nothing runs online
+            b_o = self._factors(lin["self_attn.o_proj"].weight, self.heads, self.head_dim, 1, gen, learn_left=False)[1]
+            if b_o is not None:
+                fold_head_rotation(lin["self_attn.v_proj"], lin["self_attn.o_proj"], b_o, self.head_dim)
         sites = [(ATTN, self.hidden, 1), (("self_attn.o_proj",), self.heads * self.head_dim, self.kb_o),
                  (MLP_IN, self.hidden, 1), (("mlp.down_proj",), self.inter, self.kb_down)]
-        if r.rotation_sharing == "linear":  # every linear its own site (paper-faithful, not exportable)
+        if r.rotation_sharing == "linear":  # every linear its own transform (the fused vLLM module runs per shard)
             sites = [((m,), k, blocks) for members, k, blocks in sites for m in members]
         rots = {}
+        originals = {m: lin[m].weight.data.float().clone() for m in lin}
         for members, k, blocks in sites:
-            if members[0] == "self_attn.o_proj":
+            if members[0] == "self_attn.o_proj" and not o_online:
                 rots[members] = (None, None)
                 continue
-            n1, n2 = balanced_factors(k, blocks)
             w = torch.cat([lin[m].weight.data for m in members])
-            rots[members] = self._factors(w, n1, n2, blocks, gen, example=(l == 1 and members == MLP_IN))
+            n1, n2 = (reference_factors(k, w.shape[0], blocks) if r.factor_rule == "reference"
+                      else balanced_factors(k, blocks))
+            rots[members] = self._factors(w, n1, n2, blocks, gen, example=(l == 1 and members == MLP_IN),
+                                          site_inputs=self._site_inputs(layer, lin[members[0]], inputs))
         if l == 1 and rots.get(MLP_IN, (None,))[0] is not None:  # report: channel ranges of one input before/after
             x = capture_inputs(layer, lin[MLP_IN[0]], inputs, max_tokens=2048)
             self.act_example = {"before": x.abs().amax(0), "after": kron_rotate(x, *rots[MLP_IN]).abs().amax(0)}
@@ -181,7 +180,7 @@ class Quantizer:
             for m in members:
                 w = lin[m].weight.data.float()
                 if c is not None:
-                    w = torch.matmul(torch.matmul(c, w.reshape(-1, c.shape[0], b.shape[0])), b).reshape(w.shape)
+                    w = fold_weight(w, c, b)
                 replace_linear(layer, m, RotatedLinear(w, lin[m].bias, c, b))
         self.seconds["rotate"] += time.time() - t0
 
@@ -193,17 +192,34 @@ class Quantizer:
                 h = input_gram(layer, layer.get_submodule(members[0]), inputs)
             for m in members:
                 rl = layer.get_submodule(m)
-                qw = self._quantize_weight(rl.weight.data, h)
+                qw, la, lb = self._quantize_linear(originals[m], rl.weight.data, c, b, h,
+                                                   self._site_inputs(layer, layer.get_submodule(members[0]), inputs))
                 prefix = f"model.layers.{l}.{m}"
                 self.specs[prefix] = fmt.LayerSpec(act_bits=16, act_clip=r.default_clip, k_blocks=blocks,
-                                                   rotation=None if c is None else (c.shape[0], b.shape[0]))
+                                                   rotation=None if c is None else (c.shape[0], b.shape[0]),
+                                                   lowrank_rank=0 if la is None else la.shape[1])
                 replace_linear(layer, m, SimTwlaLinear(qw, c, b, 16, r.default_clip, blocks,
-                                                       rl.bias.data if rl.bias is not None else None))
+                                                       rl.bias.data if rl.bias is not None else None, la, lb))
         out = run_block(layer, inputs)
         self.seconds["weights"] += time.time() - t0
         return out
 
-    def _factors(self, w, n1, n2, blocks, gen, learn_left=True, example=False):
+    @staticmethod
+    def _site_inputs(layer, module, inputs: BlockInputs):
+        """Lazily captured calibration rows of `module`'s input (before any transform)."""
+        cache: list[torch.Tensor] = []
+
+        def get() -> torch.Tensor:
+            if not cache:
+                cache.append(capture_inputs(layer, module, inputs, max_tokens=SITE_INPUT_TOKENS))
+            return cache[0]
+
+        return get
+
+    def _factors(self, w, n1, n2, blocks, gen, learn_left=True, example=False, site_inputs=None):
+        """(left or None, right) of one input site's Kronecker transform, from the stacked weights w that read
+        it: learned by the recipe's method, random orthogonal, or none. The left factor is block-diagonal with
+        `blocks` blocks (shard-local under tensor parallelism)."""
         r = self.r
         if r.rotation == "none":
             return None, None
@@ -211,12 +227,28 @@ class Quantizer:
             c = (block_diagonal_orthogonal(n1, blocks, gen) if blocks > 1 else random_orthogonal(n1, gen)) \
                 if learn_left else None
             return c, random_orthogonal(n2, gen)
-        c, b, hist = learn_kronecker_rotation(w, n1, n2, self.gs, r.kotms_iters, r.kotms_lr, blocks, learn_left)
+        c, b, hist = transform_learner(r.rotation)(w, n1, n2, self.gs, blocks, learn_left, r, site_inputs)
         if example:
             wr = w.float().reshape(-1, n1, n2)
             wr = (wr if c is None else torch.matmul(c, wr)) @ b
             self.kotms_example = {"before": w.float().flatten(), "after": wr.flatten(), "loss": hist}
         return c, b
+
+    def _quantize_linear(self, w: torch.Tensor, w_folded: torch.Tensor, left: torch.Tensor | None,
+                         right: torch.Tensor | None, h: torch.Tensor | None, site_inputs=None):
+        """(QuantWeight of the transformed weights, lowrank_a, lowrank_b) of one linear: the weight stage alone,
+        or a low-rank fit that quantizes the residual W - A B through the same transform and weight stage."""
+        if self.r.lowrank == "none":
+            return self._quantize_weight(w_folded, h), None, None
+
+        def quantize(residual: torch.Tensor) -> tuple[QuantWeight, torch.Tensor]:
+            """The residual (original basis) quantized, and its dequantized value in the original basis."""
+            folded = residual if left is None else fold_weight(residual, left, right)
+            qw = self._quantize_weight(folded, h)
+            deq = qw.dequantize()
+            return qw, deq if left is None else unfold_weight(deq, left, right)
+
+        return lowrank_fit(self.r.lowrank)(w, quantize, self.r.lowrank_rank, self.r, site_inputs)
 
     def _quantize_weight(self, w: torch.Tensor, h: torch.Tensor | None) -> QuantWeight:
         m, code = self.r.weight_method, fmt.CODES[self.r.code]
@@ -275,7 +307,7 @@ class Quantizer:
         t0 = time.time()
         if r.allocation == "ila-amp":
             heldout = data.load_text(r.calib, "heldout")
-            ids = data.token_windows(self.tok, heldout, max(1, r.amp_tokens // 128), 128, r.seed + 1)
+            ids = data.token_windows(self.tok, heldout, max(1, r.amp_tokens // r.amp_seqlen), r.amp_seqlen, r.seed + 1)
             table = allocate.measure_sensitivity(self.model, ids, r.bit_set, set_block_bits=self.set_block_bits,
                                                  log=self.log)
             bits = allocate.allocate_bits(table, r.bit_set, r.act_bits, r.amp_beta)
@@ -290,9 +322,11 @@ class Quantizer:
     def search_clips(self) -> None:
         t0 = time.time()
         heldout = data.load_text(self.r.calib, "heldout")
-        ids = data.token_windows(self.tok, heldout, max(1, self.r.clip_tokens // 256), 256, self.r.seed + 2)
+        ids = data.token_windows(self.tok, heldout, max(1, self.r.clip_tokens // self.r.amp_seqlen), self.r.amp_seqlen,
+                                 self.r.seed + 2)
         sims = self.sim_layers()
-        for prefix, c in clip.search_clips(self.model, ids, self._sites(), self.r.batch_size, log=self.log).items():
+        for prefix, c in clip.search_clips(self.model, ids, self._sites(), self.r.batch_size, self.r.clip_grid(),
+                                           log=self.log).items():
             sims[prefix].act_clip = c
         self._sync_specs()
         self.seconds["clip"] = time.time() - t0

@@ -24,6 +24,41 @@ def balanced_factors(k: int, blocks: int = 1) -> tuple[int, int]:
     return best[1], best[2]
 
 
+def reference_factors(k: int, n: int, blocks: int = 1) -> tuple[int, int]:
+    """The TWLA code's factor rule: r = the largest divisor of K with r <= floor(sqrt(N*K/64)) (rotation storage
+    <= 1/4 bit per weight in fp16), (n1, n2) = (K / r, r); n1 must be divisible by `blocks`."""
+    r0 = math.isqrt(n * k // 64)
+    for r in range(min(r0, k), 0, -1):
+        if k % r == 0 and (k // r) % blocks == 0:
+            return k // r, r
+    raise ValueError(f"K={k} has no factor pair with n1 divisible by {blocks}")
+
+
+def fold_weight(w: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """The weight side of an online transform x' = vec(L X R) (P = L ⊗ Rᵀ): W' = W P⁻¹, i.e. per row
+    L⁻ᵀ W R⁻ᵀ, so that W' x' = W x. For orthogonal factors this is L W R (`reference.rotate_weight`)."""
+    n1, n2 = left.shape[0], right.shape[0]
+    w3 = w.float().reshape(-1, n1, n2)
+    if _is_orthogonal(left) and _is_orthogonal(right):
+        return torch.matmul(torch.matmul(left, w3), right).reshape(w.shape)
+    lt_inv = torch.linalg.inv(left.double()).t().float()
+    rt_inv = torch.linalg.inv(right.double()).t().float()
+    return torch.matmul(torch.matmul(lt_inv, w3), rt_inv).reshape(w.shape)
+
+
+def unfold_weight(w_folded: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Inverse of `fold_weight`: W = Lᵀ W' Rᵀ per row, for any invertible factors (the folded weight back in
+    the original basis)."""
+    n1, n2 = left.shape[0], right.shape[0]
+    w3 = w_folded.float().reshape(-1, n1, n2)
+    return torch.matmul(torch.matmul(left.t(), w3), right.t()).reshape(w_folded.shape)
+
+
+def _is_orthogonal(m: torch.Tensor) -> bool:
+    eye = torch.eye(m.shape[0], dtype=torch.float64)
+    return bool((m.double() @ m.double().t() - eye).abs().max() < 1e-4)
+
+
 def random_orthogonal(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Haar-random orthogonal matrix (QR of a Gaussian with the sign fix)."""
     a = torch.randn(n, n, generator=generator, dtype=torch.float64)
@@ -42,8 +77,6 @@ def block_diagonal_orthogonal(n: int, blocks: int, generator: torch.Generator | 
 def orthogonality_error(m: torch.Tensor) -> float:
     eye = torch.eye(m.shape[0], dtype=torch.float64)
     return float((m.double() @ m.double().t() - eye).abs().max())
-
-
 
 
 # --------------------------------------------------------------------------------------------

@@ -141,12 +141,14 @@ def fit_rtn(w: torch.Tensor, code: WeightCode, group_size: int, iters: int = 0) 
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, code: WeightCode, group_size: int, stage2: bool = True,
-                  stage1_iters: int = 15, percdamp: float = 0.1, blocksize: int = 128) -> QuantWeight:
+                  stage1_iters: int = 15, percdamp: float = 0.1, blocksize: int = 128,
+                  int_grid: bool = True) -> QuantWeight:
     """E2M-ATQ with GPTQ column-block error feedback on the damped Hessian h = XᵀX (of the transformed
     inputs). Per K-group (one GPTQ block each): stage 1 on the current (error-updated) weights, stage 2 with
     S = h[group, group], projection onto the integer grid; each column's error then flows into the
     not-yet-quantized columns. Per-row scales (group_size -1): alpha/mu from stage 1 on the whole row, v by
-    nearest level per block, stage 2 and the grid once at the end with the full h."""
+    nearest level per block, stage 2 and the grid once at the end with the full h. int_grid=False keeps fp16
+    alpha/mu (format v1's scales, simulation only) to measure what the grid costs."""
     w = w.detach().float().clone()
     w0 = w.clone()
     n, k = w.shape
@@ -178,8 +180,12 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, code: WeightCode, group_size
                 a, m = stage2_refit(w1, v1, hd[i1:i2, i1:i2])
                 if code.name != "int4":  # a symmetric code flips its values instead of a negative scale
                     v1, a = torch.where(a < 0, -v1, v1), a.abs()
-            qa, qm = to_int_grid(w1, v1, a.clamp(min=0), m, s, code, hd[i1:i2, i1:i2] if stage2 else None)
-            q1 = s * (qa * v1 + qm)
+            if int_grid:
+                qa, qm = to_int_grid(w1, v1, a.clamp(min=0), m, s, code, hd[i1:i2, i1:i2] if stage2 else None)
+                q1 = s * (qa * v1 + qm)
+            else:
+                qa, qm = a.half().float(), m.half().float()
+                q1 = qa * v1 + qm
             qas.append(qa)
             qms.append(qm)
         hinv1 = hinv[i1:i2, i1:i2]
@@ -196,7 +202,10 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, code: WeightCode, group_size
             v_all = torch.where(a < 0, -v_all, v_all)
             a = a.abs()
         s = row_scale_for(a, m, code)
-        qa, qm = to_int_grid(w0, v_all, a, m, s, code, hd if stage2 else None)
+        qa, qm = to_int_grid(w0, v_all, a, m, s, code, hd if stage2 else None) if int_grid else (a.half().float(),
+                                                                                              m.half().float())
         qas, qms = [qa], [qm]
+    if not int_grid:
+        return QuantWeight(code.codes(v_all), code, torch.ones(n), torch.cat(qas, 1), torch.cat(qms, 1))
     return QuantWeight(code.codes(v_all), code, s.reshape(-1), torch.cat(qas, 1).to(torch.int8),
                        torch.cat(qms, 1).to(torch.int8))

