@@ -1,7 +1,11 @@
-"""Serving benchmark on GPU vLLM: bf16 vs fp8 vs twla (W1.58A4) on a Llama-3-8B-shaped model with dummy
+"""Serving benchmark on GPU vLLM: bf16 vs fp8 vs the quantized modes on a Llama-3-8B-shaped model with dummy
 weights (load_format="dummy"), CUDA graphs and torch.compile on.
 
-    python benchmarks/serve.py [--methods bf16,fp8,twla] [--workdir /tmp/serve-bench] [--profile]
+    python benchmarks/serve.py [--methods bf16,fp8,twla,bwla,twinquant] [--workdir /tmp/serve-bench] [--profile]
+                               [--json benchmarks/results/serve.json]
+
+twla = ternary W1.58A4 (group 32, 64x64 transforms, 112x128 for down_proj in 8 K-blocks), bwla = binary W1A6 +
+rank-16 low-rank branch, twinquant = int4 W4A4 (group 128) + rank-32 branch; all with format v2 integer scales.
 
 Prints decode tok/s at batch 1 and 64 (128-token prompts, 256 generated), prefill tok/s (32 prompts ×
 2048 tokens, 1 output token) and GPU memory of the weights, with ratios to bf16 from the same run.
@@ -26,19 +30,28 @@ LLAMA3_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidd
              "eos_token_id": 128001, "torch_dtype": "bfloat16"}
 
 
-def twla_config(n_layers: int) -> dict:
-    """Default TWLA settings for this shape: group 128, A4, balanced rotations (64x64 for 4096;
-    112x128 for down_proj's 14336, k_blocks 8 = shard-local up to TP 8), o_proj folded."""
+MODES = {  # method -> (weight code, group size, activation bits, low-rank rank)
+    "twla": ("ternary", 32, 4, 0),
+    "bwla": ("binary", 128, 6, 16),
+    "twinquant": ("int4", 128, 4, 32),
+}
+
+
+def quant_config(method: str, n_layers: int) -> dict:
+    """quantization_config of one mode for this shape: balanced transforms (64x64 for 4096; 112x128 for
+    down_proj's 14336, k_blocks 8 = shard-local up to TP 8), o_proj's head factor folded (no online transform)."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from twla_vllm import format as fmt
 
+    code, gs, bits, rank = MODES[method]
     layers = {}
     for i in range(n_layers):
         for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
-            layers[f"model.layers.{i}.{m}"] = fmt.LayerSpec(4, 0.9, (64, 64))
-        layers[f"model.layers.{i}.self_attn.o_proj"] = fmt.LayerSpec(4, 0.9, None, k_blocks=8)
-        layers[f"model.layers.{i}.mlp.down_proj"] = fmt.LayerSpec(4, 0.9, (112, 128), k_blocks=8)
-    return fmt.CheckpointConfig(group_size=128, default=fmt.LayerSpec(4, 0.9), layers=layers).to_dict()
+            layers[f"model.layers.{i}.{m}"] = fmt.LayerSpec(bits, 0.9, (64, 64), lowrank_rank=rank)
+        layers[f"model.layers.{i}.self_attn.o_proj"] = fmt.LayerSpec(bits, 0.9, None, k_blocks=8, lowrank_rank=rank)
+        layers[f"model.layers.{i}.mlp.down_proj"] = fmt.LayerSpec(bits, 0.9, (112, 128), k_blocks=8, lowrank_rank=rank)
+    return fmt.CheckpointConfig(group_size=gs, default=fmt.LayerSpec(bits, 0.9), layers=layers,
+                                weight_code=code).to_dict()
 
 
 def weight_bytes(model) -> dict:
@@ -53,14 +66,14 @@ def weight_bytes(model) -> dict:
         own = [p for p in mod.parameters(recurse=False) if p is not None and not name.endswith("bias")]
         lin_bytes += sum(p.numel() * p.element_size() for p in own)
         if hasattr(mod, "twla_packed"):
-            lin_params += mod.twla_packed.numel() * 16
+            lin_params += mod.twla_packed.numel() * mod.quant_method.kernel.spec.code.codes_per_word
         elif hasattr(mod, "weight") and isinstance(mod.weight, torch.Tensor):
             lin_params += mod.weight.numel() * (2 if mod.weight.dtype == torch.uint8 else 1)
     return {"weights_gb": round(total / 1e9, 2), "linear_bytes_per_param": round(lin_bytes / max(lin_params, 1), 3)}
 
 
-KERNEL_GROUPS = (("ternary GEMV/GEMM", ("ternary_gemv", "ternary_gemm", "unpack_kernel")),
-                 ("rotate+quantize", ("act_quant",)),
+KERNEL_GROUPS = (("twla GEMV/GEMM", ("gemv_kernel", "gemm_kernel", "unpack_kernel", "epilogue_kernel")),
+                 ("transform+quantize", ("act_quant",)),
                  ("attention", ("flash", "attn", "attention", "reshape_and_cache", "rotary")),
                  ("dense GEMM (bf16/fp8, lm_head)", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "sm90", "scaled_mm")))
 
@@ -94,8 +107,8 @@ def run_one(method: str, workdir: str, out: str, profile_step: bool = False) -> 
     model_dir = os.path.join(workdir, method)
     os.makedirs(model_dir, exist_ok=True)
     cfg = dict(LLAMA3_8B)
-    if method == "twla":
-        cfg["quantization_config"] = twla_config(cfg["num_hidden_layers"])
+    if method in MODES:
+        cfg["quantization_config"] = quant_config(method, cfg["num_hidden_layers"])
     with open(os.path.join(model_dir, "config.json"), "w") as f:
         json.dump(cfg, f)
     kw = dict(model=model_dir, load_format="dummy", skip_tokenizer_init=True, max_model_len=4096,
@@ -134,6 +147,7 @@ def main() -> None:
     ap.add_argument("--methods", default="bf16,fp8,twla")
     ap.add_argument("--workdir", default="/tmp/serve-bench")
     ap.add_argument("--profile", action="store_true", help="GPU time of one bs=1 decode step by kernel group")
+    ap.add_argument("--json", help="write the rows here (benchmarks/results schema)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -159,6 +173,14 @@ def main() -> None:
             return f"{v:.0f}" + (f" ({v / base[key]:.2f}x)" if base else "")
         print(f"| {r['method']} | {cell('decode_bs1_tok_s')} | {cell('decode_bs64_tok_s')} | {cell('prefill_tok_s')} "
               f"| {r['weights_gb']} | {r['linear_bytes_per_param']} |")
+    if a.json:
+        import datetime
+
+        import torch
+
+        with open(a.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+                       "command": "python " + " ".join(sys.argv), "rows": results}, f, indent=1)
     if a.profile:
         groups = [g for g, _ in KERNEL_GROUPS] + ["other"]
         print("\nGPU time of one bs=1 decode step (µs, torch profiler, CUDA graphs on)")
