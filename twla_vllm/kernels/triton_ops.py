@@ -170,45 +170,36 @@ def lane_perm(k: int, lanes: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------------
+def _lane_asm_source(bits: int) -> tuple[str, str]:
+    """PTX for `_lanes_asm`: per lane i, t = (w >> bits*i) & mask; t = t*mul + add; out_i = t ^ 0x80808080. Operands:
+    outputs $0..$(L-1), then the packed bytes, four `mul` registers and four `add` registers (pack=4)."""
+    lanes = 8 // bits
+    mask = (2**bits - 1) * 0x01010101
+    w, mul, add = f"${lanes}", f"${lanes + 1}", f"${lanes + 5}"
+    lines = []
+    for i in range(lanes):
+        shift = f"shr.u32 t, {w}, {bits * i}; and.b32 t, t, 0x{mask:08X};" if i else f"and.b32 t, {w}, 0x{mask:08X};"
+        lines.append(f"{shift} mad.lo.u32 t, t, {mul}, {add}; xor.b32 ${i}, t, 0x80808080;")
+    asm = "{\n.reg .b32 t;\n" + "\n".join(lines) + "\n}"
+    return asm, ",".join(["=r"] * lanes + ["r"] * 9)
+
+
+_ASM1, _CON1 = (tl.constexpr(v) for v in _lane_asm_source(1))
+_ASM2, _CON2 = (tl.constexpr(v) for v in _lane_asm_source(2))
+_ASM4, _CON4 = (tl.constexpr(v) for v in _lane_asm_source(4))
+
+
 @triton.jit
 def _lanes_asm(byts, mul, add, BITS: tl.constexpr):
     """LANES int8 tensors from packed bytes: lane i = ((w >> B*i) & mask) * mul + add, XOR 0x80 per byte.
     Four bytes (one packed word, all in one weight group) share one register; `mul`/`add` are the group's
     a*step and (m - a*offset + 128) * 0x01010101, read from the register of the word's first byte."""
     if BITS == 2:
-        return tl.inline_asm_elementwise(
-            """{
-            .reg .b32 t;
-            and.b32 t, $4, 0x03030303; mad.lo.u32 t, t, $5, $9; xor.b32 $0, t, 0x80808080;
-            shr.u32 t, $4, 2; and.b32 t, t, 0x03030303; mad.lo.u32 t, t, $5, $9; xor.b32 $1, t, 0x80808080;
-            shr.u32 t, $4, 4; and.b32 t, t, 0x03030303; mad.lo.u32 t, t, $5, $9; xor.b32 $2, t, 0x80808080;
-            shr.u32 t, $4, 6; and.b32 t, t, 0x03030303; mad.lo.u32 t, t, $5, $9; xor.b32 $3, t, 0x80808080;
-            }""",
-            "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [byts, mul, add], dtype=(tl.int8, tl.int8, tl.int8, tl.int8),
-            is_pure=True, pack=4)
+        return tl.inline_asm_elementwise(_ASM2, _CON2, [byts, mul, add], dtype=(tl.int8,) * 4, is_pure=True, pack=4)
     elif BITS == 4:
-        return tl.inline_asm_elementwise(
-            """{
-            .reg .b32 t;
-            and.b32 t, $2, 0x0F0F0F0F; mad.lo.u32 t, t, $3, $7; xor.b32 $0, t, 0x80808080;
-            shr.u32 t, $2, 4; and.b32 t, t, 0x0F0F0F0F; mad.lo.u32 t, t, $3, $7; xor.b32 $1, t, 0x80808080;
-            }""",
-            "=r,=r,r,r,r,r,r,r,r,r,r", [byts, mul, add], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+        return tl.inline_asm_elementwise(_ASM4, _CON4, [byts, mul, add], dtype=(tl.int8,) * 2, is_pure=True, pack=4)
     else:
-        return tl.inline_asm_elementwise(
-            """{
-            .reg .b32 t;
-            and.b32 t, $8, 0x01010101; mad.lo.u32 t, t, $9, $13; xor.b32 $0, t, 0x80808080;
-            shr.u32 t, $8, 1; and.b32 t, t, 0x01010101; mad.lo.u32 t, t, $9, $13; xor.b32 $1, t, 0x80808080;
-            shr.u32 t, $8, 2; and.b32 t, t, 0x01010101; mad.lo.u32 t, t, $9, $13; xor.b32 $2, t, 0x80808080;
-            shr.u32 t, $8, 3; and.b32 t, t, 0x01010101; mad.lo.u32 t, t, $9, $13; xor.b32 $3, t, 0x80808080;
-            shr.u32 t, $8, 4; and.b32 t, t, 0x01010101; mad.lo.u32 t, t, $9, $13; xor.b32 $4, t, 0x80808080;
-            shr.u32 t, $8, 5; and.b32 t, t, 0x01010101; mad.lo.u32 t, t, $9, $13; xor.b32 $5, t, 0x80808080;
-            shr.u32 t, $8, 6; and.b32 t, t, 0x01010101; mad.lo.u32 t, t, $9, $13; xor.b32 $6, t, 0x80808080;
-            shr.u32 t, $8, 7; and.b32 t, t, 0x01010101; mad.lo.u32 t, t, $9, $13; xor.b32 $7, t, 0x80808080;
-            }""",
-            "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [byts, mul, add], dtype=(tl.int8,) * 8, is_pure=True,
-            pack=4)
+        return tl.inline_asm_elementwise(_ASM1, _CON1, [byts, mul, add], dtype=(tl.int8,) * 8, is_pure=True, pack=4)
 
 
 @triton.jit
