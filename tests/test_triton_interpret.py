@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from .helpers import REPO
+from .triton_check import CPU_CASES
 
 
 def test_triton_kernels_match_reference_in_interpreter():
@@ -14,4 +15,4 @@ def test_triton_kernels_match_reference_in_interpreter():
     proc = subprocess.run([sys.executable, "-m", "tests.triton_check"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    assert "9 passed, 0 failed" in proc.stdout
+    assert f"{len(CPU_CASES)} passed, 0 failed" in proc.stdout
