@@ -48,36 +48,48 @@ def _loglik(model, tok, context: str, continuation: str) -> tuple[float, int, to
     return float(logp.gather(1, target[:, None]).sum()), len(cont), logits.argmax(-1) == target
 
 
-def last_word_accuracy(model, tok, text: str, n: int = 100, seed: int = 0) -> float:
+def last_word_items(text: str, n: int = 100, seed: int = 0) -> list[tuple[str, str]]:
+    """(context, " " + last word) of `n` shuffled paragraphs of >= 12 words ending in a period."""
     paras = [p for p in text.split("\n") if len(p.split()) >= 12 and p.rstrip()[-1:] == "."]
     random.Random(seed).shuffle(paras)
-    hits = 0
+    items = []
     for p in paras[:n]:
-        body = p.rstrip()[:-1]
-        context, _, word = body.rpartition(" ")
-        _, _, correct = _loglik(model, tok, context, " " + word)
-        hits += bool(correct.all())
-    return hits / max(1, min(n, len(paras)))
+        context, _, word = p.rstrip()[:-1].rpartition(" ")
+        items.append((context, " " + word))
+    return items
 
 
-def next_sentence_accuracy(model, tok, text: str, n: int = 60, seed: int = 0) -> float:
+def last_word_accuracy(model, tok, text: str, n: int = 100, seed: int = 0) -> float:
+    items = last_word_items(text, n, seed)
+    hits = sum(bool(_loglik(model, tok, context, word)[2].all()) for context, word in items)
+    return hits / max(1, len(items))
+
+
+def next_sentence_items(text: str, n: int = 60, seed: int = 0) -> list[tuple[str, list[str]]]:
+    """(two sentences, [the true next sentence, 3 sentences of other documents]) `n` times."""
     docs = [_sentences(d) for d in text.split("\n\n")]
     docs = [d for d in docs if len(d) >= 4]
     rng = random.Random(seed)
-    hits = total = 0
+    items = []
     for _ in range(n):
         di = rng.randrange(len(docs))
         d = docs[di]
         i = rng.randrange(2, len(d) - 1)
-        context = " ".join(d[i - 2:i])
         others = [rng.choice(docs[j]) for j in rng.sample([j for j in range(len(docs)) if j != di], 3)]
+        items.append((" ".join(d[i - 2:i]), [d[i]] + others))
+    return items
+
+
+def next_sentence_accuracy(model, tok, text: str, n: int = 60, seed: int = 0) -> float:
+    hits = 0
+    items = next_sentence_items(text, n, seed)
+    for context, candidates in items:
         scores = []
-        for cand in [d[i]] + others:
+        for cand in candidates:  # mean token log-likelihood: candidates differ in length
             ll, cnt, _ = _loglik(model, tok, context, " " + cand)
             scores.append(ll / cnt)
-        hits += int(max(range(4), key=scores.__getitem__) == 0)
-        total += 1
-    return hits / total
+        hits += int(max(range(len(scores)), key=scores.__getitem__) == 0)
+    return hits / len(items)
 
 
 def evaluate(model, tok, source: str = "brown", seqlen: int = 512, max_windows: int | None = 32,
