@@ -84,3 +84,54 @@ def test_lm_eval_perplexity_equals_twla_eval(lm_eval_results):
 
     assert results["twla_brown_last_word"]["acc,none"] == last_word_accuracy(sim, tok, text, n=PROXY_N)
     assert results["twla_brown_next_sentence"]["acc,none"] == next_sentence_accuracy(sim, tok, text, n=PROXY_N)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# transformers
+# ---------------------------------------------------------------------------------------------------------
+def test_transformers_loads_the_simulated_model_after_import(synthetic_dirs):
+    """`import twla_vllm.hf` + AutoModelForCausalLM.from_pretrained(DIR) = load_simulated_model(DIR), exactly."""
+    import twla_vllm.hf  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    from twla_vllm.simulate import SimTwlaLinear, load_simulated_model
+
+    model_dir = synthetic_dirs["qwen2"]  # q/k/v biases and per-layer settings
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    sim = load_simulated_model(model_dir)
+    layers = {n for n, m in model.named_modules() if isinstance(m, SimTwlaLinear)}
+    assert layers == {n for n, m in sim.named_modules() if isinstance(m, SimTwlaLinear)} and len(layers) == 14
+    ids = torch.randint(3, 90, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, sim(ids).logits)
+    assert model.config.quantization_config.to_dict()["quant_method"] == "twla"
+
+
+def test_transformers_rejects_a_bad_quantization_config(synthetic_dirs, tmp_path):
+    import shutil
+
+    import twla_vllm.hf  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    from twla_vllm.format import FormatError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(synthetic_dirs["llama"], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["quantization_config"]["weight"]["grop_size"] = 64
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FormatError, match="grop_size"):
+        AutoModelForCausalLM.from_pretrained(str(bad))
+
+
+def test_transformers_without_the_import_gives_a_random_model(synthetic_dirs):
+    """The documented hazard (README, model card): transformers alone warns and random-initialises every quantized
+    linear. If a transformers release starts refusing instead, this test says so and the docs must change."""
+    code = ("import sys, torch; from transformers import AutoModelForCausalLM; "
+            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
+            "print(type(m.model.layers[0].self_attn.q_proj).__name__)")
+    proc = subprocess.run([sys.executable, "-c", code, synthetic_dirs["llama"]], capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Unknown quantization type, got twla" in proc.stderr
+    assert proc.stdout.split()[-1] == "Linear"  # a plain, randomly initialised nn.Linear
