@@ -90,6 +90,13 @@ def _quantize(model_name: str, path: str, out: str, work: str, recipe: Recipe, d
 
         summary["eval"] = evaluate_checkpoint(staged, baseline=path, max_windows=eval_windows)
         record_files(staged, write_report(staged, summary, q))
+    from twla_vllm.format import read_config
+
+    from .export import write_model_card
+    from .model_card import base_model_id
+
+    record_files(staged, [write_model_card(staged, read_config(staged), base_model_id(model_name, src_config),
+                                           summary)])
     install_dir(staged, out, overwrite)  # the report is in before the checkpoint appears at `out`
     clear_work_dir(work)
     return summary
@@ -163,9 +170,9 @@ def quantize_parser() -> Parser:
 def quantize_main(argv: list[str] | None = None) -> None:
     ap = quantize_parser()
     a = ap.parse_args(argv)
-    recipe = recipe_from_args(a)
-    check_recipe(ap, recipe)
     with cli_errors(ap.prog, a.debug):
+        recipe = recipe_from_args(a, ap)  # a bad --recipe file: one line naming the file and key
+        check_recipe(ap, recipe)
         check_out_dir(a.out, a.overwrite, name=f"--out {a.out}")  # before anything slow
         path = resolve_model(a.model)
         s = quantize(a.model, a.out, recipe, _device(a.device), a.restart, not a.no_eval,
@@ -181,7 +188,8 @@ def eval_parser() -> Parser:
     ap.add_argument("--windows", type=positive_int, default=32,
                     help="512-token windows of held-out text for perplexity")
     ap.add_argument("--source", type=calib_source, default="brown",
-                    help="evaluation text: brown (its test split), wikitext2, c4 or a text file (its last 10%%)")
+                    help="evaluation text: brown (its test split), wikitext2, c4, or a text / .jsonl / .json / "
+                         ".csv file (its last 10%%; records: column 'text')")
     return ap
 
 

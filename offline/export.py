@@ -14,15 +14,19 @@ from safetensors.torch import save_file
 from twla_vllm.format import (QUANT_TENSOR_SUFFIXES, WEIGHT_PACKED, CheckpointConfig,
                               validate_checkpoint)
 
+from .model_card import base_model_id, model_card
 from .outdir import check_out_dir, install_dir, record_files
 
 SHARD_BYTES = 2 * 1024**3
+RECIPE_FILE = "recipe.yaml"
+MODEL_CARD = "README.md"
 
 
 def write_checkpoint(out_dir: str, hf_config: dict[str, Any], tensors: dict[str, torch.Tensor],
                      qconfig: CheckpointConfig, tokenizer: Any = None,
                      extra_files: dict[str, str] | None = None, *, overwrite: bool = False) -> str:
-    """Write config.json (+quantization_config), model*.safetensors and the tokenizer to `out_dir`.
+    """Write config.json (+quantization_config), model*.safetensors, the tokenizer, recipe.yaml (the recipe,
+    reusable with `twla-quantize --recipe`) and a model card README.md to `out_dir`.
 
     Nothing appears at `out_dir` until the whole checkpoint is written and passes `validate_checkpoint`.
     `out_dir` must be new or empty, or (with `overwrite`) a checkpoint this tool wrote and nothing else:
@@ -41,6 +45,8 @@ def write_checkpoint(out_dir: str, hf_config: dict[str, Any], tensors: dict[str,
         cfg["quantization_config"] = qconfig.to_dict()
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2, sort_keys=True)
+        write_recipe(tmp, qconfig.recipe)
+        write_model_card(tmp, qconfig, base_model_id(None, hf_config))
         _save_sharded(tmp, {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -56,6 +62,25 @@ def write_checkpoint(out_dir: str, hf_config: dict[str, Any], tensors: dict[str,
         shutil.rmtree(tmp, ignore_errors=True)  # only our temp dir: a failed write leaves nothing behind
         raise
     return out_dir
+
+
+def write_recipe(d: str, recipe: dict[str, Any]) -> str:
+    """recipe.yaml in `d`: the checkpoint's recipe (quantization_config.recipe), loadable by --recipe."""
+    import yaml
+
+    with open(os.path.join(d, RECIPE_FILE), "w") as f:
+        f.write("# The recipe this checkpoint was made with (also quantization_config.recipe in config.json).\n"
+                "# twla-quantize MODEL --out DIR --recipe recipe.yaml repeats it; flags override its fields.\n")
+        yaml.safe_dump(recipe, f, sort_keys=False)
+    return RECIPE_FILE
+
+
+def write_model_card(d: str, qconfig: CheckpointConfig, base_model: str | None = None,
+                     summary: dict[str, Any] | None = None) -> str:
+    """README.md in `d` (model_card.py); the CLI rewrites it with the evaluation once the report exists."""
+    with open(os.path.join(d, MODEL_CARD), "w") as f:
+        f.write(model_card(qconfig, base_model, summary))
+    return MODEL_CARD
 
 
 def stored_bits_per_weight(tensors: dict[str, torch.Tensor], codes_per_word: int) -> float:

@@ -8,11 +8,13 @@ torch, transformers and vLLM takes seconds.
 from __future__ import annotations
 
 import argparse
-import os
 import dataclasses
+import os
 from typing import Any, Callable
 
+from . import data
 from . import recipe as R
+from .errors import UsageError
 
 CALIB_SOURCES = ("brown", "wikitext2", "c4")
 BLOCK_BITS = range(2, 9)  # activation bits one block can get (16, unquantized, is never allocated)
@@ -62,11 +64,18 @@ def bit_set(text: str) -> tuple[int, ...]:
 
 
 def calib_source(text: str) -> str:
+    files = "a text, .jsonl, .json or .csv file"
     if text in CALIB_SOURCES or os.path.isfile(text):
         return text
     if os.path.exists(text):
-        raise argparse.ArgumentTypeError(f"not a file: {text} (use {', '.join(CALIB_SOURCES)} or a text file)")
-    raise argparse.ArgumentTypeError(f"file not found: {text} (use {', '.join(CALIB_SOURCES)} or a text file)")
+        raise argparse.ArgumentTypeError(f"not a file: {text} (use {', '.join(CALIB_SOURCES)} or {files})")
+    raise argparse.ArgumentTypeError(f"file not found: {text} (use {', '.join(CALIB_SOURCES)} or {files})")
+
+
+def recipe_file(text: str) -> str:
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"file not found: {text} (a YAML recipe, e.g. a checkpoint's recipe.yaml)")
+    return text
 
 
 def add_recipe_args(ap: argparse.ArgumentParser) -> None:
@@ -74,11 +83,15 @@ def add_recipe_args(ap: argparse.ArgumentParser) -> None:
     follow the device (recipe.DEVICE_DEFAULTS: cpu / cuda)."""
     d = R.preset("twla").to_dict()
     dev = {k: f"{c} on cpu, {g} on cuda" for k, (c, g) in R.DEVICE_DEFAULTS.items()}
-    g = ap.add_argument_group("recipe (recorded in the checkpoint; a resumed run must use the same). Defaults: the "
-                              "--method preset (values shown are TWLA's)")
-    g.add_argument("--method", choices=R.METHODS, default="twla",
+    g = ap.add_argument_group("recipe (recorded in the checkpoint as recipe.yaml; a resumed run must use the same). "
+                              "Defaults: the --method preset (values shown are TWLA's), then --recipe, then flags")
+    g.add_argument("--recipe", type=recipe_file, metavar="FILE",
+                   help="YAML file of recipe fields (e.g. a checkpoint's recipe.yaml): overrides the --method "
+                        "preset; flags override the file")
+    g.add_argument("--method", choices=R.METHODS,
                    help="preset: twla (ternary, KOTMS, A4 by ILA-AMP), bwla (binary, OKT, rank-16 PSP branch, A6), "
-                        "twinquant (int4 residual, learned transforms, rank-32 branch, A4)")
+                        "twinquant (int4 residual, learned transforms, rank-32 branch, A4) (default: the --recipe "
+                        "file's method, else twla)")
     g.add_argument("--code", choices=R.CODES, help=f"weight code (default: {d['code']})")
     g.add_argument("--group-size", type=group_size,
                    help=f"weight group along K: the largest multiple of 16 (32 for binary) <= this that divides "
@@ -119,8 +132,11 @@ def add_recipe_args(ap: argparse.ArgumentParser) -> None:
                    help="max tensor-parallel size the checkpoint supports (shard-local blocks of o/down inputs; "
                         f"1 = a full left factor, TP 1 only): a power of two (default: {d['row_parallel_blocks']})")
     g.add_argument("--calib", type=calib_source,
-                   help="calibration text: brown (embedded), wikitext2, c4 (need the hub) or a text file "
-                        f"(default: {d['calib']})")
+                   help="calibration text: brown (embedded), wikitext2, c4 (need the hub), a text file, or records "
+                        "in a .jsonl/.json/.csv file (see --text-column); a file's first 80%% calibrates, the next "
+                        f"10%% allocates bits and clips, the last 10%% is left for evaluation (default: {d['calib']})")
+    g.add_argument("--text-column", metavar="NAME",
+                   help=f"column holding the text in a .jsonl/.json/.csv --calib file (default: {d['text_column']})")
     g.add_argument("--nsamples", type=positive_int, help=f"calibration windows of --seqlen tokens (default: "
                                                           f"{dev['nsamples']})")
     g.add_argument("--seqlen", type=positive_int, help=f"tokens per calibration window (default: {dev['seqlen']})")
@@ -134,15 +150,70 @@ def add_recipe_args(ap: argparse.ArgumentParser) -> None:
 
 _FLAG_FIELDS = ("code", "group_size", "act_bits", "bit_set", "weight_method", "rotation", "rotation_sharing",
                 "factor_rule", "o_proj_rotation", "lowrank", "lowrank_rank", "kotms_iters", "allocation",
-                "row_parallel_blocks", "calib", "nsamples", "seqlen", "amp_tokens", "clip_tokens", "seed")
+                "row_parallel_blocks", "calib", "text_column", "nsamples", "seqlen", "amp_tokens", "clip_tokens",
+                "seed")
 
 
-def recipe_from_args(a: argparse.Namespace) -> R.Recipe:
-    """The --method preset with every given flag applied."""
+def recipe_from_args(a: argparse.Namespace, ap: argparse.ArgumentParser | None = None) -> R.Recipe:
+    """The recipe of a command line: the --method preset (or the --recipe file's method), the --recipe file's
+    fields over it, every given flag over both. A bad file raises UsageError naming the file and key (`ap`: the
+    parser whose option checks the file's values go through; default: twla-quantize's)."""
+    fields = read_recipe_file(a.recipe, ap) if getattr(a, "recipe", None) else {}
+    method = a.method or fields.get("method", "twla")
     given: dict[str, Any] = {f: getattr(a, f) for f in _FLAG_FIELDS if getattr(a, f, None) is not None}
     if a.no_clip_search:
         given["clip_search"] = False
-    return dataclasses.replace(R.preset(a.method), **given)
+    return dataclasses.replace(R.preset(method), **{**fields, "method": method, **given})
+
+
+def read_recipe_file(path: str, ap: argparse.ArgumentParser | None = None) -> dict[str, Any]:
+    """Recipe fields of a YAML file, each checked as its flag checks it (or by the field's type where no flag
+    sets it); unknown keys are refused."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise UsageError(f"--recipe {path}: not valid YAML ({' '.join(str(e).split())})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"--recipe {path}: expected a mapping of recipe fields, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(R.Recipe)}
+    if ap is None:
+        from .cli import quantize_parser
+
+        ap = quantize_parser()
+    actions = {act.dest: act for act in ap._actions}  # the flags' own checks
+    out = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise UsageError(f"--recipe {path}: unknown key '{key}' (a typo? recipe fields: {', '.join(fields)})")
+        try:
+            out[key] = _check_field(fields[key], actions.get(key), value)
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            raise UsageError(f"--recipe {path}: key '{key}': {e}") from None
+    return out
+
+
+def _check_field(field: dataclasses.Field, action: argparse.Action | None, value: Any) -> Any:
+    if action is not None and value is not None and action.type is not None:
+        text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+        value = action.type(text)
+    if action is not None and action.choices is not None and value not in action.choices:
+        raise ValueError(f"must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+    kind = str(field.type)  # annotations are strings here (from __future__ import annotations)
+    ok = {"bool": isinstance(value, bool), "str": isinstance(value, str),
+          "int": isinstance(value, int) and not isinstance(value, bool),
+          "int | None": value is None or (isinstance(value, int) and not isinstance(value, bool)),
+          "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+          "tuple[int, ...]": isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value)}.get(kind)
+    if ok is None:
+        raise ValueError(f"field type {kind} cannot be read from a file")
+    if not ok:
+        raise ValueError(f"must be {kind}, got {value!r}")
+    return tuple(value) if kind.startswith("tuple") else value
 
 
 def check_recipe(ap: argparse.ArgumentParser, r: R.Recipe) -> None:
@@ -159,3 +230,8 @@ def check_recipe(ap: argparse.ArgumentParser, r: R.Recipe) -> None:
     if (r.lowrank == "none") != (r.lowrank_rank == 0):
         ap.error(f"--lowrank {r.lowrank} with --lowrank-rank {r.lowrank_rank}: a branch needs a rank > 0, and a "
                  f"rank needs a --lowrank method")
+    if os.path.isfile(r.calib) and r.calib.lower().endswith(data.RECORD_FORMATS):
+        try:  # the file and its column are read now, before any model loads
+            data.read_records(r.calib, r.text_column)
+        except data.DataError as e:
+            ap.error(f"--calib {e}")

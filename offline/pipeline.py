@@ -120,8 +120,8 @@ class Quantizer:
             inputs = torch.load(os.path.join(state, "hidden.pt"), weights_only=False)
         else:
             t0 = time.time()
-            ids = data.token_windows(self.tok, data.load_text(self.r.calib, "calib"), self.r.nsamples,
-                                     self.r.seqlen, self.r.seed)
+            text = data.load_text(self.r.calib, "calib", self.r.text_column)
+            ids = data.token_windows(self.tok, text, self.r.nsamples, self.r.seqlen, self.r.seed)
             inputs = capture_first_block_inputs(self.model, ids, self.r.batch_size)
             self.seconds["calibrate"] += time.time() - t0
         for l in tqdm(range(start, len(layers)), desc="quantize blocks", initial=start, total=len(layers)):
@@ -306,7 +306,7 @@ class Quantizer:
         n_layers = len(decoder_layers(self.model))
         t0 = time.time()
         if r.allocation == "ila-amp":
-            heldout = data.load_text(r.calib, "heldout")
+            heldout = data.load_text(r.calib, "heldout", r.text_column)
             ids = data.token_windows(self.tok, heldout, max(1, r.amp_tokens // r.amp_seqlen), r.amp_seqlen, r.seed + 1)
             table = allocate.measure_sensitivity(self.model, ids, r.bit_set, set_block_bits=self.set_block_bits,
                                                  log=self.log)
@@ -321,7 +321,7 @@ class Quantizer:
 
     def search_clips(self) -> None:
         t0 = time.time()
-        heldout = data.load_text(self.r.calib, "heldout")
+        heldout = data.load_text(self.r.calib, "heldout", self.r.text_column)
         ids = data.token_windows(self.tok, heldout, max(1, self.r.clip_tokens // self.r.amp_seqlen), self.r.amp_seqlen,
                                  self.r.seed + 2)
         sims = self.sim_layers()

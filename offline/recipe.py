@@ -66,6 +66,7 @@ class Recipe:
     clip_min: float = 0.5  # clip ratios searched: clip_min .. 1.0 in steps of clip_step
     clip_step: float = 0.02
     calib: str = "brown"
+    text_column: str = "text"  # the column holding the text when calib is a .jsonl / .json / .csv file
     nsamples: int | None = None  # calibration windows (None: by device)
     seqlen: int | None = None
     seed: int = 0

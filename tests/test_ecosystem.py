@@ -135,3 +135,150 @@ def test_transformers_without_the_import_gives_a_random_model(synthetic_dirs):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Unknown quantization type, got twla" in proc.stderr
     assert proc.stdout.split()[-1] == "Linear"  # a plain, randomly initialised nn.Linear
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Recipes and calibration data as files, the model card
+# ---------------------------------------------------------------------------------------------------------
+TINY_FLAGS = ["--nsamples", "2", "--seqlen", "64", "--kotms-iters", "3", "--allocation", "uniform", "--act-bits",
+              "4", "--no-clip-search", "--group-size", "64", "--no-eval"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dense(tmp_path_factory) -> str:
+    """A tiny random dense Qwen2 (HF directory) to quantize."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from twla_offline.synthetic import char_tokenizer, tiny_config
+
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**tiny_config("qwen2", 98)), dtype=torch.float32)
+    path = str(tmp_path_factory.mktemp("dense") / "tiny-qwen2")
+    model.save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+def _parse(*argv: str):
+    from twla_offline.cli import quantize_parser
+    from twla_offline.options import recipe_from_args
+
+    ap = quantize_parser()
+    return recipe_from_args(ap.parse_args(["m", "--out", "o", *argv]), ap)
+
+
+def test_recipe_file_overrides_the_preset_and_flags_override_the_file(tmp_path):
+    from twla_offline.recipe import preset
+
+    f = tmp_path / "r.yaml"
+    f.write_text("method: bwla\nlowrank_rank: 8\nseed: 5\nkotms_lr: 0.02\nbit_set: [4, 8]\n")
+    r = _parse("--recipe", str(f), "--seed", "3")
+    assert (r.method, r.code, r.lowrank, r.lowrank_rank, r.seed, r.kotms_lr, r.bit_set) == \
+        ("bwla", "binary", "psp", 8, 3, 0.02, (4, 8))
+    r = _parse("--recipe", str(f), "--method", "twinquant")  # the flag picks the preset, the file still applies
+    assert (r.method, r.code, r.lowrank_rank, r.seed) == ("twinquant", "int4", 8, 5)
+    assert _parse() == preset("twla")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("grop_size: 64\n", "--recipe {f}: unknown key 'grop_size'"),
+    ("group_size: 50\n", "--recipe {f}: key 'group_size': must be -1 (per row) or a positive multiple of 16"),
+    ("rotation: hadamard\n", "--recipe {f}: key 'rotation': must be one of kotms, okt"),
+    ("kotms_lr: fast\n", "--recipe {f}: key 'kotms_lr': must be float"),
+    ("- a\n- b\n", "--recipe {f}: expected a mapping of recipe fields"),
+    ("a: [1,\n", "--recipe {f}: not valid YAML"),
+])
+def test_bad_recipe_file_is_one_line_naming_the_key(tmp_path, capsys, text, message):
+    from twla_offline.cli import quantize_main
+
+    f = tmp_path / "r.yaml"
+    f.write_text(text)
+    with pytest.raises(SystemExit) as e:
+        quantize_main(["m", "--out", str(tmp_path / "o"), "--recipe", str(f)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("twla-quantize: " + message.format(f=f)), err
+
+
+@pytest.mark.parametrize("name, content", [
+    ("c.jsonl", "\n".join(json.dumps({"id": i, "body": f"record {i} " * 20}) for i in range(30))),
+    ("c.json", json.dumps([{"body": f"record {i} " * 20} for i in range(30)])),
+    ("cols.json", json.dumps({"body": [f"record {i} " * 20 for i in range(30)]})),
+    ("c.csv", "id,body\n" + "\n".join(f'{i},"record {i}, ' + f"record {i} " * 19 + '"' for i in range(30))),
+])
+def test_calibration_records_split_by_record(tmp_path, name, content):
+    from twla_offline import data
+
+    f = tmp_path / name
+    f.write_text(content)
+    parts = {s: data.load_text(str(f), s, text_column="body").split("\n\n") for s in data.SPLITS}
+    assert [len(parts[s]) for s in data.SPLITS] == [24, 3, 3]
+    assert parts["test"][-1].startswith("record 29") and parts["calib"][0].startswith("record 0")
+
+
+@pytest.mark.parametrize("name, content, column, message", [
+    ("c.csv", "id,text\n1,a\n", "body", "{f}: no column 'body' (columns: id, text); choose one with --text-column"),
+    ("c.jsonl", '{"text": "a"}\n{"body": "b"}\n', "text", "{f}: record 2 has no column 'text' (has: body)"),
+    ("c.jsonl", '{"text": "a"}\n{"text": \n', "text", "{f}: line 2: not valid JSON"),
+    ("c.json", '{"text": 3}', "text", "{f}: expected a list of objects"),
+    ("c.json", '[{"text": 3}]', "text", "{f}: record 1: column 'text' is a int, not text"),
+])
+def test_bad_calibration_file_names_file_and_column(tmp_path, capsys, name, content, column, message):
+    from twla_offline.cli import quantize_main
+
+    f = tmp_path / name
+    f.write_text(content)
+    with pytest.raises(SystemExit) as e:
+        quantize_main(["m", "--out", str(tmp_path / "o"), "--calib", str(f), "--text-column", column])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("twla-quantize: --calib " + message.format(f=f)), err
+
+
+def test_checkpoint_has_recipe_yaml_and_model_card_and_the_recipe_repeats_it(tiny_dense, tmp_path):
+    """recipe.yaml and README.md sit in the checkpoint (listed in .twla-checkpoint); quantizing again with
+    `--recipe recipe.yaml` (calibration from a .jsonl file both times) gives a byte-identical checkpoint."""
+    import yaml
+
+    from twla_offline import data
+    from twla_offline.cli import quantize_main
+    from twla_offline.outdir import tool_files
+
+    calib = tmp_path / "calib.jsonl"
+    paras = data.load_text("brown", "calib").split("\n\n")[:200]
+    calib.write_text("\n".join(json.dumps({"content": p}) for p in paras))
+    first, second = tmp_path / "first", tmp_path / "second"
+    quantize_main([tiny_dense, "--out", str(first), "--calib", str(calib), "--text-column", "content", *TINY_FLAGS])
+    assert {"recipe.yaml", "README.md"} <= set(tool_files(str(first)))
+    recipe = yaml.safe_load((first / "recipe.yaml").read_text())
+    qcfg = json.loads((first / "config.json").read_text())["quantization_config"]
+    assert recipe == qcfg["recipe"] and recipe["text_column"] == "content" and recipe["kotms_iters"] == 3
+    quantize_main([tiny_dense, "--out", str(second), "--recipe", str(first / "recipe.yaml"), "--no-eval"])
+    for name in ("model.safetensors", "config.json", "recipe.yaml"):
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+    card = (first / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["library_name"] == "vllm" and "ternary" in front["tags"]
+    assert "base_model" not in front  # a local directory names no hub model
+    assert "import twla_vllm.hf" in card and f"{qcfg['bits_per_weight']} bits per weight" in card
+    assert "python3 -m vllm.entrypoints.openai.api_server --model DIR" in card
+
+
+def test_model_card_front_matter_and_evaluation_table():
+    import yaml
+
+    from twla_offline.model_card import base_model_id, model_card
+    from twla_vllm.format import CheckpointConfig, LayerSpec
+
+    qcfg = CheckpointConfig(group_size=64, layers={"model.layers.0.mlp.up_proj": LayerSpec(act_bits=6)},
+                            bits_per_weight=2.41, recipe={"method": "twla"})
+    summary = {"eval": {"baseline": {"ppl": 49.4, "last_word_acc": 0.3, "next_sentence_4way_acc": 0.5},
+                        "twla": {"ppl": 120.5, "last_word_acc": 0.1, "next_sentence_4way_acc": 0.4,
+                                 "ppl_windows": 32}}}
+    card = model_card(qcfg, base_model_id("smollm2-135m"), summary)
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert front["base_model_relation"] == "quantized" and front["library_name"] == "vllm"
+    assert "| dense baseline | 49.40 | 0.300 | 0.500 |" in card
+    assert "| this checkpoint (simulated) | 120.50 | 0.100 | 0.400 |" in card
+    assert base_model_id("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B" and base_model_id("/tmp/x") is None
