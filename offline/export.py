@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from twla_vllm.ct_vocab import describe as describe_in_ct_vocabulary
 from twla_vllm.format import (QUANT_TENSOR_SUFFIXES, WEIGHT_PACKED, CheckpointConfig,
                               validate_checkpoint)
 
@@ -41,6 +42,7 @@ def write_checkpoint(out_dir: str, hf_config: dict[str, Any], tensors: dict[str,
     try:
         if qconfig.bits_per_weight is None:
             qconfig.bits_per_weight = stored_bits_per_weight(tensors, qconfig.code.codes_per_word)
+        qconfig.extra.update(describe_in_ct_vocabulary(qconfig))  # checked by validate_checkpoint below
         cfg = dict(hf_config)
         cfg["quantization_config"] = qconfig.to_dict()
         with open(os.path.join(tmp, "config.json"), "w") as f:

@@ -282,3 +282,88 @@ def test_model_card_front_matter_and_evaluation_table():
     assert "| dense baseline | 49.40 | 0.300 | 0.500 |" in card
     assert "| this checkpoint (simulated) | 120.50 | 0.100 | 0.400 |" in card
     assert base_model_id("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B" and base_model_id("/tmp/x") is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# compressed-tensors vocabulary
+# ---------------------------------------------------------------------------------------------------------
+def test_checkpoint_speaks_compressed_tensors(synthetic_dirs):
+    """compressed-tensors' own models read the checkpoint's config_groups / transform_config, and what they say
+    per layer is what our keys say."""
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.transform import TransformConfig
+
+    from twla_vllm.format import read_config
+
+    path = os.path.join(synthetic_dirs["qwen2"], "config.json")
+    with open(path) as f:
+        qc = json.load(f)["quantization_config"]
+    ours = read_config(synthetic_dirs["qwen2"])
+    ct = QuantizationConfig.model_validate(qc)  # ignores our keys, validates its own
+    assert ct.quant_method == "twla" and ct.quantization_status == "compressed" and ct.ignore == ["lm_head"]
+    for name, spec in ours.layers.items():
+        (scheme,) = [s for s in ct.config_groups.values() if name in s.targets]
+        assert (scheme.weights.num_bits, scheme.weights.strategy, scheme.weights.group_size) == (2, "group", 64)
+        assert (scheme.input_activations.num_bits, scheme.input_activations.strategy,
+                scheme.input_activations.dynamic, scheme.input_activations.symmetric) == (spec.act_bits, "token",
+                                                                                          True, False)
+    tc = TransformConfig.model_validate(qc["transform_config"])
+    online = {t: s for s, scheme in tc.config_groups.items() for a in scheme.apply if a.location == "input"
+              for t in a.targets}
+    assert online == {n: f"kronecker_{s.rotation[0]}x{s.rotation[1]}" for n, s in ours.layers.items()}
+
+
+@pytest.mark.parametrize("code, gs, act", [("ternary", 32, 4), ("binary", -1, 6), ("int4", 128, 16)])
+def test_ct_vocabulary_round_trips_for_every_code(code, gs, act):
+    from twla_vllm import ct_vocab
+    from twla_vllm.format import CheckpointConfig, LayerSpec
+
+    cfg = CheckpointConfig(group_size=gs, weight_code=code, default=LayerSpec(act_bits=act), layers={
+        "model.layers.0.mlp.down_proj": LayerSpec(act_bits=8, rotation=(16, 32), k_blocks=2, lowrank_rank=4)})
+    cfg.extra.update(ct_vocab.describe(cfg))
+    back = CheckpointConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    ct_vocab.validate(back, back.extra)
+    assert back.extra == cfg.extra
+    default = back.extra["config_groups"]["default"]
+    assert default["weights"]["num_bits"] == {"ternary": 2, "binary": 1, "int4": 4}[code]
+    assert default["weights"]["strategy"] == ("channel" if gs == -1 else "group")
+    assert (default["input_activations"] is None) == (act == 16)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda q: q["config_groups"]["a8"]["input_activations"].update(num_bits=6),
+     "key 'config_groups': group 'a8' says input_activations"),
+    (lambda q: q["config_groups"]["default"]["weights"].update(group_size=32),
+     "key 'config_groups': group 'default' says weights"),
+    (lambda q: q["config_groups"]["a8"]["input_activations"].update(dynamic=False),
+     "key 'config_groups': compressed-tensors rejects it"),
+    (lambda q: q["config_groups"]["a8"]["targets"].append("model.layers.9.mlp.up_proj"),
+     "key 'config_groups': targets ['model.layers.9.mlp.up_proj'] are not in key 'layers'"),
+    (lambda q: q["transform_config"]["config_groups"].popitem(), "key 'transform_config': no scheme for"),
+    (lambda q: q["transform_config"].update(extra=1), "key 'transform_config': compressed-tensors rejects it"),
+    (lambda q: q.update(format="pack-quantized"), "key 'format': must be 'int32-bytelane'"),
+    (lambda q: q.update(quantization_status="done"), "key 'quantization_status': compressed-tensors rejects it"),
+])
+def test_ct_vocabulary_that_contradicts_our_keys_is_refused(synthetic_dirs, edit, message):
+    from twla_vllm import ct_vocab
+    from twla_vllm.format import CheckpointConfig, FormatError
+
+    with open(os.path.join(synthetic_dirs["llama"], "config.json")) as f:
+        qc = json.load(f)["quantization_config"]
+    edit(qc)
+    with pytest.raises(FormatError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        ct_vocab.validate(CheckpointConfig.from_dict(qc), qc)
+
+
+def test_ct_vocabulary_is_checked_when_a_checkpoint_loads(synthetic_dirs, tmp_path):
+    import shutil
+
+    from twla_vllm.format import FormatError, validate_checkpoint
+
+    bad = tmp_path / "bad"
+    shutil.copytree(synthetic_dirs["llama"], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["quantization_config"]["config_groups"]["a4"]["input_activations"]["num_bits"] = 3
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FormatError, match=r"bad/config.json: quantization_config: key 'config_groups': group 'a4'"):
+        validate_checkpoint(str(bad))  # what vLLM, twla-eval, load_simulated_model and twla_vllm.hf run first

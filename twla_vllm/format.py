@@ -581,4 +581,7 @@ def validate_checkpoint(model_dir: str, config: CheckpointConfig | None = None) 
                               f"checkpoint has no quantized layer with that name")
     if not layers:
         raise FormatError(f"{model_dir}: no quantized layer found (no '*.{WEIGHT_PACKED}' tensors)")
+    from .ct_vocab import validate as validate_ct_keys  # the same checkpoint in compressed-tensors' words
+
+    validate_ct_keys(config, config.extra, f"{model_dir}/config.json: quantization_config")
     return config
