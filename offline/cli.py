@@ -49,6 +49,7 @@ def quantize(model_name: str, out: str, recipe: Recipe, device: str = "cpu", res
         raise UsageError(f"{work}: exists and is not twla-quantize's work directory (no {RECIPE}); move it "
                          f"away or choose another --out")
     path = model_path or resolve_model(model_name)
+    check_architecture(path)
     try:
         return _quantize(model_name, path, out, work, recipe, device, restart, evaluate_after, eval_windows,
                          overwrite)
@@ -56,6 +57,18 @@ def quantize(model_name: str, out: str, recipe: Recipe, device: str = "cpu", res
         if not os.path.exists(os.path.join(work, PROGRESS)):
             shutil.rmtree(work, ignore_errors=True)  # nothing worth resuming: leave no OUT.work/ behind
         raise
+
+
+def check_architecture(path: str) -> None:
+    """Refuse a model TWLA does not support, from its config.json, before any weight loads."""
+    from twla_vllm.architectures import UnsupportedArchitecture, check_config
+
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    try:
+        check_config(config, os.path.join(path, "config.json"))
+    except UnsupportedArchitecture as e:
+        raise UsageError(str(e)) from None
 
 
 def _quantize(model_name: str, path: str, out: str, work: str, recipe: Recipe, device: str, restart: bool,

@@ -367,3 +367,75 @@ def test_ct_vocabulary_is_checked_when_a_checkpoint_loads(synthetic_dirs, tmp_pa
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(FormatError, match=r"bad/config.json: quantization_config: key 'config_groups': group 'a4'"):
         validate_checkpoint(str(bad))  # what vLLM, twla-eval, load_simulated_model and twla_vllm.hf run first
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Supported hardware and architectures
+# ---------------------------------------------------------------------------------------------------------
+def _cuda_spec():
+    from twla_vllm.format import CODES
+    from twla_vllm.kernels import LinearSpec
+
+    return LinearSpec(name="model.layers.0.mlp.down_proj", out_features=128, in_features=256, code=CODES["ternary"],
+                      group_size=64, act_bits=4, act_clip=1.0, k_blocks=1, has_rotation=True, lowrank_rank=0,
+                      shard_sizes=(128,), per_shard_rotation=False, device_type="cuda", dtype=torch.float16)
+
+
+@pytest.mark.parametrize("capability, chosen, logged", [
+    ((7, 5), "TorchReferenceKernel", "needs compute capability >= 8.0 (int8 tensor-core MMA), this GPU is sm_75"),
+    ((8, 9), "TritonKernel", "TritonKernel is verified on sm_90 (H100) only; this GPU is sm_89"),
+    ((9, 0), "TritonKernel", None),
+])
+def test_kernel_choice_checks_compute_capability(monkeypatch, caplog, capability, chosen, logged):
+    import logging
+
+    from twla_vllm import kernels
+    from twla_vllm.kernels import triton_kernel
+
+    pytest.importorskip("triton")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(kernels, "_REPORTED", set())
+    monkeypatch.setattr(triton_kernel, "_WARNED", set())
+    with caplog.at_level(logging.INFO, logger="twla_vllm"):
+        assert type(kernels.choose_kernel(_cuda_spec())).__name__ == chosen
+        kernels.choose_kernel(_cuda_spec())  # once per process, not per layer
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    if logged is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and logged in warnings[0], warnings
+    if chosen == "TorchReferenceKernel":
+        assert "the plain-torch reference on a GPU is slow" in warnings[0]
+
+
+def test_unsupported_architecture_fails_before_the_model_loads(tmp_path, capsys):
+    """config.json alone decides: the directory has no weights at all, and the message names the architecture."""
+    from twla_offline.cli import quantize_main
+
+    src = tmp_path / "phi"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"architectures": ["Phi3ForCausalLM"], "model_type": "phi3"}))
+    with pytest.raises(SystemExit) as e:
+        quantize_main([str(src), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert "architecture Phi3ForCausalLM (model_type 'phi3') is not supported by TWLA" in err
+    assert "supported: LlamaForCausalLM (llama), Qwen2ForCausalLM (qwen2)" in err
+    assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "out.work")
+
+
+def test_unsupported_architecture_fails_when_vllm_configures_the_engine(synthetic_dirs):
+    """TwlaConfig.maybe_update_config is what vLLM calls with the model's hf_config (vllm/config/vllm.py)."""
+    from types import SimpleNamespace
+
+    from twla_vllm.architectures import UnsupportedArchitecture
+    from twla_vllm.config import TwlaConfig
+
+    model = synthetic_dirs["llama"]
+    with open(os.path.join(model, "config.json")) as f:
+        cfg = TwlaConfig.from_config(json.load(f)["quantization_config"])
+    cfg.maybe_update_config(model, hf_config=SimpleNamespace(architectures=["LlamaForCausalLM"], model_type="llama"))
+    with pytest.raises(UnsupportedArchitecture, match=r"architecture MistralForCausalLM \(model_type 'mistral'\) "
+                                                      r"is not supported by TWLA"):
+        cfg.maybe_update_config(model, hf_config=SimpleNamespace(architectures=["MistralForCausalLM"],
+                                                                 model_type="mistral"))

@@ -9,6 +9,7 @@ import torch
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 
+from .architectures import check_architecture
 from .format import FUSED_GROUPS, CheckpointConfig, FormatError, LayerSpec, validate_checkpoint
 
 
@@ -47,8 +48,12 @@ class TwlaConfig(QuantizationConfig):
         return cls(CheckpointConfig.from_dict(config, source="config.json: quantization_config"))
 
     def maybe_update_config(self, model_name: str, hf_config: Any = None, revision: str | None = None):
-        # Runs once in the front-end process before any worker starts: check every tensor header
-        # here so bad checkpoints fail with a message naming the file and tensor, not deep in a loader.
+        # Runs once in the front-end process before any worker starts: refuse an architecture TWLA does not
+        # serve and check every tensor header here, so bad checkpoints fail with a message naming the
+        # architecture, file or tensor, not deep in a loader.
+        if hf_config is not None:
+            check_architecture(getattr(hf_config, "architectures", None), getattr(hf_config, "model_type", None),
+                               f"{model_name}: config.json")
         if os.path.isdir(model_name) and _has_weight_files(model_name):  # none: load_format="dummy"
             validate_checkpoint(model_name, self.checkpoint)
 

@@ -1,10 +1,17 @@
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .. import ops
 from ..reference import block_row_sums
 from .base import LayerWeights, LinearSpec, TwlaKernel, register
+
+logger = logging.getLogger("twla_vllm")
+MIN_CAPABILITY = (8, 0)  # int8 x int8 -> int32 tensor-core MMA (Ampere and later)
+TESTED_CAPABILITIES = {(9, 0)}  # H100: where the kernels were verified against the reference
+_WARNED: set[tuple[int, int]] = set()  # capabilities already warned about in this process
 
 
 class TritonKernel(TwlaKernel):
@@ -18,6 +25,15 @@ class TritonKernel(TwlaKernel):
             return False, "needs a CUDA device"
         if ops.triton_ops is None:
             return False, "Triton is not installed"
+        major, minor = torch.cuda.get_device_capability()
+        if (major, minor) < MIN_CAPABILITY:
+            need = f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}"
+            return False, f"needs compute capability >= {need} (int8 tensor-core MMA), this GPU is sm_{major}{minor}"
+        if (major, minor) not in TESTED_CAPABILITIES and (major, minor) not in _WARNED:
+            _WARNED.add((major, minor))
+            logger.warning("TWLA: TritonKernel is verified on sm_90 (H100) only; this GPU is sm_%d%d: it should "
+                           "work (int8 MMA, dp4a) but is untested here -- compare with TWLA_DISABLED_KERNELS="
+                           "TritonKernel (the torch reference) before relying on it", major, minor)
         if spec.act_bits > 8:
             return False, "float activations (act_bits 16) run on the reference kernel"
         if (spec.in_features // spec.k_blocks) % 32:
