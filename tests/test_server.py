@@ -121,3 +121,49 @@ def test_chat_completions(server, stream):
         chunks = [json.loads(line[6:]) for line in r.iter_lines(decode_unicode=True)
                   if line.startswith("data: ") and line != "data: [DONE]"]
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == want
+
+
+BAD_REQUESTS = {  # name -> (endpoint, raw body or JSON object, status)
+    "malformed_json": ("completions", '{"model": MODEL, "prompt": "hi",', 400),
+    "body_not_an_object": ("completions", "[1, 2]", 400),
+    "missing_prompt": ("completions", {"model": "MODEL", "max_tokens": 4}, 400),
+    "missing_messages": ("chat/completions", {"model": "MODEL", "max_tokens": 4}, 400),
+    "max_tokens_beyond_context": ("completions", {"model": "MODEL", "prompt": "hi", "max_tokens": 100000}, 400),
+    "negative_temperature": ("completions", {"model": "MODEL", "prompt": "hi", "temperature": -1}, 400),
+    "prompt_longer_than_context": ("completions", {"model": "MODEL", "prompt": "a" * 400, "max_tokens": 4}, 400),
+    "token_id_out_of_vocabulary": ("completions", {"model": "MODEL", "prompt": [1, 99999], "max_tokens": 4}, 400),
+    "unknown_model": ("completions", {"model": "no-such-model", "prompt": "hi", "max_tokens": 4}, 404),
+    "empty_prompt": ("completions", {"model": "MODEL", "prompt": "", "max_tokens": 4}, 400),
+    "empty_conversation": ("chat/completions", {"model": "MODEL", "messages": [], "max_tokens": 4}, 400),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_REQUESTS))
+def test_bad_request_is_a_clean_4xx_and_the_server_stays_healthy(server, name):
+    """Each bad request gets its status with an OpenAI-style error body; the server then still serves."""
+    base, model = server
+    endpoint, body, status = BAD_REQUESTS[name]
+    if isinstance(body, str):
+        r = requests.post(f"{base}/v1/{endpoint}", data=body.replace("MODEL", json.dumps(model)), timeout=60,
+                          headers={"Content-Type": "application/json"})
+    else:
+        body = {k: (model if v == "MODEL" else v) for k, v in body.items()}
+        r = requests.post(f"{base}/v1/{endpoint}", json=body, timeout=60)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["code"] == status and error["message"]
+    assert requests.get(f"{base}/health", timeout=10).status_code == 200
+    ok = requests.post(f"{base}/v1/completions", timeout=120, json={"model": model, "prompt": "abc", "max_tokens": 2,
+                                                                    "ignore_eos": True})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+def test_prompt_plus_max_tokens_beyond_context_stops_at_the_context(server):
+    """A request that fits but whose completion would overflow is served and cut at max_model_len (256)."""
+    base, model = server
+    r = requests.post(f"{base}/v1/completions", timeout=120, json={
+        "model": model, "prompt": "a" * 200, "max_tokens": 100, "temperature": 0, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert (usage["prompt_tokens"], usage["total_tokens"]) == (200, 256)
+    assert r.json()["choices"][0]["finish_reason"] == "length"

@@ -298,7 +298,7 @@ class CheckpointConfig:
             raise err("quant_method", f"expected '{QUANT_METHOD}', got {d.get('quant_method')!r}")
         _reject_unknown(d, _TOP_KEYS, source, "")
         version = d.get("format_version")
-        if version not in READABLE_VERSIONS:
+        if isinstance(version, bool) or version not in READABLE_VERSIONS:
             raise err("format_version", f"unknown format version {version!r}; this twla_vllm reads versions "
                       f"{list(READABLE_VERSIONS)} (upgrade twla-vllm or re-export the checkpoint)")
         weight = d.get("weight") or {}
@@ -306,7 +306,7 @@ class CheckpointConfig:
             raise err("weight", f"expected an object, got {weight!r}")
         _reject_unknown(weight, _WEIGHT_KEYS, source, "weight.")
         code = weight.get("code", "ternary")
-        if code not in CODES or (version == 1 and code != "ternary"):
+        if not isinstance(code, str) or code not in CODES or (version == 1 and code != "ternary"):
             allowed = ["ternary"] if version == 1 else sorted(CODES)
             raise err("weight.code", f"unknown weight code {code!r} for format version {version} (allowed: {allowed})")
         packing = weight.get("packing", PACKING if version == 2 else PACKING_V1)
@@ -326,6 +326,11 @@ class CheckpointConfig:
         ignore = d.get("ignore", ["lm_head"])
         if not isinstance(ignore, list) or not all(isinstance(x, str) for x in ignore):
             raise err("ignore", "must be a list of module names or 're:' regexes")
+        for pattern in (p for p in ignore if p.startswith("re:")):
+            try:
+                re.compile(pattern[3:])
+            except re.error as e:
+                raise err("ignore", f"{pattern!r} is not a valid regular expression ({e})") from None
         bpw = d.get("bits_per_weight")
         if bpw is not None and (isinstance(bpw, bool) or not isinstance(bpw, (int, float))):
             raise err("bits_per_weight", f"must be a number or null, got {bpw!r}")
