@@ -439,3 +439,34 @@ def test_unsupported_architecture_fails_when_vllm_configures_the_engine(syntheti
                                                       r"is not supported by TWLA"):
         cfg.maybe_update_config(model, hf_config=SimpleNamespace(architectures=["MistralForCausalLM"],
                                                                  model_type="mistral"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pins
+# ---------------------------------------------------------------------------------------------------------
+def test_installed_versions_satisfy_the_pins():
+    """Every requirement of pyproject.toml that is installed here is within its bounds (the tests ran against
+    exactly these versions); fast-moving libraries whose APIs we use carry an upper bound."""
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    reqs = [Requirement(r) for r in project["dependencies"]]
+    extras = project["optional-dependencies"]
+    reqs += [Requirement(r) for extra in ("offline", "test", "eval", "cpu") for r in extras[extra]]
+    checked = {}
+    for req in reqs:
+        try:
+            version = md.version(req.name)
+        except md.PackageNotFoundError:
+            continue  # e.g. the GPU extra's vllm on the CPU box
+        assert req.specifier.contains(version, prereleases=True), f"{req.name} {version} violates '{req}'"
+        checked[req.name] = version
+    assert {"transformers", "compressed-tensors", "lm-eval", "safetensors", "gguf"} <= set(checked)
+    for name in ("transformers", "compressed-tensors", "lm-eval", "gguf", "safetensors", "accelerate"):
+        (req,) = [r for r in reqs if r.name == name]
+        assert any(s.operator in ("<", "<=", "==") for s in req.specifier), f"{name} has no upper bound"
