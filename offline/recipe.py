@@ -50,6 +50,8 @@ class Recipe:
     fold_norms: bool = False  # RMSNorm γ into q/k/v and gate/up (exact in fp; changes what is quantized)
     kotms_iters: int = 100
     kotms_lr: float = 1e-2
+    okt_iters: int = 100  # EM iterations of each OKT transform (rotation "okt"; each updates R1 then R2)
+    psp_iters: int = 3  # proximal SVD steps of the PSP branch (lowrank "psp"): psp_iters + 1 GPTQ runs per linear
     twinquant_iters: int = 100  # Adam steps of each learned (TwinQuant) transform (rotation "learned")
     twinquant_lr: float = 1e-2
     twinquant_rounds: int = 3  # quantize / refit alternations of the learned low-rank branch
