@@ -14,6 +14,7 @@ in every block, no clip search unless said):
                             stage, no transform and nothing learned
   twinquant                 `--method twinquant` (learned transform + learned rank-32 branch), learned for the
                             row's activation bits; "+ clip search" adds the preset's per-linear clip search
+  transform-only            ablation: twinquant's learned transform and weight stage without the branch
 RTN W4A16 (at the chosen group, and the "caveat" row at group 32 = SmolLM2's Q4_1 blocks) shows how much weight
 error a dequantized 4-bit GGUF dense model leaves to measure at all.
 """
@@ -38,7 +39,7 @@ from twla_offline.models import load_model  # noqa: E402
 from twla_offline.pipeline import pick_group_size  # noqa: E402
 from twla_offline.recipe import Recipe, preset  # noqa: E402
 
-METHODS = ("caveat", "rtn", "quarot", "gptq", "svd", "twinquant")
+METHODS = ("caveat", "rtn", "quarot", "gptq", "svd", "twinquant", "transform-only")
 ACTS = (4, 8)
 
 
@@ -51,8 +52,8 @@ def w4(group_size: int, **kw) -> Recipe:
 def run_ladder(h: Harness, methods: list[str], group_size: int, rank: int) -> None:
     model, _ = load_model(h.path, torch.float32, h.device)
     cfg = model.config
-    ks = [cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * (getattr(cfg, "head_dim", None)
-                                                                            or cfg.hidden_size // cfg.num_attention_heads)]
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    ks = [cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * head_dim]
     gs = pick_group_size(ks, group_size, "int4")
     print(f"group size {gs} (requested {group_size}); K = {sorted(set(ks))}", flush=True)
     for m in methods:
@@ -80,6 +81,11 @@ def run_ladder(h: Harness, methods: list[str], group_size: int, rank: int) -> No
                     secs = h.rows[-1]["quant_seconds"]
                     q.search_clips()
                     h.record("twinquant + clip search", 4, a, h.ppl(q.model), bits, secs + q.seconds["clip"])
+        elif m == "transform-only":  # ablation: TwinQuant's learned transform without the branch (4-bit budget)
+            for a in ACTS:
+                r = dataclasses.replace(preset("twinquant"), group_size=gs, lowrank="none", lowrank_rank=0,
+                                        act_bits=float(a))
+                h.run("learned transform + GPTQ W4 (no branch)", r, 4, act=(a,))
         h.save()  # after every method: a long run keeps what it measured
         print(f"[{m}] done in {time.time() - t0:.0f}s", flush=True)
 

@@ -165,21 +165,20 @@ def _residual(w: torch.Tensor, recipe) -> torch.Tensor:
 
 
 def learn_transform(w: torch.Tensor, n1: int, n2: int, group_size: int, left_blocks: int, learn_left: bool,
-                    recipe, site_inputs: SiteInputs | None, iters: int | None = None, lr: float | None = None,
-                    ) -> tuple[torch.Tensor | None, torch.Tensor, list[float]]:
+                    recipe, site_inputs: SiteInputs | None) -> tuple[torch.Tensor | None, torch.Tensor, list[float]]:
     """(left or None, right, loss history) minimising J (module docstring) for the stacked weights w [N, K] that
     read one input site, K = n1 * n2; left is block-diagonal with `left_blocks` blocks (shard-local under
     tensor parallelism). Adam on minibatches of ROWS_PER_STEP rows x TOKENS_PER_STEP tokens (J's terms are
     independent per row and per token, so a minibatch is an unbiased estimate); the init (identity or a
     random orthogonal O₀) and the result are judged on a fixed evaluation subset, and the init is returned
-    when learning did not improve on it.
+    when learning did not improve on it. recipe.twinquant_iters steps at recipe.twinquant_lr. The history is
+    J on the evaluation subset at the init, then each step's minibatch J, then J on the evaluation subset for
+    the returned factors.
 
     Orthogonal only (no SPD part) when learn_left is False — the pipeline folds that head-local factor into
     v_proj as a rotation (`rotate.fold_head_rotation`, exact for orthogonal factors only) — and when there are
     no calibration rows (site_inputs None): without activations nothing would stop an SPD part from moving all
     of the weights' difficulty onto the activations; J is then measured with x = I (weight-space error)."""
-    iters = recipe.twinquant_iters if iters is None else iters
-    lr = recipe.twinquant_lr if lr is None else lr
     gen = torch.Generator().manual_seed(recipe.seed * 7919 + w.shape[0] * 31 + w.shape[1])
     resid = _residual(w.detach().float(), recipe)
     x = None if site_inputs is None else site_inputs().float()
@@ -220,9 +219,9 @@ def learn_transform(w: torch.Tensor, n1: int, n2: int, group_size: int, left_blo
             candidates.append((float(loss(left, right, eval_x, eval_w, eval_y)), left, right))
     init_loss, left, right = min(candidates, key=lambda c: c[0])
     params = list(right.parameters()) + ([] if left is None else list(left.parameters()))
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = torch.optim.Adam(params, lr=recipe.twinquant_lr)
     history = [init_loss]
-    for _ in range(iters):
+    for _ in range(recipe.twinquant_iters):
         xs, ws = tokens(TOKENS_PER_STEP, gen), rows(ROWS_PER_STEP, gen)
         j = loss(left, right, xs, ws, xs @ ws.t())
         opt.zero_grad()
@@ -231,8 +230,9 @@ def learn_transform(w: torch.Tensor, n1: int, n2: int, group_size: int, left_blo
         history.append(j.item())
     with torch.no_grad():
         final = float(loss(left, right, eval_x, eval_w, eval_y))
-        if final > init_loss:  # keep the init: learning made the judged objective worse
-            left, right = candidates[[c[0] for c in candidates].index(init_loss)][1:]
+        if final > init_loss:  # keep the init (all parameters 0 on the chosen O₀): learning made J worse
+            for p in params:
+                p.zero_()
             final = init_loss
         history.append(final)
         lf, rf, _, _ = _pair(left, right)
@@ -241,20 +241,19 @@ def learn_transform(w: torch.Tensor, n1: int, n2: int, group_size: int, left_blo
 
 # ------------------------------------------------------------------------------------ low-rank branch -------
 def fit_lowrank(w: torch.Tensor, quantize: Quantize, rank: int, recipe, site_inputs: SiteInputs | None = None,
-                rounds: int | None = None) -> tuple[QuantWeight, torch.Tensor, torch.Tensor]:
+                ) -> tuple[QuantWeight, torch.Tensor, torch.Tensor]:
     """(QuantWeight of the residual, A [N, r], B [r, K]) minimising E (module docstring): SVD init, then
-    `rounds` alternations of quantize(W − A·B) and the refit of A·B to W − R̂ in the output metric of the
-    calibration rows (`lowrank.OutputMetric.project`: the truncated SVD in the metric H = XᵀX, damped by
-    recipe.percdamp as GPTQ is); the round with the least E (the SVD init is round 0) is returned. A, B are
+    recipe.twinquant_rounds alternations of quantize(W − A·B) and the refit of A·B to W − R̂ in the output
+    metric of the calibration rows (`lowrank.OutputMetric.project`: the truncated SVD in the metric H = XᵀX,
+    damped by recipe.percdamp as GPTQ is); the round with the least E (the SVD init is round 0) is returned. A, B are
     fp16-rounded before the residual is formed, so the stored branch is the one the residual was quantized
     against. Without calibration rows E is the weight-space error (H = I)."""
-    rounds = recipe.twinquant_rounds if rounds is None else rounds
     w = w.detach().float()
     rank = min(rank, *w.shape)
     metric = OutputMetric(None if site_inputs is None else site_inputs().float(), w.shape[1], recipe.percdamp)
     a, b = svd_split(w, rank)
     best = None
-    for i in range(rounds + 1):
+    for i in range(recipe.twinquant_rounds + 1):
         if i:
             a, b = metric.project(w - deq, rank)
         qw, deq = quantize(w - a @ b)

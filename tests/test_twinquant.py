@@ -34,7 +34,7 @@ def _site(gen: torch.Generator, n: int = 96, k: int = 64, t: int = 1024):
 
 
 def _recipe(**kw):
-    return dataclasses.replace(preset("twinquant"), group_size=GS, twinquant_iters=60, **kw)
+    return dataclasses.replace(preset("twinquant"), **{"group_size": GS, "twinquant_iters": 60, **kw})
 
 
 def test_learned_factors_are_invertible_block_diagonal_and_bounded(rng):
@@ -91,6 +91,15 @@ def test_learning_lowers_the_quantized_output_error(rng):
                                   "random": (random_orthogonal(8, rng), random_orthogonal(8, rng))}.items()}
     assert err["learned"] < err["random"] and err["learned"] < err["none"], err
     assert hist[-1] < hist[0]  # judged on the fixed evaluation subset: init loss first, final last
+
+
+@pytest.mark.parametrize("lr", [1e-2, 50.0])  # 50: steps that make J worse, so the init must come back
+def test_reported_objective_belongs_to_the_returned_factors(lr, rng):
+    w, x = _site(rng)  # 96 rows, 1024 tokens: the evaluation subset is all of them
+    r = _recipe(twinquant_lr=lr, twinquant_iters=20)
+    left, right, hist = tq.learn_transform(w, 8, 8, GS, 1, True, r, lambda: x)
+    assert hist[-1] <= hist[0]
+    assert tq.quantized_output_error(tq._residual(w, r), x, left, right, GS, 4) == pytest.approx(hist[-1], rel=1e-3)
 
 
 def test_learned_lowrank_beats_svd_init_and_no_branch(rng):
