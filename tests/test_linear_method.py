@@ -118,12 +118,24 @@ def test_apply_matches_reference(kind, bits, gs, code, rank, rotated, rng):
         y = layer.quant_method.apply(layer, x, layer.bias if bias else None)
     want = torch.cat([naive_linear(x, truth[nm][0], *(rot or (None, None)), bits, 0.9, tensors[nm].get("bias"),
                                    lowrank=truth[nm][1]) for nm, rot in zip(names, rots)], dim=1)
-    # fp32 transform/epilogue vs float64: rounding at ~1e-6 relative; an activation within
-    # ~1e-6 of a rounding boundary can land one step away, which moves an output by s_x * |w| (up to ~1e-3 of
-    # the output scale at 8 bits), so compare relative to the output scale.
-    err = (y.double() - want).abs().max() / want.abs().max()
+    # fp32 transform/epilogue vs float64: rounding at ~1e-6 relative. An activation within ~1e-6 of a rounding
+    # boundary may land one step away in one of the two, which moves that token's outputs by at most s_x * max|w|:
+    # allow it for at most one token (two flips), every other token must agree to rounding.
     assert y.shape == (7, sum(parts))
-    assert err < 2e-3, f"max rel err {err:.2e}"
+    flip = max(step_bound(x, rot, bits, 0.9) * truth[nm][0].dequantize().abs().max().item()
+               for nm, rot in zip(names, rots)) if bits < 16 else 0.0
+    row_err = (y.double() - want).abs().amax(dim=1)
+    off = row_err > 2e-4 * want.abs().max()
+    assert off.sum() <= 1 and (row_err[off] <= 2 * flip).all(), f"token errors {row_err.tolist()}, flip {flip:.2e}"
+
+
+def step_bound(x, rot, bits, clip):
+    """The largest activation step s of any token (transformed as the layer does)."""
+    x = x.double()
+    if rot is not None:
+        n1, n2 = rot[0].shape[0], rot[1].shape[0]
+        x = (rot[0].double() @ x.reshape(-1, n1, n2) @ rot[1].double()).reshape(x.shape)
+    return ((x.amax(-1) - x.amin(-1)) * clip / (2**bits - 1)).max().item()
 
 
 @pytest.mark.parametrize("bits", [4, 16])
