@@ -18,14 +18,14 @@ factor with det > 0 (the general linear manifold) with an exact closed-form inve
 cond ≤ MAX_COND per factor. Kronecker pairs compose ((L_O ⊗ R_Oᵀ)(L_G ⊗ R_Gᵀ) = L_O L_G ⊗ (R_G R_O)ᵀ), so
 one (left, right) pair is stored and runs online.
 
-fit_lowrank — the branch A·B (fp16) and the int4 residual, alternating from the SVD init (LoftQ-style, but
-weighted by the calibration activations): quantize R = W − A·B through the layer's transform and weight stage,
-then refit A·B to what the quantized residual leaves, minimising the output error on calibration rows X
+fit_lowrank — the branch A·B (fp16) and the int4 residual R̂ (the dequantized codes), minimising the output
+error on calibration rows X
 
-    E(A, B, R̂) = ‖ X (W − A·B − R̂)ᵀ ‖²_F,   R̂ = dequantized quantize(W − A·B),
+    E(A, B, R̂) = ‖ X (W − A·B − R̂)ᵀ ‖²_F
 
-whose minimiser over rank-r A·B for fixed R̂ is the truncated SVD of (W − R̂) in the metric H = XᵀX (closed
-form, `lowrank.OutputMetric.project`). The best of the rounds (the SVD init included) is returned.
+by alternating from the SVD init (LoftQ's alternation, in the output metric): R̂ = quantize(W − A·B) through
+the layer's transform and weight stage, then A·B = the minimiser of E for that R̂, the truncated SVD of
+(W − R̂) in the metric H = XᵀX (closed form, `lowrank.OutputMetric.project`); the best (R̂, A·B) pair is kept.
 """
 
 from __future__ import annotations
@@ -242,22 +242,28 @@ def learn_transform(w: torch.Tensor, n1: int, n2: int, group_size: int, left_blo
 # ------------------------------------------------------------------------------------ low-rank branch -------
 def fit_lowrank(w: torch.Tensor, quantize: Quantize, rank: int, recipe, site_inputs: SiteInputs | None = None,
                 ) -> tuple[QuantWeight, torch.Tensor, torch.Tensor]:
-    """(QuantWeight of the residual, A [N, r], B [r, K]) minimising E (module docstring): SVD init, then
-    recipe.twinquant_rounds alternations of quantize(W − A·B) and the refit of A·B to W − R̂ in the output
-    metric of the calibration rows (`lowrank.OutputMetric.project`: the truncated SVD in the metric H = XᵀX,
-    damped by recipe.percdamp as GPTQ is); the round with the least E (the SVD init is round 0) is returned. A, B are
-    fp16-rounded before the residual is formed, so the stored branch is the one the residual was quantized
-    against. Without calibration rows E is the weight-space error (H = I)."""
+    """(QuantWeight of the residual, A [N, r], B [r, K]) minimising E (module docstring) by block-coordinate
+    descent from the SVD split: recipe.twinquant_rounds rounds of
+
+        R̂ = quantize(W − A·B)                   residual of the current (fp16) branch, transform + weight stage
+        A·B = argmin_rank r E(·, ·, R̂)           the refit to what R̂ leaves (`lowrank.OutputMetric.project`:
+                                                 truncated SVD in the metric H = XᵀX, damped by recipe.percdamp)
+
+    Each (R̂, refit branch) pair is a candidate; so is the SVD split itself (its residual quantized once, as
+    `lowrank.fit_svd`), so the result's E on the calibration rows is never above the SVD init's. The stored
+    residual codes are R̂ and the stored branch is the fp16-rounded refit: E is measured on exactly that pair.
+    Without calibration rows E is the weight-space error (H = I)."""
     w = w.detach().float()
     rank = min(rank, *w.shape)
     metric = OutputMetric(None if site_inputs is None else site_inputs().float(), w.shape[1], recipe.percdamp)
     a, b = svd_split(w, rank)
-    best = None
-    for i in range(recipe.twinquant_rounds + 1):
-        if i:
-            a, b = metric.project(w - deq, rank)
-        qw, deq = quantize(w - a @ b)
+    qw, deq = quantize(w - a @ b)
+    best = (metric.error(w - a @ b - deq), qw, a, b)
+    for t in range(recipe.twinquant_rounds):
+        a, b = metric.project(w - deq, rank)
         err = metric.error(w - a @ b - deq)
-        if best is None or err < best[0]:
+        if err < best[0]:
             best = (err, qw, a, b)
+        if t + 1 < recipe.twinquant_rounds:
+            qw, deq = quantize(w - a @ b)
     return best[1], best[2], best[3]

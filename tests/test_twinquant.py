@@ -115,7 +115,7 @@ def test_learned_lowrank_beats_svd_init_and_no_branch(rng):
     def err(qw, a=None, b=None):  # E = ‖X (W − A·B − R̂)ᵀ‖²
         return metric.error(w - (0 if a is None else a @ b) - unfold_weight(qw.dequantize(), left, right))
 
-    qw, a, b = tq.fit_lowrank(w, quantize, 4, _recipe(twinquant_rounds=4), lambda: x)
+    qw, a, b = tq.fit_lowrank(w, quantize, 4, _recipe(), lambda: x)
     errs = {"none": err(quantize(w)[0]), "svd": err(*fit_svd(w, quantize, 4, None)), "learned": err(qw, a, b)}
     assert errs["learned"] < errs["svd"] < errs["none"], errs
     assert a.shape == (w.shape[0], 4) and b.shape == (4, w.shape[1])
