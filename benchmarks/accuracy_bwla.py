@@ -8,7 +8,9 @@ Ladders (W1 = binary codes; A16 = activations unquantized; uniform activation bi
            `bwla` = BWLA + the per-site clip search at A6 and A4 (what `twla-quantize --method bwla` does);
            TWLA (ternary, KOTMS) at the same activation bits, for comparison
   groups   BWLA at larger weight groups (fewer scale bits per weight): the bits / accuracy trade-off
-  all      both
+  svd      binary + OKT with a rank-16 branch from a truncated SVD of W (`lowrank.fit_svd`) instead of PSP:
+           PSP's baseline at equal bits
+  all      all three
 
 The "+ OKT" and BWLA rows learn identical transforms (OKT is data-free and sees the same weights), so they are
 learned once per group size (`OktCache`); the seconds the first row spent on them are added to the later row's
@@ -101,13 +103,18 @@ def group_ladder(h: Harness, cache: OktCache) -> None:
                 dataclasses.replace(preset("bwla"), group_size=gs), 1, (16, 6))
 
 
+def svd_ladder(h: Harness, cache: OktCache, group_size: int) -> None:
+    run_row(h, cache, "+ SVD branch rank 16 (instead of PSP)",
+            dataclasses.replace(preset("bwla"), group_size=group_size, lowrank="svd"), 1, (16, 6))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--ladder", choices=["bwla", "groups", "all"], default="all")
+    ap.add_argument("--ladder", choices=["bwla", "groups", "svd", "all"], default="all")
     ap.add_argument("--windows", type=int, default=16, help="512-token test windows for PPL")
     ap.add_argument("--group-size", type=int, default=preset("bwla").group_size,
-                    help="weight group of the bwla ladder (the groups ladder sweeps its own)")
+                    help="weight group of the bwla and svd ladders (the groups ladder sweeps its own)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", help="results file (default benchmarks/results/accuracy_<model>.json)")
     a = ap.parse_args()
@@ -119,6 +126,8 @@ def main() -> None:
         bwla_ladder(h, cache, a.group_size)
     if a.ladder in ("groups", "all"):
         group_ladder(h, cache)
+    if a.ladder in ("svd", "all"):
+        svd_ladder(h, cache, a.group_size)
     print("\n" + h.table())
     print(f"rows merged into {h.save(a.json)}")
 

@@ -260,3 +260,22 @@ def test_ignored_layer_is_unquantized():
         assert isinstance(layer.quant_method, UnquantizedLinearMethod)
         layer = RowParallelLinear(128, 64, quant_config=cfg, prefix="model.layers.1.mlp.down_proj")
         assert not isinstance(layer.quant_method, UnquantizedLinearMethod)
+
+
+def test_transform_factors_stay_float32_in_a_bf16_model(rng):
+    """vLLM creates weights under the model dtype as torch's default dtype: the transform factors must still be
+    allocated (and kept) in float32, bit-equal to the checkpoint (a bf16 factor rounds every rotated activation,
+    and the CUDA transform kernel refused mixed fp32/bf16 operands: found serving a bf16 model on the H100)."""
+    from vllm.utils.torch_utils import set_default_torch_dtype
+
+    k, parts = 256, [96, 96]
+    rot = rotation_for(k, rng)
+    spec = fmt.LayerSpec(act_bits=4, act_clip=0.9, rotation=(rot[0].shape[0], rot[1].shape[0]))
+    with vllm_layer_env(), set_default_torch_dtype(torch.bfloat16):
+        layer, names = build("gate_up", k, parts, 32, spec, False)
+        assert layer.input_rot_left.dtype == layer.input_rot_right.dtype == torch.float32
+        tensors = {name: shard_tensors(n, k, 32, rot, False, rng)[1] for name, n in zip(names, parts)}
+        load(layer, "gate_up", names, tensors)
+    assert layer.twla_left.dtype == torch.float32
+    assert torch.equal(layer.twla_left.reshape(-1, *rot[0].shape)[0], rot[0].float())
+    assert torch.equal(layer.twla_right.reshape(-1, *rot[1].shape)[0], rot[1].float())

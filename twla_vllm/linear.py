@@ -103,7 +103,10 @@ class TwlaLinearMethod(LinearMethodBase):
             group_param(fmt.WEIGHT_GROUP_OFFSET, torch.int8, g_local)
         if spec.rotation is not None:
             for name, n in ((fmt.ROT_LEFT, spec.rotation[0]), (fmt.ROT_RIGHT, spec.rotation[1])):
-                layer.register_parameter(name, ShardStackParameter(data=torch.empty(shards, n, n), weight_loader=loader))
+                # float32 whatever the model dtype: vLLM sets the default dtype to it while creating weights, and
+                # the transform runs in fp32 (a bf16 factor would round every rotated activation twice)
+                layer.register_parameter(name, ShardStackParameter(
+                    data=torch.empty(shards, n, n, dtype=torch.float32), weight_loader=loader))
         if spec.lowrank_rank:
             r = spec.lowrank_rank
             layer.register_parameter(fmt.LOWRANK_A, ChannelQuantScaleParameter(
