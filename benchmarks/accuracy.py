@@ -146,13 +146,16 @@ def twla_ladder(h: Harness, group_size: int) -> None:
              act_bits_per_block=chosen)
 
 
-def group_ladder(h: Harness) -> None:
+def group_ladder(h: Harness, groups: list[int], formats: list[str]) -> None:
     """Format v2's integer grid against fp16 alpha/mu at the same group size (E2M-ATQ + KOTMS, uniform bits)."""
     from twla_offline import weights
 
     original = weights.gptq_quantize
-    for gs in (128, 64, 32):
-        h.run(f"v2 int8 grid, group {gs}", Recipe(group_size=gs), 1.58)
+    for gs in groups:
+        if "v2" in formats:
+            h.run(f"v2 int8 grid, group {gs}", Recipe(group_size=gs), 1.58)
+        if "fp16" not in formats:
+            continue
         weights.gptq_quantize = lambda *a, **k: original(*a, **{**k, "int_grid": False})
         try:  # the pipeline imported the name: patch where it is looked up
             import twla_offline.pipeline as p
@@ -191,6 +194,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16, help="512-token test windows for PPL")
     ap.add_argument("--group-size", type=int, default=32)
     ap.add_argument("--checkpoint", help="baselines ladder: also evaluate this finished checkpoint")
+    ap.add_argument("--groups", default="128,64,32", help="groups ladder: group sizes")
+    ap.add_argument("--formats", default="v2,fp16", help="groups ladder: v2 (integer grid) and/or fp16 (alpha/mu)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", help="results file (default benchmarks/results/accuracy_<model>.json)")
     a = ap.parse_args()
@@ -198,7 +203,7 @@ def main() -> None:
     if a.ladder == "twla":
         twla_ladder(h, a.group_size)
     elif a.ladder == "groups":
-        group_ladder(h)
+        group_ladder(h, [int(g) for g in a.groups.split(",")], a.formats.split(","))
     else:
         baselines(h, a.group_size, a.checkpoint)
     print("\n" + h.table())

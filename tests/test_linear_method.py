@@ -279,3 +279,18 @@ def test_transform_factors_stay_float32_in_a_bf16_model(rng):
     assert layer.twla_left.dtype == torch.float32
     assert torch.equal(layer.twla_left.reshape(-1, *rot[0].shape)[0], rot[0].float())
     assert torch.equal(layer.twla_right.reshape(-1, *rot[1].shape)[0], rot[1].float())
+
+
+@pytest.mark.parametrize("k_blocks", [1, 2])
+def test_simulated_fp_group_scales_below_16_bits(k_blocks, rng):
+    """Format v1's fp16 alpha/mu (simulation only, the groups ladder's comparison) through SimTwlaLinear at A4
+    equals the float64 definition: the zero-point term must use the real row sums of non-integer weights."""
+    from twla_vllm.simulate import QuantWeight, SimTwlaLinear
+
+    w = random_shard(48, 256, 32, rng)
+    s = w.row_scale.float().reshape(-1, 1)
+    fp = QuantWeight(w.codes, w.code, torch.ones(48), w.group_scale.float() * s, w.group_offset.float() * s)
+    x = torch.randn(5, 256, generator=rng) * 2 + 0.5
+    y = SimTwlaLinear(fp, None, None, 4, 0.9, k_blocks=k_blocks)(x)
+    want = naive_linear(x, fp, None, None, 4, 0.9, None, k_blocks=k_blocks)
+    assert (y.double() - want).abs().max() <= 1e-4 * want.abs().max()

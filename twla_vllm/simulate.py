@@ -58,7 +58,11 @@ class SimTwlaLinear(torch.nn.Module):
         self.register_buffer("group_offset", weight.group_offset if fp else weight.group_offset.to(torch.int8))
         w_int = weight.int_weights()
         self.register_buffer("w_int", w_int.float())  # resident as exact float32 integers (BLAS GEMM)
-        self.register_buffer("rowsum", block_row_sums(w_int, k_blocks))
+        # zero-point term z * rowsum: exact int32 sums on the integer grid; fp alpha/mu weights are not integers,
+        # so their sums stay real (truncating them broke every fp-scale layer below 16 activation bits)
+        n, k = w_int.shape
+        self.register_buffer("rowsum", w_int.double().view(n, k_blocks, k // k_blocks).sum(-1) if fp
+                             else block_row_sums(w_int, k_blocks))
         self.register_buffer("left", None if left is None else left.float())
         self.register_buffer("right", None if right is None else right.float())
         self.register_buffer("lowrank_a", None if lowrank_a is None else lowrank_a.to(fmt.LOWRANK_DTYPE).float())
