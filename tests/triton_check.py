@@ -190,7 +190,10 @@ def gpu_cases() -> list[Case]:
             Case(8, 4096, 4096, gs=32, dtype=bf16, precision="tf32"), Case(64, 4096, 4096, gs=32, dtype=bf16, precision="tf32"),
             Case(64, 4096, 4096, gs=32, dtype=bf16, precision="bf16"),
             Case(600, 4096, 4096, gs=32, dtype=bf16), Case(520, 4096, 14336, gs=32, kb=8, rot=False, dtype=bf16),
-            Case(260, 2048, 4096, gs=32, dtype=bf16, code="binary", rank=16, shards=2, bias=True)]
+            Case(260, 2048, 4096, gs=32, dtype=bf16, code="binary", rank=16, shards=2, bias=True),
+            # tiny K (a TP-sharded small model): fewer than 4 packed words per unpack tile
+            Case(300, 48, 64, gs=32, rot=False, code="binary", scratch=True),
+            Case(300, 48, 64, gs=32, rot=False, code="ternary", scratch=True)]
     return out
 
 

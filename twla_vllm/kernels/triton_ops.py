@@ -491,10 +491,13 @@ def unpack_weights(packed: torch.Tensor, qa: torch.Tensor, qm: torch.Tensor, bit
     k = packed.shape[1] * 32 // bits
     out = torch.empty(n, k, dtype=torch.int8, device=packed.device)
     bk = block_k(k, 256)
+    # the packed-PTX unpack needs >= 4 words per row in a tile: with fewer (binary at K = 64, measured on the
+    # H100) Triton does not keep a word's four bytes in one register and the result is wrong; plain `tl` then
+    asm = packed.device.type == "cuda" and bk * bits // 32 >= 4
     _unpack_kernel[(triton.cdiv(n, 64), k // bk)](
         packed.view(torch.int8), qa, qm, out, n, k, packed.stride(0) * 4, G=qa.shape[1],
         GS=k if group_size == -1 else group_size, BITS=bits, STEP=step, OFF=offset, BN=64, BK=bk,
-        ASM=packed.device.type == "cuda", num_warps=4)
+        ASM=asm, num_warps=4)
     return out
 
 
