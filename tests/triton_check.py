@@ -156,8 +156,13 @@ def check_case(c: Case, dev, gen) -> list[str]:
         lr3 = lr.view(c.m, c.shards, c.rank)[:, shard.clamp(max=c.shards - 1), :]  # [M, N, R]
         ref = (ref.float() + (lr3 * la.float().unsqueeze(0)).sum(-1)).to(c.dtype)
     e2 = ((y2.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
-    # bf16 output rounding; one-step activation flips (single-pass transforms flip more)
+    # bf16 output rounding; one-step activation flips (single-pass transforms flip more). Each flipped code moves
+    # its token's outputs by at most s * max|W|: the flips measured above (same inputs, same kernel) are allowed
+    # on top, so many tokens with a rounding-boundary flip or two do not fail a correct kernel
     tol = 5e-2 if single_pass else 2e-2 if c.dtype == torch.bfloat16 else 5e-3
+    flip_out = ((dx > 0.5).sum(1).double().cpu() * s_ref.double().cpu().amax(1)).max().item() * \
+        (w_int.abs().max().item() * row_scale.double().abs().max().item())
+    tol += flip_out / ref.float().abs().max().item()
     if e2 > tol:
         fails.append(f"end-to-end rel err {e2:.2e}")
     return fails
