@@ -21,10 +21,13 @@ def write_report(ckpt: str, summary: dict, quantizer=None) -> list[str]:
         json.dump(summary, f, indent=1)
     plots = _plots(ckpt, summary, quantizer)
     ev = summary.get("eval", {})
-    lines = [f"# TWLA report: {summary['model']}", "",
+    recipe = summary.get("recipe", {})
+    rank = recipe.get("lowrank_rank", 0) if recipe.get("lowrank", "none") != "none" else 0
+    lines = [f"# {recipe.get('method', 'twla').upper()} report: {summary['model']}", "",
              f"Checkpoint: `{summary.get('checkpoint', ckpt)}`  ",
-             f"Weights: ternary, group size {summary['group_size']}, "
-             f"**{summary['bits_per_weight']} bits/weight** stored (codes + fp16 scales/offsets + rotations)  ",
+             f"Weights: {recipe.get('code', 'ternary')}, group size {summary['group_size']}"
+             f"{f', rank-{rank} low-rank branch' if rank else ''}, **{summary['bits_per_weight']} bits/weight** "
+             f"stored (codes + int8 group scales + fp16 row scales + transforms{' + branch' if rank else ''})  ",
              f"Activation bits per block (ILA-AMP or uniform): {summary['act_bits_per_block']}", "",
              "| model | PPL (Brown test, 512-token windows) | last-word acc | next-sentence 4-way acc |",
              "|---|---|---|---|"]
