@@ -5,6 +5,8 @@ perplexity against the CPU reference path computed beforehand.
     python benchmarks/gpu_e2e.py --checkpoint DIR --make-ref ref.json
     # on the GPU box (vLLM staged): compare
     python benchmarks/gpu_e2e.py --checkpoint DIR --ref ref.json [--tp 2]
+    # fp8 KV cache (PPL moves by the KV rounding: judge against the same run with --kv-cache-dtype auto)
+    python benchmarks/gpu_e2e.py --checkpoint DIR --ref ref.json --dtype bfloat16 --kv-cache-dtype fp8
     # tensor parallel vs single GPU: save one run's tokens, compare another run against them
     python benchmarks/gpu_e2e.py --checkpoint DIR --ref ref.json --tp 1 --save tp1.json
     python benchmarks/gpu_e2e.py --checkpoint DIR --ref ref.json --tp 2 --compare-to tp1.json
@@ -57,12 +59,12 @@ def make_ref(ckpt: str, out: str, seqlen: int) -> None:
 
 
 def compare(ckpt: str, ref_path: str, tp: int, dtype: str, eager: bool, save: str | None = None,
-            compare_to: str | None = None) -> int:
+            compare_to: str | None = None, kv_cache_dtype: str = "auto") -> int:
     from vllm import LLM, SamplingParams
 
     ref = json.load(open(ref_path))
     llm = LLM(model=ckpt, dtype=dtype, tensor_parallel_size=tp, gpu_memory_utilization=0.5,
-              enforce_eager=eager, seed=0)
+              enforce_eager=eager, seed=0, kv_cache_dtype=kv_cache_dtype)
     outs = llm.generate([{"prompt_token_ids": p} for p in ref["prompts"]],
                         SamplingParams(temperature=0, max_tokens=GEN_TOKENS, ignore_eos=True))
     got_all = [list(o.outputs[0].token_ids) for o in outs]
@@ -102,6 +104,7 @@ def main() -> None:
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="vLLM's KV-cache dtype (e.g. fp8)")
     ap.add_argument("--seqlen", type=int, default=PPL_SEQLEN, help="PPL window (make-ref)")
     ap.add_argument("--save", help="write this run's greedy tokens (JSON)")
     ap.add_argument("--compare-to", help="a --save file from another run (e.g. TP 1) to compare tokens with")
@@ -109,7 +112,8 @@ def main() -> None:
     if a.make_ref:
         make_ref(a.checkpoint, a.make_ref, a.seqlen)
     else:
-        sys.exit(compare(a.checkpoint, a.ref, a.tp, a.dtype, a.enforce_eager, a.save, a.compare_to))
+        sys.exit(compare(a.checkpoint, a.ref, a.tp, a.dtype, a.enforce_eager, a.save, a.compare_to,
+                         a.kv_cache_dtype))
 
 
 if __name__ == "__main__":

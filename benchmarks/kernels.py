@@ -36,9 +36,14 @@ SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
 MS = [1, 8, 16, 64, 256, 2048, 8192]
 FACTORS = {4096: (64, 64), 14336: (112, 128)}
 K_BLOCKS = {4096: 1, 14336: 8}  # as benchmarks/serve.py: down_proj's input in 8 shard-local blocks
-SWEEP_TILES = [(16, 64, 256, 4, 4), (16, 128, 128, 4, 4), (32, 128, 128, 4, 4), (64, 64, 128, 4, 4),
-               (64, 128, 128, 4, 3), (64, 128, 256, 8, 3), (128, 128, 128, 8, 3), (128, 256, 128, 8, 3),
-               (256, 128, 128, 8, 3)]
+# --sweep: candidate quant_matmul settings per M, timed on 4096->14336 (and at M = 64 on every shape):
+# tile = (BM, BN, BK cap, warps, stages), split = K-splits (None: `triton_ops.gemm_split`), scratch = unpack
+# once into an int8 scratch first (triton_ops._gemm_kernel)
+SWEEP = {m: [dict(tile=(bm, bn, 32, w, st)) for bn, w in ((64, 4), (128, 8)) for st in (2, 3)]
+         + [dict(tile=(bm, 64, 32, 4, 3), split=sp) for sp in (1, 2, 8)]
+         for m, bm in ((16, 16), (64, 64), (128, 128))}
+SWEEP[256] = [dict(scratch=sc, tile=(bm, 128, bk, 8, 3)) for sc in (True, False) for bm, bk in ((128, 128), (256, 64))]
+SWEEP[8192] = [dict(scratch=True, tile=(bm, 128, 128, 8, 3)) for bm in (128, 256)]
 L2_BEATING_BYTES = 128 << 20
 
 
@@ -94,7 +99,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--group-size", type=int, default=32, help="weight group along K; -1 = per row")
     ap.add_argument("--code", default="ternary", choices=sorted(fmt.CODES))
-    ap.add_argument("--sweep", action="store_true", help="time alternative tensor-core tiles and the scratch path")
+    ap.add_argument("--sweep", action="store_true",
+                    help="time alternative tensor-core tiles and unpack paths (M in SWEEP; see SWEEP)")
     ap.add_argument("--act-quant", action="store_true", help="transform precision table")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--json", help="write the rows here (benchmarks/results schema)")
@@ -125,7 +131,7 @@ def main() -> None:
         for m in map(int, a.ms.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             lanes = 8 // code.bits
-            q, s, z = T.act_quant(x, left, right, 4, 0.9, kb, lanes=lanes if T.uses_scratch(m) else 0)
+            q, s, z = T.act_quant(x, left, right, 4, 0.9, kb)
             q_lanes = T.act_quant(x, left, right, 4, 0.9, kb, lanes=lanes)[0]  # for the scratch path
 
             def mm(i, **kw):
@@ -147,17 +153,21 @@ def main() -> None:
             t_fp8 = bench(lambda i: torch._scaled_mm(xq, w_f8[i].t(), one, one, out_dtype=torch.bfloat16), c8) \
                 if m >= 16 else float("nan")
             t_int = bench(lambda i: torch._int_mm(q, w_i8[i].t()), c8) if m > 16 else float("nan")
-            if a.sweep and (k, n) == (4096, 14336) and m in (8, 16, 64, 256, 8192):
-                for tile in SWEEP_TILES:
-                    if tile[0] > 2 * max(m, 16) or (m >= 2048 and tile[0] < 64):
+            if a.sweep and m in SWEEP and ((k, n) == (4096, 14336) or m == 64):
+                base = mm(0)
+                for kw in SWEEP[m]:
+                    if kb > 1 and kw.get("split", 1) not in (1, kb):
                         continue
-                    for scratch in (False, True) if m >= 256 else (False,):
-                        try:
-                            us = bench(lambda i: mm(i, scratch=scratch, tile=tile), c)
-                        except Exception as e:  # noqa: BLE001 - a tile that does not compile is a result too
-                            us = float("nan")
-                            print(f"  tile {tile} scratch={scratch}: {type(e).__name__}: {str(e)[:120]}")
-                        sweep.append((k, n, m, tile, scratch, us))
+                    try:
+                        kw = {"scratch": False, **kw}
+                        ok = torch.allclose(mm(0, **kw).float(), base.float(), rtol=1e-2,
+                                            atol=1e-3 * base.float().abs().max().item())
+                        us = bench(lambda i: mm(i, **kw), c)
+                    except Exception as e:  # noqa: BLE001 - a setting that does not compile is a result too
+                        us, ok = float("nan"), False
+                        print(f"  {kw}: {type(e).__name__}: {str(e)[:160]}")
+                    sweep.append((k, n, m, kw, ok, us))
+                    print(f"  sweep {k}->{n} M={m} {kw}: {us:.1f} us{'' if ok else ' NOT EQUAL'}", flush=True)
             floor = nbytes / bw * 1e6 if m <= 64 else 2 * m * n * k / 1.1e15 * 1e6
             rows.append(dict(k=k, n=n, m=m, quant_us=t_quant, gemm_us=t_gemm, twla_us=t_all, bf16_us=t_bf16,
                              fp8_us=None if t_fp8 != t_fp8 else t_fp8, int_mm_us=None if t_int != t_int else t_int,
@@ -165,9 +175,10 @@ def main() -> None:
             print(f"{k}->{n} M={m}: twla {t_all:.1f} us (quant {t_quant:.1f}, gemm {t_gemm:.1f}), bf16 {t_bf16:.1f} us",
                   flush=True)
     if sweep:
-        print("\n| K->N | M | tile (BM,BN,BK,warps,stages) | scratch | µs |\n|---|---|---|---|---|")
-        for k, n, m, tile, scratch, us in sweep:
-            print(f"| {k}->{n} | {m} | {tile} | {scratch} | {us:.1f} |")
+        print("\n| K->N | M | scratch | tile (BM,BN,BK,warps,stages) | split | equal | µs |\n"
+              "|---|---|---|---|---|---|---|")
+        for k, n, m, kw, ok, us in sweep:
+            print(f"| {k}->{n} | {m} | {kw['scratch']} | {kw['tile']} | {kw.get('split', 'rule')} | {ok} | {us:.1f} |")
     print(f"\n{code.name}, group size {gs}\n| K->N | M | quant µs | gemm µs | twla µs | bf16 µs | fp8 µs | _int_mm µs "
           f"| bf16/twla | floor % |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:

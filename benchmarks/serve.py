@@ -1,11 +1,12 @@
 """Serving benchmark on GPU vLLM: bf16 vs fp8 vs the quantized modes on a Llama-3-8B-shaped model with dummy
 weights (load_format="dummy"), CUDA graphs and torch.compile on.
 
-    python benchmarks/serve.py [--methods bf16,fp8,twla,bwla,twinquant] [--workdir /tmp/serve-bench] [--profile]
+    python benchmarks/serve.py [--methods bf16,fp8,twla,bwla,twinquant,twla+kvfp8] [--workdir /tmp/serve-bench] [--profile]
                                [--json benchmarks/results/serve.json]
 
 twla = ternary W1.58A4 (group 32, 64x64 transforms, 112x128 for down_proj in 8 K-blocks), bwla = binary W1A6 +
 rank-16 low-rank branch, twinquant = int4 W4A4 (group 128) + rank-32 branch; all with format v2 integer scales.
+A "+kv<dtype>" suffix (twla+kvfp8) runs the method with vLLM's --kv-cache-dtype <dtype>.
 
 Prints decode tok/s at batch 1 and 64 (128-token prompts, 256 generated), prefill tok/s (32 prompts ×
 2048 tokens, 1 output token) and GPU memory of the weights, with ratios to bf16 from the same run.
@@ -104,17 +105,20 @@ def run_one(method: str, workdir: str, out: str, profile_step: bool = False) -> 
     import torch
     from vllm import LLM, SamplingParams
 
-    model_dir = os.path.join(workdir, method)
+    base, _, kv = method.partition("+kv")  # e.g. twla+kvfp8: the mode with an fp8 KV cache
+    model_dir = os.path.join(workdir, base)
     os.makedirs(model_dir, exist_ok=True)
     cfg = dict(LLAMA3_8B)
-    if method in MODES:
-        cfg["quantization_config"] = quant_config(method, cfg["num_hidden_layers"])
+    if base in MODES:
+        cfg["quantization_config"] = quant_config(base, cfg["num_hidden_layers"])
     with open(os.path.join(model_dir, "config.json"), "w") as f:
         json.dump(cfg, f)
     kw = dict(model=model_dir, load_format="dummy", skip_tokenizer_init=True, max_model_len=4096,
               gpu_memory_utilization=0.85, max_num_seqs=64, seed=0)
-    if method == "fp8":
+    if base == "fp8":
         kw["quantization"] = "fp8"
+    if kv:
+        kw["kv_cache_dtype"] = kv
     llm = LLM(**kw)
     res = {"method": method, **llm.apply_model(weight_bytes)[0]}
     rng = torch.Generator().manual_seed(0)

@@ -111,6 +111,7 @@ def check_case(c: Case, dev, gen) -> list[str]:
     # (without a transform: 1.6e-4 seen on the H100 against torch's CUDA quantizer, cause not found; see
     # benchmarks/KERNEL_NOTES.md)
     allowed = (min(0.1, 1e-2 * 2 ** (c.bits - 4)) if single_pass else 2e-3) if c.rot else 5e-4
+    allowed = max(allowed, 3 / dx.numel())  # a small case (one token of 128) may meet two or three boundaries
     if dx.max() > 1.5 or flips > allowed:
         fails.append(f"act_quant: {flips:.2e} of values a step off (allowed {allowed:.0e}), max {dx.max():.2f} steps")
     # weights: the unpacked int8 scratch equals the format's integer weights

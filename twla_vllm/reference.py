@@ -54,7 +54,9 @@ def quantize_per_token(x: torch.Tensor, bits: int, clip: float,
     xb = x.reshape(m, blocks, k // blocks)
     xmax = xb.amax(dim=-1, keepdim=True) * clip
     xmin = xb.amin(dim=-1, keepdim=True) * clip
-    s = ((xmax - xmin) / qmax).clamp(min=SCALE_EPS)
+    # divide by a tensor, not a Python number: CUDA torch turns `t / scalar` into `t * (1 / scalar)`, which
+    # moves s by an ulp now and then and flips codes at rounding ties against the kernels' IEEE division
+    s = ((xmax - xmin) / torch.full_like(xmax, qmax)).clamp(min=SCALE_EPS)
     z = torch.round(-xmin / s)
     q = torch.clamp(torch.round(xb / s) + z, 0, qmax)
     return (q - half).reshape(m, k), s.squeeze(-1), (z - half).squeeze(-1)

@@ -5,11 +5,11 @@ act_quant:  per token and K-block: Kronecker transform L·X·R, asymmetric quant
 gemv:       M <= 8 on CUDA cores. Byte-lane SWAR: (w >> B*i) & mask gives four codes per op, `dp4a` multiplies
             them by four int8 activations; per weight group the integer sums are promoted with the group's
             integers: acc += a*(step*Σc·x - offset*Σx) + m*Σx. Everything stays int32 and exact.
-gemm:       M > 8 on int8 tensor cores, weights as the left operand (swap-AB: tokens are the MMA's N). The
-            weight tile is unpacked in registers to w_int = a*v(c) + m (int8); the K loop is a plain int8 dot
-            into int32; s_n, the activation step and the zero-point term z*rowsum go to the epilogue, together
-            with the low-rank branch lowrank_a @ (x @ lowrank_bᵀ) and the bias.
-unpack:     large M unpacks the weights once into an int8 scratch and runs the same GEMM on it (W_SRC = 1). The
+gemm:       M > 8 on int8 tensor cores, tokens as the MMA's M. The weight tile is unpacked in registers to
+            w_int = a*v(c) + m (int8) from 2-D byte loads issued one tile ahead; the K loop is a plain int8 dot into int32, split over K
+            into int32 partials when the tile grid is small; s_n, the activation step and the zero-point term
+            z*rowsum go to the epilogue, together with the low-rank branch lowrank_a @ (x @ lowrank_bᵀ) and the bias.
+unpack:     large M unpacks the weights once into an int8 scratch and runs the same GEMM on it (SCRATCH). The
             unpack builds four int8 weights per instruction pair from one packed word: ((w >> B*i) & mask) *
             (a*step) + (m - a*offset + 128), then XOR 0x80 per byte (inline PTX; a pure-`tl` twin for the
             interpreter gives the same bytes), in "lane order" (`lane_perm`); act_quant then writes the activations
@@ -257,24 +257,37 @@ def _unpack_tile(w_ptr, qa_ptr, qm_ptr, rn, k0, N, K, stride_w, G: tl.constexpr,
 
 
 @triton.jit
-def _unpack_natural(w_ptr, qa_ptr, qm_ptr, rn, k0, N, K, stride_w, G: tl.constexpr, GS: tl.constexpr,
-                    BITS: tl.constexpr, STEP: tl.constexpr, OFF: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """int8 weights [BN, BK] for rows rn and codes k0..k0+BK-1 in natural order, per element in plain `tl`
-    (shift, mask, multiply-add): what the tensor-core kernel feeds its dot. (Packed inline PTX as in
-    `_unpack_tile` is faster but needs the four bytes of a register to share one group, which Triton's layout
-    choices for a dot operand do not guarantee.)"""
+def _load_rep(w_ptr, qa_ptr, qm_ptr, rn, k0, N, K, stride_w, G: tl.constexpr, GS: tl.constexpr,
+              BITS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Raw loads for `_int_tile` (codes k0..k0+BK-1 of rows rn, nothing at or past K): every element loads the
+    byte that holds its code (byte-lane layout: byte 4*(k // CPW) + k % 4 of the row) and its group's a, m, as
+    plain 2-D tiles, so no reshape sits between the loads and the dot (a 3-D word unpack + reshape measured
+    1.4-2.2x slower, KERNEL_NOTES v7). w_ptr: packed words viewed as bytes, stride_w in bytes. Split from the
+    arithmetic so the GEMM can issue the loads of tiles ahead before using this one."""
     CPW: tl.constexpr = 32 // BITS
-    NW: tl.constexpr = BK // CPW
-    wi = tl.arange(0, NW)
-    ok = (rn[:, None] < N) & (k0 + wi[None, :] * CPW < K)
-    words = tl.load(w_ptr + rn[:, None] * stride_w + k0 // CPW + wi[None, :], mask=ok, other=0)
-    pq = rn[:, None] * G + (k0 + wi[None, :] * CPW) // GS
-    qa = tl.load(qa_ptr + pq, mask=ok, other=0).to(tl.int32)
-    qm = tl.load(qm_ptr + pq, mask=ok, other=0).to(tl.int32)
-    j = tl.arange(0, CPW)
-    codes = (words[:, :, None] >> (8 * (j % 4) + BITS * (j // 4))[None, None, :]) & (2**BITS - 1)
-    w = codes * (qa * STEP)[:, :, None] + (qm - qa * OFF)[:, :, None]
-    return tl.reshape(w.to(tl.int8), (BN, BK))
+    rk = k0 + tl.arange(0, BK)
+    ok = (rn[:, None] < N) & (rk[None, :] < K)
+    byts = tl.load(w_ptr + rn[:, None] * stride_w + ((rk // CPW) * 4 + rk % 4)[None, :], mask=ok, other=0)
+    if BK <= GS:  # one group per row of the tile: a and m are a column
+        pq = rn * G + k0 // GS
+        ok_n = (rn < N) & (rn * 0 + k0 < K)
+        qa = tl.load(qa_ptr + pq, mask=ok_n, other=0)[:, None]
+        qm = tl.load(qm_ptr + pq, mask=ok_n, other=0)[:, None]
+    else:
+        pq = rn[:, None] * G + (rk // GS)[None, :]
+        qa = tl.load(qa_ptr + pq, mask=ok, other=0)
+        qm = tl.load(qm_ptr + pq, mask=ok, other=0)
+    return byts, qa, qm
+
+
+@triton.jit
+def _int_tile(byts, qa, qm, BITS: tl.constexpr, STEP: tl.constexpr, OFF: tl.constexpr, BK: tl.constexpr):
+    """int8 weights a*v(c) + m [BN, BK] in natural order from `_load_rep`'s tiles (shift, mask, multiply-add)."""
+    CPW: tl.constexpr = 32 // BITS
+    j = tl.arange(0, BK)
+    codes = (byts.to(tl.int32) >> (BITS * ((j % CPW) // 4))[None, :]) & (2**BITS - 1)
+    qa = qa.to(tl.int32)
+    return (codes * (qa * STEP) + (qm.to(tl.int32) - qa * OFF)).to(tl.int8)
 
 
 @triton.jit
@@ -303,7 +316,8 @@ def _gemv_kernel(x_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
     # Word p of a row holds codes CPW*p..; (word >> B*i) & mask = codes CPW*p+4i..+3, which meet activation
     # word LANES*p + i in one dp4a. GW = words per weight group. Program (n, s) covers K-split s; with several
     # activation K-blocks (KB > 1) the splits are the blocks, each promoted with its own step and zero point into
-    # an fp32 partial (acc_ptr [KB, M, N]) that `_epilogue_kernel` sums in a fixed order.
+    # an fp32 partial (acc_ptr [KB, M, N]) that `_epilogue_kernel` sums in a fixed order; with one block, int32
+    # partials [SPLIT, M, N].
     LANES: tl.constexpr = 8 // BITS
     MASK: tl.constexpr = (2**BITS - 1) * 0x01010101
     pid_n = tl.program_id(0)
@@ -342,8 +356,8 @@ def _gemv_kernel(x_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
         rs = tl.load(rs_ptr + rn * KB + pid_s, mask=rn < N, other=0)
         y = sb[:, None] * (acc - zb[:, None] * rs[None, :]).to(tl.float32)
         tl.store(acc_ptr + (pid_s * M + rm[:, None]) * N + rn[None, :], y, mask=mask)
-    elif SPLIT > 1:  # int32 partial sums: exact and order-independent; `_epilogue_kernel` finishes
-        tl.atomic_add(acc_ptr + rm[:, None] * N + rn[None, :], acc, mask=mask)
+    elif SPLIT > 1:  # int32 partial sums (exact); `_epilogue_kernel` adds them up and finishes
+        tl.store(acc_ptr + (pid_s * M + rm[:, None]) * N + rn[None, :], acc, mask=mask)
     else:
         sb = tl.load(s_ptr + rm, mask=rm < M, other=0.0)
         zb = tl.load(z_ptr + rm, mask=rm < M, other=0.0).to(tl.int32)
@@ -381,42 +395,54 @@ def _finish(y, rm, rn, M, N, ws_ptr, la_ptr, lr_ptr, bias_ptr, stride_lr, SB1, S
 
 @triton.jit
 def _epilogue_kernel(acc_ptr, s_ptr, z_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_ptr, lr_ptr, bias_ptr, y_ptr,
-                     M, N, stride_y, stride_lr, SB1, SB2, KB: tl.constexpr, R: tl.constexpr, NSH: tl.constexpr,
-                     RP: tl.constexpr, CP: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
-                     BN: tl.constexpr):
-    # after a split GEMV: KB == 1: acc_ptr holds int32 sums; KB > 1: fp32 partials per block, summed in order
+                     M, N, stride_y, stride_lr, SB1, SB2, KB: tl.constexpr, SPLIT: tl.constexpr, R: tl.constexpr,
+                     NSH: tl.constexpr, RP: tl.constexpr, CP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr):
+    # after a split GEMV/GEMM: acc_ptr [SPLIT, M, N] holds int32 partial sums (KB == 1; summed exactly) or fp32
+    # partials already promoted per activation block (KB > 1; summed in a fixed order)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
-    rm = tl.arange(0, BM)
+    rm = tl.program_id(1) * BM + tl.arange(0, BM)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
+    part = acc_ptr + rm[:, None] * N + rn[None, :]
     if KB == 1:
-        acc = tl.load(acc_ptr + rm[:, None] * N + rn[None, :], mask=mask, other=0)
+        acc = tl.zeros([BM, BN], dtype=tl.int32)
+        for b in tl.static_range(SPLIT):
+            acc += tl.load(part + b * M * N, mask=mask, other=0)
         sb = tl.load(s_ptr + rm, mask=rm < M, other=0.0)
         zb = tl.load(z_ptr + rm, mask=rm < M, other=0.0).to(tl.int32)
         rs = tl.load(rs_ptr + rn, mask=rn < N, other=0)
         y = sb[:, None] * (acc - zb[:, None] * rs[None, :]).to(tl.float32)
     else:
         y = tl.zeros([BM, BN], dtype=tl.float32)
-        for b in tl.static_range(KB):
-            y += tl.load(acc_ptr + (b * M + rm[:, None]) * N + rn[None, :], mask=mask, other=0.0)
+        for b in tl.static_range(SPLIT):
+            y += tl.load(part + b * M * N, mask=mask, other=0.0)
     y = _finish(y, rm, rn, M, N, ws_ptr, la_ptr, lr_ptr, bias_ptr, stride_lr, SB1, SB2, R, NSH, RP, CP,
                 HAS_BIAS, False, "ieee")
     tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------------
-# Tensor-core GEMM (M > 8): swap-AB, int8 weight tile from registers (or from the int8 scratch)
+# Tensor-core GEMM (M > 8): int8 weight tile unpacked in registers (or read from the int8 scratch)
 # ------------------------------------------------------------------------------------------------------
 @triton.jit
 def _gemm_kernel(q_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_ptr, lr_ptr, bias_ptr, y_ptr,
-                 M, N, K, stride_q, stride_w, stride_y, stride_lr, SB1, SB2,
+                 acc_ptr, M, N, K, stride_q, stride_w, stride_y, stride_lr, SB1, SB2,
                  BITS: tl.constexpr, STEP: tl.constexpr, OFF: tl.constexpr, G: tl.constexpr, GS: tl.constexpr,
                  KB: tl.constexpr, R: tl.constexpr, NSH: tl.constexpr, RP: tl.constexpr,
-                 CP: tl.constexpr, HAS_BIAS: tl.constexpr, W_SRC: tl.constexpr,
+                 CP: tl.constexpr, HAS_BIAS: tl.constexpr, SCRATCH: tl.constexpr, SPLIT: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_N: tl.constexpr, ASM: tl.constexpr,
                  PRECISION: tl.constexpr):
-    # W_SRC 0: w_ptr = packed words, unpacked per tile, q in natural order; W_SRC 1: w_ptr = the int8 scratch
-    # [N, K] and q, both in lane order (the dot is order-agnostic as long as both agree).
+    # acc [BM tokens, BN rows] = x [BM, BK] . w_intᵀ, int8 x int8 -> int32 on tensor cores.
+    # SCRATCH 0: w_ptr = the packed words viewed as bytes, unpacked per tile (`_load_rep` + `_int_tile`), q in
+    # natural order. The next tile's loads are issued before this tile's dot so their latency overlaps it (the
+    # byte loads are not pipelined by Triton, and without this the loop waits on every tile: 1.2-1.5x slower).
+    # SCRATCH 1: w_ptr = the int8 scratch [N, K] and q, both in lane order (the dot is order-agnostic as long as
+    # both agree).
+    # SPLIT > 1: program (tile, s) covers K-range s and leaves a partial in acc_ptr [SPLIT, M, N] for
+    # `_epilogue_kernel`: int32 sums (KB == 1) or, with several activation K-blocks (then one split per block),
+    # fp32 values already promoted with the block's step and zero point.
     pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
     n_tiles_m = tl.cdiv(M, BM)
     n_tiles_n = tl.cdiv(N, BN)
     # grouped order: GROUP_N weight-row tiles share their activations' reads in L2
@@ -429,34 +455,47 @@ def _gemm_kernel(q_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
     rm = pid_m * BM + tl.arange(0, BM)
     rk = tl.arange(0, BK)
     BLK = K // KB
-    acc = tl.zeros([BN, BM], dtype=tl.int32)
-    y = tl.zeros([BN, BM], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        if W_SRC == 0:
-            w = _unpack_natural(w_ptr, qa_ptr, qm_ptr, rn, k0, N, K, stride_w, G, GS, BITS, STEP, OFF, BN, BK)
-        else:
+    k_lo = pid_s * (K // SPLIT)
+    k_hi = k_lo + K // SPLIT
+    acc = tl.zeros([BM, BN], dtype=tl.int32)
+    y = tl.zeros([BM, BN], dtype=tl.float32)
+    if not SCRATCH:
+        ahead = _load_rep(w_ptr, qa_ptr, qm_ptr, rn, k_lo, N, k_hi, stride_w, G, GS, BITS, BN, BK)
+    for k0 in range(k_lo, k_hi, BK):
+        if SCRATCH:
             w = tl.load(w_ptr + rn[:, None] * stride_w + k0 + rk[None, :],
                         mask=(rn[:, None] < N) & (k0 + rk[None, :] < K), other=0)
-        xt = tl.load(q_ptr + rm[None, :] * stride_q + k0 + rk[:, None],
-                     mask=(rm[None, :] < M) & (k0 + rk[:, None] < K), other=0)
-        acc = tl.dot(w, xt, acc, out_dtype=tl.int32)
+        else:
+            cur = ahead
+            ahead = _load_rep(w_ptr, qa_ptr, qm_ptr, rn, k0 + BK, N, k_hi, stride_w, G, GS, BITS, BN, BK)
+            w = _int_tile(cur[0], cur[1], cur[2], BITS, STEP, OFF, BK)
+        x = tl.load(q_ptr + rm[:, None] * stride_q + k0 + rk[None, :],
+                    mask=(rm[:, None] < M) & (k0 + rk[None, :] < K), other=0)
+        acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)
         if KB > 1:
             if (k0 + BK) % BLK == 0:  # end of an activation K-block: promote once per block
                 b = k0 // BLK
                 sb = tl.load(s_ptr + rm * KB + b, mask=rm < M, other=0.0)
                 zb = tl.load(z_ptr + rm * KB + b, mask=rm < M, other=0.0).to(tl.int32)
                 rs = tl.load(rs_ptr + rn * KB + b, mask=rn < N, other=0)
-                y += (acc - rs[:, None] * zb[None, :]).to(tl.float32) * sb[None, :]
-                acc = tl.zeros([BN, BM], dtype=tl.int32)
-    if KB == 1:
-        sb = tl.load(s_ptr + rm, mask=rm < M, other=0.0)
-        zb = tl.load(z_ptr + rm, mask=rm < M, other=0.0).to(tl.int32)
-        rs = tl.load(rs_ptr + rn, mask=rn < N, other=0)
-        y = (acc - rs[:, None] * zb[None, :]).to(tl.float32) * sb[None, :]
-    y = _finish(tl.trans(y), rm, rn, M, N, ws_ptr, la_ptr, lr_ptr, bias_ptr, stride_lr, SB1, SB2, R, NSH,
-                RP, CP, HAS_BIAS, True, PRECISION)
-    tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
+                y += (acc - zb[:, None] * rs[None, :]).to(tl.float32) * sb[:, None]
+                acc = tl.zeros([BM, BN], dtype=tl.int32)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    if SPLIT > 1:  # partial for `_epilogue_kernel`
+        part = acc_ptr + (pid_s * M + rm[:, None]) * N + rn[None, :]
+        if KB > 1:
+            tl.store(part, y, mask=mask)
+        else:
+            tl.store(part, acc, mask=mask)
+    else:
+        if KB == 1:
+            sb = tl.load(s_ptr + rm, mask=rm < M, other=0.0)
+            zb = tl.load(z_ptr + rm, mask=rm < M, other=0.0).to(tl.int32)
+            rs = tl.load(rs_ptr + rn, mask=rn < N, other=0)
+            y = (acc - zb[:, None] * rs[None, :]).to(tl.float32) * sb[:, None]
+        y = _finish(y, rm, rn, M, N, ws_ptr, la_ptr, lr_ptr, bias_ptr, stride_lr, SB1, SB2, R, NSH,
+                    RP, CP, HAS_BIAS, True, PRECISION)
+        tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -472,11 +511,14 @@ def block_k(unit: int, cap: int, floor: int = 32) -> int:
 
 GEMV_MAX_M = 8  # up to here: CUDA-core dp4a GEMV
 GEMV_CONFIGS = ((1, 8, 64, 2), (GEMV_MAX_M, 32, 32, 4))  # (max M, BN, BP words, warps)
-GEMV_SPLIT_CTAS = 528  # split K (int32 atomics) while the grid has fewer CTAs than this (4 per SM)
+GEMV_SPLIT_CTAS = 528  # split K (int32 partials) while the grid has fewer CTAs than this (4 per SM)
 # tensor-core tiles by M bucket: (max M, BM tokens, BN rows, BK cap, warps, stages), from `benchmarks/kernels.py
 # --sweep` on the H100 (4096 -> 14336; benchmarks/KERNEL_NOTES.md)
-GEMM_CONFIGS = ((16, 16, 64, 256, 4, 4), (32, 32, 128, 128, 4, 4), (128, 64, 64, 128, 4, 4),
-                (1 << 62, 256, 128, 128, 8, 3))
+# tensor-core tiles by M bucket: (max M, BM tokens, BN rows, BK cap, warps, stages), from `benchmarks/kernels.py
+# --sweep` on the H100 (benchmarks/KERNEL_NOTES.md v7). BK 32 = one weight group of the default group size, so a
+# tile's group scales are one column; the scratch path (M >= SCRATCH_MIN_M) takes the last row.
+GEMM_CONFIGS = ((16, 16, 64, 32, 4, 2), (64, 64, 64, 32, 4, 3), (255, 128, 64, 32, 4, 3),
+                (1 << 62, 128, 128, 128, 8, 3))
 SCRATCH_MIN_M = 256  # from here on: unpack once to an int8 scratch, then the GEMM on int8 weights
 
 
@@ -506,13 +548,15 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
                  group_size: int, out_dtype: torch.dtype, lowrank_a: torch.Tensor | None = None,
                  lr: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                  shard_bounds: tuple[int, int] | None = None, scratch: bool | None = None,
-                 tile: tuple[int, int, int, int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                 tile: tuple[int, int, int, int, int] | None = None, out: torch.Tensor | None = None,
+                 split: int | None = None) -> torch.Tensor:
     """y [M, N] = s_n * Σ_b s_b (q·W_intᵀ - z_b rowsum_b) (+ lowrank_a @ lrᵀ per shard, + bias).
 
     q/s/z from `act_quant` (lane order iff `uses_scratch(M)`); packed [N, K*bits/32] int32; row_scale [N]
     fp16/fp32; qa/qm [N, G] int8; rowsum [N, KB] int32; lr [M, S*R] fp32 = x @ lowrank_bᵀ of the S shards,
     whose rows end at shard_bounds (two ascending row indices; (N, N) for one shard). `scratch`, `tile`
-    (BM, BN, BK cap, warps, stages): override the tensor-core path's table (benchmarks)."""
+    (BM, BN, BK cap, warps, stages), `split`: override the tensor-core path's table and split rule
+    (benchmarks)."""
     m, k = q.shape
     n = packed.shape[0]
     kb, g = s.shape[1], qa.shape[1]
@@ -541,26 +585,50 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
         split = kb  # several activation blocks: one split per block
         while kb == 1 and n_ctas * split * 2 <= GEMV_SPLIT_CTAS and words % (2 * split * bp) == 0:
             split *= 2
-        if kb > 1:
-            acc = torch.empty(kb, m, n, dtype=torch.float32, device=q.device)
-        else:
-            acc = torch.zeros(m, n, dtype=torch.int32, device=q.device) if split > 1 else y
+        acc = torch.empty(split, m, n, dtype=torch.int32 if kb == 1 else torch.float32, device=q.device) \
+            if split > 1 else y
         bm = triton.next_power_of_2(m)
         _gemv_kernel[(n_ctas, split)](q.view(torch.int32), s, z, packed, *args, acc, m, n, k, q.stride(0) // 4,
                                       packed.stride(0), y.stride(0), stride_lr, sb1, sb2, GW=gw, BM=bm, BN=bn, BP=bp,
                                       SPLIT=split, ASM=asm, num_warps=warps, **meta)
         if split > 1:
-            del meta["BITS"], meta["STEP"], meta["OFF"], meta["G"]
-            _epilogue_kernel[(triton.cdiv(n, 64),)](acc, s, z, *args, m, n, y.stride(0), stride_lr, sb1, sb2,
-                                                    BM=bm, BN=64, num_warps=4, **meta)
+            _epilogue(acc, s, z, args, m, n, y, stride_lr, sb1, sb2, meta, split)
         return y
     bm, bn, bkc, warps, stages = tile or next(c for c in GEMM_CONFIGS if m <= c[0])[1:]
+    if tile is None and kb > 1 and not uses_scratch(m):
+        bm = min(bm, 64)  # 128-token tiles with the per-block fp32 promotion: 439 vs 188 µs (14336->4096, M=128)
     use_scratch = uses_scratch(m) if scratch is None else scratch
-    w = unpack_weights(packed, qa, qm, bits, step, offset, group_size) if use_scratch else packed
+    w = unpack_weights(packed, qa, qm, bits, step, offset, group_size) if use_scratch else packed.view(torch.int8)
     bk = block_k(k // kb, bkc)
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    _gemm_kernel[grid](q, s, z, w, *args, m, n, k, q.stride(0), w.stride(0), y.stride(0), stride_lr, sb1, sb2,
-                       GS=gs, W_SRC=int(use_scratch), BM=bm, BN=bn, BK=bk, GROUP_N=8, ASM=asm,
-                       PRECISION="ieee" if q.device.type == "cpu" else "tf32x3", num_warps=warps,
-                       num_stages=stages, **meta)
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    if split is None:  # enough programs to hide the unpack loop's latency (benchmarks/KERNEL_NOTES.md v7)
+        split = 1 if use_scratch else gemm_split(tiles, k, kb, bk)
+    if split > 1 and (k // split) % bk or kb > 1 and split not in (1, kb):
+        raise ValueError(f"split {split} does not cut K = {k} ({kb} blocks) into whole {bk}-wide tiles per block")
+    acc = torch.empty(split, m, n, dtype=torch.int32 if kb == 1 else torch.float32, device=q.device) \
+        if split > 1 else y
+    _gemm_kernel[(tiles, split)](q, s, z, w, *args, acc, m, n, k, q.stride(0), w.stride(0), y.stride(0), stride_lr,
+                                 sb1, sb2, GS=gs, SCRATCH=use_scratch, SPLIT=split, BM=bm, BN=bn, BK=bk, GROUP_N=8, ASM=asm,
+                                 PRECISION="ieee" if q.device.type == "cpu" else "tf32x3", num_warps=warps,
+                                 num_stages=stages, **meta)
+    if split > 1:
+        _epilogue(acc, s, z, args, m, n, y, stride_lr, sb1, sb2, meta, split)
     return y
+
+
+def gemm_split(tiles: int, k: int, kb: int, bk: int) -> int:
+    """K-splits of the packed-weight GEMM: up to 4 while the grid stays <= 1024 programs (one split per
+    activation K-block when there are several)."""
+    if kb > 1:
+        return kb if tiles * kb <= 2048 else 1
+    split = 4
+    while split > 1 and (tiles * split > 1024 or (k // split) % bk):
+        split //= 2
+    return split
+
+
+def _epilogue(acc, s, z, args, m, n, y, stride_lr, sb1, sb2, meta, split) -> None:
+    meta = {key: v for key, v in meta.items() if key not in ("BITS", "STEP", "OFF", "G")}
+    bm = min(32, triton.next_power_of_2(m))
+    _epilogue_kernel[(triton.cdiv(n, 64), triton.cdiv(m, bm))](acc, s, z, *args, m, n, y.stride(0), stride_lr, sb1,
+                                                               sb2, SPLIT=split, BM=bm, BN=64, num_warps=4, **meta)
