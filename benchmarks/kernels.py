@@ -44,6 +44,7 @@ SWEEP = {m: [dict(tile=(bm, bn, 32, w, st)) for bn, w in ((64, 4), (128, 8)) for
          for m, bm in ((16, 16), (64, 64), (128, 128))}
 SWEEP[256] = [dict(scratch=sc, tile=(bm, 128, bk, 8, 3)) for sc in (True, False) for bm, bk in ((128, 128), (256, 64))]
 SWEEP[8192] = [dict(scratch=True, tile=(bm, 128, 128, 8, 3)) for bm in (128, 256)]
+SWEEP[64] += [dict(tile=(64, 64, 32, 4, 3), split=sp) for sp in (16, 32)]  # 8 K-blocks: 2 or 4 splits per block
 L2_BEATING_BYTES = 128 << 20
 
 
@@ -95,6 +96,28 @@ def act_quant_table() -> None:
                 print(f"| {n1}x{n2} | {kb} | {m} | {prec} | {us:.1f} | {agree:.5f} |", flush=True)
 
 
+def act_quant_sweep() -> None:
+    """act_quant launch settings (tokens per program, warps) at prefill sizes, TF32 transform."""
+    print("\n| factors | K-blocks | M | BT | warps | µs |\n|---|---|---|---|---|---|")
+    for k, kb in ((4096, 1), (14336, 8)):
+        n1, n2 = FACTORS[k]
+        left = torch.block_diag(*[orth(n1 // kb) for _ in range(kb)]).contiguous()
+        right = orth(n2)
+        for m in (2048, 8192):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            want = T.act_quant(x, left, right, 4, 0.9, kb)[0]
+            for bt in (1, 2, 4, 8, 16):
+                for warps in (4, 8):
+                    try:
+                        got = T.act_quant(x, left, right, 4, 0.9, kb, bt=bt, warps=warps)[0]
+                        same = (got == want).float().mean().item()
+                        us = bench(lambda i: T.act_quant(x, left, right, 4, 0.9, kb, bt=bt, warps=warps))
+                    except Exception as e:  # noqa: BLE001 - a setting that does not compile is a result too
+                        same, us = float("nan"), float("nan")
+                        print(f"  bt={bt} warps={warps}: {type(e).__name__}: {str(e)[:120]}")
+                    print(f"| {n1}x{n2} | {kb} | {m} | {bt} | {warps} | {us:.1f} (codes equal {same:.4f}) |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--group-size", type=int, default=32, help="weight group along K; -1 = per row")
@@ -102,6 +125,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true",
                     help="time alternative tensor-core tiles and unpack paths (M in SWEEP; see SWEEP)")
     ap.add_argument("--act-quant", action="store_true", help="transform precision table")
+    ap.add_argument("--act-quant-sweep", action="store_true", help="act_quant tokens-per-program/warps table")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--json", help="write the rows here (benchmarks/results schema)")
     a = ap.parse_args()
@@ -111,6 +135,8 @@ def main() -> None:
     print(f"device {torch.cuda.get_device_name()}, copy bandwidth {bw / 1e12:.2f} TB/s, {code.name} group {gs}")
     if a.act_quant:
         act_quant_table()
+    if a.act_quant_sweep:
+        act_quant_sweep()
     rows, sweep = [], []
     for k, n in SHAPES:
         kb = K_BLOCKS[k]
@@ -156,7 +182,7 @@ def main() -> None:
             if a.sweep and m in SWEEP and ((k, n) == (4096, 14336) or m == 64):
                 base = mm(0)
                 for kw in SWEEP[m]:
-                    if kb > 1 and kw.get("split", 1) not in (1, kb):
+                    if kb > 1 and kw.get("split", kb) % kb:
                         continue
                     try:
                         kw = {"scratch": False, **kw}

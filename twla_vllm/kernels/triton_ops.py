@@ -126,14 +126,15 @@ def _act_quant_kernel(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, M, stride_x, str
 
 def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None, bits: int, clip: float,
               k_blocks: int, precision: str | None = None, lanes: int = 0,
-              out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, bt: int | None = None,
+              warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [M, K] -> (q int8 [M, K], s fp32 [M, KB], z fp32 [M, KB]) as `reference.quantize_per_token` of
     `reference.kron_rotate(x, left, right)`. A left factor must be block-diagonal over the k_blocks
     (TwlaLinearMethod checks it at load). `precision` of the transform dots: "tf32x3" (fp32-accurate), "tf32"
     (the CUDA default: single pass, ~0.1% of 4-bit codes one step off, see benchmarks/RESULTS.md) or "bf16".
     lanes > 0 stores q in the lane order of a code with that many lanes (what `unpack_weights` writes).
-    `out`: preallocated outputs (tests poison them)."""
+    `out`: preallocated outputs (tests poison them). `bt` (tokens per program), `warps`: override the launch
+    heuristic (benchmarks)."""
     m, k = x.shape
     x = x.contiguous()
     q, s, z = out or (torch.empty(m, k, dtype=torch.int8, device=x.device),
@@ -151,13 +152,13 @@ def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | 
     cp = max(16, triton.next_power_of_2(cols))
     # tokens per program: one at decode sizes (latency); for many tokens up to 8K tile elements, so the factors
     # are loaded once per several tokens
-    bt = 1 if m <= 16 else max(1, min(8, 8192 // (rbp * cp)))
+    bt = bt or (1 if m <= 16 else max(1, min(8, 8192 // (rbp * cp))))
     if m:
         _act_quant_kernel[(triton.cdiv(m, bt), k_blocks)](
             x, left if left is not None else x, right if right is not None else x, q, s, z, m, x.stride(0),
             q.stride(0), ROWS=rows, COLS=cols, RBP=rbp, CP=cp, BT=bt, HAS_ROT=left is not None, KB=k_blocks,
             BITS=bits, CLIP=float(clip), LANES=lanes, PRECISION=precision, ASM=cuda,
-            num_warps=4 if bt * rbp * cp <= 4096 else 8)
+            num_warps=warps or (4 if bt * rbp * cp <= 4096 else 8))
     return q, s, z
 
 
@@ -439,8 +440,8 @@ def _gemm_kernel(q_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
     # SCRATCH 1: w_ptr = the int8 scratch [N, K] and q, both in lane order (the dot is order-agnostic as long as
     # both agree).
     # SPLIT > 1: program (tile, s) covers K-range s and leaves a partial in acc_ptr [SPLIT, M, N] for
-    # `_epilogue_kernel`: int32 sums (KB == 1) or, with several activation K-blocks (then one split per block),
-    # fp32 values already promoted with the block's step and zero point.
+    # `_epilogue_kernel`: int32 sums (KB == 1) or, with several activation K-blocks (then SPLIT is a multiple of
+    # KB, every split inside one block), fp32 values already promoted with the block's step and zero point.
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_tiles_m = tl.cdiv(M, BM)
@@ -473,10 +474,12 @@ def _gemm_kernel(q_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
                     mask=(rm[:, None] < M) & (k0 + rk[None, :] < K), other=0)
         acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)
         if KB > 1:
-            if (k0 + BK) % BLK == 0:  # end of an activation K-block: promote once per block
+            block_end = (k0 + BK) % BLK == 0
+            if block_end | (k0 + BK == k_hi):  # end of a K-block, or of this split inside one
                 b = k0 // BLK
                 sb = tl.load(s_ptr + rm * KB + b, mask=rm < M, other=0.0)
-                zb = tl.load(z_ptr + rm * KB + b, mask=rm < M, other=0.0).to(tl.int32)
+                # the zero-point term z*rowsum covers the whole block: only the split that ends it subtracts it
+                zb = tl.load(z_ptr + rm * KB + b, mask=rm < M, other=0.0).to(tl.int32) * block_end.to(tl.int32)
                 rs = tl.load(rs_ptr + rn * KB + b, mask=rn < N, other=0)
                 y += (acc - zb[:, None] * rs[None, :]).to(tl.float32) * sb[:, None]
                 acc = tl.zeros([BM, BN], dtype=tl.int32)
@@ -603,7 +606,7 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     if split is None:  # enough programs to hide the unpack loop's latency (benchmarks/KERNEL_NOTES.md v7)
         split = 1 if use_scratch else gemm_split(tiles, k, kb, bk)
-    if split > 1 and (k // split) % bk or kb > 1 and split not in (1, kb):
+    if split > 1 and ((k // split) % bk or split % kb):
         raise ValueError(f"split {split} does not cut K = {k} ({kb} blocks) into whole {bk}-wide tiles per block")
     acc = torch.empty(split, m, n, dtype=torch.int32 if kb == 1 else torch.float32, device=q.device) \
         if split > 1 else y
@@ -617,10 +620,15 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
 
 
 def gemm_split(tiles: int, k: int, kb: int, bk: int) -> int:
-    """K-splits of the packed-weight GEMM: up to 4 while the grid stays <= 1024 programs (one split per
-    activation K-block when there are several)."""
-    if kb > 1:
-        return kb if tiles * kb <= 2048 else 1
+    """K-splits of the packed-weight GEMM: up to 4 while the grid stays <= 1024 programs (with several
+    activation K-blocks: 1-4 splits per block)."""
+    if kb > 1:  # a multiple of the blocks, each split inside one block; up to 4 splits per block
+        if tiles * kb > 2048:
+            return 1
+        split = kb
+        while split < 4 * kb and tiles * split * 2 <= 1024 and (k // (split * 2)) % bk == 0:
+            split *= 2
+        return split
     split = 4
     while split > 1 and (tiles * split > 1024 or (k // split) % bk):
         split //= 2
