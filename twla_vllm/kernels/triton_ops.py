@@ -150,15 +150,22 @@ def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | 
         rows = k // cols
         rbp = triton.next_power_of_2(rows // k_blocks)
     cp = max(16, triton.next_power_of_2(cols))
-    # tokens per program: one at decode sizes (latency); for many tokens up to 8K tile elements, so the factors
-    # are loaded once per several tokens
-    bt = bt or (1 if m <= 16 else max(1, min(8, 8192 // (rbp * cp))))
+    # tokens per program: one at decode sizes (latency); for many tokens, with a transform, stack tokens until
+    # the right-factor dot has 128 rows (2 tokens of 64x64, 8 of the 16x128 blocks of down_proj's 112x128:
+    # 1.7x faster there than 4 tokens, `benchmarks/kernels.py --act-quant-sweep`); without one, 8K elements
+    if m <= 16:
+        bt = bt or 1
+    elif left is not None:
+        bt = bt or max(1, min(8, 128 // rbp, 16384 // (rbp * cp)))
+    else:
+        bt = bt or max(1, min(8, 8192 // (rbp * cp)))
+    warps = warps or (4 if bt * rbp * cp <= (16384 if left is not None else 4096) else 8)
     if m:
         _act_quant_kernel[(triton.cdiv(m, bt), k_blocks)](
             x, left if left is not None else x, right if right is not None else x, q, s, z, m, x.stride(0),
             q.stride(0), ROWS=rows, COLS=cols, RBP=rbp, CP=cp, BT=bt, HAS_ROT=left is not None, KB=k_blocks,
             BITS=bits, CLIP=float(clip), LANES=lanes, PRECISION=precision, ASM=cuda,
-            num_warps=warps or (4 if bt * rbp * cp <= 4096 else 8))
+            num_warps=warps)
     return q, s, z
 
 
@@ -620,15 +627,10 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
 
 
 def gemm_split(tiles: int, k: int, kb: int, bk: int) -> int:
-    """K-splits of the packed-weight GEMM: up to 4 while the grid stays <= 1024 programs (with several
-    activation K-blocks: 1-4 splits per block)."""
-    if kb > 1:  # a multiple of the blocks, each split inside one block; up to 4 splits per block
-        if tiles * kb > 2048:
-            return 1
-        split = kb
-        while split < 4 * kb and tiles * split * 2 <= 1024 and (k // (split * 2)) % bk == 0:
-            split *= 2
-        return split
+    """K-splits of the packed-weight GEMM: up to 4 while the grid stays <= 1024 programs; with several
+    activation K-blocks one split per block (the kernel also takes several per block)."""
+    if kb > 1:  # (more splits per block measured 3.5x slower: 14336->4096, M = 64: 362 vs 103 µs)
+        return kb if tiles * kb <= 2048 else 1
     split = 4
     while split > 1 and (tiles * split > 1024 or (k // split) % bk):
         split //= 2
