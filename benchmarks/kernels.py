@@ -70,6 +70,12 @@ def orth(n: int) -> torch.Tensor:
     return q.contiguous()
 
 
+def transform_factors(k: int, kb: int) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    """The serving config's Kronecker factors for input width k: (n1, n2, block-diagonal left, right)."""
+    n1, n2 = FACTORS[k]
+    return n1, n2, torch.block_diag(*[orth(n1 // kb) for _ in range(kb)]).contiguous(), orth(n2)
+
+
 def random_layer(n: int, k: int, gs: int, code: fmt.WeightCode):
     c = torch.randint(0, code.num_codes, (n, k), dtype=torch.int32)
     g = fmt.num_groups(k, gs)
@@ -83,9 +89,7 @@ def act_quant_table() -> None:
     """Transform precision at serving sizes: µs and fraction of codes equal to a float64 transform."""
     print("\n| factors | K-blocks | M | precision | µs | codes equal to float64 |\n|---|---|---|---|---|---|")
     for k, kb in ((4096, 1), (14336, 8)):
-        n1, n2 = FACTORS[k]
-        left = torch.block_diag(*[orth(n1 // kb) for _ in range(kb)]).contiguous()
-        right = orth(n2)
+        n1, n2, left, right = transform_factors(k, kb)
         for m in (1, 64, 8192):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * (1 + 3 * torch.rand(k, device="cuda"))
             want, _, _ = quantize_per_token(kron_rotate(x.double(), left.double(), right.double()).float(), 4, 0.9, kb)
@@ -100,9 +104,7 @@ def act_quant_sweep() -> None:
     """act_quant launch settings (tokens per program, warps) at prefill sizes, TF32 transform."""
     print("\n| factors | K-blocks | M | BT | warps | µs |\n|---|---|---|---|---|---|")
     for k, kb in ((4096, 1), (14336, 8)):
-        n1, n2 = FACTORS[k]
-        left = torch.block_diag(*[orth(n1 // kb) for _ in range(kb)]).contiguous()
-        right = orth(n2)
+        n1, n2, left, right = transform_factors(k, kb)
         for m in (2048, 8192):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             want = T.act_quant(x, left, right, 4, 0.9, kb)[0]
@@ -147,8 +149,7 @@ def main() -> None:
         for _ in range(c):
             packed, rs, qa, qm, w_int = random_layer(n, k, gs, code)
             layers.append((packed, rs, qa, qm, block_row_sums(w_int, kb).cuda()))
-        left = torch.block_diag(*[orth(FACTORS[k][0] // kb) for _ in range(kb)]).contiguous()
-        right = orth(FACTORS[k][1])
+        _, _, left, right = transform_factors(k, kb)
         c16, c8 = n_copies(2 * n * k), n_copies(n * k)
         w_bf16 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(c16)]
         w_i8 = [torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda") for _ in range(c8)]

@@ -125,11 +125,9 @@ def check_case(c: Case, dev, gen) -> list[str]:
     # the matmul on identical int8 inputs vs an exact epilogue (poisoned output)
     rowsum = block_row_sums(w_int, c.kb).to(dev)
     q8 = q_ref.to(torch.int8).to(dev)[:, perm].contiguous()
-    split_ctas = T.GEMV_SPLIT_CTAS
-    T.GEMV_SPLIT_CTAS = split_ctas if c.split else 0
     y = torch.full((c.m, c.n), float("nan"), device=dev)
     T.quant_matmul(q8, s_ref.to(dev), z_ref.to(dev), packed, row_scale, qa, qm, rowsum, code.bits,
-                   code.step, code.offset, c.gs, torch.float32, scratch=scratch, out=y)
+                   code.step, code.offset, c.gs, torch.float32, scratch=scratch, out=y, gemv_split=c.split)
     want = exact_gemm(q_ref, s_ref, z_ref, w_int, row_scale, c.kb)
     if torch.isnan(y).any():
         fails.append("matmul left outputs unwritten")
@@ -149,8 +147,7 @@ def check_case(c: Case, dev, gen) -> list[str]:
     q2, s2, z2 = T.act_quant(x, left, right, c.bits, 0.9, c.kb, c.precision, lanes)
     lr = None if la is None else x.float() @ lb.float().t()
     y2 = T.quant_matmul(q2, s2, z2, packed, row_scale, qa, qm, rowsum, code.bits, code.step, code.offset, c.gs,
-                        c.dtype, la, lr, bias, bounds, scratch=scratch)
-    T.GEMV_SPLIT_CTAS = split_ctas
+                        c.dtype, la, lr, bias, bounds, scratch=scratch, gemv_split=c.split)
     ref = quant_linear(x, w_int.to(dev), row_scale, rowsum, left, right, c.bits, 0.9, bias=bias)
     if la is not None:  # each row reads its own shard's slice of lr
         shard = (torch.arange(c.n, device=dev) >= bounds[0]).long() + (torch.arange(c.n, device=dev) >= bounds[1]).long()

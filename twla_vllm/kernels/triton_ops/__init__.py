@@ -1,0 +1,30 @@
+"""Triton kernels for TWLA linears, format v2 (CUDA; also run under TRITON_INTERPRET=1 for CPU tests).
+One module per op, the torch reference of every op in `twla_vllm.reference`.
+
+act_quant:  per token and K-block: Kronecker transform L·X·R, asymmetric quantization to `bits` into int8
+            containers, step s and zero point z per block; several tokens per program for large M.
+gemv:       M <= 8 on CUDA cores. Byte-lane SWAR: (w >> B*i) & mask gives four codes per op, `dp4a` multiplies
+            them by four int8 activations; per weight group the integer sums are promoted with the group's
+            integers: acc += a*(step*Σc·x - offset*Σx) + m*Σx. Everything stays int32 and exact.
+gemm:       M > 8 on int8 tensor cores, tokens as the MMA's M. The weight tile is unpacked in registers to
+            w_int = a*v(c) + m (int8) from 2-D byte loads issued one tile ahead; the K loop is a plain int8 dot
+            into int32, split over K into int32 partials when the tile grid is small; s_n, the activation step
+            and the zero-point term z*rowsum go to the epilogue (epilogue.py), together with the low-rank branch
+            lowrank_a @ (x @ lowrank_bᵀ) and the bias.
+matmul:     `quant_matmul` picks the path by M (tiles.py).
+unpack:     large M unpacks the weights once into an int8 scratch and runs the same GEMM on it (SCRATCH). The
+            unpack builds four int8 weights per instruction pair from one packed word: ((w >> B*i) & mask) *
+            (a*step) + (m - a*offset + 128), then XOR 0x80 per byte (inline PTX; a pure-`tl` twin for the
+            interpreter gives the same bytes), in "lane order" (`lane_perm`); act_quant then writes the activations
+            in the same order.
+
+Every kernel evaluates `twla_vllm.reference.quant_linear`: exact integer dots, then
+y = s_n * Σ_b s_b * float32(acc_b - z_b * rowsum_b) (+ low-rank, bias). Rounding is half-to-even everywhere.
+"""
+
+from .act_quant import act_quant, lane_perm
+from .matmul import quant_matmul
+from .tiles import GEMV_MAX_M, uses_scratch
+from .unpack import unpack_weights
+
+__all__ = ["GEMV_MAX_M", "act_quant", "lane_perm", "quant_matmul", "unpack_weights", "uses_scratch"]

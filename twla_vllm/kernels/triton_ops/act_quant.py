@@ -1,0 +1,144 @@
+"""Activations: Kronecker transform L·X·R + asymmetric per-token quantization (one kernel), and lane order."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import libdevice
+
+from .tiles import block_k
+
+
+@triton.jit
+def _round_half_even(v):
+    r = tl.floor(v + 0.5)
+    tie = (r - v) == 0.5
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    return tl.where(tie & odd, r - 1.0, r)
+
+
+@triton.jit
+def _mul_rn(a, b, ASM: tl.constexpr):
+    """a * b rounded on its own: the compiler may not contract it into an FMA with a following add (the
+    reference rounds clip*max and clip*min separately; a fused subtract moves the step by an ulp and flips
+    codes)."""
+    if ASM:
+        return libdevice.mul_rn(a, b)
+    else:
+        return a * b
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, M, stride_x, stride_q,
+                      ROWS: tl.constexpr, COLS: tl.constexpr, RBP: tl.constexpr, CP: tl.constexpr,
+                      BT: tl.constexpr, HAS_ROT: tl.constexpr, KB: tl.constexpr, BITS: tl.constexpr,
+                      CLIP: tl.constexpr, LANES: tl.constexpr, PRECISION: tl.constexpr, ASM: tl.constexpr):
+    # One program per (BT tokens, K-block). A token row is viewed as [ROWS, COLS] (= [n1, n2] when transformed);
+    # K-block b owns rows [b*RB, (b+1)*RB), and the left factor is block-diagonal along those blocks (checked at
+    # load), so blocks transform and quantize independently. The BT tokens are stacked as [BT*RBP, CP]: one dot
+    # with the right factor for all of them, and one with the left factor after moving the token index next to
+    # the columns ([RBP, BT*CP]), so both are plain 2-D tensor-core dots and the factors are loaded once.
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    RB: tl.constexpr = ROWS // KB
+    ti = pid * BT + tl.arange(0, BT * RBP) // RBP  # token of each stacked row
+    ri = tl.arange(0, BT * RBP) % RBP
+    ci = tl.arange(0, CP)
+    valid = (ti[:, None] < M) & (ri[:, None] < RB) & (ci[None, :] < COLS)
+    offs = (b * RB + ri[:, None]) * COLS + ci[None, :]  # position within a token
+    x = tl.load(x_ptr + ti[:, None] * stride_x + offs, mask=valid, other=0.0).to(tl.float32)
+    if HAS_ROT:
+        rr = tl.arange(0, RBP)
+        lm = tl.load(l_ptr + (b * RB + rr[:, None]) * ROWS + b * RB + rr[None, :],
+                     mask=(rr[:, None] < RB) & (rr[None, :] < RB), other=0.0)
+        rm = tl.load(r_ptr + ci[:, None] * COLS + ci[None, :],
+                     mask=(ci[:, None] < COLS) & (ci[None, :] < COLS), other=0.0)
+        if PRECISION == "bf16":  # single-pass bf16 operands, fp32 accumulation
+            x = tl.dot(x.to(tl.bfloat16), rm.to(tl.bfloat16))
+        else:
+            x = tl.dot(x, rm, input_precision=PRECISION)
+        if BT > 1:
+            x = tl.reshape(tl.permute(tl.reshape(x, (BT, RBP, CP)), (1, 0, 2)), (RBP, BT * CP))
+        if PRECISION == "bf16":
+            x = tl.dot(lm.to(tl.bfloat16), x.to(tl.bfloat16))
+        else:
+            x = tl.dot(lm, x, input_precision=PRECISION)
+        if BT > 1:
+            x = tl.reshape(tl.permute(tl.reshape(x, (RBP, BT, CP)), (1, 0, 2)), (BT * RBP, CP))
+    qmax = 2.0 ** BITS - 1.0
+    half = 2.0 ** (BITS - 1)
+    xt = tl.reshape(x, (BT, RBP * CP))
+    vt = tl.reshape(valid, (BT, RBP * CP))
+    hi = _mul_rn(tl.max(tl.where(vt, xt, float("-inf")), axis=1), CLIP, ASM)
+    lo = _mul_rn(tl.min(tl.where(vt, xt, float("inf")), axis=1), CLIP, ASM)
+    # IEEE-rounded divisions (div_rn): the default fast fp32 division differs from torch's in the last bit,
+    # which flips a rounding decision now and then
+    s = tl.maximum(tl.math.div_rn(hi - lo, qmax), 1e-8)  # [BT]
+    z = _round_half_even(tl.math.div_rn(-lo, s))
+    tok = pid * BT + tl.arange(0, BT)
+    tl.store(s_ptr + tok * KB + b, s, mask=tok < M)
+    tl.store(z_ptr + tok * KB + b, z - half, mask=tok < M)
+    q = _round_half_even(tl.math.div_rn(xt, s[:, None])) + z[:, None]
+    q = tl.reshape(tl.minimum(tl.maximum(q, 0.0), qmax) - half, (BT * RBP, CP))
+    if LANES > 0:  # lane order (the int8 scratch's order): k = CPW*p + 4*i + b is stored at CPW*p + LANES*b + i
+        CPW: tl.constexpr = 4 * LANES
+        if COLS % CPW == 0:  # words never cross a row of the view: permute in registers, store contiguously
+            q = tl.reshape(tl.permute(tl.reshape(q, (BT * RBP, CP // CPW, LANES, 4)), (0, 1, 3, 2)), (BT * RBP, CP))
+        else:
+            r = offs % CPW
+            offs = offs - r + LANES * (r % 4) + r // 4
+    tl.store(q_ptr + ti[:, None] * stride_q + offs, q.to(tl.int8), mask=valid)
+
+
+def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None, bits: int, clip: float,
+              k_blocks: int, precision: str | None = None, lanes: int = 0,
+              out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, bt: int | None = None,
+              warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (q int8 [M, K], s fp32 [M, KB], z fp32 [M, KB]) as `reference.quantize_per_token` of
+    `reference.kron_rotate(x, left, right)`. A left factor must be block-diagonal over the k_blocks
+    (TwlaLinearMethod checks it at load). `precision` of the transform dots: "tf32x3" (fp32-accurate), "tf32"
+    (the CUDA default: single pass, ~0.1% of 4-bit codes one step off, see benchmarks/RESULTS.md) or "bf16".
+    lanes > 0 stores q in the lane order of a code with that many lanes (what `unpack_weights` writes).
+    `out`: preallocated outputs (tests poison them). `bt` (tokens per program), `warps`: override the launch
+    heuristic (benchmarks)."""
+    m, k = x.shape
+    x = x.contiguous()
+    q, s, z = out or (torch.empty(m, k, dtype=torch.int8, device=x.device),
+                      torch.empty(m, k_blocks, dtype=torch.float32, device=x.device),
+                      torch.empty(m, k_blocks, dtype=torch.float32, device=x.device))
+    cuda = x.device.type == "cuda"
+    precision = precision or ("tf32" if cuda else "ieee")
+    if left is not None:
+        rows, cols = left.shape[0], right.shape[0]
+        rbp = max(16, triton.next_power_of_2(rows // k_blocks))  # tl.dot needs >= 16
+    else:  # no transform: any [rows, cols] view whose rows split into the k_blocks
+        cols = block_k(k // k_blocks, 256, 16)
+        rows = k // cols
+        rbp = triton.next_power_of_2(rows // k_blocks)
+    cp = max(16, triton.next_power_of_2(cols))
+    # tokens per program: one at decode sizes (latency); for many tokens, with a transform, stack tokens until
+    # the right-factor dot has 128 rows (2 tokens of 64x64, 8 of the 16x128 blocks of down_proj's 112x128:
+    # 1.7x faster there than 4 tokens, `benchmarks/kernels.py --act-quant-sweep`); without one, 8K elements
+    if m <= 16:
+        bt = bt or 1
+    elif left is not None:
+        bt = bt or max(1, min(8, 128 // rbp, 16384 // (rbp * cp)))
+    else:
+        bt = bt or max(1, min(8, 8192 // (rbp * cp)))
+    warps = warps or (4 if bt * rbp * cp <= (16384 if left is not None else 4096) else 8)
+    if m:
+        _act_quant_kernel[(triton.cdiv(m, bt), k_blocks)](
+            x, left if left is not None else x, right if right is not None else x, q, s, z, m, x.stride(0),
+            q.stride(0), ROWS=rows, COLS=cols, RBP=rbp, CP=cp, BT=bt, HAS_ROT=left is not None, KB=k_blocks,
+            BITS=bits, CLIP=float(clip), LANES=lanes, PRECISION=precision, ASM=cuda,
+            num_warps=warps)
+    return q, s, z
+
+
+def lane_perm(k: int, lanes: int) -> torch.Tensor:
+    """Index map of lane order: position j holds natural k = perm[j] (CPW = 4*lanes codes per word)."""
+    j = torch.arange(k)
+    cpw = 4 * lanes
+    r = j % cpw
+    return j - r + 4 * (r % lanes) + r // lanes

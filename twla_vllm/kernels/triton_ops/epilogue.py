@@ -1,0 +1,66 @@
+"""Epilogue: row scale, low-rank branch and bias; and the kernel that finishes split-K partials."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _finish(y, rm, rn, M, N, ws_ptr, la_ptr, lr_ptr, bias_ptr, stride_lr, SB1, SB2, R: tl.constexpr,
+            NSH: tl.constexpr, RP: tl.constexpr, CP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """y [BM, BN] (tokens x rows): * row scale, + low-rank branch, + bias. The rows of a fused module belong
+    to NSH shards (row bounds SB1 <= SB2), each with its own R columns of lr = x @ lowrank_bᵀ [M, NSH*R]."""
+    y = y * tl.load(ws_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if R > 0:
+        c = tl.arange(0, CP)
+        sh, j = c // RP, c % RP
+        ok_c = (j < R) & (sh < NSH)
+        shard = (rn >= SB1).to(tl.int32) + (rn >= SB2).to(tl.int32)
+        a = tl.load(la_ptr + rn[:, None] * R + j[None, :],
+                    mask=(rn[:, None] < N) & ok_c[None, :] & (shard[:, None] == sh[None, :]), other=0.0)
+        lr = tl.load(lr_ptr + rm[:, None] * stride_lr + (sh * R + j)[None, :],
+                     mask=(rm[:, None] < M) & ok_c[None, :], other=0.0)
+        if DOT:
+            y += tl.dot(lr, tl.trans(a.to(tl.float32)), input_precision=PRECISION)
+        else:
+            y += tl.sum(lr[:, None, :] * a.to(tl.float32)[None, :, :], axis=2)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    return y
+
+
+@triton.jit
+def _epilogue_kernel(acc_ptr, s_ptr, z_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_ptr, lr_ptr, bias_ptr, y_ptr,
+                     M, N, stride_y, stride_lr, SB1, SB2, KB: tl.constexpr, SPLIT: tl.constexpr, R: tl.constexpr,
+                     NSH: tl.constexpr, RP: tl.constexpr, CP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr):
+    # after a split GEMV/GEMM: acc_ptr [SPLIT, M, N] holds int32 partial sums (KB == 1; summed exactly) or fp32
+    # partials already promoted per activation block (KB > 1; summed in a fixed order)
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    rm = tl.program_id(1) * BM + tl.arange(0, BM)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    part = acc_ptr + rm[:, None] * N + rn[None, :]
+    if KB == 1:
+        acc = tl.zeros([BM, BN], dtype=tl.int32)
+        for b in tl.static_range(SPLIT):
+            acc += tl.load(part + b * M * N, mask=mask, other=0)
+        sb = tl.load(s_ptr + rm, mask=rm < M, other=0.0)
+        zb = tl.load(z_ptr + rm, mask=rm < M, other=0.0).to(tl.int32)
+        rs = tl.load(rs_ptr + rn, mask=rn < N, other=0)
+        y = sb[:, None] * (acc - zb[:, None] * rs[None, :]).to(tl.float32)
+    else:
+        y = tl.zeros([BM, BN], dtype=tl.float32)
+        for b in tl.static_range(SPLIT):
+            y += tl.load(part + b * M * N, mask=mask, other=0.0)
+    y = _finish(y, rm, rn, M, N, ws_ptr, la_ptr, lr_ptr, bias_ptr, stride_lr, SB1, SB2, R, NSH, RP, CP,
+                HAS_BIAS, False, "ieee")
+    tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _epilogue(acc, s, z, args, m, n, y, stride_lr, sb1, sb2, meta, split) -> None:
+    meta = {key: v for key, v in meta.items() if key not in ("BITS", "STEP", "OFF", "G")}
+    bm = min(32, triton.next_power_of_2(m))
+    _epilogue_kernel[(triton.cdiv(n, 64), triton.cdiv(m, bm))](acc, s, z, *args, m, n, y.stride(0), stride_lr, sb1,
+                                                               sb2, SPLIT=split, BM=bm, BN=64, num_warps=4, **meta)

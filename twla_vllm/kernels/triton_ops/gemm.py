@@ -1,0 +1,85 @@
+"""Tensor-core GEMM (M > 8): int8 weight tile unpacked in registers (or read from the int8 scratch)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .epilogue import _finish
+from .unpack import _int_tile, _load_rep
+
+
+@triton.jit
+def _gemm_kernel(q_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_ptr, lr_ptr, bias_ptr, y_ptr,
+                 acc_ptr, M, N, K, stride_q, stride_w, stride_y, stride_lr, SB1, SB2,
+                 BITS: tl.constexpr, STEP: tl.constexpr, OFF: tl.constexpr, G: tl.constexpr, GS: tl.constexpr,
+                 KB: tl.constexpr, R: tl.constexpr, NSH: tl.constexpr, RP: tl.constexpr,
+                 CP: tl.constexpr, HAS_BIAS: tl.constexpr, SCRATCH: tl.constexpr, SPLIT: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_N: tl.constexpr, ASM: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    # acc [BM tokens, BN rows] = x [BM, BK] . w_intᵀ, int8 x int8 -> int32 on tensor cores.
+    # SCRATCH 0: w_ptr = the packed words viewed as bytes, unpacked per tile (`_load_rep` + `_int_tile`), q in
+    # natural order. The next tile's loads are issued before this tile's dot so their latency overlaps it (the
+    # byte loads are not pipelined by Triton, and without this the loop waits on every tile: 1.2-1.5x slower).
+    # SCRATCH 1: w_ptr = the int8 scratch [N, K] and q, both in lane order (the dot is order-agnostic as long as
+    # both agree).
+    # SPLIT > 1: program (tile, s) covers K-range s and leaves a partial in acc_ptr [SPLIT, M, N] for
+    # `_epilogue_kernel`: int32 sums (KB == 1) or, with several activation K-blocks (then SPLIT is a multiple of
+    # KB, every split inside one block), fp32 values already promoted with the block's step and zero point.
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_tiles_m = tl.cdiv(M, BM)
+    n_tiles_n = tl.cdiv(N, BN)
+    # grouped order: GROUP_N weight-row tiles share their activations' reads in L2
+    per_group = GROUP_N * n_tiles_m
+    first_n = (pid // per_group) * GROUP_N
+    group = tl.minimum(n_tiles_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % per_group) % group
+    pid_m = (pid % per_group) // group
+    rn = pid_n * BN + tl.arange(0, BN)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rk = tl.arange(0, BK)
+    BLK = K // KB
+    k_lo = pid_s * (K // SPLIT)
+    k_hi = k_lo + K // SPLIT
+    acc = tl.zeros([BM, BN], dtype=tl.int32)
+    y = tl.zeros([BM, BN], dtype=tl.float32)
+    if not SCRATCH:
+        ahead = _load_rep(w_ptr, qa_ptr, qm_ptr, rn, k_lo, N, k_hi, stride_w, G, GS, BITS, BN, BK)
+    for k0 in range(k_lo, k_hi, BK):
+        if SCRATCH:
+            w = tl.load(w_ptr + rn[:, None] * stride_w + k0 + rk[None, :],
+                        mask=(rn[:, None] < N) & (k0 + rk[None, :] < K), other=0)
+        else:
+            cur = ahead
+            ahead = _load_rep(w_ptr, qa_ptr, qm_ptr, rn, k0 + BK, N, k_hi, stride_w, G, GS, BITS, BN, BK)
+            w = _int_tile(cur[0], cur[1], cur[2], BITS, STEP, OFF, BK)
+        x = tl.load(q_ptr + rm[:, None] * stride_q + k0 + rk[None, :],
+                    mask=(rm[:, None] < M) & (k0 + rk[None, :] < K), other=0)
+        acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)
+        if KB > 1:
+            block_end = (k0 + BK) % BLK == 0
+            if block_end | (k0 + BK == k_hi):  # end of a K-block, or of this split inside one
+                b = k0 // BLK
+                sb = tl.load(s_ptr + rm * KB + b, mask=rm < M, other=0.0)
+                # the zero-point term z*rowsum covers the whole block: only the split that ends it subtracts it
+                zb = tl.load(z_ptr + rm * KB + b, mask=rm < M, other=0.0).to(tl.int32) * block_end.to(tl.int32)
+                rs = tl.load(rs_ptr + rn * KB + b, mask=rn < N, other=0)
+                y += (acc - zb[:, None] * rs[None, :]).to(tl.float32) * sb[:, None]
+                acc = tl.zeros([BM, BN], dtype=tl.int32)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    if SPLIT > 1:  # partial for `_epilogue_kernel`
+        part = acc_ptr + (pid_s * M + rm[:, None]) * N + rn[None, :]
+        if KB > 1:
+            tl.store(part, y, mask=mask)
+        else:
+            tl.store(part, acc, mask=mask)
+    else:
+        if KB == 1:
+            sb = tl.load(s_ptr + rm, mask=rm < M, other=0.0)
+            zb = tl.load(z_ptr + rm, mask=rm < M, other=0.0).to(tl.int32)
+            rs = tl.load(rs_ptr + rn, mask=rn < N, other=0)
+            y = (acc - zb[:, None] * rs[None, :]).to(tl.float32) * sb[:, None]
+        y = _finish(y, rm, rn, M, N, ws_ptr, la_ptr, lr_ptr, bias_ptr, stride_lr, SB1, SB2, R, NSH,
+                    RP, CP, HAS_BIAS, True, PRECISION)
+        tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)

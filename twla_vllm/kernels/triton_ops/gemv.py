@@ -1,0 +1,84 @@
+"""Decode GEMV (M <= 8) on CUDA cores: dp4a on byte lanes, integer group promotion."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .epilogue import _finish
+
+
+@triton.jit
+def _dp4a(a, b, c, ASM: tl.constexpr):
+    """c + Σ_j a.byte[j]·b.byte[j] over four signed bytes of int32 words (PTX dp4a.s32.s32)."""
+    if ASM:
+        return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        r = c
+        for j in tl.static_range(4):
+            r += ((a << (24 - 8 * j)) >> 24) * ((b << (24 - 8 * j)) >> 24)
+        return r
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_ptr, lr_ptr, bias_ptr, y_ptr,
+                 acc_ptr, M, N, K, stride_x, stride_w, stride_y, stride_lr, SB1, SB2,
+                 BITS: tl.constexpr, STEP: tl.constexpr, OFF: tl.constexpr, G: tl.constexpr, GW: tl.constexpr,
+                 KB: tl.constexpr, R: tl.constexpr, NSH: tl.constexpr, RP: tl.constexpr,
+                 CP: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
+                 SPLIT: tl.constexpr, ASM: tl.constexpr):
+    # x_ptr: int8 activations (natural order) viewed as int32 words [M, K/4]; w_ptr: packed words [N, K/CPW].
+    # Word p of a row holds codes CPW*p..; (word >> B*i) & mask = codes CPW*p+4i..+3, which meet activation
+    # word LANES*p + i in one dp4a. GW = words per weight group. Program (n, s) covers K-split s; with several
+    # activation K-blocks (KB > 1) the splits are the blocks, each promoted with its own step and zero point into
+    # an fp32 partial (acc_ptr [KB, M, N]) that `_epilogue_kernel` sums in a fixed order; with one block, int32
+    # partials [SPLIT, M, N].
+    LANES: tl.constexpr = 8 // BITS
+    MASK: tl.constexpr = (2**BITS - 1) * 0x01010101
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rm = tl.arange(0, BM)
+    rp = tl.arange(0, BP)
+    span = K // (4 * LANES) // SPLIT  # words per split
+    UPI: tl.constexpr = BP // GW if BP >= GW else 1  # weight groups touched per chunk
+    acc = tl.zeros([BM, BN], dtype=tl.int32)
+    ones = tl.full([BM, BP], 0x01010101, dtype=tl.int32)
+    for w0 in range(pid_s * span, (pid_s + 1) * span, BP):
+        wt = tl.load(w_ptr + rn[:, None] * stride_w + w0 + rp[None, :], mask=rn[:, None] < N, other=0)
+        cx = tl.zeros([BM, BN, BP], dtype=tl.int32)
+        sx = tl.zeros([BM, BP], dtype=tl.int32)
+        for i in tl.static_range(LANES):
+            xi = tl.load(x_ptr + rm[:, None] * stride_x + LANES * (w0 + rp[None, :]) + i, mask=rm[:, None] < M,
+                         other=0)
+            wl = (wt >> (BITS * i)) & MASK
+            cx = _dp4a(tl.broadcast_to(wl[None, :, :], (BM, BN, BP)), tl.broadcast_to(xi[:, None, :], (BM, BN, BP)),
+                       cx, ASM)
+            sx = _dp4a(xi, ones, sx, ASM)
+        cx_g = tl.sum(tl.reshape(cx, (BM, BN, UPI, BP // UPI)), axis=3)  # Σ c·x per (token, row, group)
+        sx_g = tl.sum(tl.reshape(sx, (BM, UPI, BP // UPI)), axis=2)  # Σ x per (token, group)
+        g = w0 // GW + tl.arange(0, UPI)
+        pq = rn[:, None] * G + g[None, :]
+        qa = tl.load(qa_ptr + pq, mask=rn[:, None] < N, other=0).to(tl.int32)
+        qm = tl.load(qm_ptr + pq, mask=rn[:, None] < N, other=0).to(tl.int32)
+        # Σ_k (a*v + m)*x = a*(step*Σ c·x - offset*Σ x) + m*Σ x, exact in int32
+        acc += tl.sum(qa[None, :, :] * (STEP * cx_g - OFF * sx_g[:, None, :]) + qm[None, :, :] * sx_g[:, None, :],
+                      axis=2)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    if KB > 1:  # this split is activation block pid_s
+        sb = tl.load(s_ptr + rm * KB + pid_s, mask=rm < M, other=0.0)
+        zb = tl.load(z_ptr + rm * KB + pid_s, mask=rm < M, other=0.0).to(tl.int32)
+        rs = tl.load(rs_ptr + rn * KB + pid_s, mask=rn < N, other=0)
+        y = sb[:, None] * (acc - zb[:, None] * rs[None, :]).to(tl.float32)
+        tl.store(acc_ptr + (pid_s * M + rm[:, None]) * N + rn[None, :], y, mask=mask)
+    elif SPLIT > 1:  # int32 partial sums (exact); `_epilogue_kernel` adds them up and finishes
+        tl.store(acc_ptr + (pid_s * M + rm[:, None]) * N + rn[None, :], acc, mask=mask)
+    else:
+        sb = tl.load(s_ptr + rm, mask=rm < M, other=0.0)
+        zb = tl.load(z_ptr + rm, mask=rm < M, other=0.0).to(tl.int32)
+        rs = tl.load(rs_ptr + rn, mask=rn < N, other=0)
+        y = sb[:, None] * (acc - zb[:, None] * rs[None, :]).to(tl.float32)
+        y = _finish(y, rm, rn, M, N, ws_ptr, la_ptr, lr_ptr, bias_ptr, stride_lr, SB1, SB2, R, NSH, RP, CP,
+                    HAS_BIAS, False, "ieee")
+        tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,85 @@
+"""quant_matmul: the packed-code matmul with its epilogue, dispatched to the GEMV, the GEMM or the scratch GEMM."""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from .epilogue import _epilogue
+from .gemm import _gemm_kernel
+from .gemv import _gemv_kernel
+from .tiles import GEMM_CONFIGS, GEMV_CONFIGS, GEMV_MAX_M, GEMV_SPLIT_CTAS, block_k, gemm_split, uses_scratch
+from .unpack import unpack_weights
+
+
+def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torch.Tensor, row_scale: torch.Tensor,
+                 qa: torch.Tensor, qm: torch.Tensor, rowsum: torch.Tensor, bits: int, step: int, offset: int,
+                 group_size: int, out_dtype: torch.dtype, lowrank_a: torch.Tensor | None = None,
+                 lr: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                 shard_bounds: tuple[int, int] | None = None, scratch: bool | None = None,
+                 tile: tuple[int, int, int, int, int] | None = None, out: torch.Tensor | None = None,
+                 split: int | None = None, gemv_split: bool = True) -> torch.Tensor:
+    """y [M, N] = s_n * Σ_b s_b (q·W_intᵀ - z_b rowsum_b) (+ lowrank_a @ lrᵀ per shard, + bias).
+
+    q/s/z from `act_quant` (lane order iff `uses_scratch(M)`); packed [N, K*bits/32] int32; row_scale [N]
+    fp16/fp32; qa/qm [N, G] int8; rowsum [N, KB] int32; lr [M, S*R] fp32 = x @ lowrank_bᵀ of the S shards,
+    whose rows end at shard_bounds (two ascending row indices; (N, N) for one shard). `scratch`, `tile`
+    (BM, BN, BK cap, warps, stages), `split`: override the tensor-core path's table and split rule
+    (benchmarks); gemv_split=False keeps the GEMV's K unsplit (tests)."""
+    m, k = q.shape
+    n = packed.shape[0]
+    kb, g = s.shape[1], qa.shape[1]
+    gs = k if group_size == -1 else group_size
+    y = out if out is not None else torch.empty(m, n, dtype=out_dtype, device=q.device)
+    if m == 0:
+        return y
+    r = 0 if lowrank_a is None else lowrank_a.shape[1]
+    nsh = lr.shape[1] // r if r else 1
+    rp = max(16, triton.next_power_of_2(r))
+    sb1, sb2 = shard_bounds or (n, n)
+    args = (row_scale, qa, qm, rowsum, lowrank_a if r else row_scale, lr if r else s,
+            bias if bias is not None else row_scale, y)
+    meta = dict(BITS=bits, STEP=step, OFF=offset, G=g, KB=kb, R=r, NSH=nsh, RP=rp,
+                CP=triton.next_power_of_2(nsh * rp), HAS_BIAS=bias is not None)
+    stride_lr = lr.stride(0) if r else 0
+    asm = q.device.type == "cuda"
+    if m <= GEMV_MAX_M and tile is None:
+        _, bn, bp, warps = next(c for c in GEMV_CONFIGS if m <= c[0])
+        lanes = 8 // bits
+        words = k // (4 * lanes)
+        gw = gs // (4 * lanes)
+        while (words // kb) % bp or (bp % gw and gw % bp):  # a power of two that never straddles a group
+            bp //= 2
+        n_ctas = triton.cdiv(n, bn)
+        split = kb  # several activation blocks: one split per block
+        while gemv_split and kb == 1 and n_ctas * split * 2 <= GEMV_SPLIT_CTAS and words % (2 * split * bp) == 0:
+            split *= 2
+        acc = torch.empty(split, m, n, dtype=torch.int32 if kb == 1 else torch.float32, device=q.device) \
+            if split > 1 else y
+        bm = triton.next_power_of_2(m)
+        _gemv_kernel[(n_ctas, split)](q.view(torch.int32), s, z, packed, *args, acc, m, n, k, q.stride(0) // 4,
+                                      packed.stride(0), y.stride(0), stride_lr, sb1, sb2, GW=gw, BM=bm, BN=bn, BP=bp,
+                                      SPLIT=split, ASM=asm, num_warps=warps, **meta)
+        if split > 1:
+            _epilogue(acc, s, z, args, m, n, y, stride_lr, sb1, sb2, meta, split)
+        return y
+    bm, bn, bkc, warps, stages = tile or next(c for c in GEMM_CONFIGS if m <= c[0])[1:]
+    if tile is None and kb > 1 and not uses_scratch(m):
+        bm = min(bm, 64)  # 128-token tiles with the per-block fp32 promotion: 439 vs 188 µs (14336->4096, M=128)
+    use_scratch = uses_scratch(m) if scratch is None else scratch
+    w = unpack_weights(packed, qa, qm, bits, step, offset, group_size) if use_scratch else packed.view(torch.int8)
+    bk = block_k(k // kb, bkc)
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    if split is None:  # enough programs to hide the unpack loop's latency (benchmarks/KERNEL_NOTES.md v7)
+        split = 1 if use_scratch else gemm_split(tiles, k, kb, bk)
+    if split > 1 and ((k // split) % bk or split % kb):
+        raise ValueError(f"split {split} does not cut K = {k} ({kb} blocks) into whole {bk}-wide tiles per block")
+    acc = torch.empty(split, m, n, dtype=torch.int32 if kb == 1 else torch.float32, device=q.device) \
+        if split > 1 else y
+    _gemm_kernel[(tiles, split)](q, s, z, w, *args, acc, m, n, k, q.stride(0), w.stride(0), y.stride(0), stride_lr,
+                                 sb1, sb2, GS=gs, SCRATCH=use_scratch, SPLIT=split, BM=bm, BN=bn, BK=bk, GROUP_N=8, ASM=asm,
+                                 PRECISION="ieee" if q.device.type == "cpu" else "tf32x3", num_warps=warps,
+                                 num_stages=stages, **meta)
+    if split > 1:
+        _epilogue(acc, s, z, args, m, n, y, stride_lr, sb1, sb2, meta, split)
+    return y

@@ -1,0 +1,37 @@
+"""Launch shapes of the TWLA kernels: K-tile widths, the GEMV / tensor-core / scratch paths by M, K-splits."""
+
+from __future__ import annotations
+
+
+def block_k(unit: int, cap: int, floor: int = 32) -> int:
+    """Largest power of two in [floor, cap] dividing `unit` (K, or a K-block)."""
+    for bk in (256, 128, 64, 32, 16):
+        if floor <= bk <= cap and unit % bk == 0:
+            return bk
+    raise ValueError(f"K-extent {unit} is not a multiple of {floor}")
+
+
+GEMV_MAX_M = 8  # up to here: CUDA-core dp4a GEMV
+GEMV_CONFIGS = ((1, 8, 64, 2), (GEMV_MAX_M, 32, 32, 4))  # (max M, BN, BP words, warps)
+GEMV_SPLIT_CTAS = 528  # split K (int32 partials) while the grid has fewer CTAs than this (4 per SM)
+# tensor-core tiles by M bucket: (max M, BM tokens, BN rows, BK cap, warps, stages), from `benchmarks/kernels.py
+# --sweep` on the H100 (benchmarks/KERNEL_NOTES.md v7). BK 32 = one weight group of the default group size, so a
+# tile's group scales are one column; the scratch path (M >= SCRATCH_MIN_M) takes the last row.
+GEMM_CONFIGS = ((16, 16, 64, 32, 4, 2), (64, 64, 64, 32, 4, 3), (255, 128, 64, 32, 4, 3),
+                (1 << 62, 128, 128, 128, 8, 3))
+SCRATCH_MIN_M = 256  # from here on: unpack once to an int8 scratch, then the GEMM on int8 weights
+
+
+def uses_scratch(m: int) -> bool:
+    return m >= SCRATCH_MIN_M
+
+
+def gemm_split(tiles: int, k: int, kb: int, bk: int) -> int:
+    """K-splits of the packed-weight GEMM: up to 4 while the grid stays <= 1024 programs; with several
+    activation K-blocks one split per block (the kernel also takes several per block)."""
+    if kb > 1:  # (more splits per block measured 3.5x slower: 14336->4096, M = 64: 362 vs 103 µs)
+        return kb if tiles * kb <= 2048 else 1
+    split = 4
+    while split > 1 and (tiles * split > 1024 or (k // split) % bk):
+        split //= 2
+    return split
