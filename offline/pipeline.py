@@ -1,4 +1,4 @@
-"""The TWLA pipeline: calibrate -> rotate -> ternarize (block by block, resumable) -> allocate bits ->
+"""The TWLA pipeline: calibrate -> rotate -> quantize weights (block by block, resumable) -> allocate bits ->
 clip -> export. Each decoder block is quantized on the hidden states the already-quantized blocks
 produce, then its state is written to the work directory so a killed run resumes where it stopped.
 """

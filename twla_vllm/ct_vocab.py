@@ -4,7 +4,7 @@
 the weight code as a B-bit asymmetric int with group (or channel) scales, each activation setting as
 B-bit asymmetric dynamic per-token ints), `transform_config` (a `TransformConfig`: each Kronecker transform
 applied online at the layer's input, its inverse folded into the weight), `format` and `quantization_status`.
-They are descriptive: `quant_method` stays "twla" and format.py's own keys stay the contract, because
+They are descriptive: `quant_method` stays "twla" and twla_vllm.format's own keys stay the contract, because
 compressed-tensors cannot express what the kernels need -- the Kronecker factors and their sizes (it has no
 Kronecker transform type: hadamard, random-hadamard and random-matrix only), k_blocks (ranges per token *and*
 K-block), the activation clip ratio, ternary codes (3 of a 2-bit container's 4 levels), the two-level integer

@@ -27,7 +27,8 @@ from .simulate import SimTwlaLinear, layer_weight, replace_linear
 
 
 class TwlaHfConfig(QuantizationConfigMixin):
-    """`quantization_config` of a TWLA checkpoint for transformers: the dict as written, validated by format.py."""
+    """`quantization_config` of a TWLA checkpoint for transformers: the dict as written, validated by
+    twla_vllm.format."""
 
     def __init__(self, **config: Any):
         self.quant_method = fmt.QUANT_METHOD
