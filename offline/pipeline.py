@@ -146,7 +146,6 @@ class Quantizer:
     def _quantize_block(self, l: int, layer, inputs: BlockInputs) -> BlockInputs:
         r = self.r
         t0 = time.time()
-        attn, mlp = layer.self_attn, layer.mlp
         lin = {name: layer.get_submodule(name) for name in (*ATTN, "self_attn.o_proj", *MLP_IN, "mlp.down_proj")}
         if r.fold_norms:
             fold_norm_into([lin[n] for n in ATTN], layer.input_layernorm)

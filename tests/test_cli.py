@@ -4,7 +4,6 @@ and the same command and seed give the same checkpoint bytes."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import subprocess
