@@ -44,7 +44,7 @@ SWEEP = {m: [dict(tile=(bm, bn, 32, w, st)) for bn, w in ((64, 4), (128, 8)) for
          for m, bm in ((16, 16), (64, 64), (128, 128))}
 SWEEP[256] = [dict(scratch=sc, tile=(bm, 128, bk, 8, 3)) for sc in (True, False) for bm, bk in ((128, 128), (256, 64))]
 SWEEP[8192] = [dict(scratch=True, tile=(bm, 128, 128, 8, 3)) for bm in (128, 256)]
-SWEEP[64] += [dict(tile=(64, 64, 32, 4, 3), split=sp) for sp in (16, 32)]  # 8 K-blocks: 2 or 4 splits per block
+SWEEP[64] += [dict(tile=(64, 64, 32, 4, 3), split=sp) for sp in (16, 32)]
 L2_BEATING_BYTES = 128 << 20
 
 
@@ -183,7 +183,7 @@ def main() -> None:
             if a.sweep and m in SWEEP and ((k, n) == (4096, 14336) or m == 64):
                 base = mm(0)
                 for kw in SWEEP[m]:
-                    if kb > 1 and kw.get("split", kb) % kb:
+                    if kb > 1 and kw.get("split", kb) not in (1, kb):  # one split per K-block (tiles.gemm_split)
                         continue
                     try:
                         kw = {"scratch": False, **kw}

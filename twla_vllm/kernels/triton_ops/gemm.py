@@ -24,8 +24,8 @@ def _gemm_kernel(q_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
     # SCRATCH 1: w_ptr = the int8 scratch [N, K] and q, both in lane order (the dot is order-agnostic as long as
     # both agree).
     # SPLIT > 1: program (tile, s) covers K-range s and leaves a partial in acc_ptr [SPLIT, M, N] for
-    # `_epilogue_kernel`: int32 sums (KB == 1) or, with several activation K-blocks (then SPLIT is a multiple of
-    # KB, every split inside one block), fp32 values already promoted with the block's step and zero point.
+    # `_epilogue_kernel`: int32 sums (KB == 1) or, with several activation K-blocks (then one split per block),
+    # fp32 values already promoted with the block's step and zero point.
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_tiles_m = tl.cdiv(M, BM)
@@ -58,12 +58,10 @@ def _gemm_kernel(q_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
                     mask=(rm[:, None] < M) & (k0 + rk[None, :] < K), other=0)
         acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)
         if KB > 1:
-            block_end = (k0 + BK) % BLK == 0
-            if block_end | (k0 + BK == k_hi):  # end of a K-block, or of this split inside one
+            if (k0 + BK) % BLK == 0:  # end of an activation K-block: promote once per block
                 b = k0 // BLK
                 sb = tl.load(s_ptr + rm * KB + b, mask=rm < M, other=0.0)
-                # the zero-point term z*rowsum covers the whole block: only the split that ends it subtracts it
-                zb = tl.load(z_ptr + rm * KB + b, mask=rm < M, other=0.0).to(tl.int32) * block_end.to(tl.int32)
+                zb = tl.load(z_ptr + rm * KB + b, mask=rm < M, other=0.0).to(tl.int32)
                 rs = tl.load(rs_ptr + rn * KB + b, mask=rn < N, other=0)
                 y += (acc - zb[:, None] * rs[None, :]).to(tl.float32) * sb[:, None]
                 acc = tl.zeros([BM, BN], dtype=tl.int32)

@@ -54,8 +54,7 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
         split = kb  # several activation blocks: one split per block
         while gemv_split and kb == 1 and n_ctas * split * 2 <= GEMV_SPLIT_CTAS and words % (2 * split * bp) == 0:
             split *= 2
-        acc = torch.empty(split, m, n, dtype=torch.int32 if kb == 1 else torch.float32, device=q.device) \
-            if split > 1 else y
+        acc = _partials(split, kb, y)
         bm = triton.next_power_of_2(m)
         _gemv_kernel[(n_ctas, split)](q.view(torch.int32), s, z, packed, *args, acc, m, n, k, q.stride(0) // 4,
                                       packed.stride(0), y.stride(0), stride_lr, sb1, sb2, GW=gw, BM=bm, BN=bn, BP=bp,
@@ -72,10 +71,10 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     if split is None:  # enough programs to hide the unpack loop's latency (benchmarks/KERNEL_NOTES.md v7)
         split = 1 if use_scratch else gemm_split(tiles, k, kb, bk)
-    if split > 1 and ((k // split) % bk or split % kb):
-        raise ValueError(f"split {split} does not cut K = {k} ({kb} blocks) into whole {bk}-wide tiles per block")
-    acc = torch.empty(split, m, n, dtype=torch.int32 if kb == 1 else torch.float32, device=q.device) \
-        if split > 1 else y
+    if split > 1 and ((k // split) % bk or kb > 1 and split != kb):
+        raise ValueError(f"split {split}: K = {k} in {kb} block(s) needs whole {bk}-wide tiles per split and, with "
+                         f"several blocks, one split per block")
+    acc = _partials(split, kb, y)
     _gemm_kernel[(tiles, split)](q, s, z, w, *args, acc, m, n, k, q.stride(0), w.stride(0), y.stride(0), stride_lr,
                                  sb1, sb2, GS=gs, SCRATCH=use_scratch, SPLIT=split, BM=bm, BN=bn, BK=bk, GROUP_N=8, ASM=asm,
                                  PRECISION="ieee" if q.device.type == "cpu" else "tf32x3", num_warps=warps,
@@ -83,3 +82,11 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
     if split > 1:
         _epilogue(acc, s, z, args, m, n, y, stride_lr, sb1, sb2, meta, split)
     return y
+
+
+def _partials(split: int, kb: int, y: torch.Tensor) -> torch.Tensor:
+    """Where a split kernel leaves its partials for `_epilogue`: [split, M, N] int32 sums (one K-block) or fp32
+    values promoted per block; an unsplit kernel writes y directly."""
+    if split == 1:
+        return y
+    return torch.empty(split, *y.shape, dtype=torch.int32 if kb == 1 else torch.float32, device=y.device)

@@ -28,8 +28,9 @@ def uses_scratch(m: int) -> bool:
 
 def gemm_split(tiles: int, k: int, kb: int, bk: int) -> int:
     """K-splits of the packed-weight GEMM: up to 4 while the grid stays <= 1024 programs; with several
-    activation K-blocks one split per block (the kernel also takes several per block)."""
-    if kb > 1:  # (more splits per block measured 3.5x slower: 14336->4096, M = 64: 362 vs 103 µs)
+    activation K-blocks one split per block (two or four per block measured 3.5x slower: 14336->4096, M = 64,
+    362 vs 103 µs; KERNEL_NOTES v7)."""
+    if kb > 1:
         return kb if tiles * kb <= 2048 else 1
     split = 4
     while split > 1 and (tiles * split > 1024 or (k // split) % bk):
