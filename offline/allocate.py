@@ -41,8 +41,10 @@ def _nll_from(model, start: int, inputs: BlockInputs, labels: torch.Tensor) -> f
     for l in range(start, len(layers)):
         h = run_block(layers[l], h)
     total, count = 0.0, 0
+    head = model.lm_head.weight.device
     for hid, lab in zip(h.hidden, labels.split(h.hidden[0].shape[0])):
-        logits = model.lm_head(model.model.norm(hid)).float()
+        logits = model.lm_head(model.model.norm(hid.to(head))).float()
+        lab = lab.to(head)
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                  lab[:, 1:].reshape(-1), reduction="sum")
         total += float(loss)
@@ -52,34 +54,42 @@ def _nll_from(model, start: int, inputs: BlockInputs, labels: torch.Tensor) -> f
 
 @torch.no_grad()
 def measure_sensitivity(model, ids: torch.Tensor, bit_set, set_block_bits, ref_bits: int = 8,
-                        batch_size: int = 4, log=print) -> SensitivityTable:
+                        batch_size: int = 4, log=print, stash: str | torch.device | None = None) -> SensitivityTable:
+    """C_l(b) and K_{l-1,l}(b', b) of every block and bit pair. Keeps the reference hidden states entering every
+    block (in `stash`, e.g. CPU memory when blocks are offloaded; default: where they are computed); the input of
+    a pair configuration is recomputed from the cache, one block, instead of kept for every (block, bits)."""
     layers = decoder_layers(model)
     n = len(layers)
     low = [b for b in bit_set if b != ref_bits]
+    keep = (lambda b: b) if stash is None else (lambda b: b.to(stash))  # noqa: E731
     for l in range(n):
         set_block_bits(l, ref_bits)
-    cache = [capture_first_block_inputs(model, ids, batch_size)]
+    cache = [keep(capture_first_block_inputs(model, ids, batch_size))]
     for l in range(n):
-        cache.append(run_block(layers[l], cache[-1]))
+        cache.append(keep(run_block(layers[l], cache[-1])))
     base = _nll_from(model, n, cache[n], ids)
     table = SensitivityTable(base, tuple(bit_set), [dict() for _ in range(n)], [dict() for _ in range(n)])
-    after_single: dict[tuple[int, int], BlockInputs] = {}
+
+    def block_at(l: int, b: int) -> BlockInputs:
+        set_block_bits(l, b)
+        out = run_block(layers[l], cache[l])
+        set_block_bits(l, ref_bits)
+        return out
+
     configs = n * len(low) + (n - 1) * len(low) ** 2
     bar = tqdm(total=configs, desc="ILA-AMP sensitivity")
     for l, b in itertools.product(range(n), low):
-        set_block_bits(l, b)
-        out = run_block(layers[l], cache[l])
-        after_single[(l, b)] = out
-        table.single[l][b] = _nll_from(model, l + 1, out, ids) - base
-        set_block_bits(l, ref_bits)
+        table.single[l][b] = _nll_from(model, l + 1, block_at(l, b), ids) - base
         bar.update()
     for l in range(1, n):
-        for bp, b in itertools.product(low, low):
-            set_block_bits(l, b)
-            nll = _nll_from(model, l, after_single[(l - 1, bp)], ids)
-            set_block_bits(l, ref_bits)
-            table.pair[l][(bp, b)] = nll - base - table.c(l - 1, bp) - table.c(l, b)
-            bar.update()
+        for bp in low:
+            after = block_at(l - 1, bp)
+            for b in low:
+                set_block_bits(l, b)
+                nll = _nll_from(model, l, after, ids)
+                set_block_bits(l, ref_bits)
+                table.pair[l][(bp, b)] = nll - base - table.c(l - 1, bp) - table.c(l, b)
+                bar.update()
     bar.close()
     table.evaluations = configs + 1
     return table

@@ -55,7 +55,7 @@ def randomized_hadamard_factors(k: int, gen: torch.Generator) -> tuple[torch.Ten
     """QuaRot-style rotation for any K: (random orthogonal on the odd part) ⊗ (Hadamard with random signs
     on the largest power-of-two factor), as Kronecker factors (left, right)."""
     n2 = k & -k
-    signs = torch.randint(0, 2, (n2,), generator=gen).float() * 2 - 1
+    signs = torch.randint(0, 2, (n2,), generator=gen, device="cpu").to(torch.get_default_device()).float() * 2 - 1
     return random_orthogonal(k // n2, gen), (hadamard(n2) * signs).contiguous()
 
 

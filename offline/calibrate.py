@@ -25,6 +25,10 @@ class BlockInputs:
     hidden: list[torch.Tensor]
     kwargs: dict[str, Any]
 
+    def to(self, device) -> "BlockInputs":
+        """The hidden states moved to `device` (the keyword arguments stay where the model made them)."""
+        return BlockInputs([h.to(device) for h in self.hidden], self.kwargs)
+
 
 def decoder_layers(model) -> torch.nn.ModuleList:
     return model.model.layers

@@ -36,11 +36,13 @@ DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps|xpu(:\d+)?")
 
 def quantize(model_name: str, out: str, recipe: Recipe, device: str = "cpu", restart: bool = False,
              evaluate_after: bool = True, eval_windows: int = 32, *, overwrite: bool = False,
-             model_path: str | None = None) -> dict:
+             model_path: str | None = None, offload: str = "auto") -> dict:
     """Quantize `model_name` with `recipe` into the checkpoint directory `out`.
 
     `out` must be new or empty, or a checkpoint twla wrote when `overwrite` (outdir.py). `model_path`:
-    `model_name` already resolved to a directory (the CLI does that first, to fail fast)."""
+    `model_name` already resolved to a directory (the CLI does that first, to fail fast). `offload`: keep the
+    decoder blocks in CPU memory and quantize one at a time on `device` (on | off | auto: when the model would
+    crowd the GPU; onload.py)."""
     out = os.path.abspath(os.path.expanduser(out))
     check_out_dir(out, overwrite)
     work = out + ".work"
@@ -52,7 +54,7 @@ def quantize(model_name: str, out: str, recipe: Recipe, device: str = "cpu", res
     check_architecture(path)
     try:
         return _quantize(model_name, path, out, work, recipe, device, restart, evaluate_after, eval_windows,
-                         overwrite)
+                         overwrite, offload)
     except BaseException:
         if not os.path.exists(os.path.join(work, PROGRESS)):
             shutil.rmtree(work, ignore_errors=True)  # nothing worth resuming: leave no OUT.work/ behind
@@ -72,21 +74,24 @@ def check_architecture(path: str) -> None:
 
 
 def _quantize(model_name: str, path: str, out: str, work: str, recipe: Recipe, device: str, restart: bool,
-              evaluate_after: bool, eval_windows: int, overwrite: bool) -> dict:
+              evaluate_after: bool, eval_windows: int, overwrite: bool, offload: str) -> dict:
     import torch
 
     from .models import load_model
+    from .onload import wants_offload
     from .pipeline import Quantizer, clear_work_dir
 
     t_start = time.time()
-    model, tok = load_model(path, torch.float32, device)
+    model, tok = load_model(path, torch.float32)  # in CPU memory; the Quantizer places it
+    offloaded = wants_offload(offload, device, model)
     with open(os.path.join(path, "config.json")) as f:
         src_config = json.load(f)
     dense_dtype = getattr(torch, str(src_config.get("torch_dtype") or src_config.get("dtype") or "bfloat16"))
     if restart:
         clear_work_dir(work)
-    q = Quantizer(model, tok, recipe, work, device)
-    print(f"group size {q.gs}; row-parallel k_blocks: o_proj {q.kb_o}, down_proj {q.kb_down}")
+    q = Quantizer(model, tok, recipe, work, device, offload=offloaded)
+    print(f"group size {q.gs}; row-parallel k_blocks: o_proj {q.kb_o}, down_proj {q.kb_down}; on {device}"
+          f"{', one block at a time (offloaded)' if offloaded else ''}")
     q.quantize_weights()
     bits = q.allocate_and_clip()
     staged = os.path.join(work, STAGED)
@@ -95,13 +100,15 @@ def _quantize(model_name: str, path: str, out: str, work: str, recipe: Recipe, d
     q.seconds["total"] = time.time() - t_start
     summary = {"checkpoint": out, "model": model_name, "act_bits_per_block": bits,
                "stage_seconds": {k: round(v, 1) for k, v in q.seconds.items()},
-               "group_size": q.gs, "recipe": recipe.to_dict()}
+               "group_size": q.gs, "device": str(device), "offload": offloaded, "recipe": recipe.to_dict()}
     with open(os.path.join(staged, "config.json")) as f:
         summary["bits_per_weight"] = json.load(f)["quantization_config"]["bits_per_weight"]
     if evaluate_after:
         from .report import write_report
 
-        summary["eval"] = evaluate_checkpoint(staged, baseline=path, max_windows=eval_windows)
+        del model, q.model  # evaluation loads the dense and the simulated model afresh
+        summary["eval"] = evaluate_checkpoint(staged, baseline=path, max_windows=eval_windows, device=device,
+                                              offload=offload)
         record_files(staged, write_report(staged, summary, q))
     from twla_vllm.format import read_config
 
@@ -116,15 +123,18 @@ def _quantize(model_name: str, path: str, out: str, work: str, recipe: Recipe, d
 
 
 def evaluate_checkpoint(ckpt: str, baseline: str | None = None, max_windows: int = 32, source: str = "brown",
-                        proxy: bool = True, prompts: tuple[str, ...] = GEN_PROMPTS) -> dict:
+                        proxy: bool = True, prompts: tuple[str, ...] = GEN_PROMPTS, device: str = "cpu",
+                        offload: str = "auto") -> dict:
     """Perplexity and proxy tasks of the checkpoint `ckpt` (and of the dense `baseline`), plus greedy
-    continuations of `prompts` by each model, side by side under "generations"."""
+    continuations of `prompts` by each model, side by side under "generations", computed on `device` (with the
+    decoder blocks streamed from CPU memory when `offload` says so)."""
     from transformers import AutoTokenizer
 
     from twla_vllm.simulate import load_simulated_model
 
     from .evaluate import evaluate
     from .models import load_model
+    from .onload import placed
     from .report import greedy_continuations
 
     tok = AutoTokenizer.from_pretrained(ckpt)
@@ -132,12 +142,14 @@ def evaluate_checkpoint(ckpt: str, baseline: str | None = None, max_windows: int
     texts = {}
     if baseline:
         dense, _ = load_model(resolve_model(baseline))
-        out["baseline"] = evaluate(dense, tok, source, max_windows=max_windows, proxy=proxy, name="baseline")
-        texts["baseline"] = greedy_continuations(dense, tok, prompts, GEN_TOKENS)
+        with placed(dense, device, offload):
+            out["baseline"] = evaluate(dense, tok, source, max_windows=max_windows, proxy=proxy, name="baseline")
+            texts["baseline"] = greedy_continuations(dense, tok, prompts, GEN_TOKENS)
         del dense
     sim = load_simulated_model(ckpt)
-    out["twla"] = evaluate(sim, tok, source, max_windows=max_windows, proxy=proxy, name="twla")
-    texts["twla"] = greedy_continuations(sim, tok, prompts, GEN_TOKENS)
+    with placed(sim, device, offload):
+        out["twla"] = evaluate(sim, tok, source, max_windows=max_windows, proxy=proxy, name="twla")
+        texts["twla"] = greedy_continuations(sim, tok, prompts, GEN_TOKENS)
     out["generations"] = [{"prompt": p, **{k: v[i] for k, v in texts.items()}} for i, p in enumerate(prompts)]
     return out
 
@@ -171,6 +183,10 @@ def quantize_parser() -> Parser:
                     help="replace --out if it is a checkpoint twla wrote and holds nothing else")
     ap.add_argument("--device", type=_device_name, default="auto",
                     help="torch device to quantize on: auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    ap.add_argument("--offload", choices=("auto", "on", "off"), default="auto",
+                    help="keep the model in CPU memory and move one decoder block at a time to --device (sequential "
+                         "onloading: a model larger than the GPU quantizes on it); auto: when the float32 model "
+                         "would take over 35%% of the GPU's memory")
     ap.add_argument("--restart", action="store_true", help="discard an interrupted run's state in OUT.work/")
     ap.add_argument("--no-eval", action="store_true",
                     help="skip evaluation and report (perplexity, proxy tasks, sample generations, plots)")
@@ -189,7 +205,7 @@ def quantize_main(argv: list[str] | None = None) -> None:
         check_out_dir(a.out, a.overwrite, name=f"--out {a.out}")  # before anything slow
         path = resolve_model(a.model)
         s = quantize(a.model, a.out, recipe, _device(a.device), a.restart, not a.no_eval,
-                     a.eval_windows, overwrite=a.overwrite, model_path=path)
+                     a.eval_windows, overwrite=a.overwrite, model_path=path, offload=a.offload)
     print(json.dumps({k: v for k, v in s.items() if k != "recipe"}, indent=1))
 
 
@@ -203,6 +219,8 @@ def eval_parser() -> Parser:
     ap.add_argument("--source", type=calib_source, default="brown",
                     help="evaluation text: brown (its test split), wikitext2, c4, or a text / .jsonl / .json / "
                          ".csv file (its last 10%%; records: column 'text')")
+    ap.add_argument("--device", type=_device_name, default="auto",
+                    help="torch device to evaluate on: auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     return ap
 
 
@@ -216,5 +234,5 @@ def eval_main(argv: list[str] | None = None) -> None:
         from twla_vllm.format import validate_checkpoint  # imports torch: only once the arguments are fine
 
         validate_checkpoint(a.checkpoint)  # a FormatError names the file and key
-        result = evaluate_checkpoint(a.checkpoint, baseline, a.windows, a.source)
+        result = evaluate_checkpoint(a.checkpoint, baseline, a.windows, a.source, device=_device(a.device))
     print(json.dumps(result, indent=1))

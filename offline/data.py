@@ -142,7 +142,7 @@ def token_windows(tokenizer, text: str, n: int, seqlen: int, seed: int = 0) -> t
     if ids.numel() <= seqlen:
         raise ValueError(f"text has {ids.numel()} tokens, need more than seqlen={seqlen}")
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seqlen, (n,), generator=g)
+    starts = torch.randint(0, ids.numel() - seqlen, (n,), generator=g, device="cpu")
     return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
 
 

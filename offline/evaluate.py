@@ -41,10 +41,11 @@ def _sentences(doc: str) -> list[str]:
 def _loglik(model, tok, context: str, continuation: str) -> tuple[float, int, torch.Tensor]:
     ctx = tok(context)["input_ids"]
     cont = tok(continuation)["input_ids"]
-    ids = torch.tensor([ctx + cont])[:, -512:]
+    device = next(model.parameters()).device
+    ids = torch.tensor([ctx + cont], device=device)[:, -512:]
     logits = model(ids, use_cache=False).logits[0, -len(cont) - 1:-1].float()
     logp = torch.log_softmax(logits, -1)
-    target = torch.tensor(cont)
+    target = torch.tensor(cont, device=device)
     return float(logp.gather(1, target[:, None]).sum()), len(cont), logits.argmax(-1) == target
 
 

@@ -23,6 +23,7 @@ from . import allocate, clip, data, lowrank
 from .calibrate import (BlockInputs, RotatedLinear, capture_first_block_inputs, capture_inputs, decoder_layers,
                         input_gram, run_block)
 from .export import write_checkpoint
+from .onload import Placement
 from .recipe import Recipe
 from .rotate import (balanced_factors, block_diagonal_orthogonal, fold_head_rotation, fold_norm_into, fold_weight,
                      learn_kronecker_rotation, random_orthogonal, reference_factors, unfold_weight)
@@ -89,13 +90,17 @@ def pick_k_blocks(k: int, group_size: int, max_blocks: int) -> int:
 
 class Quantizer:
     def __init__(self, model, tokenizer, recipe: Recipe, work_dir: str, device: str = "cpu",
-                 log=print):
+                 log=print, offload: bool = False):
+        """`model` (float32, anywhere) is placed on `device`, or with `offload` its decoder blocks stay in CPU
+        memory and visit the device one at a time (onload.py)."""
         cfg = model.config
         self.hidden, self.inter = cfg.hidden_size, cfg.intermediate_size
         self.heads = cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or self.hidden // self.heads
         recipe = recipe.resolved(device, max(self.hidden, self.inter, self.heads * self.head_dim))
         self.model, self.tok, self.r, self.work, self.device, self.log = model, tokenizer, recipe, work_dir, device, log
+        self.place = Placement(device, offload)
+        self.place.place(model, decoder_layers(model))
         self.gs = pick_group_size([self.hidden, self.heads * self.head_dim, self.inter], recipe.group_size,
                                   recipe.code)
         self.kb_o = pick_k_blocks(self.heads * self.head_dim, self.gs, recipe.row_parallel_blocks)
@@ -107,6 +112,10 @@ class Quantizer:
 
     # ---------------------------------------------------------------- resumable block loop -------
     def quantize_weights(self) -> None:
+        with torch.device(self.place.device):  # tensors the stages create land where the block computes
+            self._quantize_weights()
+
+    def _quantize_weights(self) -> None:
         state = os.path.join(self.work, "state")
         os.makedirs(state, exist_ok=True)
         self._check_recipe()
@@ -117,7 +126,7 @@ class Quantizer:
             self._restore_block(l, os.path.join(state, f"block_{l:03d}"))
         if start:
             self.log(f"resuming at block {start}/{len(layers)} from {state}")
-            inputs = torch.load(os.path.join(state, "hidden.pt"), weights_only=False)
+            inputs = torch.load(os.path.join(state, "hidden.pt"), weights_only=False, map_location=self.place.device)
         else:
             t0 = time.time()
             text = data.load_text(self.r.calib, "calib", self.r.text_column)
@@ -125,7 +134,8 @@ class Quantizer:
             inputs = capture_first_block_inputs(self.model, ids, self.r.batch_size)
             self.seconds["calibrate"] += time.time() - t0
         for l in tqdm(range(start, len(layers)), desc="quantize blocks", initial=start, total=len(layers)):
-            inputs = self._quantize_block(l, layers[l], inputs)
+            with self.place.block(layers[l]):
+                inputs = self._quantize_block(l, layers[l], inputs)
             self._save_block(l, os.path.join(state, f"block_{l:03d}"))
             _atomic_torch_save(inputs, os.path.join(state, "hidden.pt"))
             _atomic_json(progress, {"next_block": l + 1})
@@ -173,7 +183,7 @@ class Quantizer:
                                           site_inputs=self._site_inputs(layer, lin[members[0]], inputs))
         if l == 1 and rots.get(MLP_IN, (None,))[0] is not None:  # report: channel ranges of one input before/after
             x = capture_inputs(layer, lin[MLP_IN[0]], inputs, max_tokens=2048)
-            self.act_example = {"before": x.abs().amax(0), "after": kron_rotate(x, *rots[MLP_IN]).abs().amax(0)}
+            self.act_example = {"before": x.abs().amax(0).cpu(), "after": kron_rotate(x, *rots[MLP_IN]).abs().amax(0).cpu()}
         for members, _, _ in sites:
             c, b = rots[members]
             for m in members:
@@ -230,7 +240,7 @@ class Quantizer:
         if example:
             wr = w.float().reshape(-1, n1, n2)
             wr = (wr if c is None else torch.matmul(c, wr)) @ b
-            self.kotms_example = {"before": w.float().flatten(), "after": wr.flatten(), "loss": hist}
+            self.kotms_example = {"before": w.float().flatten().cpu(), "after": wr.flatten().cpu(), "loss": hist}
         return c, b
 
     def _quantize_linear(self, w: torch.Tensor, w_folded: torch.Tensor, left: torch.Tensor | None,
@@ -267,7 +277,7 @@ class Quantizer:
         layer = decoder_layers(self.model)[l]
         tensors = {}
         for name, p in layer.state_dict().items():
-            tensors[name] = p.detach().contiguous().clone()
+            tensors[name] = p.detach().cpu().contiguous().clone()
         save_file(tensors, path + ".safetensors.tmp")
         os.replace(path + ".safetensors.tmp", path + ".safetensors")
         _atomic_json(path + ".json", {p: self.specs[p].to_dict() for p in self._block_prefixes(l)})
@@ -288,6 +298,7 @@ class Quantizer:
         rest = {k: v for k, v in tensors.items() if not any(k.startswith(p.split(".", 3)[3] + ".")
                                                               for p in specs)}
         layer.load_state_dict(rest, strict=False)
+        layer.to(self.place.home())
 
     # ---------------------------------------------------------------- after all blocks ------------
     def sim_layers(self) -> dict[str, SimTwlaLinear]:
@@ -307,8 +318,9 @@ class Quantizer:
         if r.allocation == "ila-amp":
             heldout = data.load_text(r.calib, "heldout", r.text_column)
             ids = data.token_windows(self.tok, heldout, max(1, r.amp_tokens // r.amp_seqlen), r.amp_seqlen, r.seed + 1)
-            table = allocate.measure_sensitivity(self.model, ids, r.bit_set, set_block_bits=self.set_block_bits,
-                                                 log=self.log)
+            with torch.device(self.place.device), self.place.streaming(decoder_layers(self.model)):
+                table = allocate.measure_sensitivity(self.model, ids, r.bit_set, set_block_bits=self.set_block_bits,
+                                                     log=self.log, stash=self.place.home())
             bits = allocate.allocate_bits(table, r.bit_set, r.act_bits, r.amp_beta)
         else:
             bits = [int(r.act_bits)] * n_layers
@@ -324,8 +336,10 @@ class Quantizer:
         ids = data.token_windows(self.tok, heldout, max(1, self.r.clip_tokens // self.r.amp_seqlen), self.r.amp_seqlen,
                                  self.r.seed + 2)
         sims = self.sim_layers()
-        for prefix, c in clip.search_clips(self.model, ids, self._sites(), self.r.batch_size, self.r.clip_grid(),
-                                           log=self.log).items():
+        with torch.device(self.place.device), self.place.streaming(decoder_layers(self.model)):
+            chosen = clip.search_clips(self.model, ids, self._sites(), self.r.batch_size, self.r.clip_grid(),
+                                       log=self.log)
+        for prefix, c in chosen.items():
             sims[prefix].act_clip = c
         self._sync_specs()
         self.seconds["clip"] = time.time() - t0

@@ -60,10 +60,11 @@ def _is_orthogonal(m: torch.Tensor) -> bool:
 
 
 def random_orthogonal(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Haar-random orthogonal matrix (QR of a Gaussian with the sign fix)."""
-    a = torch.randn(n, n, generator=generator, dtype=torch.float64)
+    """Haar-random orthogonal matrix (QR of a Gaussian with the sign fix), drawn on the CPU (the same seed gives
+    the same matrix whatever the device) and returned on the default device."""
+    a = torch.randn(n, n, generator=generator, dtype=torch.float64, device="cpu")
     q, r = torch.linalg.qr(a)
-    return (q * torch.sign(torch.diagonal(r)).unsqueeze(0)).float().contiguous()
+    return (q * torch.sign(torch.diagonal(r)).unsqueeze(0)).float().contiguous().to(torch.get_default_device())
 
 
 def block_diagonal_orthogonal(n: int, blocks: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -129,7 +130,7 @@ def learn_kronecker_rotation(w: torch.Tensor, n1: int, n2: int, group_size: int,
 
     for _ in range(iters):
         c, b = factors()
-        rows = w if w.shape[0] <= rows_per_step else w[torch.randint(0, w.shape[0], (rows_per_step,), generator=gen)]
+        rows = w if w.shape[0] <= rows_per_step else w[torch.randint(0, w.shape[0], (rows_per_step,), generator=gen, device="cpu")]
         wr = rows.reshape(-1, n1, n2)
         wr = (wr if c is None else torch.matmul(c, wr)) @ b
         loss = trimodal_loss(wr.reshape(rows.shape), group_size)

@@ -188,12 +188,12 @@ def learn_transform(w: torch.Tensor, n1: int, n2: int, group_size: int, left_blo
     n_rows = resid.shape[0]
 
     def rows(n: int, g: torch.Generator | None) -> torch.Tensor:
-        return resid if n_rows <= n else resid[torch.randperm(n_rows, generator=g)[:n]]
+        return resid if n_rows <= n else resid[torch.randperm(n_rows, generator=g, device="cpu")[:n]]
 
     def tokens(n: int, g: torch.Generator | None) -> torch.Tensor:
         if x is None:
-            return torch.eye(w.shape[1])[torch.randperm(w.shape[1], generator=g)[:n]]
-        return x if x.shape[0] <= n else x[torch.randperm(x.shape[0], generator=g)[:n]]
+            return torch.eye(w.shape[1])[torch.randperm(w.shape[1], generator=g, device="cpu")[:n]]
+        return x if x.shape[0] <= n else x[torch.randperm(x.shape[0], generator=g, device="cpu")[:n]]
 
     eval_w, eval_x = rows(EVAL_ROWS, gen), tokens(EVAL_TOKENS, gen)
     eval_y = eval_x @ eval_w.t()
