@@ -84,14 +84,21 @@ def time_shape(name: str, layers: int, device: str, offload: str) -> dict:
             "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None}
 
 
-def check(device: str) -> list[dict]:
+class Rows(list):
+    """Table rows, printed as they come (a run cut short still shows what it measured)."""
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        print(json.dumps(row), flush=True)
+
+
+def check(device: str, rows: Rows) -> None:
     """Tiny random models through every method: on the CPU, on `device` whole and offloaded; checkpoints compared."""
     from safetensors.torch import load_file
 
     from twla_offline.cli import quantize
     from twla_offline.recipe import preset
 
-    rows = []
     work = tempfile.mkdtemp(prefix="twla-qcheck-")
     src = make_model_dir(dict(SHAPES["qwen2.5-1.5b"], hidden_size=128, intermediate_size=256, num_attention_heads=2,
                               num_key_value_heads=1, vocab_size=98, head_dim=64), 2, os.path.join(work, "dense"))
@@ -127,7 +134,6 @@ def check(device: str) -> list[dict]:
                 codes = [k for k in diff if k.endswith("weight_packed")]
                 rows.append({"method": method, "compare": f"{a} vs {b}", "tensors_differ": len(diff),
                              "of": len(ta), "packed_codes_differ": len(codes)})
-    return rows
 
 
 def main() -> None:
@@ -139,7 +145,9 @@ def main() -> None:
     ap.add_argument("--offload", default="auto", choices=("auto", "on", "off"))
     ap.add_argument("--json", help="write the rows here")
     a = ap.parse_args()
-    rows = check(a.device) if a.check else []
+    rows = Rows()
+    if a.check:
+        check(a.device, rows)
     for name in a.shape:
         try:
             rows.append(time_shape(name, a.layers, a.device, a.offload))
@@ -149,8 +157,6 @@ def main() -> None:
         with open(a.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                        "rows": rows}, f, indent=1)
-    for r in rows:
-        print(json.dumps(r))
 
 
 if __name__ == "__main__":
