@@ -3,7 +3,7 @@
 Timing runs the real pipeline (default recipe for the device) on random weights of a real model's shape
 (config only, no download; a character tokenizer over the Brown calibration text, the real vocabulary size so
 the head costs what it costs) with fewer decoder blocks, and projects the full depth from the measured per-block
-cost: calibration, transforms and weights scale with the depth L, ILA-AMP with its count of block forwards and
+cost: calibration is one embedding pass, transforms and weights scale with the depth L, ILA-AMP with its count of block forwards and
 head evaluations (a chain DP over singles and adjacent pairs), the clip search with L.
 
     python benchmarks/quantize_time.py --check                       # tiny models: cpu vs device, whole vs offload
@@ -75,7 +75,8 @@ def time_shape(name: str, layers: int, device: str, offload: str) -> dict:
     kv = h * shape["num_key_value_heads"] // shape["num_attention_heads"]
     block_flops, head_flops = h * (2 * h + 2 * kv) + 3 * h * i, h * v
     per_unit = st.get("allocate", 0.0) / (b_meas * block_flops + h_meas * head_flops)
-    projected = {k: st.get(k, 0.0) * full / layers for k in ("calibrate", "rotate", "weights", "clip")}
+    projected = {k: st.get(k, 0.0) * full / layers for k in ("rotate", "weights", "clip")}
+    projected["calibrate"] = st.get("calibrate", 0.0)  # the embedding pass, once
     projected["allocate"] = per_unit * (b_full * block_flops + h_full * head_flops)
     return {"shape": name, "layers_run": layers, "layers_full": full, "device": device, "offload": s["offload"],
             "stage_seconds": st, "wall_s": round(wall, 1), "projected_stage_seconds":
