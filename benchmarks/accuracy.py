@@ -11,6 +11,9 @@ Ladders (rows: weights W, activations A; A4MP = ILA-AMP mixed per-block bits ave
              W1.58A16 and W1.58A4
   baselines  dense, RTN ternary and QuaRot-style randomized Hadamard + RTN INT2, plus `--checkpoint` (a finished
              checkpoint, simulated) on the same windows
+  faithful   the released TWLA code's weight structure (salient columns with two trit planes, four groups per
+             128-column block, ten fp16 scales per row and block) with its per-linear transforms: simulation
+             only, not a checkpoint format; its bits/weight count the actual masks (offline/faithful.py)
 Other modes' ladders (BWLA, TwinQuant) use the same `Harness` from their own scripts.
 
 PPL is measured on the same windows for every row; ratio = PPL / dense PPL of the same run. bits/weight counts
@@ -72,22 +75,23 @@ class Harness:
         print(f"{method:44s} W{w_bits!s:5s} A{a_bits!s:5s} ppl {ppl:12.2f} ({row['ratio']:.2f}x)  bits {bits:.3f}  "
               f"({seconds:.0f}s)", flush=True)
 
-    def quantize(self, recipe: Recipe) -> tuple[Quantizer, float]:
+    def quantize(self, recipe: Recipe, make=Quantizer) -> tuple[Quantizer, float]:
         """A fresh copy of the model with `recipe`'s weight stage done (uniform bits not yet applied)."""
         model, tok = load_model(self.path, torch.float32, self.device)
         t0 = time.time()
-        q = Quantizer(model, tok, recipe, tempfile.mkdtemp(prefix="twla-bench-"), self.device, log=lambda *x: None)
+        q = make(model, tok, recipe, tempfile.mkdtemp(prefix="twla-bench-"), self.device, log=lambda *x: None)
         q.quantize_weights()
         return q, time.time() - t0
 
-    def run(self, method: str, recipe: Recipe, w_bits: float | str, act: tuple[int, ...] = (16, 4)) -> Quantizer:
+    def run(self, method: str, recipe: Recipe, w_bits: float | str, act: tuple[int, ...] = (16, 4),
+            make=Quantizer, **extra: Any) -> Quantizer:
         """Quantize with `recipe` (uniform activation bits), record one row per activation width in `act`."""
-        q, secs = self.quantize(dataclasses.replace(recipe, allocation="uniform", clip_search=False))
+        q, secs = self.quantize(dataclasses.replace(recipe, allocation="uniform", clip_search=False), make)
         bits = honest_bits(q)
         for a in act:
             for l in range(len(q.sim_layers()) // 7):
                 q.set_block_bits(l, a)
-            self.record(method, w_bits, a, self.ppl(q.model), bits, secs)
+            self.record(method, w_bits, a, self.ppl(q.model), bits, secs, **extra)
         return q
 
     def table(self) -> str:
@@ -117,6 +121,8 @@ class Harness:
 
 def honest_bits(q: Quantizer) -> float:
     """Bits/weight a checkpoint of q's in-memory model would store (`export.stored_bits_per_weight`)."""
+    if hasattr(q, "bits_per_weight"):  # paper-faithful mode counts its own masks and scales
+        return q.bits_per_weight()
     sims = q.sim_layers()
     if any(m.group_scale.is_floating_point() for m in sims.values()):  # fp16 alpha/mu (v1): codes, 2 fp16 per
         weights = sum(m.out_features * m.in_features for m in sims.values())  # group, fp32 transform factors
@@ -167,6 +173,17 @@ def group_ladder(h: Harness, groups: list[int], formats: list[str]) -> None:
             p.gptq_quantize = original
 
 
+def faithful(h: Harness) -> None:
+    """The released TWLA code's weight structure and placement (simulation only; offline/faithful.py)."""
+    from twla_offline.faithful import DEFAULT_PERCENTILES, DEFAULT_SALIENT_COUNTS, faithful_quantizer, faithful_recipe
+
+    q = h.run("paper-faithful (order-2 groups, per-linear KOTMS)", faithful_recipe(Recipe()), 1.58,
+              make=faithful_quantizer, salient_counts=list(DEFAULT_SALIENT_COUNTS),
+              percentiles=list(DEFAULT_PERCENTILES))
+    sal = [m.salient_fraction for m in q.sim_layers().values()]
+    print(f"salient (two-plane) columns: {100 * sum(sal) / len(sal):.1f}% on average")
+
+
 def baselines(h: Harness, group_size: int, checkpoint: str | None) -> None:
     h.run("RTN ternary", Recipe(group_size=group_size, weight_method="rtn", rotation="none"), 1.58)
     model, _ = load_model(h.path, torch.float32, h.device)
@@ -190,7 +207,7 @@ def baselines(h: Harness, group_size: int, checkpoint: str | None) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--ladder", choices=["twla", "groups", "baselines"], default="twla")
+    ap.add_argument("--ladder", choices=["twla", "groups", "baselines", "faithful"], default="twla")
     ap.add_argument("--windows", type=int, default=16, help="512-token test windows for PPL")
     ap.add_argument("--group-size", type=int, default=32)
     ap.add_argument("--checkpoint", help="baselines ladder: also evaluate this finished checkpoint")
@@ -202,6 +219,8 @@ def main() -> None:
     h = Harness(a.model, a.windows, a.device)
     if a.ladder == "twla":
         twla_ladder(h, a.group_size)
+    elif a.ladder == "faithful":
+        faithful(h)
     elif a.ladder == "groups":
         group_ladder(h, [int(g) for g in a.groups.split(",")], a.formats.split(","))
     else:

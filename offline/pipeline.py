@@ -207,11 +207,15 @@ class Quantizer:
                 self.specs[prefix] = fmt.LayerSpec(act_bits=16, act_clip=r.default_clip, k_blocks=blocks,
                                                    rotation=None if c is None else (c.shape[0], b.shape[0]),
                                                    lowrank_rank=0 if la is None else la.shape[1])
-                replace_linear(layer, m, SimTwlaLinear(qw, c, b, 16, r.default_clip, blocks,
-                                                       rl.bias.data if rl.bias is not None else None, la, lb))
+                replace_linear(layer, m, self._quantized_linear(qw, c, b, blocks,
+                                                                rl.bias.data if rl.bias is not None else None, la, lb))
         out = run_block(layer, inputs)
         self.seconds["weights"] += time.time() - t0
         return out
+
+    def _quantized_linear(self, qw: QuantWeight, left, right, k_blocks: int, bias, lowrank_a, lowrank_b):
+        """The module that stands for a quantized linear from here on (16-bit activations until allocation)."""
+        return SimTwlaLinear(qw, left, right, 16, self.r.default_clip, k_blocks, bias, lowrank_a, lowrank_b)
 
     @staticmethod
     def _site_inputs(layer, module, inputs: BlockInputs):
