@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .weights import block_errors
+
 STAGE1_ITERS = 15
 SCALES_PER_ROW = 10  # two order-2 groups (mu, a0, a1) + two order-1 groups (mu, a)
 SCALE_BITS = 16
@@ -156,11 +158,7 @@ def fit_faithful(w: torch.Tensor, h: torch.Tensor, percdamp: float = 0.1, blocks
         w1 = w[:, i1:i2].clone()
         hinv1 = hinv[i1:i2, i1:i2]
         q1, n_sal = quantize_block(w1, torch.diagonal(hinv1), h[i1:i2, i1:i2], salient_counts, percentiles)
-        err1 = torch.zeros_like(w1)
-        for i in range(i2 - i1):
-            e = (w1[:, i] - q1[:, i]) / hinv1[i, i]
-            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
-            err1[:, i] = e
+        err1 = block_errors(w1, q1, hinv1)
         q[:, i1:i2] = q1
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
         width = i2 - i1

@@ -140,6 +140,18 @@ def fit_rtn(w: torch.Tensor, code: WeightCode, group_size: int, iters: int = 0) 
                        qm.view(n, g).to(torch.int8))
 
 
+def block_errors(w1: torch.Tensor, q1: torch.Tensor, hinv1: torch.Tensor) -> torch.Tensor:
+    """GPTQ inside one column block with its quantized values q1 fixed: each column's error, scaled by the inverse
+    Hessian's Cholesky diagonal, flows into the block's later columns (w1 is updated in place). Returns the scaled
+    errors [N, B]; `errors @ Hinv[block, later]` is what the later blocks subtract."""
+    err1 = torch.zeros_like(w1)
+    for i in range(w1.shape[1]):
+        e = (w1[:, i] - q1[:, i]) / hinv1[i, i]
+        w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+        err1[:, i] = e
+    return err1
+
+
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, code: WeightCode, group_size: int, stage2: bool = True,
                   stage1_iters: int = 15, percdamp: float = 0.1, blocksize: int = 128,
                   int_grid: bool = True) -> QuantWeight:
@@ -188,12 +200,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, code: WeightCode, group_size
                 q1 = qa * v1 + qm
             qas.append(qa)
             qms.append(qm)
-        hinv1 = hinv[i1:i2, i1:i2]
-        err1 = torch.zeros_like(w1)
-        for i in range(i2 - i1):
-            e = (w1[:, i] - q1[:, i]) / hinv1[i, i]
-            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
-            err1[:, i] = e
+        err1 = block_errors(w1, q1, hinv[i1:i2, i1:i2])
         v_all[:, i1:i2] = v1
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     if per_row:  # whole-row output error of the original layer, then the grid
