@@ -14,6 +14,8 @@ Ladders (rows: weights W, activations A; A4MP = ILA-AMP mixed per-block bits ave
   faithful   the released TWLA code's weight structure (salient columns with two trit planes, four groups per
              128-column block, ten fp16 scales per row and block) with its per-linear transforms: simulation
              only, not a checkpoint format; its bits/weight count the actual masks (offline/faithful.py)
+  second-plane  format v2 at --groups with and without a structured second trit plane on the most salient 6.25%
+             of columns (simulation: is it worth a kernel?), e.g. --groups 16,32
 Other modes' ladders (BWLA, TwinQuant) use the same `Harness` from their own scripts.
 
 PPL is measured on the same windows for every row; ratio = PPL / dense PPL of the same run. bits/weight counts
@@ -184,6 +186,17 @@ def faithful(h: Harness) -> None:
     print(f"salient (two-plane) columns: {100 * sum(sal) / len(sal):.1f}% on average")
 
 
+def second_plane(h: Harness, groups: list[int]) -> None:
+    """Format v2 with a structured second trit plane on the most salient columns (simulation) against plain v2 at
+    a smaller group: which spends the next ~0.3 bits/weight better (offline/faithful.py `fit_second_plane`)."""
+    from twla_offline.faithful import SECOND_PLANE_FRACTION, second_plane_quantizer
+
+    for gs in groups:
+        h.run(f"v2 int8 grid, group {gs}", Recipe(group_size=gs), 1.58)
+        h.run(f"v2 group {gs} + second trit plane on {100 * SECOND_PLANE_FRACTION:.2f}% of columns",
+              Recipe(group_size=gs), 1.58, make=second_plane_quantizer)
+
+
 def baselines(h: Harness, group_size: int, checkpoint: str | None) -> None:
     h.run("RTN ternary", Recipe(group_size=group_size, weight_method="rtn", rotation="none"), 1.58)
     model, _ = load_model(h.path, torch.float32, h.device)
@@ -207,7 +220,7 @@ def baselines(h: Harness, group_size: int, checkpoint: str | None) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--ladder", choices=["twla", "groups", "baselines", "faithful"], default="twla")
+    ap.add_argument("--ladder", choices=["twla", "groups", "baselines", "faithful", "second-plane"], default="twla")
     ap.add_argument("--windows", type=int, default=16, help="512-token test windows for PPL")
     ap.add_argument("--group-size", type=int, default=32)
     ap.add_argument("--checkpoint", help="baselines ladder: also evaluate this finished checkpoint")
@@ -221,6 +234,8 @@ def main() -> None:
         twla_ladder(h, a.group_size)
     elif a.ladder == "faithful":
         faithful(h)
+    elif a.ladder == "second-plane":
+        second_plane(h, [int(g) for g in a.groups.split(",")])
     elif a.ladder == "groups":
         group_ladder(h, [int(g) for g in a.groups.split(",")], a.formats.split(","))
     else:

@@ -17,15 +17,15 @@ LINEARS = (ATTN, ("self_attn.o_proj",), MLP_IN, ("mlp.down_proj",))
 class FakeQuantLinear(torch.nn.Module):
     """y = fake_quant(rotate(x)) @ W_deqᵀ + b: any dequantized weight, TWLA's activation definition."""
 
-    def __init__(self, w: torch.Tensor, bias, left, right, act_bits: int, act_clip: float = 1.0):
+    def __init__(self, w: torch.Tensor, bias, left, right, act_bits: int, act_clip: float = 1.0, k_blocks: int = 1):
         super().__init__()
         self.register_buffer("w", w.float())
         self.register_buffer("bias", None if bias is None else bias.detach().float())
-        self.left, self.right, self.act_bits, self.act_clip = left, right, act_bits, act_clip
+        self.left, self.right, self.act_bits, self.act_clip, self.k_blocks = left, right, act_bits, act_clip, k_blocks
 
     def forward(self, x):
         x2 = kron_rotate(x.reshape(-1, x.shape[-1]).float(), self.left, self.right)
-        y = fake_quant_per_token(x2, self.act_bits, self.act_clip) @ self.w.t()
+        y = fake_quant_per_token(x2, self.act_bits, self.act_clip, self.k_blocks) @ self.w.t()
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], -1).to(x.dtype)

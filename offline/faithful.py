@@ -1,5 +1,7 @@
-"""Paper-faithful mode (simulation only, not a checkpoint format): the weight structure of the released TWLA
-code, so a user can see on their own model what that format buys and what it costs in honest bits.
+"""Reference-format simulations (not checkpoint formats): the weight structure of the released TWLA code
+("paper-faithful mode"), so a user can see on their own model what that format buys and what it costs in honest
+bits, and its cheap part on top of format v2 (a structured second trit plane, `fit_second_plane`), to measure
+whether it would be worth a kernel.
 
 Per 128-column GPTQ block (BiLLM / ARB-LLM heritage, `algorithms.md` §2.4):
 1. salience s_ij = w_ij² / [U]_jj² (U = upper Cholesky of H⁻¹); the top-k columns by Σ_i s_ij are salient, k
@@ -32,6 +34,7 @@ SCALE_BITS = 16
 PLANE_BITS = 2  # a trit stored in 2 bits, as every fixed-width ternary format does
 DEFAULT_SALIENT_COUNTS = (1, 2, 4, 8, 16, 32, 63)  # the reference searches 1..63; powers of two keep CPU runs short
 DEFAULT_PERCENTILES = tuple(p / 100 for p in range(10, 91, 10))  # the reference: 81 points 10%..90%
+SECOND_PLANE_FRACTION = 0.0625  # ~ the salient share the reference's search ends at (6.4% measured)
 
 
 @dataclass
@@ -80,9 +83,10 @@ def _basis(w: torch.Tensor, groups: list[tuple[torch.Tensor, int]]) -> tuple[lis
     return basis, what
 
 
-def _joint_stage2(w: torch.Tensor, basis: list[torch.Tensor], s: torch.Tensor) -> torch.Tensor:
+def _joint_stage2(w: torch.Tensor, basis: list[torch.Tensor], s: torch.Tensor,
+                  coefficients: bool = False) -> torch.Tensor:
     """ŵ = Σ_a c_a b_a per row with c minimising (w - ŵ) S (w - ŵ)ᵀ, planes frozen (a small ridge keeps empty
-    groups' systems regular)."""
+    groups' systems regular); c [N, P, 1] itself when `coefficients`."""
     bs = torch.stack(basis, 1)  # [N, P, B]
     bS = bs @ s  # [N, P, B]
     g = bS @ bs.transpose(1, 2)  # [N, P, P]
@@ -90,7 +94,7 @@ def _joint_stage2(w: torch.Tensor, basis: list[torch.Tensor], s: torch.Tensor) -
     ridge = 1e-6 * g.diagonal(dim1=1, dim2=2).mean(-1).clamp(min=1e-12)
     g = g + ridge[:, None, None] * torch.eye(g.shape[-1], dtype=g.dtype)
     c = torch.linalg.solve(g, r)
-    return (c * bs).sum(1)
+    return c if coefficients else (c * bs).sum(1)
 
 
 def _output_error(r: torch.Tensor, s: torch.Tensor) -> float:
@@ -167,6 +171,58 @@ def fit_faithful(w: torch.Tensor, h: torch.Tensor, percdamp: float = 0.1, blocks
     return FaithfulWeight(q, bits / (n * k), salient_cols / k)
 
 
+def fit_second_plane(w: torch.Tensor, h: torch.Tensor, group_size: int, fraction: float = 0.0625,
+                     percdamp: float = 0.1) -> FaithfulWeight:
+    """The cheap part of the reference's format on top of format v2: the `fraction` most salient columns (one mask
+    shared by all rows, salience as in `fit_faithful`) get a second trit plane with one more integer scale per
+    (row, group). Per group, GPTQ order: stage 1, the second plane on the salient columns' residual, one joint
+    stage-2 solve of (alpha, mu, beta), then all three rounded to int8 steps of the row's fp16 scale (each clamped
+    to int8; the kernel's |qa| + |qm| <= 127 bound is not enforced here, so this is slightly optimistic).
+
+    Bits: 2 per weight (first plane) + 2 per salient-column weight + 16 per (row, group) for (qa, qm) + 8 per
+    (row, group) holding a salient column for qb + 16 per row (scale) + K bits of column mask."""
+    from twla_vllm.format import CODES
+
+    from .weights import GRID_HEADROOM, _grouped, row_scale_for, stage1_fit
+
+    code = CODES["ternary"]
+    w = w.detach().float().clone()
+    n, k = w.shape
+    gs = k if group_size == -1 else group_size
+    h = h.detach().float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h.diagonal().add_(percdamp * torch.mean(torch.diag(h)))
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    n_sal = max(1, round(fraction * k))
+    salient = torch.zeros(k, dtype=torch.bool)
+    salient[torch.topk((w * w / torch.diagonal(hinv) ** 2).sum(0), n_sal).indices] = True
+    _, a_pre, m_pre = stage1_fit(_grouped(w, gs), code, STAGE1_ITERS)
+    s = row_scale_for(a_pre.squeeze(-1), m_pre.squeeze(-1), code, GRID_HEADROOM)
+    q = torch.zeros_like(w)
+    beta_groups = 0
+    for i1 in range(0, k, gs):
+        i2 = min(i1 + gs, k)
+        w1 = w[:, i1:i2].clone()
+        v1, a, m = (t.squeeze(1) for t in stage1_fit(w1.unsqueeze(1), code, STAGE1_ITERS))
+        basis = [torch.ones_like(w1), v1]
+        cols = salient[i1:i2].expand_as(w1)
+        if cols.any():
+            t2, _, _ = _masked_ternary(w1 - (a * v1 + m), cols)
+            basis.append(t2)
+            beta_groups += 1
+        coef = _joint_stage2(w1, basis, h[i1:i2, i1:i2], coefficients=True)  # [N, P, 1]
+        ints = torch.round(coef / s.unsqueeze(-1)).clamp(-127, 127)
+        q1 = s * (ints * torch.stack(basis, 1)).sum(1)
+        q[:, i1:i2] = q1
+        err1 = block_errors(w1, q1, hinv[i1:i2, i1:i2])
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    groups = -(-k // gs)
+    bits = 2 * n * k + 2 * n * n_sal + 16 * n * groups + 8 * n * beta_groups + 16 * n + k
+    return FaithfulWeight(q, bits / (n * k), n_sal / k)
+
+
 def faithful_recipe(base):
     """The reference's placement on top of `base` (a Recipe): an own online transform (C, B) for every linear with
     its factor-size rule, o_proj rotated across heads, down_proj's left factor full (TP 1)."""
@@ -176,22 +232,22 @@ def faithful_recipe(base):
                                row_parallel_blocks=1, lowrank="none", code="ternary")
 
 
-def faithful_quantizer(*args, salient_counts=DEFAULT_SALIENT_COUNTS, percentiles=DEFAULT_PERCENTILES, **kwargs):
-    """A `pipeline.Quantizer` whose weight stage is `fit_faithful` and whose layers are fake-quantized dense
-    weights (simulation only: `export` refuses). Arguments as for Quantizer; use `faithful_recipe`."""
+def simulated_quantizer(fit, *args, **kwargs):
+    """A `pipeline.Quantizer` whose weight stage is `fit(quantizer, w, h) -> FaithfulWeight` and whose layers are
+    fake-quantized dense weights (simulation only: `export` refuses). Other arguments as for Quantizer."""
     from .baselines import FakeQuantLinear
     from .pipeline import Quantizer
 
-    class FaithfulQuantizer(Quantizer):
+    class SimulatedFormatQuantizer(Quantizer):
         def _quantize_weight(self, w, h):
             if h is None:
-                raise ValueError("the paper-faithful weight stage needs calibration data (weight_method e2m-atq)")
-            return fit_faithful(w, h, self.r.percdamp, salient_counts=salient_counts, percentiles=percentiles)
+                raise ValueError("the reference-format simulations need calibration data (weight_method e2m-atq)")
+            return fit(self, w, h)
 
         def _quantized_linear(self, qw, left, right, k_blocks, bias, lowrank_a, lowrank_b):
-            if k_blocks != 1 or lowrank_a is not None:
-                raise ValueError("paper-faithful mode runs with row_parallel_blocks=1 and no low-rank branch")
-            mod = FakeQuantLinear(qw.weight, bias, left, right, 16, self.r.default_clip)
+            if lowrank_a is not None:
+                raise ValueError("the reference-format simulations run without a low-rank branch")
+            mod = FakeQuantLinear(qw.weight, bias, left, right, 16, self.r.default_clip, k_blocks)
             mod.stored_bits = qw.bits * qw.weight.numel() + (0 if left is None else
                                                              SCALE_BITS * (left.numel() + right.numel()))
             mod.salient_fraction = qw.salient_fraction
@@ -201,14 +257,25 @@ def faithful_quantizer(*args, salient_counts=DEFAULT_SALIENT_COUNTS, percentiles
             return {name: mod for name, mod in self.model.named_modules() if isinstance(mod, FakeQuantLinear)}
 
         def bits_per_weight(self) -> float:
-            """Honest stored bits/weight: codes, membership, masks, fp16 scales and fp16 rotation factors."""
+            """Honest stored bits/weight: codes, masks, scales and fp16 rotation factors."""
             layers = self.sim_layers().values()
             return sum(m.stored_bits for m in layers) / sum(m.w.numel() for m in layers)
 
-        def _save_block(self, l, path):  # nothing to resume from: this mode writes no checkpoint
+        def _save_block(self, l, path):  # nothing to resume from: these modes write no checkpoint
             pass
 
         def export(self, *a, **k):
-            raise NotImplementedError("paper-faithful mode is simulation only; it writes no checkpoint")
+            raise NotImplementedError("reference-format modes are simulation only; they write no checkpoint")
 
-    return FaithfulQuantizer(*args, **kwargs)
+    return SimulatedFormatQuantizer(*args, **kwargs)
+
+
+def faithful_quantizer(*args, salient_counts=DEFAULT_SALIENT_COUNTS, percentiles=DEFAULT_PERCENTILES, **kwargs):
+    """The paper-faithful mode (`fit_faithful`); use with `faithful_recipe`."""
+    return simulated_quantizer(lambda q, w, h: fit_faithful(w, h, q.r.percdamp, salient_counts=salient_counts,
+                                                            percentiles=percentiles), *args, **kwargs)
+
+
+def second_plane_quantizer(*args, fraction: float = SECOND_PLANE_FRACTION, **kwargs):
+    """Format v2 plus a structured second trit plane (`fit_second_plane`) at the recipe's group size."""
+    return simulated_quantizer(lambda q, w, h: fit_second_plane(w, h, q.gs, fraction, q.r.percdamp), *args, **kwargs)

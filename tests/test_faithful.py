@@ -82,3 +82,20 @@ def test_faithful_quantizer_runs_the_pipeline_and_writes_no_checkpoint(tmp_path)
     assert torch.isfinite(q.model(ids).logits).all()
     with pytest.raises(NotImplementedError, match="simulation only"):
         q.export(str(tmp_path / "ckpt"), {}, torch.float16)
+
+
+def test_second_plane_reduces_error_and_counts_its_bits():
+    from twla_offline.faithful import fit_second_plane
+    from twla_offline.weights import gptq_quantize
+    from twla_vllm.format import CODES
+
+    w, x = _layer(3)
+    h = x.t() @ x
+    plain = gptq_quantize(w, h, CODES["ternary"], 32).dequantize()
+    two = fit_second_plane(w, h, 32, fraction=0.0625)
+    assert _out_err(w, two.weight, x) < 0.95 * _out_err(w, plain, x)
+    n, k = w.shape
+    n_sal = round(0.0625 * k)
+    # at most every group holds a salient column: bits between "no group" and "all groups" pay for beta
+    base = 2 + 2 * n_sal / k + 16 / 32 + 16 / k + 1 / n
+    assert base <= two.bits <= base + 8 / 32 + 1e-9
