@@ -7,6 +7,16 @@ import triton.language as tl
 
 
 @triton.jit
+def _promote(acc, s_ptr, z_ptr, rs_ptr, rm, rm_ok, rn, rn_ok, b, KB: tl.constexpr):
+    """Activation K-block b of int32 acc [BM, BN] in float32: s_b * (acc - z_b * rowsum_b), exact up to that one
+    conversion (s, z [M, KB] per token; rowsum [N, KB] per row)."""
+    sb = tl.load(s_ptr + rm * KB + b, mask=rm_ok, other=0.0)
+    zb = tl.load(z_ptr + rm * KB + b, mask=rm_ok, other=0.0).to(tl.int32)
+    rs = tl.load(rs_ptr + rn * KB + b, mask=rn_ok, other=0)
+    return sb[:, None] * (acc - zb[:, None] * rs[None, :]).to(tl.float32)
+
+
+@triton.jit
 def _finish(y, rm, rn, M, N, ws_ptr, la_ptr, lr_ptr, bias_ptr, stride_lr, SB1, SB2, R: tl.constexpr,
             NSH: tl.constexpr, RP: tl.constexpr, CP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
             PRECISION: tl.constexpr):
@@ -46,10 +56,7 @@ def _epilogue_kernel(acc_ptr, s_ptr, z_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_p
         acc = tl.zeros([BM, BN], dtype=tl.int32)
         for b in tl.static_range(SPLIT):
             acc += tl.load(part + b * M * N, mask=mask, other=0)
-        sb = tl.load(s_ptr + rm, mask=rm < M, other=0.0)
-        zb = tl.load(z_ptr + rm, mask=rm < M, other=0.0).to(tl.int32)
-        rs = tl.load(rs_ptr + rn, mask=rn < N, other=0)
-        y = sb[:, None] * (acc - zb[:, None] * rs[None, :]).to(tl.float32)
+        y = _promote(acc, s_ptr, z_ptr, rs_ptr, rm, rm < M, rn, rn < N, 0, 1)
     else:
         y = tl.zeros([BM, BN], dtype=tl.float32)
         for b in tl.static_range(SPLIT):

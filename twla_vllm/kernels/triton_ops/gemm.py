@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .epilogue import _finish
+from .epilogue import _finish, _promote
 from .unpack import _int_tile, _load_rep
 
 
@@ -59,11 +59,7 @@ def _gemm_kernel(q_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
         acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)
         if KB > 1:
             if (k0 + BK) % BLK == 0:  # end of an activation K-block: promote once per block
-                b = k0 // BLK
-                sb = tl.load(s_ptr + rm * KB + b, mask=rm < M, other=0.0)
-                zb = tl.load(z_ptr + rm * KB + b, mask=rm < M, other=0.0).to(tl.int32)
-                rs = tl.load(rs_ptr + rn * KB + b, mask=rn < N, other=0)
-                y += (acc - zb[:, None] * rs[None, :]).to(tl.float32) * sb[:, None]
+                y += _promote(acc, s_ptr, z_ptr, rs_ptr, rm, rm < M, rn, rn < N, k0 // BLK, KB)
                 acc = tl.zeros([BM, BN], dtype=tl.int32)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     if SPLIT > 1:  # partial for `_epilogue_kernel`
@@ -74,10 +70,7 @@ def _gemm_kernel(q_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
             tl.store(part, acc, mask=mask)
     else:
         if KB == 1:
-            sb = tl.load(s_ptr + rm, mask=rm < M, other=0.0)
-            zb = tl.load(z_ptr + rm, mask=rm < M, other=0.0).to(tl.int32)
-            rs = tl.load(rs_ptr + rn, mask=rn < N, other=0)
-            y = (acc - zb[:, None] * rs[None, :]).to(tl.float32) * sb[:, None]
+            y = _promote(acc, s_ptr, z_ptr, rs_ptr, rm, rm < M, rn, rn < N, 0, 1)
         y = _finish(y, rm, rn, M, N, ws_ptr, la_ptr, lr_ptr, bias_ptr, stride_lr, SB1, SB2, R, NSH,
                     RP, CP, HAS_BIAS, True, PRECISION)
         tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)

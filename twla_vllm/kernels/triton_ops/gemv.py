@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .epilogue import _finish
+from .epilogue import _finish, _promote
 
 
 @triton.jit
@@ -67,18 +67,12 @@ def _gemv_kernel(x_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
                       axis=2)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     if KB > 1:  # this split is activation block pid_s
-        sb = tl.load(s_ptr + rm * KB + pid_s, mask=rm < M, other=0.0)
-        zb = tl.load(z_ptr + rm * KB + pid_s, mask=rm < M, other=0.0).to(tl.int32)
-        rs = tl.load(rs_ptr + rn * KB + pid_s, mask=rn < N, other=0)
-        y = sb[:, None] * (acc - zb[:, None] * rs[None, :]).to(tl.float32)
+        y = _promote(acc, s_ptr, z_ptr, rs_ptr, rm, rm < M, rn, rn < N, pid_s, KB)
         tl.store(acc_ptr + (pid_s * M + rm[:, None]) * N + rn[None, :], y, mask=mask)
     elif SPLIT > 1:  # int32 partial sums (exact); `_epilogue_kernel` adds them up and finishes
         tl.store(acc_ptr + (pid_s * M + rm[:, None]) * N + rn[None, :], acc, mask=mask)
     else:
-        sb = tl.load(s_ptr + rm, mask=rm < M, other=0.0)
-        zb = tl.load(z_ptr + rm, mask=rm < M, other=0.0).to(tl.int32)
-        rs = tl.load(rs_ptr + rn, mask=rn < N, other=0)
-        y = sb[:, None] * (acc - zb[:, None] * rs[None, :]).to(tl.float32)
+        y = _promote(acc, s_ptr, z_ptr, rs_ptr, rm, rm < M, rn, rn < N, 0, 1)
         y = _finish(y, rm, rn, M, N, ws_ptr, la_ptr, lr_ptr, bias_ptr, stride_lr, SB1, SB2, R, NSH, RP, CP,
                     HAS_BIAS, False, "ieee")
         tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
