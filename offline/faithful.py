@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .weights import block_errors
+from .weights import block_errors, gptq_setup
 
 STAGE1_ITERS = 15
 SCALES_PER_ROW = 10  # two order-2 groups (mu, a0, a1) + two order-1 groups (mu, a)
@@ -147,14 +147,8 @@ def quantize_block(w: torch.Tensor, u_diag: torch.Tensor, s: torch.Tensor, salie
 def fit_faithful(w: torch.Tensor, h: torch.Tensor, percdamp: float = 0.1, blocksize: int = 128,
                  salient_counts=DEFAULT_SALIENT_COUNTS, percentiles=DEFAULT_PERCENTILES) -> FaithfulWeight:
     """The released TWLA weight structure with GPTQ feedback on the damped Hessian h = XᵀX (transformed inputs)."""
-    w = w.detach().float().clone()
+    w, h, hinv = gptq_setup(w, h, percdamp)
     n, k = w.shape
-    h = h.detach().float().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h.diagonal().add_(percdamp * torch.mean(torch.diag(h)))
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     q = torch.zeros_like(w)
     bits, salient_cols = 0.0, 0
     for i1 in range(0, k, blocksize):
@@ -186,15 +180,9 @@ def fit_second_plane(w: torch.Tensor, h: torch.Tensor, group_size: int, fraction
     from .weights import GRID_HEADROOM, _grouped, row_scale_for, stage1_fit
 
     code = CODES["ternary"]
-    w = w.detach().float().clone()
+    w, h, hinv = gptq_setup(w, h, percdamp)
     n, k = w.shape
     gs = k if group_size == -1 else group_size
-    h = h.detach().float().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h.diagonal().add_(percdamp * torch.mean(torch.diag(h)))
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     n_sal = max(1, round(fraction * k))
     salient = torch.zeros(k, dtype=torch.bool)
     salient[torch.topk((w * w / torch.diagonal(hinv) ** 2).sum(0), n_sal).indices] = True
@@ -265,7 +253,7 @@ def simulated_quantizer(fit, *args, **kwargs):
             pass
 
         def export(self, *a, **k):
-            raise NotImplementedError("reference-format modes are simulation only; they write no checkpoint")
+            raise RuntimeError("reference-format modes are simulation only; they write no checkpoint")
 
     return SimulatedFormatQuantizer(*args, **kwargs)
 

@@ -140,6 +140,18 @@ def fit_rtn(w: torch.Tensor, code: WeightCode, group_size: int, iters: int = 0) 
                        qm.view(n, g).to(torch.int8))
 
 
+def gptq_setup(w: torch.Tensor, h: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ's start: (a float32 copy of w with dead inputs — zero Hessian diagonal — zeroed, the damped Hessian, the
+    upper Cholesky factor of its inverse)."""
+    w = w.detach().float().clone()
+    h = h.detach().float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h.diagonal().add_(percdamp * torch.mean(torch.diag(h)))
+    return w, h, torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+
 def block_errors(w1: torch.Tensor, q1: torch.Tensor, hinv1: torch.Tensor) -> torch.Tensor:
     """GPTQ inside one column block with its quantized values q1 fixed: each column's error, scaled by the inverse
     Hessian's Cholesky diagonal, flows into the block's later columns (w1 is updated in place). Returns the scaled
@@ -161,16 +173,9 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, code: WeightCode, group_size
     not-yet-quantized columns. Per-row scales (group_size -1): alpha/mu from stage 1 on the whole row, v by
     nearest level per block, stage 2 and the grid once at the end with the full h. int_grid=False keeps fp16
     alpha/mu (format v1's scales, simulation only) to measure what the grid costs."""
-    w = w.detach().float().clone()
-    w0 = w.clone()
-    n, k = w.shape
-    h = h.detach().float().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    hd = h.clone()
-    hd.diagonal().add_(percdamp * torch.mean(torch.diag(h)))
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hd)), upper=True)
+    w0 = w.detach().float()
+    n, k = w0.shape
+    w, hd, hinv = gptq_setup(w0, h, percdamp)
     per_row = group_size == -1
     bs = blocksize if per_row else group_size
     _, a_pre, m_pre = stage1_fit(_grouped(w, group_size), code, stage1_iters)

@@ -80,7 +80,7 @@ def test_faithful_quantizer_runs_the_pipeline_and_writes_no_checkpoint(tmp_path)
     q.allocate()
     ids = torch.randint(3, 98, (1, 32))
     assert torch.isfinite(q.model(ids).logits).all()
-    with pytest.raises(NotImplementedError, match="simulation only"):
+    with pytest.raises(RuntimeError, match="simulation only"):
         q.export(str(tmp_path / "ckpt"), {}, torch.float16)
 
 
