@@ -49,7 +49,7 @@ class Placement:
         for mod in model.modules():
             if id(mod) in in_blocks:
                 continue
-            for name, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+            for _, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
                 if t is not None:  # shared tensors (tied embeddings) move once and stay shared
                     t.data = t.data.to(self.device)
 
