@@ -14,6 +14,7 @@ Ladders (rows: weights W, activations A; A4MP = ILA-AMP mixed per-block bits ave
   faithful   the released TWLA code's weight structure (salient columns with two trit planes, four groups per
              128-column block, ten fp16 scales per row and block) with its per-linear transforms: simulation
              only, not a checkpoint format; its bits/weight count the actual masks (offline/faithful.py)
+  checkpoint dense and one finished checkpoint (`--checkpoint DIR --label NAME --a-bits A`), simulated
   second-plane  format v2 at --groups with and without a structured second trit plane on the most salient 6.25%
              of columns (simulation: is it worth a kernel?), e.g. --groups 16,32
 Other modes' ladders (BWLA, TwinQuant) use the same `Harness` from their own scripts.
@@ -68,14 +69,15 @@ class Harness:
     def ppl(self, model) -> float:
         return perplexity(model, self.windows.to(next(model.parameters()).device))
 
-    def record(self, method: str, w_bits: float | str, a_bits: float | str, ppl: float, bits: float, seconds: float,
-               **extra: Any) -> None:
+    def record(self, method: str, w_bits: float | str, a_bits: float | str, ppl: float, bits: float,
+               seconds: float | None, **extra: Any) -> None:
+        """One row; seconds None where the quantization time is not known."""
         row = {"method": method, "w_bits": w_bits, "a_bits": a_bits, "ppl": round(ppl, 3),
                "ratio": round(ppl / self.dense_ppl, 3), "bits_per_weight": round(bits, 4),
-               "quant_seconds": round(seconds, 1), **extra}
+               "quant_seconds": None if seconds is None else round(seconds, 1), **extra}
         self.rows.append(row)
         print(f"{method:44s} W{w_bits!s:5s} A{a_bits!s:5s} ppl {ppl:12.2f} ({row['ratio']:.2f}x)  bits {bits:.3f}  "
-              f"({seconds:.0f}s)", flush=True)
+              f"({row['quant_seconds']} s)", flush=True)
 
     def quantize(self, recipe: Recipe, make=Quantizer) -> tuple[Quantizer, float]:
         """A fresh copy of the model with `recipe`'s weight stage done (uniform bits not yet applied)."""
@@ -99,8 +101,9 @@ class Harness:
     def table(self) -> str:
         lines = ["| method | W | A | PPL | PPL / dense | bits/weight | quant time (s) |", "|---|---|---|---|---|---|---|"]
         for r in self.rows:
+            secs = "n/a" if r["quant_seconds"] is None else r["quant_seconds"]
             lines.append(f"| {r['method']} | {r['w_bits']} | {r['a_bits']} | {r['ppl']:.2f} | {r['ratio']:.2f}x | "
-                         f"{r['bits_per_weight']} | {r['quant_seconds']} |")
+                         f"{r['bits_per_weight']} | {secs} |")
         return "\n".join(lines)
 
     def save(self, path: str | None = None) -> str:
@@ -207,23 +210,31 @@ def baselines(h: Harness, group_size: int, checkpoint: str | None) -> None:
     set_act_bits(model, 4)
     h.record("QuaRot-style RTN INT2", 2, 4, h.ppl(model), 2 + 32 / group_size, secs)
     if checkpoint:
-        from twla_vllm.simulate import load_simulated_model
+        record_checkpoint(h, checkpoint, "default", "4MP")
 
-        with open(os.path.join(checkpoint, "config.json")) as f:
-            qc = json.load(f)["quantization_config"]
-        secs = json.load(open(os.path.join(checkpoint, "report.json")))["stage_seconds"]["total"] \
-            if os.path.exists(os.path.join(checkpoint, "report.json")) else float("nan")
-        h.record("default", 1.58, "4MP", h.ppl(load_simulated_model(checkpoint, device=h.device)),
-                 qc["bits_per_weight"], secs, checkpoint=os.path.basename(checkpoint.rstrip("/")))
+
+def record_checkpoint(h: Harness, checkpoint: str, method: str, a_bits: str) -> None:
+    """A finished checkpoint, simulated, on the harness's windows (time from its report.json when there)."""
+    from twla_vllm.simulate import load_simulated_model
+
+    with open(os.path.join(checkpoint, "config.json")) as f:
+        qc = json.load(f)["quantization_config"]
+    report = os.path.join(checkpoint, "report.json")
+    secs = json.load(open(report))["stage_seconds"]["total"] if os.path.exists(report) else None
+    h.record(method, 1.58, a_bits, h.ppl(load_simulated_model(checkpoint, device=h.device)), qc["bits_per_weight"],
+             secs, checkpoint=os.path.basename(checkpoint.rstrip("/")))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--ladder", choices=["twla", "groups", "baselines", "faithful", "second-plane"], default="twla")
+    ap.add_argument("--ladder", choices=["twla", "groups", "baselines", "faithful", "second-plane", "checkpoint"],
+                    default="twla")
     ap.add_argument("--windows", type=int, default=16, help="512-token test windows for PPL")
     ap.add_argument("--group-size", type=int, default=32)
-    ap.add_argument("--checkpoint", help="baselines ladder: also evaluate this finished checkpoint")
+    ap.add_argument("--checkpoint", help="baselines / checkpoint ladders: evaluate this finished checkpoint")
+    ap.add_argument("--label", default="default", help="checkpoint ladder: the row's method name")
+    ap.add_argument("--a-bits", default="4MP", help="checkpoint ladder: the row's activation bits")
     ap.add_argument("--groups", default="128,64,32", help="groups ladder: group sizes")
     ap.add_argument("--formats", default="v2,fp16", help="groups ladder: v2 (integer grid) and/or fp16 (alpha/mu)")
     ap.add_argument("--device", default="cpu")
@@ -234,6 +245,10 @@ def main() -> None:
         twla_ladder(h, a.group_size)
     elif a.ladder == "faithful":
         faithful(h)
+    elif a.ladder == "checkpoint":
+        if not a.checkpoint:
+            ap.error("--ladder checkpoint needs --checkpoint DIR")
+        record_checkpoint(h, a.checkpoint, a.label, a.a_bits)
     elif a.ladder == "second-plane":
         second_plane(h, [int(g) for g in a.groups.split(",")])
     elif a.ladder == "groups":
