@@ -221,8 +221,9 @@ def record_checkpoint(h: Harness, checkpoint: str, method: str, a_bits: str) -> 
         qc = json.load(f)["quantization_config"]
     report = os.path.join(checkpoint, "report.json")
     secs = json.load(open(report))["stage_seconds"]["total"] if os.path.exists(report) else None
+    name = os.path.join(*checkpoint.rstrip("/").split(os.sep)[-2:])  # a staged checkpoint's parent names its run
     h.record(method, 1.58, a_bits, h.ppl(load_simulated_model(checkpoint, device=h.device)), qc["bits_per_weight"],
-             secs, checkpoint=os.path.basename(checkpoint.rstrip("/")))
+             secs, checkpoint=name)
 
 
 def main() -> None:

@@ -108,10 +108,10 @@ def check(device: str, rows: Rows) -> None:
         r.nsamples, r.seqlen, r.amp_tokens, r.amp_seqlen, r.clip_tokens, r.batch_size = 4, 64, 128, 64, 256, 2
         r.kotms_iters = r.okt_iters = r.twinquant_iters = 10
         got = {}
-        for dev, off in (("cpu", "off"), (device, "off"), (device, "on")):
+        for i, (dev, off) in enumerate((("cpu", "off"), (device, "off"), (device, "on"))):
             t0 = time.time()
-            try:
-                s = quantize(src, os.path.join(work, f"{method}-{dev}-{off}"), r, dev, evaluate_after=False,
+            try:  # directories keyed by index: with --device cpu the first two runs share (device, offload)
+                s = quantize(src, os.path.join(work, f"{method}-{i}-{dev}-{off}"), r, dev, evaluate_after=False,
                              offload=off)
                 got[(dev, off)] = load_file(os.path.join(s["checkpoint"], "model.safetensors"))
                 rows.append({"method": method, "device": dev, "offload": off, "ok": True,
@@ -123,7 +123,7 @@ def check(device: str, rows: Rows) -> None:
 
             for dev in ("cpu", device):
                 try:
-                    e = evaluate_checkpoint(os.path.join(work, f"{method}-{device}-off"), src, max_windows=2, device=dev)
+                    e = evaluate_checkpoint(os.path.join(work, f"{method}-1-{device}-off"), src, max_windows=2, device=dev)
                     rows.append({"eval_on": dev, "ppl_dense": round(e["baseline"]["ppl"], 4),
                                  "ppl_twla": round(e["twla"]["ppl"], 4), "last_word": e["twla"]["last_word_acc"]})
                 except Exception as ex:  # noqa: BLE001

@@ -61,12 +61,15 @@ def measure_sensitivity(model, ids: torch.Tensor, bit_set, set_block_bits, ref_b
     layers = decoder_layers(model)
     n = len(layers)
     low = [b for b in bit_set if b != ref_bits]
-    keep = (lambda b: b) if stash is None else (lambda b: b.to(stash))  # noqa: E731
     for l in range(n):
         set_block_bits(l, ref_bits)
-    cache = [keep(capture_first_block_inputs(model, ids, batch_size))]
+    cache = [capture_first_block_inputs(model, ids, batch_size)]
     for l in range(n):
-        cache.append(keep(run_block(layers[l], cache[-1])))
+        cache.append(run_block(layers[l], cache[-1]))
+        if stash is not None:
+            cache[l] = cache[l].to(stash)
+    if stash is not None:
+        cache[n] = cache[n].to(stash)
     base = _nll_from(model, n, cache[n], ids)
     table = SensitivityTable(base, tuple(bit_set), [dict() for _ in range(n)], [dict() for _ in range(n)])
 

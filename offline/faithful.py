@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .baselines import FakeQuantLinear
+from .pipeline import Quantizer
 from .weights import block_errors, gptq_setup
 
 STAGE1_ITERS = 15
@@ -220,50 +222,51 @@ def faithful_recipe(base):
                                row_parallel_blocks=1, lowrank="none", code="ternary")
 
 
-def simulated_quantizer(fit, *args, **kwargs):
+class SimulatedFormatQuantizer(Quantizer):
     """A `pipeline.Quantizer` whose weight stage is `fit(quantizer, w, h) -> FaithfulWeight` and whose layers are
-    fake-quantized dense weights (simulation only: `export` refuses). Other arguments as for Quantizer."""
-    from .baselines import FakeQuantLinear
-    from .pipeline import Quantizer
+    fake-quantized dense weights (simulation only: `export` refuses, and no block state is saved to resume from).
+    Other arguments as for Quantizer."""
 
-    class SimulatedFormatQuantizer(Quantizer):
-        def _quantize_weight(self, w, h):
-            if h is None:
-                raise ValueError("the reference-format simulations need calibration data (weight_method e2m-atq)")
-            return fit(self, w, h)
+    def __init__(self, fit, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fit = fit
 
-        def _quantized_linear(self, qw, left, right, k_blocks, bias, lowrank_a, lowrank_b):
-            if lowrank_a is not None:
-                raise ValueError("the reference-format simulations run without a low-rank branch")
-            mod = FakeQuantLinear(qw.weight, bias, left, right, 16, self.r.default_clip, k_blocks)
-            mod.stored_bits = qw.bits * qw.weight.numel() + (0 if left is None else
-                                                             SCALE_BITS * (left.numel() + right.numel()))
-            mod.salient_fraction = qw.salient_fraction
-            return mod
+    def _quantize_weight(self, w, h):
+        if h is None:
+            raise ValueError("the reference-format simulations need calibration data (weight_method e2m-atq)")
+        return self.fit(self, w, h)
 
-        def sim_layers(self):
-            return {name: mod for name, mod in self.model.named_modules() if isinstance(mod, FakeQuantLinear)}
+    def _quantized_linear(self, qw, left, right, k_blocks, bias, lowrank_a, lowrank_b):
+        if lowrank_a is not None:
+            raise ValueError("the reference-format simulations run without a low-rank branch")
+        mod = FakeQuantLinear(qw.weight, bias, left, right, 16, self.r.default_clip, k_blocks)
+        mod.stored_bits = qw.bits * qw.weight.numel() + (0 if left is None else
+                                                         SCALE_BITS * (left.numel() + right.numel()))
+        mod.salient_fraction = qw.salient_fraction
+        return mod
 
-        def bits_per_weight(self) -> float:
-            """Honest stored bits/weight: codes, masks, scales and fp16 rotation factors."""
-            layers = self.sim_layers().values()
-            return sum(m.stored_bits for m in layers) / sum(m.w.numel() for m in layers)
+    def sim_layers(self):
+        return {name: mod for name, mod in self.model.named_modules() if isinstance(mod, FakeQuantLinear)}
 
-        def _save_block(self, l, path):  # nothing to resume from: these modes write no checkpoint
-            pass
+    def bits_per_weight(self) -> float:
+        """Honest stored bits/weight: codes, masks, scales and fp16 rotation factors."""
+        layers = self.sim_layers().values()
+        return sum(m.stored_bits for m in layers) / sum(m.w.numel() for m in layers)
 
-        def export(self, *a, **k):
-            raise RuntimeError("reference-format modes are simulation only; they write no checkpoint")
+    def _save_block(self, l, path):  # nothing to resume from: these modes write no checkpoint
+        pass
 
-    return SimulatedFormatQuantizer(*args, **kwargs)
+    def export(self, *a, **k):
+        raise RuntimeError("reference-format modes are simulation only; they write no checkpoint")
 
 
 def faithful_quantizer(*args, salient_counts=DEFAULT_SALIENT_COUNTS, percentiles=DEFAULT_PERCENTILES, **kwargs):
     """The paper-faithful mode (`fit_faithful`); use with `faithful_recipe`."""
-    return simulated_quantizer(lambda q, w, h: fit_faithful(w, h, q.r.percdamp, salient_counts=salient_counts,
-                                                            percentiles=percentiles), *args, **kwargs)
+    return SimulatedFormatQuantizer(lambda q, w, h: fit_faithful(w, h, q.r.percdamp, salient_counts=salient_counts,
+                                                                  percentiles=percentiles), *args, **kwargs)
 
 
 def second_plane_quantizer(*args, fraction: float = SECOND_PLANE_FRACTION, **kwargs):
     """Format v2 plus a structured second trit plane (`fit_second_plane`) at the recipe's group size."""
-    return simulated_quantizer(lambda q, w, h: fit_second_plane(w, h, q.gs, fraction, q.r.percdamp), *args, **kwargs)
+    return SimulatedFormatQuantizer(lambda q, w, h: fit_second_plane(w, h, q.gs, fraction, q.r.percdamp), *args,
+                                    **kwargs)
