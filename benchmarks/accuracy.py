@@ -2,6 +2,7 @@
 
     python benchmarks/accuracy.py --model smollm2-135m --ladder twla [--windows 16]
     python benchmarks/accuracy.py --model smollm2-135m --ladder groups        # format v2 grid vs fp16 scales
+    python benchmarks/accuracy.py --model smollm2-135m --ladder rotation      # rotation placement options
     python benchmarks/accuracy.py --model qwen2.5-coder-1.5b --ladder baselines --checkpoint DIR --windows 8
 
 Ladders (rows: weights W, activations A; A4MP = ILA-AMP mixed per-block bits averaging 4):
@@ -157,6 +158,30 @@ def twla_ladder(h: Harness, group_size: int) -> None:
              act_bits_per_block=chosen)
 
 
+ROTATION_RUNGS: list[tuple[str, dict[str, Any]]] = [
+    ("KOTMS site-shared, head-local o_proj, 8 row blocks", {}),
+    ("KOTMS per linear (deployable, x quantized per member)", dict(rotation_sharing="linear")),
+    ("o_proj full online rotation", dict(o_proj_rotation="full")),
+    ("down_proj full left factor (TP 1)", dict(row_parallel_blocks=1)),
+    ("reference factor rule", dict(factor_rule="reference")),
+]
+
+
+def rotation_ladder(h: Harness, group_size: int, seed: int, rungs: list[int]) -> None:
+    """Issue 10 item 3: each rotation option alone against the site-shared default (format v2, E2M-ATQ, uniform
+    activation bits, no clip search); the last rung combines the options that are on in `rungs`."""
+    base = Recipe(group_size=group_size, seed=seed)
+    tag = f" (seed {seed})" if seed else ""
+    combined: dict[str, Any] = {}
+    for i in rungs:
+        name, kw = ROTATION_RUNGS[i]
+        combined.update(kw)
+        h.run(name + tag, dataclasses.replace(base, **kw), 1.58)
+    if len(combined) > 1:
+        h.run("all options on: " + ", ".join(f"{k}={v}" for k, v in combined.items()) + tag,
+              dataclasses.replace(base, **combined), 1.58)
+
+
 def group_ladder(h: Harness, groups: list[int], formats: list[str]) -> None:
     """Format v2's integer grid against fp16 alpha/mu at the same group size (E2M-ATQ + KOTMS, uniform bits)."""
     from twla_offline import weights
@@ -229,7 +254,8 @@ def record_checkpoint(h: Harness, checkpoint: str, method: str, a_bits: str) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--ladder", choices=["twla", "groups", "baselines", "faithful", "second-plane", "checkpoint"],
+    ap.add_argument("--ladder", choices=["twla", "groups", "rotation", "baselines", "faithful", "second-plane",
+                                                  "checkpoint"],
                     default="twla")
     ap.add_argument("--windows", type=int, default=16, help="512-token test windows for PPL")
     ap.add_argument("--group-size", type=int, default=32)
@@ -238,6 +264,8 @@ def main() -> None:
     ap.add_argument("--a-bits", default="4MP", help="checkpoint ladder: the row's activation bits")
     ap.add_argument("--groups", default="128,64,32", help="groups ladder: group sizes")
     ap.add_argument("--formats", default="v2,fp16", help="groups ladder: v2 (integer grid) and/or fp16 (alpha/mu)")
+    ap.add_argument("--rungs", default="0,1,2,3,4", help="rotation ladder: which of ROTATION_RUNGS (0 = default)")
+    ap.add_argument("--seed", type=int, default=0, help="rotation ladder: calibration sample and transform seed")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", help="results file (default benchmarks/results/accuracy_<model>.json)")
     a = ap.parse_args()
@@ -252,6 +280,8 @@ def main() -> None:
         record_checkpoint(h, a.checkpoint, a.label, a.a_bits)
     elif a.ladder == "second-plane":
         second_plane(h, [int(g) for g in a.groups.split(",")])
+    elif a.ladder == "rotation":
+        rotation_ladder(h, a.group_size, a.seed, [int(i) for i in a.rungs.split(",")])
     elif a.ladder == "groups":
         group_ladder(h, [int(g) for g in a.groups.split(",")], a.formats.split(","))
     else:

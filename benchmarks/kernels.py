@@ -4,6 +4,7 @@ bf16, fp8 and torch._int_mm, same run, same shapes (Llama-3-8B linears, K -> N).
     python benchmarks/kernels.py [--group-size 32] [--code ternary] [--json benchmarks/results/kernels.json]
     python benchmarks/kernels.py --sweep      # also time alternative tensor-core tiles and the int8 scratch path
     python benchmarks/kernels.py --act-quant  # transform precision: time and code agreement with float64
+    python benchmarks/kernels.py --code int4 --group-size 128 --lowrank 32   # + the low-rank branch, fused or not
 
 Timing as served: CUDA graphs (triton.testing.do_bench_cudagraph, median), and each timed call cycles through
 enough copies of the layer's weights (> 128 MB) that they stream from HBM, not from the 50 MB L2, as
@@ -12,6 +13,8 @@ consecutive layers of a model do.
 Columns: quant = fused transform+quantize alone; gemm = the matmul alone; twla = the whole op as served
 (`torch.ops.twla.quant_linear`: quant + matmul + epilogue); floor% = byte floor (codes + int8 group scales at
 the measured copy bandwidth) / twla for M <= 64, else the int8 tensor-core floor (1.1 POPS, kernels.md) / twla.
+With --lowrank R: + branch fused = the whole op with a rank-R 16-bit branch (x·Bᵀ in act_quant's launch, A·(·) in
+the matmul's epilogue); + branch unfused = the same with x·Bᵀ as its own fp32 GEMM (what the op did before).
 """
 
 from __future__ import annotations
@@ -95,7 +98,7 @@ def act_quant_table() -> None:
             want, _, _ = quantize_per_token(kron_rotate(x.double(), left.double(), right.double()).float(), 4, 0.9, kb)
             for prec in ("tf32x3", "tf32", "bf16"):
                 us = bench(lambda i: T.act_quant(x, left, right, 4, 0.9, kb, prec))
-                q, _, _ = T.act_quant(x, left, right, 4, 0.9, kb, prec)
+                q = T.act_quant(x, left, right, 4, 0.9, kb, prec)[0]
                 agree = (q.float() == want).float().mean().item()
                 print(f"| {n1}x{n2} | {kb} | {m} | {prec} | {us:.1f} | {agree:.5f} |", flush=True)
 
@@ -120,6 +123,29 @@ def act_quant_sweep() -> None:
                     print(f"| {n1}x{n2} | {kb} | {m} | {bt} | {warps} | {us:.1f} (codes equal {same:.4f}) |", flush=True)
 
 
+def branch_times(x, layers, branch_ab, left, right, kb, code, gs, copies) -> dict[str, float]:
+    """The whole op with a low-rank branch: x·Bᵀ fused into act_quant's launch (as served) vs its own GEMM."""
+    n = layers[0][0].shape[0]
+
+    def fused(i):
+        p, rs, qa, qm, rsum = layers[i]
+        la, lb = branch_ab[i]
+        return torch.ops.twla.quant_linear(x, p, rs, qa, qm, rsum, left, right, la, lb, None, code.bits, code.step,
+                                           code.offset, gs, 4, 0.9, kb, n, n)
+
+    def unfused(i):
+        p, rs, qa, qm, rsum = layers[i]
+        la, lb = branch_ab[i]
+        lanes = 8 // code.bits if T.uses_scratch(x.shape[0]) else 0
+        q, s, z, _ = T.act_quant(x, left, right, 4, 0.9, kb, lanes=lanes)
+        return T.quant_matmul(q, s, z, p, rs, qa, qm, rsum, code.bits, code.step, code.offset, gs, x.dtype, la,
+                              x.float() @ lb.t(), None, (n, n))
+
+    if not torch.allclose(fused(0).float(), unfused(0).float(), rtol=1e-2, atol=1e-2 * unfused(0).float().abs().max()):
+        raise AssertionError("fused and unfused low-rank branch disagree")
+    return {"branch_fused_us": bench(fused, copies), "branch_unfused_us": bench(unfused, copies)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--group-size", type=int, default=32, help="weight group along K; -1 = per row")
@@ -128,6 +154,7 @@ def main() -> None:
                     help="time alternative tensor-core tiles and unpack paths (M in SWEEP; see SWEEP)")
     ap.add_argument("--act-quant", action="store_true", help="transform precision table")
     ap.add_argument("--act-quant-sweep", action="store_true", help="act_quant tokens-per-program/warps table")
+    ap.add_argument("--lowrank", type=int, default=0, help="also time the op with a rank-R branch, fused and not")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--json", help="write the rows here (benchmarks/results schema)")
     a = ap.parse_args()
@@ -146,6 +173,8 @@ def main() -> None:
         nbytes = n * k * code.bits // 8 + 2 * n * g
         c = n_copies(nbytes)
         layers = []
+        branch_ab = [((torch.randn(n, a.lowrank, device="cuda") * 0.05).half(),
+                      (torch.randn(a.lowrank, k, device="cuda") * 0.05).float()) for _ in range(a.lowrank and c)]
         for _ in range(c):
             packed, rs, qa, qm, w_int = random_layer(n, k, gs, code)
             layers.append((packed, rs, qa, qm, block_row_sums(w_int, kb).cuda()))
@@ -158,7 +187,7 @@ def main() -> None:
         for m in map(int, a.ms.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             lanes = 8 // code.bits
-            q, s, z = T.act_quant(x, left, right, 4, 0.9, kb)
+            q, s, z, _ = T.act_quant(x, left, right, 4, 0.9, kb)
             q_lanes = T.act_quant(x, left, right, 4, 0.9, kb, lanes=lanes)[0]  # for the scratch path
 
             def mm(i, **kw):
@@ -173,6 +202,7 @@ def main() -> None:
                                                    code.step, code.offset, gs, 4, 0.9, kb, n, n)
 
             t_quant = bench(lambda i: T.act_quant(x, left, right, 4, 0.9, kb, lanes=lanes if T.uses_scratch(m) else 0))
+            branch = branch_times(x, layers, branch_ab, left, right, kb, code, gs, c) if a.lowrank else {}
             t_gemm = bench(mm, c)
             t_all = bench(op, c)
             t_bf16 = bench(lambda i: x @ w_bf16[i].t(), c16)
@@ -198,7 +228,7 @@ def main() -> None:
             floor = nbytes / bw * 1e6 if m <= 64 else 2 * m * n * k / 1.1e15 * 1e6
             rows.append(dict(k=k, n=n, m=m, quant_us=t_quant, gemm_us=t_gemm, twla_us=t_all, bf16_us=t_bf16,
                              fp8_us=None if t_fp8 != t_fp8 else t_fp8, int_mm_us=None if t_int != t_int else t_int,
-                             floor_pct=100 * floor / t_all))
+                             floor_pct=100 * floor / t_all, **branch))
             print(f"{k}->{n} M={m}: twla {t_all:.1f} us (quant {t_quant:.1f}, gemm {t_gemm:.1f}), bf16 {t_bf16:.1f} us",
                   flush=True)
     if sweep:
@@ -210,13 +240,16 @@ def main() -> None:
           f"| bf16/twla | floor % |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         f = lambda v: "–" if v is None else f"{v:.1f}"  # noqa: E731
+        extra = (f" + branch fused {r['branch_fused_us']:.1f} µs, unfused {r['branch_unfused_us']:.1f} µs |"
+                 if "branch_fused_us" in r else "")
         print(f"| {r['k']}->{r['n']} | {r['m']} | {r['quant_us']:.1f} | {r['gemm_us']:.1f} | {r['twla_us']:.1f} | "
               f"{r['bf16_us']:.1f} | {f(r['fp8_us'])} | {f(r['int_mm_us'])} | {r['bf16_us'] / r['twla_us']:.2f}x | "
-              f"{r['floor_pct']:.0f}% |")
+              f"{r['floor_pct']:.0f}% |{extra}")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
                        "command": "python " + " ".join(sys.argv), "code": code.name, "group_size": gs,
+                       "lowrank_rank": a.lowrank,
                        "rows": rows}, fh, indent=1)
 
 

@@ -144,14 +144,18 @@ def check_case(c: Case, dev, gen) -> list[str]:
         bounds = (cut[0], cut[1]) if c.shards == 3 else (cut[0], c.n) if c.shards == 2 else (c.n, c.n)
     if c.bias:
         bias = torch.randn(c.n, generator=gen).to(dev, c.dtype)
-    q2, s2, z2 = T.act_quant(x, left, right, c.bits, 0.9, c.kb, c.precision, lanes)
-    lr = None if la is None else x.float() @ lb.float().t()
+    q2, s2, z2, lr = T.act_quant(x, left, right, c.bits, 0.9, c.kb, c.precision, lanes, lowrank_b=lb)
+    if la is not None:  # the branch's x·Bᵀ from act_quant's launch: K-block partials vs one fp64 product
+        want_lr = x.double() @ lb.double().t()
+        lr_err = ((lr.double().sum(0) - want_lr).abs().max() / want_lr.abs().max()).item()
+        if lr.shape != (c.kb, c.m, c.shards * c.rank) or lr_err > 1e-5:  # fp32 sums of K products
+            fails.append(f"act_quant lowrank x·Bᵀ: shape {tuple(lr.shape)}, rel err {lr_err:.2e}")
     y2 = T.quant_matmul(q2, s2, z2, packed, row_scale, qa, qm, rowsum, code.bits, code.step, code.offset, c.gs,
                         c.dtype, la, lr, bias, bounds, scratch=scratch, gemv_split=c.split)
     ref = quant_linear(x, w_int.to(dev), row_scale, rowsum, left, right, c.bits, 0.9, bias=bias)
     if la is not None:  # each row reads its own shard's slice of lr
         shard = (torch.arange(c.n, device=dev) >= bounds[0]).long() + (torch.arange(c.n, device=dev) >= bounds[1]).long()
-        lr3 = lr.view(c.m, c.shards, c.rank)[:, shard.clamp(max=c.shards - 1), :]  # [M, N, R]
+        lr3 = lr.sum(0).view(c.m, c.shards, c.rank)[:, shard.clamp(max=c.shards - 1), :]  # [M, N, R]
         ref = (ref.float() + (lr3 * la.float().unsqueeze(0)).sum(-1)).to(c.dtype)
     e2 = ((y2.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
     # bf16 output rounding; one-step activation flips (single-pass transforms flip more). Each flipped code moves
@@ -177,6 +181,7 @@ CPU_CASES = [
     Case(12, 130, 256, gs=32, kb=2, rank=8, shards=2), Case(40, 33, 256, gs=64, kb=4),  # several tokens per program
     Case(37, 50, 512, gs=-1, rot=False, code="int4"), Case(300, 40, 256, gs=64),  # lane order permuted in registers
     Case(260, 40, 384, gs=64, kb=2),  # 16 x 24 view: words cross rows, permuted store
+    Case(70, 40, 256, gs=64, kb=2, rank=16, shards=3),  # branch: 2 token tiles x 2 column tiles x 2 K-blocks
 ]
 
 
@@ -185,7 +190,8 @@ def gpu_cases() -> list[Case]:
     out = [Case(m, 4096, 4096, gs=32, dtype=bf16, code=code) for m in (1, 7, 16, 64, 300)
            for code in ("ternary", "binary", "int4")]
     out += [Case(1, 4096, 4096, gs=32, dtype=bf16, split=False), Case(300, 4096, 4096, gs=32, dtype=bf16, scratch=True),
-            Case(33, 1000, 4096, gs=-1, kb=8, bits=6, dtype=bf16), Case(1, 1376, 384, gs=64, kb=2),
+            Case(33, 1000, 4096, gs=-1, kb=8, bits=6, dtype=bf16),
+            Case(600, 4096, 4096, gs=32, kb=8, rank=32, shards=3, dtype=bf16, code="int4"), Case(1, 1376, 384, gs=64, kb=2),
             Case(200, 96, 256, gs=64, kb=4), Case(1, 4096, 14336, gs=32, kb=2, rot=False, dtype=bf16),
             Case(4, 4096, 14336, gs=-1, kb=1, rot=False, dtype=bf16), Case(64, 4096, 4096, gs=128, rank=32, shards=3,
                                                                           bias=True, dtype=bf16, code="int4"),

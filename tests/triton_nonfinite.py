@@ -20,7 +20,7 @@ BAD_VALUES = (float("nan"), float("inf"), -float("inf"), 3e38)
 
 
 def run_layer(x, layer, bits):
-    q, s, z = T.act_quant(x, layer["left"], layer["right"], bits, 0.9, 1)
+    q, s, z, _ = T.act_quant(x, layer["left"], layer["right"], bits, 0.9, 1)
     code = fmt.CODES["ternary"]
     return T.quant_matmul(q, s, z, layer["packed"], layer["row_scale"], layer["qa"], layer["qm"], layer["rowsum"],
                           code.bits, code.step, code.offset, 64, x.dtype, bias=layer["bias"])

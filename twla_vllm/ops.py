@@ -50,8 +50,9 @@ if triton_ops is not None:
     def _quant_linear(x, packed, row_scale, qa, qm, rowsum, left, right, lowrank_a, lowrank_b, bias, code_bits,
                       code_step, code_offset, group_size, act_bits, act_clip, k_blocks, shard_end0, shard_end1):
         lanes = 8 // code_bits if triton_ops.uses_scratch(x.shape[0]) else 0
-        q, s, z = triton_ops.act_quant(x, left, right, act_bits, act_clip, k_blocks, lanes=lanes)
-        lr = None if lowrank_b is None else x.float() @ lowrank_b.float().t()  # B is fp32 already when served
+        # B is fp32 already when served (TritonKernel.process_weights); x·Bᵀ runs in act_quant's launch
+        q, s, z, lr = triton_ops.act_quant(x, left, right, act_bits, act_clip, k_blocks, lanes=lanes,
+                                           lowrank_b=lowrank_b)
         return triton_ops.quant_matmul(q, s, z, packed, row_scale, qa, qm, rowsum, code_bits, code_step,
                                        code_offset, group_size, x.dtype, lowrank_a, lr, bias,
                                        (shard_end0, shard_end1))

@@ -1,4 +1,5 @@
-"""Activations: Kronecker transform L·X·R + asymmetric per-token quantization (one kernel), and lane order."""
+"""Activations: Kronecker transform L·X·R + asymmetric per-token quantization, and the low-rank branch's
+down-projection x·Bᵀ in the same launch; and lane order."""
 
 from __future__ import annotations
 
@@ -30,16 +31,36 @@ def _mul_rn(a, b, ASM: tl.constexpr):
 
 
 @triton.jit
-def _act_quant_kernel(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, M, stride_x, stride_q,
-                      ROWS: tl.constexpr, COLS: tl.constexpr, RBP: tl.constexpr, CP: tl.constexpr,
-                      BT: tl.constexpr, HAS_ROT: tl.constexpr, KB: tl.constexpr, BITS: tl.constexpr,
-                      CLIP: tl.constexpr, LANES: tl.constexpr, PRECISION: tl.constexpr, ASM: tl.constexpr):
+def _lowrank_down(x_ptr, b_ptr, lr_ptr, M, stride_x, lid, K: tl.constexpr, KB: tl.constexpr, SR: tl.constexpr,
+                  JB: tl.constexpr, BTL: tl.constexpr, BKL: tl.constexpr, PRECISION: tl.constexpr):
+    """K-block b's share of lr = x @ Bᵀ for BTL tokens and JB branch columns: lr_ptr [KB, M, SR] fp32 holds one
+    partial per K-block (the matmul's epilogue sums them in a fixed order: deterministic, no atomics)."""
+    b = tl.program_id(1)
+    NJ: tl.constexpr = (SR + JB - 1) // JB
+    KBW: tl.constexpr = K // KB
+    tok = (lid // NJ) * BTL + tl.arange(0, BTL)
+    j = (lid % NJ) * JB + tl.arange(0, JB)
+    acc = tl.zeros([BTL, JB], dtype=tl.float32)
+    for k0 in range(0, KBW, BKL):
+        kk = k0 + tl.arange(0, BKL)
+        col = b * KBW + kk
+        xt = tl.load(x_ptr + tok[:, None] * stride_x + col[None, :], mask=(tok[:, None] < M) & (kk[None, :] < KBW),
+                     other=0.0).to(tl.float32)
+        bt = tl.load(b_ptr + j[:, None] * K + col[None, :], mask=(j[:, None] < SR) & (kk[None, :] < KBW), other=0.0)
+        acc += tl.dot(xt, tl.trans(bt), input_precision=PRECISION)
+    tl.store(lr_ptr + (b * M + tok[:, None]) * SR + j[None, :], acc, mask=(tok[:, None] < M) & (j[None, :] < SR))
+
+
+@triton.jit
+def _quantize_tokens(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, M, stride_x, stride_q, pid, ROWS: tl.constexpr,
+                     COLS: tl.constexpr, RBP: tl.constexpr, CP: tl.constexpr, BT: tl.constexpr,
+                     HAS_ROT: tl.constexpr, KB: tl.constexpr, BITS: tl.constexpr, CLIP: tl.constexpr,
+                     LANES: tl.constexpr, PRECISION: tl.constexpr, ASM: tl.constexpr):
     # One program per (BT tokens, K-block). A token row is viewed as [ROWS, COLS] (= [n1, n2] when transformed);
     # K-block b owns rows [b*RB, (b+1)*RB), and the left factor is block-diagonal along those blocks (checked at
     # load), so blocks transform and quantize independently. The BT tokens are stacked as [BT*RBP, CP]: one dot
     # with the right factor for all of them, and one with the left factor after moving the token index next to
     # the columns ([RBP, BT*CP]), so both are plain 2-D tensor-core dots and the factors are loaded once.
-    pid = tl.program_id(0)
     b = tl.program_id(1)
     RB: tl.constexpr = ROWS // KB
     ti = pid * BT + tl.arange(0, BT * RBP) // RBP  # token of each stacked row
@@ -91,15 +112,36 @@ def _act_quant_kernel(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, M, stride_x, str
     tl.store(q_ptr + ti[:, None] * stride_q + offs, q.to(tl.int8), mask=valid)
 
 
+@triton.jit
+def _act_quant_kernel(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, b_ptr, lr_ptr, M, NQ, stride_x, stride_q,
+                      ROWS: tl.constexpr, COLS: tl.constexpr, RBP: tl.constexpr, CP: tl.constexpr,
+                      BT: tl.constexpr, HAS_ROT: tl.constexpr, KB: tl.constexpr, BITS: tl.constexpr,
+                      CLIP: tl.constexpr, LANES: tl.constexpr, PRECISION: tl.constexpr, ASM: tl.constexpr,
+                      SR: tl.constexpr, JB: tl.constexpr, BTL: tl.constexpr, BKL: tl.constexpr,
+                      LR_PRECISION: tl.constexpr):
+    # Programs [0, NQ) along axis 0 transform and quantize BT tokens each; with a low-rank branch (SR > 0) the
+    # programs after them compute its down-projection x @ lowrank_bᵀ from the same unrotated x, in the same
+    # launch (horizontal fusion: no separate GEMM, no fp32 copy of x). Axis 1 is the K-block either way.
+    pid = tl.program_id(0)
+    if pid < NQ:
+        _quantize_tokens(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, M, stride_x, stride_q, pid, ROWS, COLS, RBP, CP,
+                         BT, HAS_ROT, KB, BITS, CLIP, LANES, PRECISION, ASM)
+    elif SR > 0:
+        _lowrank_down(x_ptr, b_ptr, lr_ptr, M, stride_x, pid - NQ, ROWS * COLS, KB, SR, JB, BTL, BKL, LR_PRECISION)
+
+
 def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None, bits: int, clip: float,
               k_blocks: int, precision: str | None = None, lanes: int = 0,
               out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, bt: int | None = None,
-              warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (q int8 [M, K], s fp32 [M, KB], z fp32 [M, KB]) as `reference.quantize_per_token` of
+              warps: int | None = None, lowrank_b: torch.Tensor | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """x [M, K] -> (q int8 [M, K], s fp32 [M, KB], z fp32 [M, KB], lr) as `reference.quantize_per_token` of
     `reference.kron_rotate(x, left, right)`. A left factor must be block-diagonal over the k_blocks
     (TwlaLinearMethod checks it at load). `precision` of the transform dots: "tf32x3" (fp32-accurate), "tf32"
     (the CUDA default: single pass, ~0.1% of 4-bit codes one step off, see benchmarks/RESULTS.md) or "bf16".
     lanes > 0 stores q in the lane order of a code with that many lanes (what `unpack_weights` writes).
+    lowrank_b [SR, K] fp32: the same launch also computes the low-rank branch's x @ lowrank_bᵀ (fp32-accurate
+    dots), returned as lr [KB, M, SR] partial sums per K-block for `quant_matmul` (None without lowrank_b).
     `out`: preallocated outputs (tests poison them). `bt` (tokens per program), `warps`: override the launch
     heuristic (benchmarks)."""
     m, k = x.shape
@@ -127,13 +169,21 @@ def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | 
     else:
         bt = bt or max(1, min(8, 8192 // (rbp * cp)))
     warps = warps or (4 if bt * rbp * cp <= (16384 if left is not None else 4096) else 8)
+    nq = triton.cdiv(m, bt)
+    sr = 0 if lowrank_b is None else lowrank_b.shape[0]
+    lr = None if not sr else torch.empty(k_blocks, m, sr, dtype=torch.float32, device=x.device)
+    # branch programs: 16..64 tokens (the dot's M) x 16..32 branch columns, K in 128-wide steps
+    btl = min(64, max(16, triton.next_power_of_2(m)))
+    jb = min(32, max(16, triton.next_power_of_2(sr)))
+    nl = triton.cdiv(m, btl) * triton.cdiv(sr, jb) if sr else 0
     if m:
-        _act_quant_kernel[(triton.cdiv(m, bt), k_blocks)](
-            x, left if left is not None else x, right if right is not None else x, q, s, z, m, x.stride(0),
-            q.stride(0), ROWS=rows, COLS=cols, RBP=rbp, CP=cp, BT=bt, HAS_ROT=left is not None, KB=k_blocks,
-            BITS=bits, CLIP=float(clip), LANES=lanes, PRECISION=precision, ASM=cuda,
-            num_warps=warps)
-    return q, s, z
+        _act_quant_kernel[(nq + nl, k_blocks)](
+            x, left if left is not None else x, right if right is not None else x, q, s, z,
+            lowrank_b.float().contiguous() if sr else x, lr if sr else s, m, nq, x.stride(0), q.stride(0), ROWS=rows,
+            COLS=cols, RBP=rbp, CP=cp, BT=bt, HAS_ROT=left is not None, KB=k_blocks, BITS=bits, CLIP=float(clip),
+            LANES=lanes, PRECISION=precision, ASM=cuda, SR=sr, JB=jb, BTL=btl, BKL=128,
+            LR_PRECISION="tf32x3" if cuda else "ieee", num_warps=warps)
+    return q, s, z, lr
 
 
 def lane_perm(k: int, lanes: int) -> torch.Tensor:

@@ -18,10 +18,11 @@ def _promote(acc, s_ptr, z_ptr, rs_ptr, rm, rm_ok, rn, rn_ok, b, KB: tl.constexp
 
 @triton.jit
 def _finish(y, rm, rn, M, N, ws_ptr, la_ptr, lr_ptr, bias_ptr, stride_lr, SB1, SB2, R: tl.constexpr,
-            NSH: tl.constexpr, RP: tl.constexpr, CP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
-            PRECISION: tl.constexpr):
+            NSH: tl.constexpr, RP: tl.constexpr, CP: tl.constexpr, LRKB: tl.constexpr, HAS_BIAS: tl.constexpr,
+            DOT: tl.constexpr, PRECISION: tl.constexpr):
     """y [BM, BN] (tokens x rows): * row scale, + low-rank branch, + bias. The rows of a fused module belong
-    to NSH shards (row bounds SB1 <= SB2), each with its own R columns of lr = x @ lowrank_bᵀ [M, NSH*R]."""
+    to NSH shards (row bounds SB1 <= SB2), each with its own R columns of lr = x @ lowrank_bᵀ, given as LRKB
+    partial sums [LRKB, M, NSH*R] (act_quant's per-K-block partials; summed here in order)."""
     y = y * tl.load(ws_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     if R > 0:
         c = tl.arange(0, CP)
@@ -30,8 +31,11 @@ def _finish(y, rm, rn, M, N, ws_ptr, la_ptr, lr_ptr, bias_ptr, stride_lr, SB1, S
         shard = (rn >= SB1).to(tl.int32) + (rn >= SB2).to(tl.int32)
         a = tl.load(la_ptr + rn[:, None] * R + j[None, :],
                     mask=(rn[:, None] < N) & ok_c[None, :] & (shard[:, None] == sh[None, :]), other=0.0)
-        lr = tl.load(lr_ptr + rm[:, None] * stride_lr + (sh * R + j)[None, :],
-                     mask=(rm[:, None] < M) & ok_c[None, :], other=0.0)
+        lr_offs = rm[:, None] * stride_lr + (sh * R + j)[None, :]
+        lr_ok = (rm[:, None] < M) & ok_c[None, :]
+        lr = tl.load(lr_ptr + lr_offs, mask=lr_ok, other=0.0)
+        for p in tl.static_range(1, LRKB):
+            lr += tl.load(lr_ptr + p * M * stride_lr + lr_offs, mask=lr_ok, other=0.0)
         if DOT:
             y += tl.dot(lr, tl.trans(a.to(tl.float32)), input_precision=PRECISION)
         else:
@@ -44,8 +48,8 @@ def _finish(y, rm, rn, M, N, ws_ptr, la_ptr, lr_ptr, bias_ptr, stride_lr, SB1, S
 @triton.jit
 def _epilogue_kernel(acc_ptr, s_ptr, z_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_ptr, lr_ptr, bias_ptr, y_ptr,
                      M, N, stride_y, stride_lr, SB1, SB2, KB: tl.constexpr, SPLIT: tl.constexpr, R: tl.constexpr,
-                     NSH: tl.constexpr, RP: tl.constexpr, CP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr):
+                     NSH: tl.constexpr, RP: tl.constexpr, CP: tl.constexpr, LRKB: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     # after a split GEMV/GEMM: acc_ptr [SPLIT, M, N] holds int32 partial sums (KB == 1; summed exactly) or fp32
     # partials already promoted per activation block (KB > 1; summed in a fixed order)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -61,7 +65,7 @@ def _epilogue_kernel(acc_ptr, s_ptr, z_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_p
         y = tl.zeros([BM, BN], dtype=tl.float32)
         for b in tl.static_range(SPLIT):
             y += tl.load(part + b * M * N, mask=mask, other=0.0)
-    y = _finish(y, rm, rn, M, N, ws_ptr, la_ptr, lr_ptr, bias_ptr, stride_lr, SB1, SB2, R, NSH, RP, CP,
+    y = _finish(y, rm, rn, M, N, ws_ptr, la_ptr, lr_ptr, bias_ptr, stride_lr, SB1, SB2, R, NSH, RP, CP, LRKB,
                 HAS_BIAS, False, "ieee")
     tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 

@@ -22,10 +22,10 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
     """y [M, N] = s_n * Σ_b s_b (q·W_intᵀ - z_b rowsum_b) (+ lowrank_a @ lrᵀ per shard, + bias).
 
     q/s/z from `act_quant` (lane order iff `uses_scratch(M)`); packed [N, K*bits/32] int32; row_scale [N]
-    fp16/fp32; qa/qm [N, G] int8; rowsum [N, KB] int32; lr [M, S*R] fp32 = x @ lowrank_bᵀ of the S shards,
-    whose rows end at shard_bounds (two ascending row indices; (N, N) for one shard). `scratch`, `tile`
-    (BM, BN, BK cap, warps, stages), `split`: override the tensor-core path's table and split rule
-    (benchmarks); gemv_split=False keeps the GEMV's K unsplit (tests)."""
+    fp16/fp32; qa/qm [N, G] int8; rowsum [N, KB] int32; lr fp32 = x @ lowrank_bᵀ of the S shards, [M, S*R] or
+    as partial sums [P, M, S*R] (what `act_quant` returns), whose rows end at shard_bounds (two ascending row
+    indices; (N, N) for one shard). `scratch`, `tile` (BM, BN, BK cap, warps, stages), `split`: override the
+    tensor-core path's table and split rule (benchmarks); gemv_split=False keeps the GEMV's K unsplit (tests)."""
     m, k = q.shape
     n = packed.shape[0]
     kb, g = s.shape[1], qa.shape[1]
@@ -34,14 +34,16 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
     if m == 0:
         return y
     r = 0 if lowrank_a is None else lowrank_a.shape[1]
-    nsh = lr.shape[1] // r if r else 1
+    if r:
+        lr = (lr if lr.dim() == 3 else lr.unsqueeze(0)).contiguous()
+    nsh = lr.shape[2] // r if r else 1
     rp = max(16, triton.next_power_of_2(r))
     sb1, sb2 = shard_bounds or (n, n)
     args = (row_scale, qa, qm, rowsum, lowrank_a if r else row_scale, lr if r else s,
             bias if bias is not None else row_scale, y)
     meta = dict(BITS=bits, STEP=step, OFF=offset, G=g, KB=kb, R=r, NSH=nsh, RP=rp,
-                CP=triton.next_power_of_2(nsh * rp), HAS_BIAS=bias is not None)
-    stride_lr = lr.stride(0) if r else 0
+                CP=triton.next_power_of_2(nsh * rp), LRKB=lr.shape[0] if r else 1, HAS_BIAS=bias is not None)
+    stride_lr = lr.stride(1) if r else 0
     asm = q.device.type == "cuda"
     if m <= GEMV_MAX_M and tile is None:
         _, bn, bp, warps = next(c for c in GEMV_CONFIGS if m <= c[0])
