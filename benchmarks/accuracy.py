@@ -3,6 +3,7 @@
     python benchmarks/accuracy.py --model smollm2-135m --ladder twla [--windows 16]
     python benchmarks/accuracy.py --model smollm2-135m --ladder groups        # format v2 grid vs fp16 scales
     python benchmarks/accuracy.py --model smollm2-135m --ladder rotation      # rotation placement options
+    python benchmarks/accuracy.py --model smollm2-135m --ladder act-groups    # activation ranges per token
     python benchmarks/accuracy.py --model qwen2.5-coder-1.5b --ladder baselines --checkpoint DIR --windows 8
 
 Ladders (rows: weights W, activations A; A4MP = ILA-AMP mixed per-block bits averaging 4):
@@ -141,21 +142,21 @@ def honest_bits(q: Quantizer) -> float:
     return stored_bits_per_weight(tensors, next(iter(sims.values())).code.codes_per_word)
 
 
-def twla_ladder(h: Harness, group_size: int) -> None:
-    base = Recipe(group_size=group_size)
+def twla_ladder(h: Harness, group_size: int, seed: int = 0) -> None:
+    base = Recipe(group_size=group_size, seed=seed)
     for name, kw in [("RTN ternary", dict(weight_method="rtn", rotation="none")),
                      ("ATQ (init + stage 1)", dict(weight_method="atq", rotation="none")),
                      ("+ stage 2 (E2M-ATQ, GPTQ)", dict(rotation="none")),
                      ("KOTMS per linear", dict(rotation_sharing="linear"))]:
-        h.run(name, dataclasses.replace(base, **kw), 1.58)
-    q = h.run("+ KOTMS", base, 1.58)
+        h.run(name, dataclasses.replace(base, **kw), 1.58, seed=seed)
+    q = h.run("+ KOTMS", base, 1.58, seed=seed)
     bits, secs = honest_bits(q), sum(q.seconds.values())
     q.r = dataclasses.replace(q.r, allocation="ila-amp")
     chosen = q.allocate()
-    h.record("+ ILA-AMP", 1.58, "4MP", h.ppl(q.model), bits, secs + q.seconds["allocate"])
+    h.record("+ ILA-AMP", 1.58, "4MP", h.ppl(q.model), bits, secs + q.seconds["allocate"], seed=seed)
     q.search_clips()
     h.record("default", 1.58, "4MP", h.ppl(q.model), bits, secs + q.seconds["allocate"] + q.seconds["clip"],
-             act_bits_per_block=chosen)
+             act_bits_per_block=chosen, seed=seed)
 
 
 ROTATION_RUNGS: list[tuple[str, dict[str, Any]]] = [
@@ -180,6 +181,29 @@ def rotation_ladder(h: Harness, group_size: int, seed: int, rungs: list[int]) ->
     if len(combined) > 1:
         h.run("all options on: " + ", ".join(f"{k}={v}" for k, v in combined.items()) + tag,
               dataclasses.replace(base, **combined), 1.58)
+
+
+def act_group_ladder(h: Harness, group_size: int, seed: int, act_groups: list[int]) -> None:
+    """W1.58A4 with activation ranges of ~G channels per token (recipe act_group_size, format key act_blocks) on
+    one set of quantized weights: the weight stage does not depend on the ranges (its Hessians come from 16-bit
+    activations), so each row differs only in how activations are quantized. Ranges as the pipeline picks them
+    (`pick_act_blocks`: whole rows of the transform view, servable by the Triton kernels)."""
+    from twla_offline.pipeline import pick_act_blocks
+    from twla_vllm.reference import block_row_sums
+
+    q = h.run(f"act ranges per k-block (seed {seed})", Recipe(group_size=group_size, seed=seed), 1.58, act=(4,),
+              act_group_size=0)
+    bits, secs = honest_bits(q), sum(q.seconds.values())
+    for g in act_groups:
+        ranges = {}
+        for name, m in q.sim_layers().items():
+            spec = q.specs[name]
+            m.k_blocks = pick_act_blocks(m.in_features, None if spec.rotation is None else spec.rotation[0],
+                                         spec.k_blocks, q.gs, g) or spec.k_blocks
+            m.rowsum = block_row_sums(m.w_int.round().to(torch.int32), m.k_blocks)
+            ranges[name.split(".")[-1]] = m.in_features // m.k_blocks
+        h.record(f"act ranges of ~{g} channels (seed {seed})", 1.58, 4, h.ppl(q.model), bits, secs,
+                 act_group_size=g, range_channels=ranges)
 
 
 def group_ladder(h: Harness, groups: list[int], formats: list[str]) -> None:
@@ -254,8 +278,8 @@ def record_checkpoint(h: Harness, checkpoint: str, method: str, a_bits: str) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--ladder", choices=["twla", "groups", "rotation", "baselines", "faithful", "second-plane",
-                                                  "checkpoint"],
+    ap.add_argument("--ladder", choices=["twla", "groups", "rotation", "act-groups", "baselines", "faithful",
+                                         "second-plane", "checkpoint"],
                     default="twla")
     ap.add_argument("--windows", type=int, default=16, help="512-token test windows for PPL")
     ap.add_argument("--group-size", type=int, default=32)
@@ -264,14 +288,16 @@ def main() -> None:
     ap.add_argument("--a-bits", default="4MP", help="checkpoint ladder: the row's activation bits")
     ap.add_argument("--groups", default="128,64,32", help="groups ladder: group sizes")
     ap.add_argument("--formats", default="v2,fp16", help="groups ladder: v2 (integer grid) and/or fp16 (alpha/mu)")
+    ap.add_argument("--act-groups", default="192,128,96,64", help="act-groups ladder: channels per range")
     ap.add_argument("--rungs", default="0,1,2,3,4", help="rotation ladder: which of ROTATION_RUNGS (0 = default)")
-    ap.add_argument("--seed", type=int, default=0, help="rotation ladder: calibration sample and transform seed")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="twla / rotation / act-groups ladders: calibration sample and transform seed")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", help="results file (default benchmarks/results/accuracy_<model>.json)")
     a = ap.parse_args()
     h = Harness(a.model, a.windows, a.device)
     if a.ladder == "twla":
-        twla_ladder(h, a.group_size)
+        twla_ladder(h, a.group_size, a.seed)
     elif a.ladder == "faithful":
         faithful(h)
     elif a.ladder == "checkpoint":
@@ -280,6 +306,8 @@ def main() -> None:
         record_checkpoint(h, a.checkpoint, a.label, a.a_bits)
     elif a.ladder == "second-plane":
         second_plane(h, [int(g) for g in a.groups.split(",")])
+    elif a.ladder == "act-groups":
+        act_group_ladder(h, a.group_size, a.seed, [int(g) for g in a.act_groups.split(",")])
     elif a.ladder == "rotation":
         rotation_ladder(h, a.group_size, a.seed, [int(i) for i in a.rungs.split(",")])
     elif a.ladder == "groups":

@@ -131,7 +131,7 @@ def branch_times(x, layers, branch_ab, left, right, kb, code, gs, copies) -> dic
         p, rs, qa, qm, rsum = layers[i]
         la, lb = branch_ab[i]
         return torch.ops.twla.quant_linear(x, p, rs, qa, qm, rsum, left, right, la, lb, None, code.bits, code.step,
-                                           code.offset, gs, 4, 0.9, kb, n, n)
+                                           code.offset, gs, 4, 0.9, kb, kb, n, n)
 
     def unfused(i):
         p, rs, qa, qm, rsum = layers[i]
@@ -199,7 +199,7 @@ def main() -> None:
             def op(i):
                 p, rs, qa, qm, rsum = layers[i]
                 return torch.ops.twla.quant_linear(x, p, rs, qa, qm, rsum, left, right, None, None, None, code.bits,
-                                                   code.step, code.offset, gs, 4, 0.9, kb, n, n)
+                                                   code.step, code.offset, gs, 4, 0.9, kb, kb, n, n)
 
             t_quant = bench(lambda i: T.act_quant(x, left, right, 4, 0.9, kb, lanes=lanes if T.uses_scratch(m) else 0))
             branch = branch_times(x, layers, branch_ab, left, right, kb, code, gs, c) if a.lowrank else {}

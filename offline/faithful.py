@@ -236,10 +236,10 @@ class SimulatedFormatQuantizer(Quantizer):
             raise ValueError("the reference-format simulations need calibration data (weight_method e2m-atq)")
         return self.fit(self, w, h)
 
-    def _quantized_linear(self, qw, left, right, k_blocks, bias, lowrank_a, lowrank_b):
+    def _quantized_linear(self, qw, left, right, act_ranges, bias, lowrank_a, lowrank_b):
         if lowrank_a is not None:
             raise ValueError("the reference-format simulations run without a low-rank branch")
-        mod = FakeQuantLinear(qw.weight, bias, left, right, 16, self.r.default_clip, k_blocks)
+        mod = FakeQuantLinear(qw.weight, bias, left, right, 16, self.r.default_clip, act_ranges)
         mod.stored_bits = qw.bits * qw.weight.numel() + (0 if left is None else
                                                          SCALE_BITS * (left.numel() + right.numel()))
         mod.salient_fraction = qw.salient_fraction

@@ -131,6 +131,10 @@ def add_recipe_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--row-parallel-blocks", type=power_of_two,
                    help="max tensor-parallel size the checkpoint supports (shard-local blocks of o/down inputs; "
                         f"1 = a full left factor, TP 1 only): a power of two (default: {d['row_parallel_blocks']})")
+    g.add_argument("--act-group-size", type=non_negative_int, metavar="CHANNELS",
+                   help="activation ranges of about this many channels per token instead of one per token (and "
+                        "row-parallel block): more accurate at 4 bits, an fp32 promotion per range in the GEMM; "
+                        f"0 = off (default: {d['act_group_size']})")
     g.add_argument("--calib", type=calib_source,
                    help="calibration text: brown (embedded), wikitext2, c4 (need the hub), a text file, or records "
                         "in a .jsonl/.json/.csv file (see --text-column); a file's first 80%% calibrates, the next "
@@ -150,8 +154,8 @@ def add_recipe_args(ap: argparse.ArgumentParser) -> None:
 
 _FLAG_FIELDS = ("code", "group_size", "act_bits", "bit_set", "weight_method", "rotation", "rotation_sharing",
                 "factor_rule", "o_proj_rotation", "lowrank", "lowrank_rank", "kotms_iters", "allocation",
-                "row_parallel_blocks", "calib", "text_column", "nsamples", "seqlen", "amp_tokens", "clip_tokens",
-                "seed")
+                "row_parallel_blocks", "act_group_size", "calib", "text_column", "nsamples", "seqlen", "amp_tokens",
+                "clip_tokens", "seed")
 
 
 def recipe_from_args(a: argparse.Namespace, ap: argparse.ArgumentParser | None = None) -> R.Recipe:

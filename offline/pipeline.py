@@ -88,6 +88,26 @@ def pick_k_blocks(k: int, group_size: int, max_blocks: int) -> int:
     return b
 
 
+def pick_act_blocks(k: int, n1: int | None, k_blocks: int, group_size: int, target: int) -> int:
+    """Activation ranges per token for a range of about `target` channels (0: one per k-block): the most ranges
+    whose size stays >= target, a multiple of k_blocks, each a whole number of weight groups and of 32 channels
+    (the int8 MMA's K), and with a transform whole rows of its [n1, n2] view, a power of two of them per
+    k-block (what the Triton act_quant can split: twla_vllm/kernels/triton_ops/act_quant.py)."""
+    if target <= 0:
+        return 0
+    unit = max(32, group_size)
+    best = k_blocks
+    for ab in range(k_blocks, k // unit + 1, k_blocks):
+        if k % ab or (k // ab) % unit or k // ab < target:
+            continue
+        if n1 is not None:
+            rows = n1 // ab if n1 % ab == 0 else 0
+            if not rows or (ab > k_blocks and rows & (rows - 1)):
+                continue
+        best = ab
+    return 0 if best == k_blocks else best
+
+
 class Quantizer:
     def __init__(self, model, tokenizer, recipe: Recipe, work_dir: str, device: str = "cpu",
                  log=print, offload: bool = False):
@@ -204,18 +224,20 @@ class Quantizer:
                 qw, la, lb = self._quantize_linear(originals[m], rl.weight.data, c, b, h,
                                                    self._site_inputs(layer, layer.get_submodule(members[0]), inputs))
                 prefix = f"model.layers.{l}.{m}"
-                self.specs[prefix] = fmt.LayerSpec(act_bits=16, act_clip=r.default_clip, k_blocks=blocks,
-                                                   rotation=None if c is None else (c.shape[0], b.shape[0]),
-                                                   lowrank_rank=0 if la is None else la.shape[1])
-                replace_linear(layer, m, self._quantized_linear(qw, c, b, blocks,
+                ab = pick_act_blocks(k, None if c is None else c.shape[0], blocks, self.gs, r.act_group_size)
+                spec = fmt.LayerSpec(act_bits=16, act_clip=r.default_clip, k_blocks=blocks, act_blocks=ab,
+                                     rotation=None if c is None else (c.shape[0], b.shape[0]),
+                                     lowrank_rank=0 if la is None else la.shape[1])
+                self.specs[prefix] = spec
+                replace_linear(layer, m, self._quantized_linear(qw, c, b, spec.act_ranges,
                                                                 rl.bias.data if rl.bias is not None else None, la, lb))
         out = run_block(layer, inputs)
         self.seconds["weights"] += time.time() - t0
         return out
 
-    def _quantized_linear(self, qw: QuantWeight, left, right, k_blocks: int, bias, lowrank_a, lowrank_b):
+    def _quantized_linear(self, qw: QuantWeight, left, right, act_ranges: int, bias, lowrank_a, lowrank_b):
         """The module that stands for a quantized linear from here on (16-bit activations until allocation)."""
-        return SimTwlaLinear(qw, left, right, 16, self.r.default_clip, k_blocks, bias, lowrank_a, lowrank_b)
+        return SimTwlaLinear(qw, left, right, 16, self.r.default_clip, act_ranges, bias, lowrank_a, lowrank_b)
 
     @staticmethod
     def _site_inputs(layer, module, inputs: BlockInputs):
@@ -298,7 +320,7 @@ class Quantizer:
             qw = QuantWeight(g("codes").to(torch.int32), fmt.CODES[self.r.code], g("row_scale"), g("group_scale"),
                              g("group_offset"))
             replace_linear(layer, m, SimTwlaLinear(qw, g("left"), g("right"), spec.act_bits, spec.act_clip,
-                                                   spec.k_blocks, g("bias"), g("lowrank_a"), g("lowrank_b")))
+                                                   spec.act_ranges, g("bias"), g("lowrank_a"), g("lowrank_b")))
         rest = {k: v for k, v in tensors.items() if not any(k.startswith(p.split(".", 3)[3] + ".")
                                                               for p in specs)}
         layer.load_state_dict(rest, strict=False)

@@ -56,6 +56,9 @@ class Recipe:
     twinquant_lr: float = 1e-2
     twinquant_rounds: int = 3  # quantize / refit alternations of the learned low-rank branch
     row_parallel_blocks: int = 8  # max shard-local K-blocks of o_proj/down_proj inputs (max TP size); 1 = TP 1
+    # activation ranges of about this many channels per token (0: one range per k-block, i.e. per token for
+    # q/k/v and gate/up); finer ranges cost an fp32 promotion per range in the GEMM (format key act_blocks)
+    act_group_size: int = 0
     act_bits: float = 4.0  # average activation bits per block
     bit_set: tuple[int, ...] = (2, 4, 6, 8)
     allocation: str = "ila-amp"  # ila-amp | uniform

@@ -15,6 +15,7 @@ from .errors import Parser, cli_errors
 from .export import write_checkpoint
 from .options import seed as seed_option
 from .outdir import check_out_dir
+from .pipeline import pick_act_blocks
 from .rotate import balanced_factors, block_diagonal_orthogonal, random_orthogonal
 from .weights import fit_rtn
 
@@ -59,12 +60,15 @@ def tiny_config(arch: str, vocab_size: int, layers: int = 2) -> dict:
 def make_synthetic_checkpoint(out_dir: str, arch: str = "llama", group_size: int = 64, seed: int = 0,
                               rotate: bool = True, tp_blocks: int = 2, layers: int = 2,
                               act_bits_cycle: tuple[int, ...] = (8, 4, 6), overwrite: bool = False,
-                              code: str = "ternary", lowrank_rank: int = 0, per_linear_rotation: bool = False) -> str:
+                              code: str = "ternary", lowrank_rank: int = 0, per_linear_rotation: bool = False,
+                              act_ranges: int = 1) -> str:
     """Write a random tiny model as a TWLA checkpoint. Layer l gets act_bits_cycle[l % len] (all its
     linears; o_proj one step of the cycle later, to exercise per-layer settings). `out_dir`: as for
     `write_checkpoint` (new or empty; a twla checkpoint only with `overwrite`). `code`: the weight code;
     `lowrank_rank` > 0 adds a random low-rank branch to every linear (the RTN fit is then of W - A·B);
-    `per_linear_rotation` gives q/k/v and gate/up their own transforms (vLLM's fused module runs per shard)."""
+    `per_linear_rotation` gives q/k/v and gate/up their own transforms (vLLM's fused module runs per shard);
+    `act_ranges` > 1 splits every transform block's activations into that many ranges per token where the
+    shapes allow (`pipeline.pick_act_blocks`; format key act_blocks)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tok = char_tokenizer()
@@ -101,10 +105,12 @@ def make_synthetic_checkpoint(out_dir: str, arch: str = "llama", group_size: int
                 q = fit_rtn(w, fmt.CODES[code], group_size)
                 tensors.update(fmt.linear_tensors(prefix, q.codes, q.code, q.row_scale, q.group_scale,
                                                   q.group_offset, *(rot or (None, None)), la, lb))
+                ab = pick_act_blocks(k, None if rot is None else rot[0].shape[0], blocks, group_size,
+                                     k // (blocks * act_ranges)) if act_ranges > 1 else 0
                 layer_specs[prefix] = fmt.LayerSpec(
                     act_bits=bits, act_clip=0.95 if bits < 8 else 1.0,
                     rotation=None if rot is None else (rot[0].shape[0], rot[1].shape[0]),
-                    k_blocks=blocks, lowrank_rank=lowrank_rank)
+                    k_blocks=blocks, act_blocks=ab, lowrank_rank=lowrank_rank)
     qcfg = fmt.CheckpointConfig(group_size=group_size, default=fmt.LayerSpec(act_bits=4, act_clip=1.0),
                                 layers=layer_specs, weight_code=code,
                                 recipe={"method": "synthetic-rtn", "seed": seed, "code": code})

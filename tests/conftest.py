@@ -34,11 +34,12 @@ def vllm_layer_env(tp_rank: int = 0, tp_size: int = 1):
 
 @pytest.fixture(scope="session")
 def synthetic_dirs(tmp_path_factory):
-    """Synthetic TWLA checkpoints (Llama and Qwen2), written once per test session."""
+    """Synthetic TWLA checkpoints (Llama and Qwen2), written once per test session; Llama's activations use two
+    ranges per transform block (format key act_blocks), Qwen2's one."""
     from twla_offline.synthetic import make_synthetic_checkpoint
 
     root = tmp_path_factory.mktemp("ckpt")
-    return {arch: make_synthetic_checkpoint(str(root / arch), arch=arch, seed=1 + i)
+    return {arch: make_synthetic_checkpoint(str(root / arch), arch=arch, seed=1 + i, act_ranges=2 if i == 0 else 1)
             for i, arch in enumerate(("llama", "qwen2"))}
 
 

@@ -377,7 +377,8 @@ def _cuda_spec():
     from twla_vllm.kernels import LinearSpec
 
     return LinearSpec(name="model.layers.0.mlp.down_proj", out_features=128, in_features=256, code=CODES["ternary"],
-                      group_size=64, act_bits=4, act_clip=1.0, k_blocks=1, has_rotation=True, lowrank_rank=0,
+                      group_size=64, act_bits=4, act_clip=1.0, k_blocks=1, act_blocks=1, rotation_rows=8,
+                      lowrank_rank=0,
                       shard_sizes=(128,), per_shard_rotation=False, device_type="cuda", dtype=torch.float16)
 
 

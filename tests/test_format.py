@@ -88,10 +88,11 @@ def test_int_weights_dequantize():
     assert w[0, 0] == 3 * (0 - 8) + 5 and w[0, 31] == 1 * (15 - 8) - 7 and w[1, 20] == 9
 
 
-layer_spec = st.builds(fmt.LayerSpec, act_bits=st.sampled_from(fmt.ACT_BITS_ALLOWED),
+layer_spec = st.builds(lambda ranges, **kw: fmt.LayerSpec(act_blocks=kw["k_blocks"] * ranges, **kw),
+                       act_bits=st.sampled_from(fmt.ACT_BITS_ALLOWED),
                        act_clip=st.floats(0.05, 1.0), rotation=st.none() | st.tuples(st.integers(1, 64),
                                                                                     st.integers(1, 64)),
-                       k_blocks=st.integers(1, 8), lowrank_rank=st.integers(0, 64))
+                       k_blocks=st.integers(1, 8), lowrank_rank=st.integers(0, 64), ranges=st.sampled_from([0, 2, 4]))
 
 
 @settings(max_examples=60, deadline=None)
@@ -121,6 +122,9 @@ def test_config_round_trip(gs, default, name, layers):
     (lambda d: d["layers"].update({"m.q_proj": {"act_bits": 4, "lowrank_rank": -1}}), "lowrank_rank"),
     (lambda d: d["layers"].update({"m.q_proj": {"act_bits": 4}, "m.k_proj": {"act_bits": 8}}), "fused"),
     (lambda d: d["layers"].update({"m.q_proj": {"lowrank_rank": 4}}), "fused"),
+    (lambda d: d["layers"].update({"m.o_proj": {"k_blocks": 2, "act_blocks": 3}}),
+     r"layers.m.o_proj.*act_blocks=3 must be a multiple of k_blocks=2"),
+    (lambda d: d["layers"].update({"m.o_proj": {"act_blocks": -2}}), r"layers.m.o_proj.*act_blocks must be an int"),
     (lambda d: d.update(ignore="lm_head"), "ignore"),
     (lambda d: d.update(groupsize=32), "unknown key.*'groupsize'"),
     (lambda d: d["layers"].update({"m.o_proj": {"actbits": 4}}), r"layers.m.o_proj.*unknown key.*actbits"),

@@ -175,6 +175,32 @@ def test_row_parallel_refuses_mixing_rotation(rng):
             load(layer, "row", names, {names[0]: tens})
 
 
+@pytest.mark.parametrize("tp_size", [1, 2])
+def test_activation_ranges_finer_than_transform_blocks(tp_size, rng):
+    """act_blocks = 8 ranges over k_blocks = 2 transform blocks: each rank transforms its block and quantizes it
+    in 4 ranges of 32 channels; the ranks' outputs sum to the float64 definition with 8 ranges per token."""
+    k, n, gs = 256, 48, 32
+    rot = rotation_for(k, rng, blocks=2)
+    spec = fmt.LayerSpec(act_bits=4, act_clip=0.9, rotation=(rot[0].shape[0], rot[1].shape[0]), k_blocks=2,
+                         act_blocks=8)
+    fmt.check_linear_shape("blk.down_proj", spec, k, gs, fmt.CODES["ternary"])
+    truth, tens = shard_tensors(n, k, gs, rot, False, rng)
+    x = torch.randn(5, k, generator=rng) * 2 + torch.randn(1, k, generator=rng)
+    total = torch.zeros(5, n, dtype=torch.float64)
+    for r in range(tp_size):
+        with vllm_layer_env(r, tp_size):
+            layer, names = build("row", k, [n], gs, spec, False, r, tp_size)
+            load(layer, "row", names, {names[0]: tens})
+            assert layer.quant_method.kernel.spec.act_blocks == 8 // tp_size
+            kl = k // tp_size
+            total += layer.quant_method.apply(layer, x[:, r * kl:(r + 1) * kl]).double()
+    want = naive_linear(x, truth[0], *rot, 4, 0.9, None, k_blocks=8)
+    coarse = naive_linear(x, truth[0], *rot, 4, 0.9, None, k_blocks=2)
+    err = (total - want).abs().max() / want.abs().max()
+    assert err < 2e-4, err
+    assert (coarse - want).abs().max() / want.abs().max() > 1e-2  # the ranges matter: 2 would not pass
+
+
 def test_tp_must_divide_k_blocks():
     spec = fmt.LayerSpec(act_bits=8, act_clip=1.0, k_blocks=1)
     with vllm_layer_env(0, 2):

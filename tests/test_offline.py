@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 import os
 
 import pytest
@@ -173,8 +175,10 @@ def _tensors(d):
 
 
 def test_resume_after_kill_gives_the_same_checkpoint(tiny_dense_dir, tmp_path):
-    recipe = _tiny_recipe()
+    recipe = dataclasses.replace(_tiny_recipe(), act_group_size=32)  # restored blocks keep their activation ranges
     whole = _quantize(tiny_dense_dir, str(tmp_path / "whole"), recipe)["checkpoint"]
+    layers = json.load(open(os.path.join(whole, "config.json")))["quantization_config"]["layers"]
+    assert any(spec.get("act_blocks", 0) > spec["k_blocks"] for spec in layers.values()), layers
     resumed_out = str(tmp_path / "resumed")
     _quantize(tiny_dense_dir, resumed_out, recipe, fail_after_block=0)
     assert not os.path.exists(resumed_out)  # nothing half-written at the destination

@@ -39,7 +39,8 @@ class Case:
     n: int
     k: int
     gs: int = 32
-    kb: int = 1
+    kb: int = 1  # transform blocks
+    ab: int = 0  # activation ranges per token (0: kb)
     bits: int = 4  # activation bits
     rot: bool = True
     dtype: torch.dtype = torch.float32
@@ -52,7 +53,8 @@ class Case:
     precision: str | None = None  # act_quant's transform dots (None: the op's default)
 
     def __str__(self) -> str:
-        return (f"m={self.m} n={self.n} k={self.k} {self.code} g={self.gs} kb={self.kb} a{self.bits} rot={self.rot} "
+        return (f"m={self.m} n={self.n} k={self.k} {self.code} g={self.gs} kb={self.kb}"
+                f"{f' ab={self.ab}' if self.ab else ''} a{self.bits} rot={self.rot} "
                 f"r={self.rank}x{self.shards} bias={self.bias} {str(self.dtype)[6:]}"
                 f"{' scratch' if self.scratch else ''}{'' if self.split else ' nosplit'}")
 
@@ -81,6 +83,7 @@ def exact_gemm(q, s, z, w_int, row_scale, kb):
 
 def check_case(c: Case, dev, gen) -> list[str]:
     fails = []
+    ab = c.ab or c.kb
     code, codes, qa, qm, row_scale = random_layer(c, gen, dev)
     x = (torch.randn(c.m, c.k, generator=gen) * 2 + torch.randn(1, c.k, generator=gen)).to(dev, c.dtype)
     left = right = None
@@ -92,11 +95,11 @@ def check_case(c: Case, dev, gen) -> list[str]:
     perm = T.lane_perm(c.k, lanes).to(dev) if lanes else torch.arange(c.k, device=dev)
     # act_quant vs reference (poisoned outputs), in the order the matmul reads
     q = torch.full((c.m, c.k), -128, dtype=torch.int8, device=dev)
-    s = torch.full((c.m, c.kb), float("nan"), device=dev)
-    z = torch.full((c.m, c.kb), float("nan"), device=dev)
-    T.act_quant(x, left, right, c.bits, 0.9, c.kb, c.precision, lanes, out=(q, s, z))
+    s = torch.full((c.m, ab), float("nan"), device=dev)
+    z = torch.full((c.m, ab), float("nan"), device=dev)
+    T.act_quant(x, left, right, c.bits, 0.9, c.kb, c.precision, lanes, out=(q, s, z), act_blocks=ab)
     q = torch.empty_like(q).index_copy_(1, perm, q)  # back to natural order
-    q_ref, s_ref, z_ref = quantize_per_token(kron_rotate(x.float(), left, right), c.bits, 0.9, c.kb)
+    q_ref, s_ref, z_ref = quantize_per_token(kron_rotate(x.float(), left, right), c.bits, 0.9, ab)
     if torch.isnan(s).any() or torch.isnan(z).any():
         fails.append("act_quant left s/z unwritten")
     single_pass = c.rot and (c.precision or ("tf32" if dev == "cuda" else "ieee")) in ("tf32", "bf16")
@@ -104,7 +107,7 @@ def check_case(c: Case, dev, gen) -> list[str]:
         fails.append(f"act_quant s max rel err {((s - s_ref).abs() / s_ref).max():.2e}")
     # compare dequantized values: a zero point at an exact .5 tie (symmetric ranges) may round either way when
     # s differs in the last bit, shifting q and z together while s*(q - z) stays put
-    blk = lambda t: t.repeat_interleave(c.k // c.kb, dim=1)  # noqa: E731
+    blk = lambda t: t.repeat_interleave(c.k // ab, dim=1)  # noqa: E731
     dx = (blk(s) * (q.float() - blk(z)) - blk(s_ref) * (q_ref - blk(z_ref))).abs() / blk(s_ref)
     flips = (dx > 0.5).float().mean().item()
     # a single-pass transform errs by ~1e-3 of |x|, which is a larger share of a step the more bits there are
@@ -123,12 +126,12 @@ def check_case(c: Case, dev, gen) -> list[str]:
         if not torch.equal(un.cpu(), w_int[:, perm.cpu()]):
             fails.append(f"unpack_weights: {(un.cpu() != w_int[:, perm.cpu()]).sum().item()} bytes wrong")
     # the matmul on identical int8 inputs vs an exact epilogue (poisoned output)
-    rowsum = block_row_sums(w_int, c.kb).to(dev)
+    rowsum = block_row_sums(w_int, ab).to(dev)
     q8 = q_ref.to(torch.int8).to(dev)[:, perm].contiguous()
     y = torch.full((c.m, c.n), float("nan"), device=dev)
     T.quant_matmul(q8, s_ref.to(dev), z_ref.to(dev), packed, row_scale, qa, qm, rowsum, code.bits,
                    code.step, code.offset, c.gs, torch.float32, scratch=scratch, out=y, gemv_split=c.split)
-    want = exact_gemm(q_ref, s_ref, z_ref, w_int, row_scale, c.kb)
+    want = exact_gemm(q_ref, s_ref, z_ref, w_int, row_scale, ab)
     if torch.isnan(y).any():
         fails.append("matmul left outputs unwritten")
     err = ((y.double().cpu() - want).abs().max() / want.abs().max()).item()
@@ -144,7 +147,8 @@ def check_case(c: Case, dev, gen) -> list[str]:
         bounds = (cut[0], cut[1]) if c.shards == 3 else (cut[0], c.n) if c.shards == 2 else (c.n, c.n)
     if c.bias:
         bias = torch.randn(c.n, generator=gen).to(dev, c.dtype)
-    q2, s2, z2, lr = T.act_quant(x, left, right, c.bits, 0.9, c.kb, c.precision, lanes, lowrank_b=lb)
+    q2, s2, z2, lr = T.act_quant(x, left, right, c.bits, 0.9, c.kb, c.precision, lanes, lowrank_b=lb,
+                                 act_blocks=ab)
     if la is not None:  # the branch's x·Bᵀ from act_quant's launch: K-block partials vs one fp64 product
         want_lr = x.double() @ lb.double().t()
         lr_err = ((lr.double().sum(0) - want_lr).abs().max() / want_lr.abs().max()).item()
@@ -182,6 +186,9 @@ CPU_CASES = [
     Case(37, 50, 512, gs=-1, rot=False, code="int4"), Case(300, 40, 256, gs=64),  # lane order permuted in registers
     Case(260, 40, 384, gs=64, kb=2),  # 16 x 24 view: words cross rows, permuted store
     Case(70, 40, 256, gs=64, kb=2, rank=16, shards=3),  # branch: 2 token tiles x 2 column tiles x 2 K-blocks
+    # activation ranges finer than the transform blocks (act_blocks): 4 rows of 16 per range, 2 ranges per block
+    Case(5, 24, 256, gs=32, ab=4), Case(40, 33, 256, gs=64, kb=2, ab=4, rank=4),
+    Case(3, 40, 512, gs=32, rot=False, ab=4), Case(260, 40, 384, gs=32, kb=2, ab=4),
 ]
 
 
@@ -191,7 +198,9 @@ def gpu_cases() -> list[Case]:
            for code in ("ternary", "binary", "int4")]
     out += [Case(1, 4096, 4096, gs=32, dtype=bf16, split=False), Case(300, 4096, 4096, gs=32, dtype=bf16, scratch=True),
             Case(33, 1000, 4096, gs=-1, kb=8, bits=6, dtype=bf16),
-            Case(600, 4096, 4096, gs=32, kb=8, rank=32, shards=3, dtype=bf16, code="int4"), Case(1, 1376, 384, gs=64, kb=2),
+            Case(600, 4096, 4096, gs=32, kb=8, rank=32, shards=3, dtype=bf16, code="int4"),
+            Case(1, 4096, 4096, gs=32, ab=32, dtype=bf16), Case(64, 4096, 4096, gs=32, ab=32, dtype=bf16),
+            Case(600, 4096, 14336, gs=32, kb=8, ab=112, rot=False, dtype=bf16), Case(1, 1376, 384, gs=64, kb=2),
             Case(200, 96, 256, gs=64, kb=4), Case(1, 4096, 14336, gs=32, kb=2, rot=False, dtype=bf16),
             Case(4, 4096, 14336, gs=-1, kb=1, rot=False, dtype=bf16), Case(64, 4096, 4096, gs=128, rank=32, shards=3,
                                                                           bias=True, dtype=bf16, code="int4"),
@@ -214,7 +223,7 @@ def opcheck(dev, gen) -> None:
     x = torch.randn(5, 128, device=dev, dtype=torch.bfloat16)
     args = (x, fmt.pack_codes(codes, code).to(dev), row_scale.to(dev), qa.to(dev), qm.to(dev),
             block_row_sums(w_int, 1).to(dev), orth(8, gen, dev), orth(16, gen, dev), None, None, None,
-            code.bits, code.step, code.offset, 32, 4, 0.9, 1, 48, 48)
+            code.bits, code.step, code.offset, 32, 4, 0.9, 1, 1, 48, 48)
     torch.library.opcheck(torch.ops.twla.quant_linear.default, args)
 
 

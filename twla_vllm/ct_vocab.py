@@ -6,8 +6,8 @@ B-bit asymmetric dynamic per-token ints), `transform_config` (a `TransformConfig
 applied online at the layer's input, its inverse folded into the weight), `format` and `quantization_status`.
 They are descriptive: `quant_method` stays "twla" and twla_vllm.format's own keys stay the contract, because
 compressed-tensors cannot express what the kernels need -- the Kronecker factors and their sizes (it has no
-Kronecker transform type: hadamard, random-hadamard and random-matrix only), k_blocks (ranges per token *and*
-K-block), the activation clip ratio, ternary codes (3 of a 2-bit container's 4 levels), the two-level integer
+Kronecker transform type: hadamard, random-hadamard and random-matrix only), k_blocks and act_blocks (ranges per
+token *and* K-block), the activation clip ratio, ternary codes (3 of a 2-bit container's 4 levels), the two-level integer
 group scale (int8 a and offset m per group under an fp16 row scale), the 16-bit low-rank branch, and our
 packing ("int32-bytelane" is not one of its compression formats).
 

@@ -94,7 +94,7 @@ class TwlaHfQuantizer(HfQuantizer):
             spec = qcfg.spec(prefix)
             layer = SimTwlaLinear(weight, tensors.pop(f"{prefix}.{fmt.ROT_LEFT}", None),
                                   tensors.pop(f"{prefix}.{fmt.ROT_RIGHT}", None), spec.act_bits, spec.act_clip,
-                                  spec.k_blocks, tensors.pop(f"{prefix}.bias", None),
+                                  spec.act_ranges, tensors.pop(f"{prefix}.bias", None),
                                   tensors.pop(f"{prefix}.{fmt.LOWRANK_A}", None),
                                   tensors.pop(f"{prefix}.{fmt.LOWRANK_B}", None))
             replace_linear(model, prefix, layer)

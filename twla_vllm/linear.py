@@ -159,7 +159,9 @@ class TwlaLinearMethod(LinearMethodBase):
         self.kernel = choose_kernel(LinearSpec(
             name=self.prefix, out_features=n, in_features=k, code=code, group_size=ck.group_size,
             act_bits=spec.act_bits, act_clip=spec.act_clip, k_blocks=spec.k_blocks // layer.twla_tp,
-            has_rotation=spec.rotation is not None, lowrank_rank=spec.lowrank_rank,
+            act_blocks=spec.act_ranges // layer.twla_tp,
+            rotation_rows=0 if spec.rotation is None else spec.rotation[0] // layer.twla_tp,
+            lowrank_rank=spec.lowrank_rank,
             shard_sizes=layer.twla_shard_sizes, per_shard_rotation=per_shard, device_type=packed.device.type,
             dtype=layer.twla_params_dtype))
         self.kernel.process_weights(layer, LayerWeights(

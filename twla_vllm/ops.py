@@ -44,15 +44,16 @@ if triton_ops is not None:
     _lib.define(
         "quant_linear(Tensor x, Tensor packed, Tensor row_scale, Tensor qa, Tensor qm, Tensor rowsum, Tensor? left, "
         "Tensor? right, Tensor? lowrank_a, Tensor? lowrank_b, Tensor? bias, int code_bits, int code_step, "
-        "int code_offset, int group_size, int act_bits, float act_clip, int k_blocks, int shard_end0, "
-        "int shard_end1) -> Tensor")
+        "int code_offset, int group_size, int act_bits, float act_clip, int k_blocks, int act_blocks, "
+        "int shard_end0, int shard_end1) -> Tensor")
 
     def _quant_linear(x, packed, row_scale, qa, qm, rowsum, left, right, lowrank_a, lowrank_b, bias, code_bits,
-                      code_step, code_offset, group_size, act_bits, act_clip, k_blocks, shard_end0, shard_end1):
+                      code_step, code_offset, group_size, act_bits, act_clip, k_blocks, act_blocks, shard_end0,
+                      shard_end1):
         lanes = 8 // code_bits if triton_ops.uses_scratch(x.shape[0]) else 0
         # B is fp32 already when served (TritonKernel.process_weights); x·Bᵀ runs in act_quant's launch
         q, s, z, lr = triton_ops.act_quant(x, left, right, act_bits, act_clip, k_blocks, lanes=lanes,
-                                           lowrank_b=lowrank_b)
+                                           lowrank_b=lowrank_b, act_blocks=act_blocks)
         return triton_ops.quant_matmul(q, s, z, packed, row_scale, qa, qm, rowsum, code_bits, code_step,
                                        code_offset, group_size, x.dtype, lowrank_a, lr, bias,
                                        (shard_end0, shard_end1))
@@ -61,5 +62,6 @@ if triton_ops is not None:
 
     @torch.library.register_fake("twla::quant_linear")
     def _quant_linear_fake(x, packed, row_scale, qa, qm, rowsum, left, right, lowrank_a, lowrank_b, bias, code_bits,
-                           code_step, code_offset, group_size, act_bits, act_clip, k_blocks, shard_end0, shard_end1):
+                           code_step, code_offset, group_size, act_bits, act_clip, k_blocks, act_blocks, shard_end0,
+                           shard_end1):
         return x.new_empty((x.shape[0], packed.shape[0]))

@@ -54,14 +54,15 @@ def check_linear_shape(name: str, spec: LayerSpec, in_features: int, group_size:
     if spec.rotation is not None and spec.rotation[0] * spec.rotation[1] != in_features:
         raise FormatError(f"{name}: rotation {list(spec.rotation)} has n1*n2={math.prod(spec.rotation)} "
                           f"!= in_features {in_features}")
-    kb = spec.k_blocks
-    if kb > 1:
-        block = in_features // kb
-        if in_features % kb or block % max(cpw, 16) or (group_size != -1 and block % group_size):
-            raise FormatError(f"{name}: k_blocks={kb} must split K={in_features} into blocks that are whole "
-                              f"multiples of {max(cpw, 16)}{'' if group_size == -1 else f' and of group_size={group_size}'}")
-        if spec.rotation is not None and spec.rotation[0] % kb:
-            raise FormatError(f"{name}: k_blocks={kb} does not divide the rotation's n1={spec.rotation[0]}")
+    for key, kb in (("k_blocks", spec.k_blocks), ("act_blocks", spec.act_blocks)):
+        if kb > 1:
+            block = in_features // kb
+            if in_features % kb or block % max(cpw, 16) or (group_size != -1 and block % group_size):
+                raise FormatError(f"{name}: {key}={kb} must split K={in_features} into blocks that are whole "
+                                  f"multiples of {max(cpw, 16)}"
+                                  f"{'' if group_size == -1 else f' and of group_size={group_size}'}")
+            if spec.rotation is not None and spec.rotation[0] % kb:
+                raise FormatError(f"{name}: {key}={kb} does not divide the rotation's n1={spec.rotation[0]}")
 
 
 def bits_per_weight(out_features: int, in_features: int, group_size: int, code: WeightCode,

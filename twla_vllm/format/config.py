@@ -24,17 +24,29 @@ class LayerSpec:
     # computes exactly what one GPU would.
     k_blocks: int = 1
     lowrank_rank: int = 0  # r of the 16-bit low-rank branch (0 = none)
+    # activation ranges per (token, contiguous K-block) when finer than k_blocks: a multiple of k_blocks, each
+    # range whole rows of the transform's [n1, n2] view (0 = one range per k-block). Runtime only: no stored bits
+    act_blocks: int = 0
+
+    @property
+    def act_ranges(self) -> int:
+        """Activation ranges per token over K (what the row sums and the per-token steps are split by)."""
+        return self.act_blocks or self.k_blocks
 
     def to_dict(self) -> dict[str, Any]:
-        return {"act_bits": self.act_bits, "act_clip": self.act_clip,
-                "rotation": list(self.rotation) if self.rotation else None, "k_blocks": self.k_blocks,
-                "lowrank_rank": self.lowrank_rank}
+        d = {"act_bits": self.act_bits, "act_clip": self.act_clip,
+             "rotation": list(self.rotation) if self.rotation else None, "k_blocks": self.k_blocks,
+             "lowrank_rank": self.lowrank_rank}
+        if self.act_blocks:
+            d["act_blocks"] = self.act_blocks
+        return d
 
 
 _TOP_KEYS = {"quant_method", "format_version", "weight", "activation", "rotation", "lowrank", "layers", "ignore",
              "bits_per_weight", "recipe", "config_groups", "transform_config", "format", "quantization_status"}
 _WEIGHT_KEYS = {"code", "packing", "group_size", "scales", "formula", "scale_dtype"}
-_SPEC_KEYS = {"act_bits", "act_clip", "rotation", "k_blocks", "lowrank_rank", "bits", "clip", "scheme"}
+_SPEC_KEYS = {"act_bits", "act_clip", "rotation", "k_blocks", "act_blocks", "lowrank_rank", "bits", "clip",
+              "scheme"}
 
 
 @dataclass
@@ -153,7 +165,7 @@ class CheckpointConfig:
                 specs = {self.spec(n) for n in full}
                 if len(specs) > 1:
                     raise FormatError(f"{source}: key 'layers': {', '.join(full)} are fused in vLLM and must "
-                                      f"share act_bits/act_clip/rotation sizes/k_blocks/lowrank_rank, got "
+                                      f"share act_bits/act_clip/rotation sizes/k_blocks/act_blocks/lowrank_rank, got "
                                       f"{sorted(map(str, specs))}")
                 ignored = {self.is_ignored(n) for n in full}
                 if len(ignored) > 1:
@@ -179,9 +191,13 @@ def parse_layer_spec(d: Any, where: str, default: LayerSpec | None) -> LayerSpec
     rot = d.get("rotation", base.rotation if default is None else None)
     k_blocks = d.get("k_blocks", 1)
     rank = d.get("lowrank_rank", 0)
-    for key, v in (("k_blocks", k_blocks), ("lowrank_rank", rank)):
+    act_blocks = d.get("act_blocks", 0)
+    for key, v in (("k_blocks", k_blocks), ("lowrank_rank", rank), ("act_blocks", act_blocks)):
         if isinstance(v, bool) or not isinstance(v, int) or v < (1 if key == "k_blocks" else 0):
             raise FormatError(f"{where}: {key} must be an int >= {1 if key == 'k_blocks' else 0}, got {v!r}")
+    if act_blocks % k_blocks:
+        raise FormatError(f"{where}: act_blocks={act_blocks} must be a multiple of k_blocks={k_blocks} (activation "
+                          f"ranges subdivide the transform's blocks)")
     if isinstance(bits, bool) or bits not in ACT_BITS_ALLOWED:
         raise FormatError(f"{where}: act_bits must be one of {ACT_BITS_ALLOWED}, got {bits!r}")
     if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0.0 < float(clip) <= 1.0:
@@ -191,7 +207,8 @@ def parse_layer_spec(d: Any, where: str, default: LayerSpec | None) -> LayerSpec
                 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in rot)):
             raise FormatError(f"{where}: rotation must be null or [n1, n2] positive ints, got {rot!r}")
         rot = (int(rot[0]), int(rot[1]))
-    return LayerSpec(act_bits=int(bits), act_clip=float(clip), rotation=rot, k_blocks=k_blocks, lowrank_rank=rank)
+    return LayerSpec(act_bits=int(bits), act_clip=float(clip), rotation=rot, k_blocks=k_blocks, lowrank_rank=rank,
+                     act_blocks=act_blocks)
 
 
 def _matches(pattern: str, name: str) -> bool:

@@ -19,13 +19,18 @@ class LinearSpec:
     group_size: int  # -1 = per row
     act_bits: int
     act_clip: float
-    k_blocks: int  # activation ranges per (token, contiguous K-block) on this rank
-    has_rotation: bool
+    k_blocks: int  # transform blocks on this rank (the left factor is block-diagonal over them)
+    act_blocks: int  # activation ranges per (token, contiguous K-block) on this rank: a multiple of k_blocks
+    rotation_rows: int  # n1 of the online transform's [n1, n2] token view on this rank (0 = no transform)
     lowrank_rank: int
     shard_sizes: tuple[int, ...]  # output rows of each fused shard on this rank (one entry if not fused)
     per_shard_rotation: bool  # the shards of a fused module carry different transforms
     device_type: str
     dtype: torch.dtype
+
+    @property
+    def has_rotation(self) -> bool:
+        return self.rotation_rows > 0
 
 
 @dataclass

@@ -20,7 +20,7 @@ class TorchReferenceKernel(TwlaKernel):
     def process_weights(self, layer: torch.nn.Module, w: LayerWeights) -> None:
         register(layer, "twla_w", w.w_int.float())
         register(layer, "twla_row_scale", w.row_scale.float())
-        register(layer, "twla_rowsum", block_row_sums(w.w_int, self.spec.k_blocks))
+        register(layer, "twla_rowsum", block_row_sums(w.w_int, self.spec.act_blocks))
         register(layer, "twla_left", w.left)
         register(layer, "twla_right", w.right)
         register(layer, "twla_lowrank_a", w.lowrank_a)

@@ -36,8 +36,13 @@ class TritonKernel(TwlaKernel):
                            "TritonKernel (the torch reference) before relying on it", major, minor)
         if spec.act_bits > 8:
             return False, "float activations (act_bits 16) run on the reference kernel"
-        if (spec.in_features // spec.k_blocks) % 32:
-            return False, f"K-block of {spec.in_features // spec.k_blocks} is not a multiple of 32 (int8 MMA K)"
+        if (spec.in_features // spec.act_blocks) % 32:
+            return False, (f"activation range of {spec.in_features // spec.act_blocks} channels is not a multiple of "
+                           f"32 (int8 MMA K)")
+        if not ops.triton_ops.act_ranges_supported(spec.in_features, spec.k_blocks, spec.act_blocks,
+                                                   spec.rotation_rows):
+            return False, (f"{spec.act_blocks} activation ranges over {spec.k_blocks} transform block(s) are not "
+                           f"a power of two of whole rows each")
         if len(spec.shard_sizes) > 3:
             return False, "more than three fused shards"
         return True, None
@@ -47,7 +52,7 @@ class TritonKernel(TwlaKernel):
         register(layer, "twla_row_scale", w.row_scale.half())
         register(layer, "twla_qa", w.group_scale)
         register(layer, "twla_qm", w.group_offset)
-        register(layer, "twla_rowsum", block_row_sums(w.w_int, self.spec.k_blocks))
+        register(layer, "twla_rowsum", block_row_sums(w.w_int, self.spec.act_blocks))
         register(layer, "twla_left", w.left)
         register(layer, "twla_right", w.right)
         register(layer, "twla_lowrank_a", w.lowrank_a)
@@ -78,4 +83,4 @@ class TritonKernel(TwlaKernel):
         return torch.ops.twla.quant_linear(
             x2, layer.twla_packed[rows], layer.twla_row_scale[rows], layer.twla_qa[rows], layer.twla_qm[rows],
             layer.twla_rowsum[rows], left, right, la, lowrank_b, bias, s.code.bits, s.code.step, s.code.offset,
-            s.group_size, s.act_bits, s.act_clip, s.k_blocks, *ends)
+            s.group_size, s.act_bits, s.act_clip, s.k_blocks, s.act_blocks, *ends)

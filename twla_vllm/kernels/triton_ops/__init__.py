@@ -22,9 +22,10 @@ Every kernel evaluates `twla_vllm.reference.quant_linear`: exact integer dots, t
 y = s_n * Σ_b s_b * float32(acc_b - z_b * rowsum_b) (+ low-rank, bias). Rounding is half-to-even everywhere.
 """
 
-from .act_quant import act_quant, lane_perm
+from .act_quant import act_quant, act_ranges_supported, lane_perm
 from .matmul import quant_matmul
 from .tiles import GEMV_MAX_M, uses_scratch
 from .unpack import unpack_weights
 
-__all__ = ["GEMV_MAX_M", "act_quant", "lane_perm", "quant_matmul", "unpack_weights", "uses_scratch"]
+__all__ = ["GEMV_MAX_M", "act_quant", "act_ranges_supported", "lane_perm", "quant_matmul", "unpack_weights",
+           "uses_scratch"]

@@ -54,13 +54,15 @@ def _lowrank_down(x_ptr, b_ptr, lr_ptr, M, stride_x, lid, K: tl.constexpr, KB: t
 @triton.jit
 def _quantize_tokens(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, M, stride_x, stride_q, pid, ROWS: tl.constexpr,
                      COLS: tl.constexpr, RBP: tl.constexpr, CP: tl.constexpr, BT: tl.constexpr,
-                     HAS_ROT: tl.constexpr, KB: tl.constexpr, BITS: tl.constexpr, CLIP: tl.constexpr,
-                     LANES: tl.constexpr, PRECISION: tl.constexpr, ASM: tl.constexpr):
+                     HAS_ROT: tl.constexpr, KB: tl.constexpr, AB: tl.constexpr, BITS: tl.constexpr,
+                     CLIP: tl.constexpr, LANES: tl.constexpr, PRECISION: tl.constexpr, ASM: tl.constexpr):
     # One program per (BT tokens, K-block). A token row is viewed as [ROWS, COLS] (= [n1, n2] when transformed);
     # K-block b owns rows [b*RB, (b+1)*RB), and the left factor is block-diagonal along those blocks (checked at
     # load), so blocks transform and quantize independently. The BT tokens are stacked as [BT*RBP, CP]: one dot
     # with the right factor for all of them, and one with the left factor after moving the token index next to
     # the columns ([RBP, BT*CP]), so both are plain 2-D tensor-core dots and the factors are loaded once.
+    # With AB > KB activation ranges, each block's rows split further into QB = AB/KB ranges of QR rows (a power
+    # of two, so the padded RBP rows split into whole ranges; the ranges past RB are padding and not stored).
     b = tl.program_id(1)
     RB: tl.constexpr = ROWS // KB
     ti = pid * BT + tl.arange(0, BT * RBP) // RBP  # token of each stacked row
@@ -89,17 +91,22 @@ def _quantize_tokens(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, M, stride_x, stri
             x = tl.reshape(tl.permute(tl.reshape(x, (RBP, BT, CP)), (1, 0, 2)), (BT * RBP, CP))
     qmax = 2.0 ** BITS - 1.0
     half = 2.0 ** (BITS - 1)
-    xt = tl.reshape(x, (BT, RBP * CP))
-    vt = tl.reshape(valid, (BT, RBP * CP))
+    QB: tl.constexpr = AB // KB
+    QR: tl.constexpr = RBP if QB == 1 else RB // QB  # rows per range (all of the block's when QB == 1)
+    NR: tl.constexpr = BT * (RBP // QR)  # ranges in this program, padding included
+    xt = tl.reshape(x, (NR, QR * CP))
+    vt = tl.reshape(valid, (NR, QR * CP))
     hi = _mul_rn(tl.max(tl.where(vt, xt, float("-inf")), axis=1), CLIP, ASM)
     lo = _mul_rn(tl.min(tl.where(vt, xt, float("inf")), axis=1), CLIP, ASM)
     # IEEE-rounded divisions (div_rn): the default fast fp32 division differs from torch's in the last bit,
     # which flips a rounding decision now and then
-    s = tl.maximum(tl.math.div_rn(hi - lo, qmax), 1e-8)  # [BT]
+    s = tl.maximum(tl.math.div_rn(hi - lo, qmax), 1e-8)  # [NR]
     z = _round_half_even(tl.math.div_rn(-lo, s))
-    tok = pid * BT + tl.arange(0, BT)
-    tl.store(s_ptr + tok * KB + b, s, mask=tok < M)
-    tl.store(z_ptr + tok * KB + b, z - half, mask=tok < M)
+    tok = pid * BT + tl.arange(0, NR) // (RBP // QR)
+    rng = tl.arange(0, NR) % (RBP // QR)  # range within the block
+    ok = (tok < M) & (rng < QB)
+    tl.store(s_ptr + tok * AB + b * QB + rng, s, mask=ok)
+    tl.store(z_ptr + tok * AB + b * QB + rng, z - half, mask=ok)
     q = _round_half_even(tl.math.div_rn(xt, s[:, None])) + z[:, None]
     q = tl.reshape(tl.minimum(tl.maximum(q, 0.0), qmax) - half, (BT * RBP, CP))
     if LANES > 0:  # lane order (the int8 scratch's order): k = CPW*p + 4*i + b is stored at CPW*p + LANES*b + i
@@ -115,9 +122,9 @@ def _quantize_tokens(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, M, stride_x, stri
 @triton.jit
 def _act_quant_kernel(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, b_ptr, lr_ptr, M, NQ, stride_x, stride_q,
                       ROWS: tl.constexpr, COLS: tl.constexpr, RBP: tl.constexpr, CP: tl.constexpr,
-                      BT: tl.constexpr, HAS_ROT: tl.constexpr, KB: tl.constexpr, BITS: tl.constexpr,
-                      CLIP: tl.constexpr, LANES: tl.constexpr, PRECISION: tl.constexpr, ASM: tl.constexpr,
-                      SR: tl.constexpr, JB: tl.constexpr, BTL: tl.constexpr, BKL: tl.constexpr,
+                      BT: tl.constexpr, HAS_ROT: tl.constexpr, KB: tl.constexpr, AB: tl.constexpr,
+                      BITS: tl.constexpr, CLIP: tl.constexpr, LANES: tl.constexpr, PRECISION: tl.constexpr,
+                      ASM: tl.constexpr, SR: tl.constexpr, JB: tl.constexpr, BTL: tl.constexpr, BKL: tl.constexpr,
                       LR_PRECISION: tl.constexpr):
     # Programs [0, NQ) along axis 0 transform and quantize BT tokens each; with a low-rank branch (SR > 0) the
     # programs after them compute its down-projection x @ lowrank_bᵀ from the same unrotated x, in the same
@@ -125,7 +132,7 @@ def _act_quant_kernel(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, b_ptr, lr_ptr, M
     pid = tl.program_id(0)
     if pid < NQ:
         _quantize_tokens(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, M, stride_x, stride_q, pid, ROWS, COLS, RBP, CP,
-                         BT, HAS_ROT, KB, BITS, CLIP, LANES, PRECISION, ASM)
+                         BT, HAS_ROT, KB, AB, BITS, CLIP, LANES, PRECISION, ASM)
     elif SR > 0:
         _lowrank_down(x_ptr, b_ptr, lr_ptr, M, stride_x, pid - NQ, ROWS * COLS, KB, SR, JB, BTL, BKL, LR_PRECISION)
 
@@ -133,11 +140,12 @@ def _act_quant_kernel(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, b_ptr, lr_ptr, M
 def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None, bits: int, clip: float,
               k_blocks: int, precision: str | None = None, lanes: int = 0,
               out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, bt: int | None = None,
-              warps: int | None = None, lowrank_b: torch.Tensor | None = None,
+              warps: int | None = None, lowrank_b: torch.Tensor | None = None, act_blocks: int = 0,
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """x [M, K] -> (q int8 [M, K], s fp32 [M, KB], z fp32 [M, KB], lr) as `reference.quantize_per_token` of
-    `reference.kron_rotate(x, left, right)`. A left factor must be block-diagonal over the k_blocks
-    (TwlaLinearMethod checks it at load). `precision` of the transform dots: "tf32x3" (fp32-accurate), "tf32"
+    """x [M, K] -> (q int8 [M, K], s fp32 [M, AB], z fp32 [M, AB], lr) as `reference.quantize_per_token` of
+    `reference.kron_rotate(x, left, right)` with AB = act_blocks (0: k_blocks) ranges per token. A left factor
+    must be block-diagonal over the k_blocks (TwlaLinearMethod checks it at load); AB must split each k-block
+    into a power of two of whole view rows (`token_view`). `precision` of the transform dots: "tf32x3" (fp32-accurate), "tf32"
     (the CUDA default: single pass, ~0.1% of 4-bit codes one step off, see benchmarks/RESULTS.md) or "bf16".
     lanes > 0 stores q in the lane order of a code with that many lanes (what `unpack_weights` writes).
     lowrank_b [SR, K] fp32: the same launch also computes the low-rank branch's x @ lowrank_bᵀ (fp32-accurate
@@ -146,18 +154,16 @@ def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | 
     heuristic (benchmarks)."""
     m, k = x.shape
     x = x.contiguous()
+    ab = act_blocks or k_blocks
     q, s, z = out or (torch.empty(m, k, dtype=torch.int8, device=x.device),
-                      torch.empty(m, k_blocks, dtype=torch.float32, device=x.device),
-                      torch.empty(m, k_blocks, dtype=torch.float32, device=x.device))
+                      torch.empty(m, ab, dtype=torch.float32, device=x.device),
+                      torch.empty(m, ab, dtype=torch.float32, device=x.device))
     cuda = x.device.type == "cuda"
     precision = precision or ("tf32" if cuda else "ieee")
+    rows, cols = token_view(k, k_blocks, ab, None if left is None else (left.shape[0], right.shape[0]))
+    rbp = triton.next_power_of_2(rows // k_blocks)
     if left is not None:
-        rows, cols = left.shape[0], right.shape[0]
-        rbp = max(16, triton.next_power_of_2(rows // k_blocks))  # tl.dot needs >= 16
-    else:  # no transform: any [rows, cols] view whose rows split into the k_blocks
-        cols = block_k(k // k_blocks, 256, 16)
-        rows = k // cols
-        rbp = triton.next_power_of_2(rows // k_blocks)
+        rbp = max(16, rbp)  # tl.dot needs >= 16
     cp = max(16, triton.next_power_of_2(cols))
     # tokens per program: one at decode sizes (latency); for many tokens, with a transform, stack tokens until
     # the right-factor dot has 128 rows (2 tokens of 64x64, 8 of the 16x128 blocks of down_proj's 112x128:
@@ -180,10 +186,36 @@ def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | 
         _act_quant_kernel[(nq + nl, k_blocks)](
             x, left if left is not None else x, right if right is not None else x, q, s, z,
             lowrank_b.float().contiguous() if sr else x, lr if sr else s, m, nq, x.stride(0), q.stride(0), ROWS=rows,
-            COLS=cols, RBP=rbp, CP=cp, BT=bt, HAS_ROT=left is not None, KB=k_blocks, BITS=bits, CLIP=float(clip),
+            COLS=cols, RBP=rbp, CP=cp, BT=bt, HAS_ROT=left is not None, KB=k_blocks, AB=ab, BITS=bits,
+            CLIP=float(clip),
             LANES=lanes, PRECISION=precision, ASM=cuda, SR=sr, JB=jb, BTL=btl, BKL=128,
             LR_PRECISION="tf32x3" if cuda else "ieee", num_warps=warps)
     return q, s, z, lr
+
+
+def token_view(k: int, k_blocks: int, act_blocks: int, rotation: tuple[int, int] | None) -> tuple[int, int]:
+    """The [rows, cols] view of a token act_quant works on: the transform's [n1, n2], or without one a view
+    whose rows split into the k-blocks. With act_blocks > k_blocks each activation range must be a power of two
+    of whole rows (so the block's padded rows split into whole ranges); ValueError if that cannot be."""
+    if rotation is not None:
+        rows, cols = rotation
+    else:  # widest row (<= 256 columns) that tiles one activation range
+        cols = block_k(k // act_blocks, 256, 16)
+        rows = k // cols
+    per_range = rows // act_blocks if rows % act_blocks == 0 else 0
+    if act_blocks > k_blocks and (not per_range or per_range & (per_range - 1)):
+        raise ValueError(f"{act_blocks} activation ranges over {k_blocks} k-block(s) of a [{rows}, {cols}] token "
+                         f"view: each range must be a power of two of whole rows")
+    return rows, cols
+
+
+def act_ranges_supported(k: int, k_blocks: int, act_blocks: int, rotation_rows: int) -> bool:
+    """Whether act_quant can split a token into these activation ranges (rotation_rows: n1, 0 = no transform)."""
+    try:
+        token_view(k, k_blocks, act_blocks, (rotation_rows, k // rotation_rows) if rotation_rows else None)
+    except ValueError:
+        return False
+    return True
 
 
 def lane_perm(k: int, lanes: int) -> torch.Tensor:
