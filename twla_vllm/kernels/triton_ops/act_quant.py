@@ -145,8 +145,9 @@ def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | 
     """x [M, K] -> (q int8 [M, K], s fp32 [M, AB], z fp32 [M, AB], lr) as `reference.quantize_per_token` of
     `reference.kron_rotate(x, left, right)` with AB = act_blocks (0: k_blocks) ranges per token. A left factor
     must be block-diagonal over the k_blocks (TwlaLinearMethod checks it at load); AB must split each k-block
-    into a power of two of whole view rows (`token_view`). `precision` of the transform dots: "tf32x3" (fp32-accurate), "tf32"
-    (the CUDA default: single pass, ~0.1% of 4-bit codes one step off, see benchmarks/RESULTS.md) or "bf16".
+    into a power of two of whole view rows (`token_view`). `precision` of the transform dots: "tf32x3"
+    (fp32-accurate), "tf32" (the CUDA default: single pass, ~0.1% of 4-bit codes one step off, see
+    benchmarks/RESULTS.md) or "bf16".
     lanes > 0 stores q in the lane order of a code with that many lanes (what `unpack_weights` writes).
     lowrank_b [SR, K] fp32: the same launch also computes the low-rank branch's x @ lowrank_bᵀ (fp32-accurate
     dots), returned as lr [KB, M, SR] partial sums per K-block for `quant_matmul` (None without lowrank_b).
