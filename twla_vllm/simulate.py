@@ -42,7 +42,9 @@ class QuantWeight:
 
 
 class SimTwlaLinear(torch.nn.Module):
-    """nn.Linear stand-in: transform -> per-token fake-quant -> integer GEMM -> epilogue (+ low-rank, bias)."""
+    """nn.Linear stand-in: transform -> per-token fake-quant -> integer GEMM -> epilogue (+ low-rank, bias).
+    k_blocks here counts activation ranges per token (`LayerSpec.act_ranges`): the transform needs no blocks in
+    simulation, only the ranges and the row sums do."""
 
     def __init__(self, weight: QuantWeight, left: torch.Tensor | None, right: torch.Tensor | None,
                  act_bits: int, act_clip: float, k_blocks: int = 1, bias: torch.Tensor | None = None,
