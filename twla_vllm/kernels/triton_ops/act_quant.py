@@ -54,15 +54,17 @@ def _lowrank_down(x_ptr, b_ptr, lr_ptr, M, stride_x, lid, K: tl.constexpr, KB: t
 @triton.jit
 def _quantize_tokens(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, M, stride_x, stride_q, pid, ROWS: tl.constexpr,
                      COLS: tl.constexpr, RBP: tl.constexpr, CP: tl.constexpr, BT: tl.constexpr,
-                     HAS_ROT: tl.constexpr, KB: tl.constexpr, AB: tl.constexpr, BITS: tl.constexpr,
-                     CLIP: tl.constexpr, LANES: tl.constexpr, PRECISION: tl.constexpr, ASM: tl.constexpr):
+                     HAS_ROT: tl.constexpr, KB: tl.constexpr, AB: tl.constexpr, QR: tl.constexpr,
+                     BITS: tl.constexpr, CLIP: tl.constexpr, LANES: tl.constexpr, PRECISION: tl.constexpr,
+                     ASM: tl.constexpr):
     # One program per (BT tokens, K-block). A token row is viewed as [ROWS, COLS] (= [n1, n2] when transformed);
     # K-block b owns rows [b*RB, (b+1)*RB), and the left factor is block-diagonal along those blocks (checked at
     # load), so blocks transform and quantize independently. The BT tokens are stacked as [BT*RBP, CP]: one dot
     # with the right factor for all of them, and one with the left factor after moving the token index next to
     # the columns ([RBP, BT*CP]), so both are plain 2-D tensor-core dots and the factors are loaded once.
     # With AB > KB activation ranges, each block's rows split further into QB = AB/KB ranges of QR rows (a power
-    # of two, so the padded RBP rows split into whole ranges; the ranges past RB are padding and not stored).
+    # of two, so the padded RBP rows split into whole ranges; the ranges past RB are padding and not stored);
+    # with AB == KB, QR = RBP: one range over the whole (padded) block.
     b = tl.program_id(1)
     RB: tl.constexpr = ROWS // KB
     ti = pid * BT + tl.arange(0, BT * RBP) // RBP  # token of each stacked row
@@ -92,7 +94,6 @@ def _quantize_tokens(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, M, stride_x, stri
     qmax = 2.0 ** BITS - 1.0
     half = 2.0 ** (BITS - 1)
     QB: tl.constexpr = AB // KB
-    QR: tl.constexpr = RBP if QB == 1 else RB // QB  # rows per range (all of the block's when QB == 1)
     NR: tl.constexpr = BT * (RBP // QR)  # ranges in this program, padding included
     xt = tl.reshape(x, (NR, QR * CP))
     vt = tl.reshape(valid, (NR, QR * CP))
@@ -123,7 +124,7 @@ def _quantize_tokens(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, M, stride_x, stri
 def _act_quant_kernel(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, b_ptr, lr_ptr, M, NQ, stride_x, stride_q,
                       ROWS: tl.constexpr, COLS: tl.constexpr, RBP: tl.constexpr, CP: tl.constexpr,
                       BT: tl.constexpr, HAS_ROT: tl.constexpr, KB: tl.constexpr, AB: tl.constexpr,
-                      BITS: tl.constexpr, CLIP: tl.constexpr, LANES: tl.constexpr, PRECISION: tl.constexpr,
+                      QR: tl.constexpr, BITS: tl.constexpr, CLIP: tl.constexpr, LANES: tl.constexpr, PRECISION: tl.constexpr,
                       ASM: tl.constexpr, SR: tl.constexpr, JB: tl.constexpr, BTL: tl.constexpr, BKL: tl.constexpr,
                       LR_PRECISION: tl.constexpr):
     # Programs [0, NQ) along axis 0 transform and quantize BT tokens each; with a low-rank branch (SR > 0) the
@@ -132,9 +133,11 @@ def _act_quant_kernel(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, b_ptr, lr_ptr, M
     pid = tl.program_id(0)
     if pid < NQ:
         _quantize_tokens(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, M, stride_x, stride_q, pid, ROWS, COLS, RBP, CP,
-                         BT, HAS_ROT, KB, AB, BITS, CLIP, LANES, PRECISION, ASM)
-    elif SR > 0:
-        _lowrank_down(x_ptr, b_ptr, lr_ptr, M, stride_x, pid - NQ, ROWS * COLS, KB, SR, JB, BTL, BKL, LR_PRECISION)
+                         BT, HAS_ROT, KB, AB, QR, BITS, CLIP, LANES, PRECISION, ASM)
+    if SR > 0:  # compile-time: kernels without a branch have no such programs
+        if pid >= NQ:
+            _lowrank_down(x_ptr, b_ptr, lr_ptr, M, stride_x, pid - NQ, ROWS * COLS, KB, SR, JB, BTL, BKL,
+                          LR_PRECISION)
 
 
 def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None, bits: int, clip: float,
@@ -187,7 +190,8 @@ def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | 
         _act_quant_kernel[(nq + nl, k_blocks)](
             x, left if left is not None else x, right if right is not None else x, q, s, z,
             lowrank_b.float().contiguous() if sr else x, lr if sr else s, m, nq, x.stride(0), q.stride(0), ROWS=rows,
-            COLS=cols, RBP=rbp, CP=cp, BT=bt, HAS_ROT=left is not None, KB=k_blocks, AB=ab, BITS=bits,
+            COLS=cols, RBP=rbp, CP=cp, BT=bt, HAS_ROT=left is not None, KB=k_blocks, AB=ab,
+            QR=rbp if ab == k_blocks else rows // ab, BITS=bits,
             CLIP=float(clip),
             LANES=lanes, PRECISION=precision, ASM=cuda, SR=sr, JB=jb, BTL=btl, BKL=128,
             LR_PRECISION="tf32x3" if cuda else "ieee", num_warps=warps)

@@ -1,0 +1,101 @@
+"""Triton kernels compiled for the H100 (sm_90) on a machine without a GPU: the code generation the interpreter
+never runs (tl.dot shapes and layouts, inline PTX, reshapes and permutes lowered to registers, ptxas).
+
+    python -m tests.triton_compile_check          # prints one line per variant; exit 1 on any failure
+
+Compiles with the Triton installed here (CI's may be newer than the GPU machine's), so it catches code that cannot
+compile, not every version difference: `python -m tests.triton_check --gpu` on the device stays the real check.
+The variants cover what the launchers pick by M (GEMV, tensor-core GEMM on packed words, scratch GEMM, split-K
+epilogue) with and without the low-rank branch, several K-blocks and activation ranges finer than the blocks.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from twla_vllm.kernels.triton_ops.act_quant import _act_quant_kernel
+from twla_vllm.kernels.triton_ops.epilogue import _epilogue_kernel
+from twla_vllm.kernels.triton_ops.gemm import _gemm_kernel
+from twla_vllm.kernels.triton_ops.gemv import _gemv_kernel
+from twla_vllm.kernels.triton_ops.unpack import _unpack_kernel
+
+H100 = GPUTarget("cuda", 90, 32)
+# pointer element types as the launchers pass them (matmul.py, act_quant.py); other non-constexpr args are i32
+POINTERS = {
+    "act_quant": dict(x_ptr="*bf16", l_ptr="*fp32", r_ptr="*fp32", q_ptr="*i8", s_ptr="*fp32", z_ptr="*fp32",
+                      b_ptr="*fp32", lr_ptr="*fp32"),
+    "matmul": dict(x_ptr="*i32", q_ptr="*i8", s_ptr="*fp32", z_ptr="*fp32", w_ptr="*i8", ws_ptr="*fp16",
+                   qa_ptr="*i8", qm_ptr="*i8", rs_ptr="*i32", la_ptr="*fp16", lr_ptr="*fp32", bias_ptr="*bf16",
+                   y_ptr="*bf16", acc_ptr="*i32"),
+    "unpack": dict(w_ptr="*i8", qa_ptr="*i8", qm_ptr="*i8", out_ptr="*i8"),
+}
+POINTERS["gemv"] = {**POINTERS["matmul"], "w_ptr": "*i32"}  # the GEMV reads packed int32 words
+POINTERS["fp32 partials"] = {**POINTERS["matmul"], "acc_ptr": "*fp32"}  # several K-blocks: promoted partials
+POINTERS["gemv fp32 partials"] = {**POINTERS["gemv"], "acc_ptr": "*fp32"}
+ACT = dict(ROWS=64, COLS=64, RBP=64, CP=64, BT=2, HAS_ROT=True, KB=1, AB=1, QR=64, BITS=4, CLIP=0.9, LANES=0,
+           PRECISION="tf32", ASM=True, SR=0, JB=16, BTL=16, BKL=128, LR_PRECISION="tf32x3")
+BRANCH = dict(R=32, NSH=3, RP=32, CP=128)  # rank 32 x 3 fused shards
+NO_BRANCH = dict(R=0, NSH=1, RP=16, CP=16)
+GEMV = dict(BITS=2, STEP=1, OFF=1, G=128, GW=2, KB=1, LRKB=1, HAS_BIAS=True, BM=1, BN=8, BP=64, SPLIT=1, ASM=True)
+GEMM = dict(BITS=2, STEP=1, OFF=1, G=128, GS=32, KB=1, LRKB=1, HAS_BIAS=True, SCRATCH=False, SPLIT=1, BM=64,
+            BN=64, BK=32, GROUP_N=8, ASM=True, PRECISION="tf32x3")
+VARIANTS = [
+    ("act_quant", _act_quant_kernel, "act_quant", ACT, 4),
+    ("act_quant + branch x·Bᵀ", _act_quant_kernel, "act_quant", {**ACT, "SR": 32, "JB": 32, "BTL": 64}, 4),
+    ("act_quant, 32 ranges", _act_quant_kernel, "act_quant", {**ACT, "AB": 32, "QR": 2}, 4),
+    ("act_quant down_proj 8 blocks, 112 ranges", _act_quant_kernel, "act_quant",
+     {**ACT, "ROWS": 112, "COLS": 128, "RBP": 16, "CP": 128, "KB": 8, "AB": 112, "QR": 1, "BT": 8}, 8),
+    ("act_quant M=1, ranges + branch", _act_quant_kernel, "act_quant",
+     {**ACT, "BT": 1, "AB": 32, "QR": 2, "SR": 48, "JB": 32, "BTL": 16}, 4),
+    ("act_quant no transform", _act_quant_kernel, "act_quant",
+     {**ACT, "HAS_ROT": False, "ROWS": 16, "COLS": 256, "RBP": 16, "CP": 256, "QR": 16, "BT": 1}, 4),
+    ("gemv ternary", _gemv_kernel, "gemv", {**GEMV, **NO_BRANCH}, 2),
+    ("gemv binary + branch, split 4", _gemv_kernel, "gemv", {**GEMV, **BRANCH, "BITS": 1, "SPLIT": 4}, 2),
+    ("gemv int4, 8 blocks", _gemv_kernel, "gemv fp32 partials",
+     {**GEMV, **NO_BRANCH, "BITS": 4, "OFF": 8, "KB": 8, "SPLIT": 8}, 4),
+    ("gemm packed ternary", _gemm_kernel, "matmul", {**GEMM, **NO_BRANCH}, 4),
+    ("gemm packed + branch (8 partials)", _gemm_kernel, "matmul", {**GEMM, **BRANCH, "LRKB": 8}, 4),
+    ("gemm packed, 32 ranges, split", _gemm_kernel, "fp32 partials", {**GEMM, **NO_BRANCH, "KB": 32, "SPLIT": 32}, 4),
+    ("gemm scratch int4 + branch", _gemm_kernel, "matmul",
+     {**GEMM, **BRANCH, "SCRATCH": True, "BITS": 4, "OFF": 8, "BM": 128, "BN": 128, "BK": 128}, 8),
+    ("epilogue int32 partials + branch", _epilogue_kernel, "matmul",
+     dict(KB=1, SPLIT=4, LRKB=8, HAS_BIAS=True, BM=32, BN=64, **BRANCH), 4),
+    ("epilogue fp32 partials", _epilogue_kernel, "fp32 partials",
+     dict(KB=8, SPLIT=8, LRKB=1, HAS_BIAS=False, BM=32, BN=64, **NO_BRANCH), 4),
+    ("unpack ternary", _unpack_kernel, "unpack", None, 4),
+]
+
+
+def compile_variant(kernel, pointers: dict[str, str], consts: dict, warps: int):
+    names = kernel.arg_names
+    sig = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in names}
+    src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
+    return triton.compile(src, target=H100, options={"num_warps": warps})
+
+
+def unpack_consts() -> dict:
+    names = [_unpack_kernel.arg_names[i] for i in _unpack_kernel.constexprs]
+    known = dict(G=128, GS=32, BITS=2, STEP=1, OFF=1, BN=64, BK=128, ASM=True)
+    return {n: known[n] for n in names}
+
+
+def main() -> int:
+    bad = 0
+    for name, kernel, kind, consts, warps in VARIANTS:
+        consts = unpack_consts() if consts is None else consts
+        try:
+            k = compile_variant(kernel, POINTERS[kind], consts, warps)
+            print(f"ok   {name} ({len(k.asm['ptx']) // 1000} kB PTX)", flush=True)
+        except Exception as e:  # noqa: BLE001 -- the line reports it
+            bad += 1
+            print(f"FAIL {name}: {type(e).__name__}: {str(e)[:800]}", flush=True)
+    print(f"{len(VARIANTS) - bad} compiled, {bad} failed")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
