@@ -189,7 +189,6 @@ def act_group_ladder(h: Harness, group_size: int, seed: int, act_groups: list[in
     activations), so each row differs only in how activations are quantized. Ranges as the pipeline picks them
     (`pick_act_blocks`: whole rows of the transform view, servable by the Triton kernels)."""
     from twla_offline.pipeline import pick_act_blocks
-    from twla_vllm.reference import block_row_sums
 
     q = h.run(f"act ranges per k-block (seed {seed})", Recipe(group_size=group_size, seed=seed), 1.58, act=(4,),
               act_group_size=0)
@@ -198,10 +197,9 @@ def act_group_ladder(h: Harness, group_size: int, seed: int, act_groups: list[in
         ranges = {}
         for name, m in q.sim_layers().items():
             spec = q.specs[name]
-            m.k_blocks = pick_act_blocks(m.in_features, None if spec.rotation is None else spec.rotation[0],
-                                         spec.k_blocks, q.gs, g) or spec.k_blocks
-            m.rowsum = block_row_sums(m.w_int.round().to(torch.int32), m.k_blocks)
-            ranges[name.split(".")[-1]] = m.in_features // m.k_blocks
+            m.set_act_ranges(pick_act_blocks(m.in_features, None if spec.rotation is None else spec.rotation[0],
+                                             spec.k_blocks, q.gs, g) or spec.k_blocks)
+            ranges[name.split(".")[-1]] = m.in_features // m.act_ranges
         h.record(f"act ranges of ~{g} channels (seed {seed})", 1.58, 4, h.ppl(q.model), bits, secs,
                  act_group_size=g, range_channels=ranges)
 

@@ -5,6 +5,7 @@ bf16, fp8 and torch._int_mm, same run, same shapes (Llama-3-8B linears, K -> N).
     python benchmarks/kernels.py --sweep      # also time alternative tensor-core tiles and the int8 scratch path
     python benchmarks/kernels.py --act-quant  # transform precision: time and code agreement with float64
     python benchmarks/kernels.py --code int4 --group-size 128 --lowrank 32   # + the low-rank branch, fused or not
+    python benchmarks/kernels.py --act-group-size 128   # + the op with activation ranges of ~128 channels
 
 Timing as served: CUDA graphs (triton.testing.do_bench_cudagraph, median), and each timed call cycles through
 enough copies of the layer's weights (> 128 MB) that they stream from HBM, not from the 50 MB L2, as
@@ -15,6 +16,8 @@ Columns: quant = fused transform+quantize alone; gemm = the matmul alone; twla =
 the measured copy bandwidth) / twla for M <= 64, else the int8 tensor-core floor (1.1 POPS, kernels.md) / twla.
 With --lowrank R: + branch fused = the whole op with a rank-R 16-bit branch (x·Bᵀ in act_quant's launch, A·(·) in
 the matmul's epilogue); + branch unfused = the same with x·Bᵀ as its own fp32 GEMM (what the op did before).
+With --act-group-size G: + ranges = the whole op with activation ranges of about G channels (twla-quantize
+--act-group-size G picks the same count: offline.pipeline.pick_act_blocks) instead of one per transform block.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import twla_vllm.ops  # noqa: E402,F401
 from twla_vllm import format as fmt  # noqa: E402
 from twla_vllm.kernels import triton_ops as T  # noqa: E402
 from twla_vllm.reference import block_row_sums, kron_rotate, quantize_per_token  # noqa: E402
+from offline.pipeline import pick_act_blocks  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
 MS = [1, 8, 16, 64, 256, 2048, 8192]
@@ -48,6 +52,11 @@ SWEEP = {m: [dict(tile=(bm, bn, 32, w, st)) for bn, w in ((64, 4), (128, 8)) for
 SWEEP[256] = [dict(scratch=sc, tile=(bm, 128, bk, 8, 3)) for sc in (True, False) for bm, bk in ((128, 128), (256, 64))]
 SWEEP[8192] = [dict(scratch=True, tile=(bm, 128, 128, 8, 3)) for bm in (128, 256)]
 SWEEP[64] += [dict(tile=(64, 64, 32, 4, 3), split=sp) for sp in (16, 32)]
+# v8: int32 word loads (pipelinable through shared memory) against byte loads, with and without the hand prefetch,
+# at the table's tiles and deeper pipelines
+for m, bm in ((16, 16), (64, 64), (128, 128)):
+    SWEEP[m] += [dict(tile=(bm, 64, bk, 4, st), words=True, prefetch=pf) for bk in (32, 64) for st in (3, 4)
+                 for pf in (True, False)] + [dict(tile=(bm, 64, 32, 4, 3), words=False, prefetch=False)]
 L2_BEATING_BYTES = 128 << 20
 
 
@@ -155,6 +164,8 @@ def main() -> None:
     ap.add_argument("--act-quant", action="store_true", help="transform precision table")
     ap.add_argument("--act-quant-sweep", action="store_true", help="act_quant tokens-per-program/warps table")
     ap.add_argument("--lowrank", type=int, default=0, help="also time the op with a rank-R branch, fused and not")
+    ap.add_argument("--act-group-size", type=int, default=0,
+                    help="also time the op with activation ranges of about this many channels")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--json", help="write the rows here (benchmarks/results schema)")
     a = ap.parse_args()
@@ -169,15 +180,18 @@ def main() -> None:
     rows, sweep = [], []
     for k, n in SHAPES:
         kb = K_BLOCKS[k]
+        ab = pick_act_blocks(k, FACTORS[k][0], kb, gs, a.act_group_size)  # 0: this shape has no finer ranges
         g = fmt.num_groups(k, gs)
         nbytes = n * k * code.bits // 8 + 2 * n * g
         c = n_copies(nbytes)
-        layers = []
+        layers, range_sums = [], []
         branch_ab = [((torch.randn(n, a.lowrank, device="cuda") * 0.05).half(),
                       (torch.randn(a.lowrank, k, device="cuda") * 0.05).float()) for _ in range(a.lowrank and c)]
         for _ in range(c):
             packed, rs, qa, qm, w_int = random_layer(n, k, gs, code)
             layers.append((packed, rs, qa, qm, block_row_sums(w_int, kb).cuda()))
+            if ab:
+                range_sums.append(block_row_sums(w_int, ab).cuda())
         _, _, left, right = transform_factors(k, kb)
         c16, c8 = n_copies(2 * n * k), n_copies(n * k)
         w_bf16 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(c16)]
@@ -196,15 +210,17 @@ def main() -> None:
                 return T.quant_matmul(q_in, s, z, p, rs, qa, qm, rsum, code.bits, code.step, code.offset, gs,
                                       torch.bfloat16, **kw)
 
-            def op(i):
+            def op(i, ranges=False):
                 p, rs, qa, qm, rsum = layers[i]
-                return torch.ops.twla.quant_linear(x, p, rs, qa, qm, rsum, left, right, None, None, None, code.bits,
-                                                   code.step, code.offset, gs, 4, 0.9, kb, kb, n, n)
+                return torch.ops.twla.quant_linear(x, p, rs, qa, qm, range_sums[i] if ranges else rsum, left, right,
+                                                   None, None, None, code.bits, code.step, code.offset, gs, 4, 0.9,
+                                                   kb, ab if ranges else kb, n, n)
 
             t_quant = bench(lambda i: T.act_quant(x, left, right, 4, 0.9, kb, lanes=lanes if T.uses_scratch(m) else 0))
             branch = branch_times(x, layers, branch_ab, left, right, kb, code, gs, c) if a.lowrank else {}
             t_gemm = bench(mm, c)
             t_all = bench(op, c)
+            ranges = {"act_blocks": ab, "act_ranges_us": bench(lambda i: op(i, ranges=True), c)} if ab else {}
             t_bf16 = bench(lambda i: x @ w_bf16[i].t(), c16)
             xq = x.to(torch.float8_e4m3fn)
             t_fp8 = bench(lambda i: torch._scaled_mm(xq, w_f8[i].t(), one, one, out_dtype=torch.bfloat16), c8) \
@@ -228,20 +244,22 @@ def main() -> None:
             floor = nbytes / bw * 1e6 if m <= 64 else 2 * m * n * k / 1.1e15 * 1e6
             rows.append(dict(k=k, n=n, m=m, quant_us=t_quant, gemm_us=t_gemm, twla_us=t_all, bf16_us=t_bf16,
                              fp8_us=None if t_fp8 != t_fp8 else t_fp8, int_mm_us=None if t_int != t_int else t_int,
-                             floor_pct=100 * floor / t_all, **branch))
+                             floor_pct=100 * floor / t_all, **branch, **ranges))
             print(f"{k}->{n} M={m}: twla {t_all:.1f} us (quant {t_quant:.1f}, gemm {t_gemm:.1f}), bf16 {t_bf16:.1f} us",
                   flush=True)
     if sweep:
-        print("\n| K->N | M | scratch | tile (BM,BN,BK,warps,stages) | split | equal | µs |\n"
-              "|---|---|---|---|---|---|---|")
+        print("\n| K->N | M | scratch | tile (BM,BN,BK,warps,stages) | split | words | prefetch | equal | µs |\n"
+              "|---|---|---|---|---|---|---|---|---|")
         for k, n, m, kw, ok, us in sweep:
-            print(f"| {k}->{n} | {m} | {kw['scratch']} | {kw['tile']} | {kw.get('split', 'rule')} | {ok} | {us:.1f} |")
+            print(f"| {k}->{n} | {m} | {kw['scratch']} | {kw['tile']} | {kw.get('split', 'rule')} | "
+                  f"{kw.get('words', 'default')} | {kw.get('prefetch', 'default')} | {ok} | {us:.1f} |")
     print(f"\n{code.name}, group size {gs}\n| K->N | M | quant µs | gemm µs | twla µs | bf16 µs | fp8 µs | _int_mm µs "
           f"| bf16/twla | floor % |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         f = lambda v: "–" if v is None else f"{v:.1f}"  # noqa: E731
         extra = (f" + branch fused {r['branch_fused_us']:.1f} µs, unfused {r['branch_unfused_us']:.1f} µs |"
                  if "branch_fused_us" in r else "")
+        extra += f" + {r['act_blocks']} ranges {r['act_ranges_us']:.1f} µs |" if "act_ranges_us" in r else ""
         print(f"| {r['k']}->{r['n']} | {r['m']} | {r['quant_us']:.1f} | {r['gemm_us']:.1f} | {r['twla_us']:.1f} | "
               f"{r['bf16_us']:.1f} | {f(r['fp8_us'])} | {f(r['int_mm_us'])} | {r['bf16_us'] / r['twla_us']:.2f}x | "
               f"{r['floor_pct']:.0f}% |{extra}")
@@ -249,7 +267,7 @@ def main() -> None:
         with open(a.json, "w") as fh:
             json.dump({"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
                        "command": "python " + " ".join(sys.argv), "code": code.name, "group_size": gs,
-                       "lowrank_rank": a.lowrank,
+                       "lowrank_rank": a.lowrank, "act_group_size": a.act_group_size,
                        "rows": rows}, fh, indent=1)
 
 

@@ -316,6 +316,6 @@ def test_simulated_fp_group_scales_below_16_bits(k_blocks, rng):
     s = w.row_scale.float().reshape(-1, 1)
     fp = QuantWeight(w.codes, w.code, torch.ones(48), w.group_scale.float() * s, w.group_offset.float() * s)
     x = torch.randn(5, 256, generator=rng) * 2 + 0.5
-    y = SimTwlaLinear(fp, None, None, 4, 0.9, k_blocks=k_blocks)(x)
+    y = SimTwlaLinear(fp, None, None, 4, 0.9, act_ranges=k_blocks)(x)
     want = naive_linear(x, fp, None, None, 4, 0.9, None, k_blocks=k_blocks)
     assert (y.double() - want).abs().max() <= 1e-4 * want.abs().max()

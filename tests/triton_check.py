@@ -51,12 +51,16 @@ class Case:
     scratch: bool = False
     split: bool = True  # allow split-K in the GEMV
     precision: str | None = None  # act_quant's transform dots (None: the op's default)
+    words: bool | None = None  # packed GEMM: int32 word loads (None: the default, tiles.GEMM_WORD_LOADS)
+    prefetch: bool | None = None  # packed GEMM: next tile's loads issued by hand (None: tiles.GEMM_PREFETCH)
 
     def __str__(self) -> str:
         return (f"m={self.m} n={self.n} k={self.k} {self.code} g={self.gs} kb={self.kb}"
                 f"{f' ab={self.ab}' if self.ab else ''} a{self.bits} rot={self.rot} "
                 f"r={self.rank}x{self.shards} bias={self.bias} {str(self.dtype)[6:]}"
-                f"{' scratch' if self.scratch else ''}{'' if self.split else ' nosplit'}")
+                f"{' scratch' if self.scratch else ''}{'' if self.split else ' nosplit'}"
+                f"{'' if self.words is None else f' words={self.words}'}"
+                f"{'' if self.prefetch is None else f' prefetch={self.prefetch}'}")
 
 
 def random_layer(c: Case, gen, dev):
@@ -130,7 +134,8 @@ def check_case(c: Case, dev, gen) -> list[str]:
     q8 = q_ref.to(torch.int8).to(dev)[:, perm].contiguous()
     y = torch.full((c.m, c.n), float("nan"), device=dev)
     T.quant_matmul(q8, s_ref.to(dev), z_ref.to(dev), packed, row_scale, qa, qm, rowsum, code.bits,
-                   code.step, code.offset, c.gs, torch.float32, scratch=scratch, out=y, gemv_split=c.split)
+                   code.step, code.offset, c.gs, torch.float32, scratch=scratch, out=y, gemv_split=c.split,
+                   words=c.words, prefetch=c.prefetch)
     want = exact_gemm(q_ref, s_ref, z_ref, w_int, row_scale, ab)
     if torch.isnan(y).any():
         fails.append("matmul left outputs unwritten")
@@ -155,7 +160,8 @@ def check_case(c: Case, dev, gen) -> list[str]:
         if lr.shape != (c.kb, c.m, c.shards * c.rank) or lr_err > 1e-5:  # fp32 sums of K products
             fails.append(f"act_quant lowrank x·Bᵀ: shape {tuple(lr.shape)}, rel err {lr_err:.2e}")
     y2 = T.quant_matmul(q2, s2, z2, packed, row_scale, qa, qm, rowsum, code.bits, code.step, code.offset, c.gs,
-                        c.dtype, la, lr, bias, bounds, scratch=scratch, gemv_split=c.split)
+                        c.dtype, la, lr, bias, bounds, scratch=scratch, gemv_split=c.split, words=c.words,
+                        prefetch=c.prefetch)
     ref = quant_linear(x, w_int.to(dev), row_scale, rowsum, left, right, c.bits, 0.9, bias=bias)
     if la is not None:  # each row reads its own shard's slice of lr
         shard = (torch.arange(c.n, device=dev) >= bounds[0]).long() + (torch.arange(c.n, device=dev) >= bounds[1]).long()
@@ -189,6 +195,9 @@ CPU_CASES = [
     # activation ranges finer than the transform blocks (act_blocks): 4 rows of 16 per range, 2 ranges per block
     Case(5, 24, 256, gs=32, ab=4), Case(40, 33, 256, gs=64, kb=2, ab=4, rank=4),
     Case(3, 40, 512, gs=32, rot=False, ab=4), Case(260, 40, 384, gs=32, kb=2, ab=4),
+    # packed GEMM with int32 word loads (codes and group scales), with and without the hand prefetch
+    Case(20, 40, 512, gs=32, words=True), Case(12, 72, 256, gs=64, kb=2, code="binary", words=True, prefetch=False),
+    Case(24, 40, 256, gs=32, code="int4", words=True, rank=4), Case(16, 40, 256, gs=32, words=False, prefetch=False),
 ]
 
 
@@ -212,6 +221,10 @@ def gpu_cases() -> list[Case]:
             # tiny K (a TP-sharded small model): fewer than 4 packed words per unpack tile
             Case(300, 48, 64, gs=32, rot=False, code="binary", scratch=True),
             Case(300, 48, 64, gs=32, rot=False, code="ternary", scratch=True)]
+    out += [Case(m, 4096, 4096, gs=32, dtype=bf16, code=code, words=True, prefetch=pf) for m in (16, 64)
+            for code in ("ternary", "binary", "int4") for pf in (True, False)]
+    out += [Case(64, 4096, 14336, gs=32, kb=8, rot=False, dtype=bf16, words=True),
+            Case(100, 4096, 4096, gs=128, dtype=bf16, code="int4", rank=32, shards=3, words=True, prefetch=False)]
     return out
 
 

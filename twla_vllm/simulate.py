@@ -43,33 +43,38 @@ class QuantWeight:
 
 class SimTwlaLinear(torch.nn.Module):
     """nn.Linear stand-in: transform -> per-token fake-quant -> integer GEMM -> epilogue (+ low-rank, bias).
-    k_blocks here counts activation ranges per token (`LayerSpec.act_ranges`): the transform needs no blocks in
-    simulation, only the ranges and the row sums do."""
+    Only the activation ranges per token (`LayerSpec.act_ranges`) matter here: the transform needs no k-blocks in
+    simulation, the quantizer's ranges and the zero-point row sums do."""
 
     def __init__(self, weight: QuantWeight, left: torch.Tensor | None, right: torch.Tensor | None,
-                 act_bits: int, act_clip: float, k_blocks: int = 1, bias: torch.Tensor | None = None,
+                 act_bits: int, act_clip: float, act_ranges: int = 1, bias: torch.Tensor | None = None,
                  lowrank_a: torch.Tensor | None = None, lowrank_b: torch.Tensor | None = None):
         super().__init__()
         self.code = weight.code
         self.out_features, self.in_features = weight.codes.shape
-        self.act_bits, self.act_clip, self.k_blocks = act_bits, act_clip, k_blocks
+        self.act_bits, self.act_clip = act_bits, act_clip
         self.register_buffer("codes", weight.codes.to(torch.uint8))
         self.register_buffer("row_scale", weight.row_scale.reshape(-1).to(torch.float16).float())
         fp = weight.group_scale.is_floating_point()
         self.register_buffer("group_scale", weight.group_scale if fp else weight.group_scale.to(torch.int8))
         self.register_buffer("group_offset", weight.group_offset if fp else weight.group_offset.to(torch.int8))
-        w_int = weight.int_weights()
-        self.register_buffer("w_int", w_int.float())  # resident as exact float32 integers (BLAS GEMM)
-        # zero-point term z * rowsum: exact int32 sums on the integer grid; fp alpha/mu weights are not integers,
-        # so their sums stay real (truncating them broke every fp-scale layer below 16 activation bits)
-        n, k = w_int.shape
-        self.register_buffer("rowsum", w_int.double().view(n, k_blocks, k // k_blocks).sum(-1) if fp
-                             else block_row_sums(w_int, k_blocks))
+        self.register_buffer("w_int", weight.int_weights().float())  # exact float32 integers (BLAS GEMM)
+        self.set_act_ranges(act_ranges)
         self.register_buffer("left", None if left is None else left.float())
         self.register_buffer("right", None if right is None else right.float())
         self.register_buffer("lowrank_a", None if lowrank_a is None else lowrank_a.to(fmt.LOWRANK_DTYPE).float())
         self.register_buffer("lowrank_b", None if lowrank_b is None else lowrank_b.to(fmt.LOWRANK_DTYPE).float())
         self.register_buffer("bias", bias)
+
+    def set_act_ranges(self, act_ranges: int) -> None:
+        """Quantize activations in this many ranges per token; the zero-point term z * rowsum needs one row sum
+        per range: exact int32 sums on the integer grid; fp alpha/mu weights are not integers, so their sums stay
+        real (truncating them broke every fp-scale layer below 16 activation bits)."""
+        n, k = self.w_int.shape
+        self.act_ranges = act_ranges
+        self.register_buffer("rowsum", self.w_int.double().view(n, act_ranges, k // act_ranges).sum(-1)
+                             if self.group_scale.is_floating_point()
+                             else block_row_sums(self.w_int, act_ranges))
 
     @property
     def weight(self) -> QuantWeight:
@@ -91,7 +96,7 @@ class SimTwlaLinear(torch.nn.Module):
         rot = None if self.left is None else (self.left.shape[0], self.right.shape[0])
         rank = 0 if self.lowrank_a is None else self.lowrank_a.shape[1]
         return (f"in={self.in_features}, out={self.out_features}, code={self.code.name}, "
-                f"act_bits={self.act_bits}, clip={self.act_clip:.3f}, k_blocks={self.k_blocks}, "
+                f"act_bits={self.act_bits}, clip={self.act_clip:.3f}, act_ranges={self.act_ranges}, "
                 f"rotation={rot}, lowrank_rank={rank}")
 
 

@@ -19,6 +19,10 @@ GEMV_SPLIT_CTAS = 528  # split K (int32 partials) while the grid has fewer CTAs 
 # tile's group scales are one column; the scratch path (M >= SCRATCH_MIN_M) takes the last row.
 GEMM_CONFIGS = ((16, 16, 64, 32, 4, 2), (64, 64, 64, 32, 4, 3), (255, 128, 64, 32, 4, 3),
                 (1 << 62, 128, 128, 128, 8, 3))
+# packed GEMM loads (M < SCRATCH_MIN_M): int32 words (pipelinable) or bytes, next tile prefetched by hand or not;
+# `benchmarks/kernels.py --sweep` times the four (KERNEL_NOTES.md v8)
+GEMM_WORD_LOADS = False
+GEMM_PREFETCH = True
 SCRATCH_MIN_M = 256  # from here on: unpack once to an int8 scratch, then the GEMM on int8 weights
 
 
