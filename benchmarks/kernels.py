@@ -53,10 +53,11 @@ SWEEP[256] = [dict(scratch=sc, tile=(bm, 128, bk, 8, 3)) for sc in (True, False)
 SWEEP[8192] = [dict(scratch=True, tile=(bm, 128, 128, 8, 3)) for bm in (128, 256)]
 SWEEP[64] += [dict(tile=(64, 64, 32, 4, 3), split=sp) for sp in (16, 32)]
 # v8: int32 word loads (pipelinable through shared memory) against byte loads, with and without the hand prefetch,
-# at the table's tiles and deeper pipelines
+# at the table's tiles and a deeper pipeline
 for m, bm in ((16, 16), (64, 64), (128, 128)):
-    SWEEP[m] += [dict(tile=(bm, 64, bk, 4, st), words=True, prefetch=pf) for bk in (32, 64) for st in (3, 4)
-                 for pf in (True, False)] + [dict(tile=(bm, 64, 32, 4, 3), words=False, prefetch=False)]
+    SWEEP[m] += [dict(tile=(bm, 64, bk, 4, st), loads=ld, prefetch=pf) for ld in ("words", "word_tile")
+                 for bk in (32, 64) for st in (3, 4) for pf in (True, False)]
+    SWEEP[m] += [dict(tile=(bm, 64, 32, 4, 3), loads="bytes", prefetch=False)]
 L2_BEATING_BYTES = 128 << 20
 
 
@@ -248,11 +249,11 @@ def main() -> None:
             print(f"{k}->{n} M={m}: twla {t_all:.1f} us (quant {t_quant:.1f}, gemm {t_gemm:.1f}), bf16 {t_bf16:.1f} us",
                   flush=True)
     if sweep:
-        print("\n| K->N | M | scratch | tile (BM,BN,BK,warps,stages) | split | words | prefetch | equal | µs |\n"
+        print("\n| K->N | M | scratch | tile (BM,BN,BK,warps,stages) | split | loads | prefetch | equal | µs |\n"
               "|---|---|---|---|---|---|---|---|---|")
         for k, n, m, kw, ok, us in sweep:
             print(f"| {k}->{n} | {m} | {kw['scratch']} | {kw['tile']} | {kw.get('split', 'rule')} | "
-                  f"{kw.get('words', 'default')} | {kw.get('prefetch', 'default')} | {ok} | {us:.1f} |")
+                  f"{kw.get('loads', 'default')} | {kw.get('prefetch', 'default')} | {ok} | {us:.1f} |")
     print(f"\n{code.name}, group size {gs}\n| K->N | M | quant µs | gemm µs | twla µs | bf16 µs | fp8 µs | _int_mm µs "
           f"| bf16/twla | floor % |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:

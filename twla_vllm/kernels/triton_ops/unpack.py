@@ -97,19 +97,23 @@ def _unpack_tile(w_ptr, qa_ptr, qm_ptr, rn, k0, N, K, stride_w, G: tl.constexpr,
 
 @triton.jit
 def _load_rep(w_ptr, qa_ptr, qm_ptr, rn, k0, N, K, stride_w, G: tl.constexpr, GS: tl.constexpr,
-              BITS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, WORDS: tl.constexpr):
-    """Raw loads for `_int_tile` (codes k0..k0+BK-1 of rows rn, nothing at or past K): every element loads the
-    byte (WORDS 0) or the int32 word (WORDS 1) that holds its code (byte-lane layout: byte 4*(k // CPW) + k % 4 of
-    the row) and its group's a, m, as plain 2-D tiles, so no reshape sits between the loads and the dot. w_ptr:
-    the packed words viewed as bytes (stride_w in bytes) or as int32 (stride_w in words); with WORDS qa_ptr and
-    qm_ptr are the [N, G] int8 scales viewed as int32 too. Split from the
-    arithmetic so the GEMM can issue the next tile's loads before using this one (with that and split-K,
-    1.4-2.2x faster than the 3-D word unpack it replaced; KERNEL_NOTES v7). Why words: Triton pipelines a load
-    through shared memory (cp.async) only when each element is >= 4 bytes; byte loads stall every K step."""
+              BITS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, LOADS: tl.constexpr):
+    """Raw loads for `_int_tile` (codes k0..k0+BK-1 of rows rn, nothing at or past K) and their groups' a, m.
+    LOADS 0: every element loads the byte that holds its code (byte-lane layout: byte 4*(k // CPW) + k % 4 of the
+    row), w_ptr = the packed words viewed as bytes, stride_w in bytes; a plain 2-D tile, so no reshape sits
+    between the loads and the dot. LOADS 1: every element loads its code's int32 word; LOADS 2: one int32 word per
+    CPW codes, [BN, BK/CPW] (expanded by `_int_tile`); for both w_ptr = the packed int32 words (stride_w in words)
+    and qa_ptr, qm_ptr = the [N, G] int8 scales viewed as int32. Why words: Triton pipelines a load through shared
+    memory (cp.async) only when each element is >= 4 bytes; byte loads stall every K step unless the GEMM issues
+    the next tile's loads by hand (KERNEL_NOTES v7: 1.4-2.2x)."""
     CPW: tl.constexpr = 32 // BITS
     rk = k0 + tl.arange(0, BK)
     ok = (rn[:, None] < N) & (rk[None, :] < K)
-    if WORDS:
+    if LOADS == 2:
+        wi = tl.arange(0, BK // CPW)
+        byts = tl.load(w_ptr + rn[:, None] * stride_w + k0 // CPW + wi[None, :],
+                       mask=(rn[:, None] < N) & (k0 + wi[None, :] * CPW < K), other=0)
+    elif LOADS == 1:
         byts = tl.load(w_ptr + rn[:, None] * stride_w + (rk // CPW)[None, :], mask=ok, other=0)
     else:
         byts = tl.load(w_ptr + rn[:, None] * stride_w + ((rk // CPW) * 4 + rk % 4)[None, :], mask=ok, other=0)
@@ -119,7 +123,7 @@ def _load_rep(w_ptr, qa_ptr, qm_ptr, rn, k0, N, K, stride_w, G: tl.constexpr, GS
     else:
         pq = rn[:, None] * G + (rk // GS)[None, :]
         ok_q = ok
-    if WORDS:  # qa/qm viewed as int32 (G % 4 == 0): the word, then its byte, sign-extended
+    if LOADS:  # the group's int32 word, then its byte, sign-extended
         sh = 24 - 8 * (pq % 4)
         qa = (tl.load(qa_ptr + pq // 4, mask=ok_q, other=0) << sh) >> 24
         qm = (tl.load(qm_ptr + pq // 4, mask=ok_q, other=0) << sh) >> 24
@@ -133,14 +137,19 @@ def _load_rep(w_ptr, qa_ptr, qm_ptr, rn, k0, N, K, stride_w, G: tl.constexpr, GS
 
 @triton.jit
 def _int_tile(byts, qa, qm, BITS: tl.constexpr, STEP: tl.constexpr, OFF: tl.constexpr, BK: tl.constexpr,
-              WORDS: tl.constexpr):
+              LOADS: tl.constexpr):
     """int8 weights a*v(c) + m [BN, BK] in natural order from `_load_rep`'s tiles (shift, mask, multiply-add)."""
     CPW: tl.constexpr = 32 // BITS
-    j = tl.arange(0, BK)
-    shift = BITS * ((j % CPW) // 4)
-    if WORDS:  # the code's byte within its word
-        shift += 8 * (j % 4)
-    codes = (byts.to(tl.int32) >> shift[None, :]) & (2**BITS - 1)
+    if LOADS == 2:  # [BN, words] -> [BN, words, CPW] -> [BN, BK]: code 4*i + b of a word is lane i of byte b
+        j = tl.arange(0, CPW)
+        codes = (byts[:, :, None] >> (8 * (j % 4) + BITS * (j // 4))[None, None, :]) & (2**BITS - 1)
+        codes = tl.reshape(codes, (byts.shape[0], BK))
+    else:
+        j = tl.arange(0, BK)
+        shift = BITS * ((j % CPW) // 4)
+        if LOADS == 1:  # the code's byte within its word
+            shift += 8 * (j % 4)
+        codes = (byts.to(tl.int32) >> shift[None, :]) & (2**BITS - 1)
     qa = qa.to(tl.int32)
     return (codes * (qa * STEP) + (qm.to(tl.int32) - qa * OFF)).to(tl.int8)
 
