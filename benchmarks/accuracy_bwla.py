@@ -7,7 +7,7 @@ Ladders (W1 = binary codes; A16 = activations unquantized; uniform activation bi
   bwla     RTN binary; binary + GPTQ (E2M-ATQ stage 1 + 2, integer grid); + OKT; + PSP (= BWLA) at A16/A6/A4;
            `bwla` = BWLA + the per-site clip search at A6 and A4 (what `twla-quantize --method bwla` does);
            TWLA (ternary, KOTMS) at the same activation bits, for comparison
-  groups   BWLA at larger weight groups (fewer scale bits per weight): the bits / accuracy trade-off
+  groups   BWLA at the other weight groups of 32, 64, 192, per row: the bits / accuracy trade-off
   svd      binary + OKT with a rank-16 branch from a truncated SVD of W (`lowrank.fit_svd`) instead of PSP:
            PSP's baseline at equal bits
   all      all three
@@ -97,8 +97,8 @@ def bwla_ladder(h: Harness, cache: OktCache, group_size: int) -> None:
             (16, 6))
 
 
-def group_ladder(h: Harness, cache: OktCache) -> None:
-    for gs in (64, 192, -1):
+def group_ladder(h: Harness, cache: OktCache, group_size: int) -> None:
+    for gs in (g for g in (32, 64, 192, -1) if g != group_size):  # the bwla ladder ran group_size
         run_row(h, cache, f"BWLA, group {'per row' if gs == -1 else gs}",
                 dataclasses.replace(preset("bwla"), group_size=gs), 1, (16, 6))
 
@@ -125,7 +125,7 @@ def main() -> None:
     if a.ladder in ("bwla", "all"):
         bwla_ladder(h, cache, a.group_size)
     if a.ladder in ("groups", "all"):
-        group_ladder(h, cache)
+        group_ladder(h, cache, a.group_size)
     if a.ladder in ("svd", "all"):
         svd_ladder(h, cache, a.group_size)
     print("\n" + h.table())

@@ -131,7 +131,7 @@ def test_bwla_checkpoint_is_binary_with_a_lowrank_branch(bwla_checkpoint):
 
     ckpt = bwla_checkpoint["checkpoint"]
     cfg = fmt.validate_checkpoint(ckpt)
-    assert cfg.weight_code == "binary" and cfg.group_size == 32 and cfg.recipe["method"] == "bwla"
+    assert cfg.weight_code == "binary" and cfg.group_size == 64 and cfg.recipe["method"] == "bwla"
     tensors = load_file(os.path.join(ckpt, "model.safetensors"))
     want_bits = total = 0
     for name, spec in cfg.layers.items():
