@@ -8,7 +8,8 @@ import triton
 from .epilogue import _epilogue
 from .gemm import _gemm_kernel
 from .gemv import _gemv_kernel
-from .tiles import GEMM_CONFIGS, GEMM_LOADS, GEMM_PREFETCH, LOAD_FORMS, GEMV_CONFIGS, GEMV_MAX_M, GEMV_SPLIT_CTAS, block_k, gemm_split, uses_scratch
+from .tiles import (GEMM_CONFIGS, GEMM_LOADS, GEMM_PREFETCH, GEMV_CONFIGS, GEMV_MAX_M, GEMV_SPLIT_CTAS, LOAD_FORMS,
+                    block_k, gemm_split, uses_scratch)
 from .unpack import unpack_weights
 
 
@@ -86,8 +87,8 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
         raise ValueError(f"split {split}: K = {k} in {kb} block(s) needs whole {bk}-wide tiles per split and, with "
                          f"several blocks, one split per block")
     acc = _partials(split, kb, y)
-    _gemm_kernel[(tiles, split)](q, s, z, w, *gemm_args, acc, m, n, k, q.stride(0), w.stride(0), y.stride(0), stride_lr,
-                                 sb1, sb2, GS=gs, SCRATCH=use_scratch, SPLIT=split, BM=bm, BN=bn, BK=bk, GROUP_N=8, ASM=asm,
+    _gemm_kernel[(tiles, split)](q, s, z, w, *gemm_args, acc, m, n, k, q.stride(0), w.stride(0), y.stride(0),
+                                 stride_lr, sb1, sb2, GS=gs, SCRATCH=use_scratch, SPLIT=split, BM=bm, BN=bn, BK=bk, GROUP_N=8, ASM=asm,
                                  PRECISION="ieee" if q.device.type == "cpu" else "tf32x3", LOADS=form,
                                  PREFETCH=GEMM_PREFETCH if prefetch is None else prefetch, num_warps=warps,
                                  num_stages=stages, **meta)
