@@ -37,7 +37,7 @@ import twla_vllm.ops  # noqa: E402,F401
 from twla_vllm import format as fmt  # noqa: E402
 from twla_vllm.kernels import triton_ops as T  # noqa: E402
 from twla_vllm.reference import block_row_sums, kron_rotate, quantize_per_token  # noqa: E402
-from offline.pipeline import pick_act_blocks  # noqa: E402
+from twla_offline.pipeline import pick_act_blocks  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
 MS = [1, 8, 16, 64, 256, 2048, 8192]
