@@ -4,6 +4,7 @@
     python benchmarks/accuracy.py --model smollm2-135m --ladder groups        # format v2 grid vs fp16 scales
     python benchmarks/accuracy.py --model smollm2-135m --ladder rotation      # rotation placement options
     python benchmarks/accuracy.py --model smollm2-135m --ladder act-groups    # activation ranges per token
+    python benchmarks/accuracy.py --model qwen2.5-coder-1.5b --ladder act-groups --checkpoint DIR --windows 8
     python benchmarks/accuracy.py --model qwen2.5-coder-1.5b --ladder baselines --checkpoint DIR --windows 8
 
 Ladders (rows: weights W, activations A; A4MP = ILA-AMP mixed per-block bits averaging 4):
@@ -183,24 +184,38 @@ def rotation_ladder(h: Harness, group_size: int, seed: int, rungs: list[int]) ->
               dataclasses.replace(base, **combined), 1.58)
 
 
-def act_group_ladder(h: Harness, group_size: int, seed: int, act_groups: list[int]) -> None:
+def act_group_ladder(h: Harness, group_size: int, seed: int, act_groups: list[int],
+                     checkpoint: str | None = None) -> None:
     """W1.58A4 with activation ranges of ~G channels per token (recipe act_group_size, format key act_blocks) on
     one set of quantized weights: the weight stage does not depend on the ranges (its Hessians come from 16-bit
     activations), so each row differs only in how activations are quantized. Ranges as the pipeline picks them
-    (`pick_act_blocks`: whole rows of the transform view, servable by the Triton kernels)."""
+    (`pick_act_blocks`: whole rows of the transform view, servable by the Triton kernels). With `checkpoint` the
+    weights, activation bits and clips are a finished checkpoint's (its clips were searched for its own ranges)."""
     from twla_offline.pipeline import pick_act_blocks
 
-    q = h.run(f"act ranges per k-block (seed {seed})", Recipe(group_size=group_size, seed=seed), 1.58, act=(4,),
-              act_group_size=0)
-    bits, secs = honest_bits(q), sum(q.seconds.values())
+    if checkpoint:
+        from twla_vllm.format import validate_checkpoint
+        from twla_vllm.simulate import SimTwlaLinear, load_simulated_model
+
+        qcfg = validate_checkpoint(checkpoint)
+        model = load_simulated_model(checkpoint, device=h.device)
+        sims = {n: m for n, m in model.named_modules() if isinstance(m, SimTwlaLinear)}
+        specs, gs, bits, secs = {n: qcfg.spec(n) for n in sims}, qcfg.group_size, qcfg.bits_per_weight, None
+        a_bits, tag = qcfg.default.act_bits, f"checkpoint {os.path.basename(checkpoint.rstrip('/'))}"
+        h.record(f"act ranges per k-block ({tag})", 1.58, a_bits, h.ppl(model), bits, secs)
+    else:
+        q = h.run(f"act ranges per k-block (seed {seed})", Recipe(group_size=group_size, seed=seed), 1.58,
+                  act=(4,), act_group_size=0)
+        model, sims, specs, gs = q.model, q.sim_layers(), q.specs, q.gs
+        bits, secs, a_bits, tag = honest_bits(q), sum(q.seconds.values()), 4, f"seed {seed}"
     for g in act_groups:
         ranges = {}
-        for name, m in q.sim_layers().items():
-            spec = q.specs[name]
+        for name, m in sims.items():
+            spec = specs[name]
             m.set_act_ranges(pick_act_blocks(m.in_features, None if spec.rotation is None else spec.rotation[0],
-                                             spec.k_blocks, q.gs, g) or spec.k_blocks)
+                                             spec.k_blocks, gs, g) or spec.k_blocks)
             ranges[name.split(".")[-1]] = m.in_features // m.act_ranges
-        h.record(f"act ranges of ~{g} channels (seed {seed})", 1.58, 4, h.ppl(q.model), bits, secs,
+        h.record(f"act ranges of ~{g} channels ({tag})", 1.58, a_bits, h.ppl(model), bits, secs,
                  act_group_size=g, range_channels=ranges)
 
 
@@ -281,7 +296,7 @@ def main() -> None:
                     default="twla")
     ap.add_argument("--windows", type=int, default=16, help="512-token test windows for PPL")
     ap.add_argument("--group-size", type=int, default=32)
-    ap.add_argument("--checkpoint", help="baselines / checkpoint ladders: evaluate this finished checkpoint")
+    ap.add_argument("--checkpoint", help="baselines / checkpoint / act-groups ladders: evaluate this finished checkpoint")
     ap.add_argument("--label", default="default", help="checkpoint ladder: the row's method name")
     ap.add_argument("--a-bits", default="4MP", help="checkpoint ladder: the row's activation bits")
     ap.add_argument("--groups", default="128,64,32", help="groups ladder: group sizes")
@@ -305,7 +320,7 @@ def main() -> None:
     elif a.ladder == "second-plane":
         second_plane(h, [int(g) for g in a.groups.split(",")])
     elif a.ladder == "act-groups":
-        act_group_ladder(h, a.group_size, a.seed, [int(g) for g in a.act_groups.split(",")])
+        act_group_ladder(h, a.group_size, a.seed, [int(g) for g in a.act_groups.split(",")], a.checkpoint)
     elif a.ladder == "rotation":
         rotation_ladder(h, a.group_size, a.seed, [int(i) for i in a.rungs.split(",")])
     elif a.ladder == "groups":

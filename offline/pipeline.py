@@ -24,7 +24,7 @@ from .calibrate import (BlockInputs, RotatedLinear, capture_first_block_inputs, 
                         input_gram, run_block)
 from .export import write_checkpoint
 from .onload import Placement
-from .recipe import Recipe
+from .recipe import AFTER_WEIGHTS, Recipe
 from .rotate import (balanced_factors, block_diagonal_orthogonal, fold_head_rotation, fold_norm_into, fold_weight,
                      learn_kronecker_rotation, random_orthogonal, reference_factors, unfold_weight)
 from .weights import fit_rtn, gptq_quantize
@@ -161,16 +161,20 @@ class Quantizer:
             _atomic_json(progress, {"next_block": l + 1})
 
     def _check_recipe(self) -> None:
+        """Refuse to resume a weight stage made with other weight settings; settings read after it (AFTER_WEIGHTS:
+        bit allocation, clip search) may change, and the saved recipe then takes the new values."""
         path = os.path.join(self.work, "recipe.json")
         mine = json.loads(json.dumps(self.r.to_dict()))
         if os.path.exists(path):
             saved = json.load(open(path))
-            if saved != mine:
-                diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
-                raise SystemExit(f"{self.work}: an interrupted run with a different recipe is there {diff}; "
+            diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
+            weights = {k: d for k, d in diff.items() if k not in AFTER_WEIGHTS}
+            if weights:
+                raise SystemExit(f"{self.work}: an interrupted run with different weight settings is there {weights}; "
                                  f"delete it or pass --restart")
-        else:
-            _atomic_json(path, mine)
+            if diff:
+                self.log(f"reusing the weight stage in {self.work}; changed after it: {diff}")
+        _atomic_json(path, mine)
 
     # ---------------------------------------------------------------- one block ------------------
     def _quantize_block(self, l: int, layer, inputs: BlockInputs) -> BlockInputs:

@@ -23,6 +23,11 @@ LOWRANKS = ("none", "svd", "psp", "learned")
 WEIGHT_METHODS = ("e2m-atq", "atq", "rtn")
 ALLOCATIONS = ("ila-amp", "uniform")
 
+# fields read only after the weight stage (bit allocation, clip search): an interrupted or finished weight stage
+# in OUT.work/ is reused when only these change, so re-allocating bits does not re-quantize the weights
+AFTER_WEIGHTS = frozenset({"allocation", "bit_set", "amp_beta", "amp_tokens", "amp_seqlen", "clip_search",
+                           "clip_tokens", "clip_min", "clip_step"})
+
 # field -> (cpu, cuda) default where the recipe leaves it None
 DEVICE_DEFAULTS: dict[str, tuple[int, int]] = {
     "nsamples": (32, 128),

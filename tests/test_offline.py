@@ -190,6 +190,46 @@ def test_resume_after_kill_gives_the_same_checkpoint(tiny_dense_dir, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_resume_may_change_allocation_but_not_weight_settings(tiny_dense_dir, tmp_path):
+    """A run killed after its weight stage resumes with other allocation / clip settings and reuses the weights
+    (same bytes as an uninterrupted run with the new settings); a changed weight setting is refused."""
+    from twla_offline import pipeline
+
+    slow = _tiny_recipe()
+    fast = dataclasses.replace(slow, allocation="uniform", clip_search=False)
+    whole = _quantize(tiny_dense_dir, str(tmp_path / "whole"), fast)["checkpoint"]
+    out = str(tmp_path / "resumed")
+    original = pipeline.Quantizer.allocate
+
+    def killed(self):
+        raise KeyboardInterrupt("simulated kill during ILA-AMP")
+
+    pipeline.Quantizer.allocate = killed
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _quantize(tiny_dense_dir, out, slow)
+    finally:
+        pipeline.Quantizer.allocate = original
+    with pytest.raises(SystemExit, match="group_size"):
+        _quantize(tiny_dense_dir, out, dataclasses.replace(fast, group_size=16))
+    block = pipeline.Quantizer._quantize_block
+
+    def no_requantize(self, *a):
+        raise AssertionError("a block was quantized again instead of restored from OUT.work/state")
+
+    pipeline.Quantizer._quantize_block = no_requantize
+    try:
+        resumed = _quantize(tiny_dense_dir, out, fast)["checkpoint"]
+    finally:
+        pipeline.Quantizer._quantize_block = block
+    a, b = _tensors(whole), _tensors(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    recipe = json.load(open(os.path.join(resumed, "config.json")))["quantization_config"]["recipe"]
+    assert recipe["allocation"] == "uniform" and recipe["clip_search"] is False
+
+
 @pytest.mark.vllm
 def test_quantized_checkpoint_serves_in_vllm(tiny_dense_dir, tmp_path):
     from .helpers import PROMPTS, run_vllm, sim_greedy
