@@ -190,7 +190,8 @@ def act_group_ladder(h: Harness, group_size: int, seed: int, act_groups: list[in
     one set of quantized weights: the weight stage does not depend on the ranges (its Hessians come from 16-bit
     activations), so each row differs only in how activations are quantized. Ranges as the pipeline picks them
     (`pick_act_blocks`: whole rows of the transform view, servable by the Triton kernels). With `checkpoint` the
-    weights, activation bits and clips are a finished checkpoint's (its clips were searched for its own ranges)."""
+    weights, activation bits and clips are a finished checkpoint's (its clips were searched for its own ranges),
+    and a last row runs it with 16-bit activations."""
     from twla_offline.pipeline import pick_act_blocks
 
     if checkpoint:
@@ -217,6 +218,10 @@ def act_group_ladder(h: Harness, group_size: int, seed: int, act_groups: list[in
             ranges[name.split(".")[-1]] = m.in_features // m.act_ranges
         h.record(f"act ranges of ~{g} channels ({tag})", 1.58, a_bits, h.ppl(model), bits, secs,
                  act_group_size=g, range_channels=ranges)
+    if checkpoint:  # how much of the loss is the weights': the same checkpoint with 16-bit activations
+        for m in sims.values():
+            m.act_bits = 16
+        h.record(f"weights only ({tag})", 1.58, 16, h.ppl(model), bits, secs)
 
 
 def group_ladder(h: Harness, groups: list[int], formats: list[str]) -> None:

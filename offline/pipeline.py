@@ -166,7 +166,8 @@ class Quantizer:
         path = os.path.join(self.work, "recipe.json")
         mine = json.loads(json.dumps(self.r.to_dict()))
         if os.path.exists(path):
-            saved = json.load(open(path))
+            # a key the saved recipe lacks is newer than the run, which behaved as its default
+            saved = {**json.loads(json.dumps(Recipe().to_dict())), **json.load(open(path))}
             diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
             weights = {k: d for k, d in diff.items() if k not in AFTER_WEIGHTS}
             if weights:
