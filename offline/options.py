@@ -120,7 +120,8 @@ def add_recipe_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--lowrank", choices=R.LOWRANKS,
                    help="16-bit low-rank branch: none, svd (truncated SVD, residual quantized), psp (BWLA), "
                         f"learned (TwinQuant) (default: {d['lowrank']})")
-    g.add_argument("--lowrank-rank", type=non_negative_int, help=f"rank of the low-rank branch (default: {d['lowrank_rank']})")
+    g.add_argument("--lowrank-rank", type=non_negative_int,
+                   help=f"rank of the low-rank branch (default: {d['lowrank_rank']})")
     g.add_argument("--kotms-iters", type=positive_int, help=f"Adam steps that learn each KOTMS rotation "
                                                              f"(default: {d['kotms_iters']})")
     g.add_argument("--allocation", choices=R.ALLOCATIONS,

@@ -208,7 +208,8 @@ class Quantizer:
                                           site_inputs=self._site_inputs(layer, lin[members[0]], inputs))
         if l == 1 and rots.get(MLP_IN, (None,))[0] is not None:  # report: channel ranges of one input before/after
             x = capture_inputs(layer, lin[MLP_IN[0]], inputs, max_tokens=2048)
-            self.act_example = {"before": x.abs().amax(0).cpu(), "after": kron_rotate(x, *rots[MLP_IN]).abs().amax(0).cpu()}
+            self.act_example = {"before": x.abs().amax(0).cpu(),
+                                "after": kron_rotate(x, *rots[MLP_IN]).abs().amax(0).cpu()}
         for members, _, _ in sites:
             c, b = rots[members]
             for m in members:

@@ -130,7 +130,9 @@ def learn_kronecker_rotation(w: torch.Tensor, n1: int, n2: int, group_size: int,
 
     for _ in range(iters):
         c, b = factors()
-        rows = w if w.shape[0] <= rows_per_step else w[torch.randint(0, w.shape[0], (rows_per_step,), generator=gen, device="cpu")]
+        rows = w
+        if w.shape[0] > rows_per_step:  # a random row sample per step (draws only then: the seed's stream)
+            rows = w[torch.randint(0, w.shape[0], (rows_per_step,), generator=gen, device="cpu")]
         wr = rows.reshape(-1, n1, n2)
         wr = (wr if c is None else torch.matmul(c, wr)) @ b
         loss = trimodal_loss(wr.reshape(rows.shape), group_size)

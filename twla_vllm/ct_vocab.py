@@ -7,8 +7,8 @@ applied online at the layer's input, its inverse folded into the weight), `forma
 They are descriptive: `quant_method` stays "twla" and twla_vllm.format's own keys stay the contract, because
 compressed-tensors cannot express what the kernels need -- the Kronecker factors and their sizes (it has no
 Kronecker transform type: hadamard, random-hadamard and random-matrix only), k_blocks and act_blocks (ranges per
-token *and* K-block), the activation clip ratio, ternary codes (3 of a 2-bit container's 4 levels), the two-level integer
-group scale (int8 a and offset m per group under an fp16 row scale), the 16-bit low-rank branch, and our
+token *and* K-block), the activation clip ratio, ternary codes (3 of a 2-bit container's 4 levels), the two-level
+integer group scale (int8 a and offset m per group under an fp16 row scale), the 16-bit low-rank branch, and our
 packing ("int32-bytelane" is not one of its compression formats).
 
 `validate(cfg, d, source)` checks those keys with compressed-tensors 0.17's own models and that they say what

@@ -203,7 +203,8 @@ def _sanitize_dummy(layer: torch.nn.Module, ck: CheckpointConfig) -> None:
         layer.weight_packed.data = p & ~((p >> 1) & p & 0x55555555)
     if ck.version == 2:
         amax = fmt.INT_WEIGHT_MAX // max(code.vmax, -code.vmin)
-        layer.weight_group_scale.data = (layer.weight_group_scale.data.to(torch.int32).abs() % (amax + 1)).to(torch.int8)
+        qa = layer.weight_group_scale.data.to(torch.int32).abs() % (amax + 1)
+        layer.weight_group_scale.data = qa.to(torch.int8)
         layer.weight_group_offset.data.zero_()
         layer.weight_scale.data = layer.weight_scale.data.abs().clamp(min=1e-4, max=1e-2)
 

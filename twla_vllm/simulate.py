@@ -144,7 +144,8 @@ def load_simulated_model(model_dir: str, dtype: torch.dtype = torch.float32,
         layer = SimTwlaLinear(weight, tensors.pop(f"{prefix}.{fmt.ROT_LEFT}", None),
                               tensors.pop(f"{prefix}.{fmt.ROT_RIGHT}", None), spec.act_bits, spec.act_clip,
                               spec.act_ranges, tensors.pop(f"{prefix}.bias", None),
-                              tensors.pop(f"{prefix}.{fmt.LOWRANK_A}", None), tensors.pop(f"{prefix}.{fmt.LOWRANK_B}", None))
+                              tensors.pop(f"{prefix}.{fmt.LOWRANK_A}", None),
+                              tensors.pop(f"{prefix}.{fmt.LOWRANK_B}", None))
         replace_linear(model, prefix, layer)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if unexpected:

@@ -88,7 +88,8 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
                          f"several blocks, one split per block")
     acc = _partials(split, kb, y)
     _gemm_kernel[(tiles, split)](q, s, z, w, *gemm_args, acc, m, n, k, q.stride(0), w.stride(0), y.stride(0),
-                                 stride_lr, sb1, sb2, GS=gs, SCRATCH=use_scratch, SPLIT=split, BM=bm, BN=bn, BK=bk, GROUP_N=8, ASM=asm,
+                                 stride_lr, sb1, sb2, GS=gs, SCRATCH=use_scratch, SPLIT=split, BM=bm, BN=bn, BK=bk,
+                                 GROUP_N=8, ASM=asm,
                                  PRECISION="ieee" if q.device.type == "cpu" else "tf32x3", LOADS=form,
                                  PREFETCH=GEMM_PREFETCH if prefetch is None else prefetch, num_warps=warps,
                                  num_stages=stages, **meta)
