@@ -185,13 +185,13 @@ def rotation_ladder(h: Harness, group_size: int, seed: int, rungs: list[int]) ->
 
 
 def act_group_ladder(h: Harness, group_size: int, seed: int, act_groups: list[int],
-                     checkpoint: str | None = None) -> None:
+                     checkpoint: str | None = None, clip: float | None = None) -> None:
     """W1.58A4 with activation ranges of ~G channels per token (recipe act_group_size, format key act_blocks) on
     one set of quantized weights: the weight stage does not depend on the ranges (its Hessians come from 16-bit
     activations), so each row differs only in how activations are quantized. Ranges as the pipeline picks them
     (`pick_act_blocks`: whole rows of the transform view, servable by the Triton kernels). With `checkpoint` the
-    weights, activation bits and clips are a finished checkpoint's (its clips were searched for its own ranges),
-    and a last row runs it with 16-bit activations."""
+    weights, activation bits and clips are a finished checkpoint's (its clips were searched for its own ranges;
+    `clip` replaces them all), and a last row runs it with 16-bit activations."""
     from twla_offline.pipeline import pick_act_blocks
 
     if checkpoint:
@@ -203,6 +203,10 @@ def act_group_ladder(h: Harness, group_size: int, seed: int, act_groups: list[in
         sims = {n: m for n, m in model.named_modules() if isinstance(m, SimTwlaLinear)}
         specs, gs, bits, secs = {n: qcfg.spec(n) for n in sims}, qcfg.group_size, qcfg.bits_per_weight, None
         a_bits, tag = qcfg.default.act_bits, f"checkpoint {os.path.basename(checkpoint.rstrip('/'))}"
+        if clip is not None:
+            for m in sims.values():
+                m.act_clip = clip
+            tag += f", clip {clip:g}"
         h.record(f"act ranges per k-block ({tag})", 1.58, a_bits, h.ppl(model), bits, secs)
     else:
         q = h.run(f"act ranges per k-block (seed {seed})", Recipe(group_size=group_size, seed=seed), 1.58,
@@ -218,7 +222,7 @@ def act_group_ladder(h: Harness, group_size: int, seed: int, act_groups: list[in
             ranges[name.split(".")[-1]] = m.in_features // m.act_ranges
         h.record(f"act ranges of ~{g} channels ({tag})", 1.58, a_bits, h.ppl(model), bits, secs,
                  act_group_size=g, range_channels=ranges)
-    if checkpoint:  # how much of the loss is the weights': the same checkpoint with 16-bit activations
+    if checkpoint and clip is None:  # how much of the loss is the weights': 16-bit activations
         for m in sims.values():
             m.act_bits = 16
         h.record(f"weights only ({tag})", 1.58, 16, h.ppl(model), bits, secs)
@@ -307,6 +311,7 @@ def main() -> None:
     ap.add_argument("--groups", default="128,64,32", help="groups ladder: group sizes")
     ap.add_argument("--formats", default="v2,fp16", help="groups ladder: v2 (integer grid) and/or fp16 (alpha/mu)")
     ap.add_argument("--act-groups", default="192,128,96,64", help="act-groups ladder: channels per range")
+    ap.add_argument("--clip", type=float, help="act-groups ladder with --checkpoint: this clip ratio everywhere")
     ap.add_argument("--rungs", default="0,1,2,3,4", help="rotation ladder: which of ROTATION_RUNGS (0 = default)")
     ap.add_argument("--seed", type=int, default=0,
                     help="twla / rotation / act-groups ladders: calibration sample and transform seed")
@@ -325,7 +330,8 @@ def main() -> None:
     elif a.ladder == "second-plane":
         second_plane(h, [int(g) for g in a.groups.split(",")])
     elif a.ladder == "act-groups":
-        act_group_ladder(h, a.group_size, a.seed, [int(g) for g in a.act_groups.split(",")], a.checkpoint)
+        act_group_ladder(h, a.group_size, a.seed, [int(g) for g in a.act_groups.split(",")], a.checkpoint,
+                         a.clip)
     elif a.ladder == "rotation":
         rotation_ladder(h, a.group_size, a.seed, [int(i) for i in a.rungs.split(",")])
     elif a.ladder == "groups":
