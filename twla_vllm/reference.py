@@ -98,14 +98,15 @@ def quant_linear(x: torch.Tensor, w_int: torch.Tensor, row_scale: torch.Tensor, 
     else:
         kb = rowsum.shape[1]
         q, s, z = quantize_per_token(xr, act_bits, act_clip, kb)
-        m = q.shape[0]
-        if kb == 1:
-            acc = (q @ wf.t()).unsqueeze(1)  # [M, 1, N]
-        else:
-            acc = torch.bmm(q.view(m, kb, k // kb).transpose(0, 1), wf.view(n, kb, k // kb).permute(1, 2, 0))
-            acc = acc.transpose(0, 1)  # [M, KB, N]
-        corr = z.double().unsqueeze(-1) * rowsum.t().double().unsqueeze(0)  # [M, KB, N]
-        y = ((acc.double() - corr).float() * s.unsqueeze(-1)).sum(1) * s_n
+        width = k // kb
+        y = None
+        for b in range(kb):  # one [M, N] partial at a time: many ranges never hold an [M, KB, N] tensor
+            cols = slice(b * width, (b + 1) * width)
+            acc = q[:, cols] @ wf[:, cols].t()
+            corr = z[:, b:b + 1].double() * rowsum[:, b].double().unsqueeze(0)
+            part = (acc.double() - corr).float() * s[:, b:b + 1]
+            y = part if y is None else y + part
+        y = y * s_n
     if lowrank_a is not None:
         y = y + (x2 @ lowrank_b.float().t()) @ lowrank_a.float().t()
     if bias is not None:
