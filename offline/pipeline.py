@@ -142,7 +142,7 @@ class Quantizer:
         layers = decoder_layers(self.model)
         progress = os.path.join(state, "progress.json")
         start = json.load(open(progress))["next_block"] if os.path.exists(progress) else 0
-        for l in range(start):
+        for l in tqdm(range(start), desc="restore blocks", disable=not start):
             self._restore_block(l, os.path.join(state, f"block_{l:03d}"))
         if start:
             self.log(f"resuming at block {start}/{len(layers)} from {state}")
