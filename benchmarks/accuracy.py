@@ -305,7 +305,8 @@ def main() -> None:
                     default="twla")
     ap.add_argument("--windows", type=int, default=16, help="512-token test windows for PPL")
     ap.add_argument("--group-size", type=int, default=32)
-    ap.add_argument("--checkpoint", help="baselines / checkpoint / act-groups ladders: evaluate this finished checkpoint")
+    ap.add_argument("--checkpoint",
+                    help="baselines / checkpoint / act-groups ladders: evaluate this finished checkpoint")
     ap.add_argument("--label", default="default", help="checkpoint ladder: the row's method name")
     ap.add_argument("--a-bits", default="4MP", help="checkpoint ladder: the row's activation bits")
     ap.add_argument("--groups", default="128,64,32", help="groups ladder: group sizes")
