@@ -18,6 +18,8 @@ Ladders (rows: weights W, activations A; A4MP = ILA-AMP mixed per-block bits ave
              128-column block, ten fp16 scales per row and block) with its per-linear transforms: simulation
              only, not a checkpoint format; its bits/weight count the actual masks (offline/faithful.py)
   checkpoint dense and one finished checkpoint (`--checkpoint DIR --label NAME --a-bits A`), simulated
+  clip       a finished checkpoint (`--checkpoint DIR`) with its stored clips, every clip 1.0 and clips searched
+             again by each of `--objectives` (none / layer / block output MSE) on its recipe's held-out tokens
   second-plane  format v2 at --groups with and without a structured second trit plane on the most salient 6.25%
              of columns (simulation: is it worth a kernel?), e.g. --groups 16,32
 Other modes' ladders (BWLA, TwinQuant) use the same `Harness` from their own scripts.
@@ -228,6 +230,44 @@ def act_group_ladder(h: Harness, group_size: int, seed: int, act_groups: list[in
         h.record(f"weights only ({tag})", 1.58, 16, h.ppl(model), bits, secs)
 
 
+def clip_ladder(h: Harness, checkpoint: str, objectives: list[str]) -> None:
+    """A finished checkpoint's weights and activation bits with its stored clips, then per objective: "none"
+    every clip 1.0, else clips searched again from 1.0 by that objective (`clip.search_clips`) on the held-out text
+    and token count its recipe used (never the test windows)."""
+    import yaml
+
+    from twla_offline import clip
+    from twla_offline.pipeline import ATTN, MLP_IN
+    from twla_vllm.format import validate_checkpoint
+    from twla_vllm.simulate import SimTwlaLinear, load_simulated_model
+
+    qcfg = validate_checkpoint(checkpoint)
+    with open(os.path.join(checkpoint, "recipe.yaml")) as f:
+        recipe = Recipe.from_dict(yaml.safe_load(f), source=f"{checkpoint}/recipe.yaml").resolved(h.device, 0)
+    model = load_simulated_model(checkpoint, device=h.device)
+    sims = {n: m for n, m in model.named_modules() if isinstance(m, SimTwlaLinear)}
+    tag, bits, a_bits = os.path.basename(checkpoint.rstrip("/")), qcfg.bits_per_weight, qcfg.default.act_bits
+    h.record(f"stored clips ({tag})", 1.58, a_bits, h.ppl(model), bits, None)
+    heldout = data.load_text(recipe.calib, "heldout", recipe.text_column)
+    ids = data.token_windows(h.tok, heldout, max(1, recipe.clip_tokens // recipe.amp_seqlen), recipe.amp_seqlen,
+                             recipe.seed + 2)
+    n_layers = len(sims) // 7
+    sites = [[f"model.layers.{l}.{m}" for m in members] for l in range(n_layers)
+             for members in (ATTN, ("self_attn.o_proj",), MLP_IN, ("mlp.down_proj",))]
+    for objective in objectives:
+        for m in sims.values():
+            m.act_clip = 1.0
+        secs = 0.0
+        if objective != "none":
+            t0 = time.time()
+            chosen = clip.search_clips(model, ids, sites, recipe.batch_size, recipe.clip_grid(), objective)
+            secs = time.time() - t0
+            print(f"{objective}: clips {sorted(set(chosen.values()))}", flush=True)
+        name = "every clip 1.0" if objective == "none" else f"clips searched by {objective} output MSE"
+        h.record(f"{name} ({tag}, {recipe.clip_tokens} tokens)", 1.58, a_bits, h.ppl(model), bits, secs,
+                 clips={k: v.act_clip for k, v in sims.items()} if objective != "none" else None)
+
+
 def group_ladder(h: Harness, groups: list[int], formats: list[str]) -> None:
     """Format v2's integer grid against fp16 alpha/mu at the same group size (E2M-ATQ + KOTMS, uniform bits)."""
     from twla_offline import weights
@@ -301,7 +341,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--ladder", choices=["twla", "groups", "rotation", "act-groups", "baselines", "faithful",
-                                         "second-plane", "checkpoint"],
+                                         "second-plane", "checkpoint", "clip"],
                     default="twla")
     ap.add_argument("--windows", type=int, default=16, help="512-token test windows for PPL")
     ap.add_argument("--group-size", type=int, default=32)
@@ -313,21 +353,27 @@ def main() -> None:
     ap.add_argument("--formats", default="v2,fp16", help="groups ladder: v2 (integer grid) and/or fp16 (alpha/mu)")
     ap.add_argument("--act-groups", default="192,128,96,64", help="act-groups ladder: channels per range")
     ap.add_argument("--clip", type=float, help="act-groups ladder with --checkpoint: this clip ratio everywhere")
+    ap.add_argument("--objectives", default="none,layer,block",
+                    help="clip ladder: none (every clip 1.0) and/or clip search objectives")
     ap.add_argument("--rungs", default="0,1,2,3,4", help="rotation ladder: which of ROTATION_RUNGS (0 = default)")
     ap.add_argument("--seed", type=int, default=0,
                     help="twla / rotation / act-groups ladders: calibration sample and transform seed")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", help="results file (default benchmarks/results/accuracy_<model>.json)")
     a = ap.parse_args()
+    if a.ladder in ("checkpoint", "clip") and not a.checkpoint:
+        ap.error(f"--ladder {a.ladder} needs --checkpoint DIR")
+    if a.clip is not None and not a.checkpoint:
+        ap.error("--clip needs --checkpoint DIR (a fresh quantization searches its own clips)")
     h = Harness(a.model, a.windows, a.device)
     if a.ladder == "twla":
         twla_ladder(h, a.group_size, a.seed)
     elif a.ladder == "faithful":
         faithful(h)
     elif a.ladder == "checkpoint":
-        if not a.checkpoint:
-            ap.error("--ladder checkpoint needs --checkpoint DIR")
         record_checkpoint(h, a.checkpoint, a.label, a.a_bits)
+    elif a.ladder == "clip":
+        clip_ladder(h, a.checkpoint, a.objectives.split(","))
     elif a.ladder == "second-plane":
         second_plane(h, [int(g) for g in a.groups.split(",")])
     elif a.ladder == "act-groups":

@@ -129,6 +129,9 @@ def add_recipe_args(ap: argparse.ArgumentParser) -> None:
                         f"(default: {d['allocation']})")
     g.add_argument("--no-clip-search", action="store_true",
                    help="skip the per-linear activation clip search (clip = 1.0)")
+    g.add_argument("--clip-objective", choices=R.CLIP_OBJECTIVES,
+                   help="what a clip minimises: block (the decoder block's output error) or layer (the linear's "
+                        f"own output error; faster) (default: {d['clip_objective']})")
     g.add_argument("--row-parallel-blocks", type=power_of_two,
                    help="max tensor-parallel size the checkpoint supports (shard-local blocks of o/down inputs; "
                         f"1 = a full left factor, TP 1 only): a power of two (default: {d['row_parallel_blocks']})")
@@ -156,7 +159,7 @@ def add_recipe_args(ap: argparse.ArgumentParser) -> None:
 _FLAG_FIELDS = ("code", "group_size", "act_bits", "bit_set", "weight_method", "rotation", "rotation_sharing",
                 "factor_rule", "o_proj_rotation", "lowrank", "lowrank_rank", "kotms_iters", "allocation",
                 "row_parallel_blocks", "act_group_size", "calib", "text_column", "nsamples", "seqlen", "amp_tokens",
-                "clip_tokens", "seed")
+                "clip_objective", "clip_tokens", "seed")
 
 
 def recipe_from_args(a: argparse.Namespace, ap: argparse.ArgumentParser | None = None) -> R.Recipe:

@@ -370,7 +370,7 @@ class Quantizer:
         sims = self.sim_layers()
         with torch.device(self.place.device), self.place.streaming(decoder_layers(self.model)):
             chosen = clip.search_clips(self.model, ids, self._sites(), self.r.batch_size, self.r.clip_grid(),
-                                       log=self.log)
+                                       self.r.clip_objective)
         for prefix, c in chosen.items():
             sims[prefix].act_clip = c
         self._sync_specs()

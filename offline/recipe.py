@@ -22,11 +22,12 @@ ROTATIONS = ("kotms", "okt", "learned", "random", "none")
 LOWRANKS = ("none", "svd", "psp", "learned")
 WEIGHT_METHODS = ("e2m-atq", "atq", "rtn")
 ALLOCATIONS = ("ila-amp", "uniform")
+CLIP_OBJECTIVES = ("block", "layer")
 
 # fields read only after the weight stage (bit allocation, clip search): an interrupted or finished weight stage
 # in OUT.work/ is reused when only these change, so re-allocating bits does not re-quantize the weights
 AFTER_WEIGHTS = frozenset({"allocation", "bit_set", "amp_beta", "amp_tokens", "amp_seqlen", "clip_search",
-                           "clip_tokens", "clip_min", "clip_step"})
+                           "clip_objective", "clip_tokens", "clip_min", "clip_step"})
 
 # field -> (cpu, cuda) default where the recipe leaves it None
 DEVICE_DEFAULTS: dict[str, tuple[int, int]] = {
@@ -71,6 +72,7 @@ class Recipe:
     amp_tokens: int | None = None  # held-out tokens for ILA-AMP (None: by device)
     amp_seqlen: int | None = None  # window length of the held-out text for ILA-AMP and the clip search
     clip_search: bool = True
+    clip_objective: str = "block"  # block | layer: whose output MSE a clip minimises (offline/clip.py)
     default_clip: float = 1.0
     clip_tokens: int | None = None  # held-out tokens for the clip search (None: by device)
     clip_min: float = 0.5  # clip ratios searched: clip_min .. 1.0 in steps of clip_step

@@ -232,6 +232,56 @@ def test_resume_may_change_allocation_but_not_weight_settings(tiny_dense_dir, tm
     assert recipe["allocation"] == "uniform" and recipe["clip_search"] is False
 
 
+def test_clip_objectives_minimise_their_own_error(tiny_dense_dir, tmp_path):
+    """Each clip objective picks the grid value with the least error of what it looks at: "layer" the site's own
+    outputs (checked on block 0's q/k/v, whose input no clip changes), "block" the block's output (checked on
+    block 0's last site, chosen with the others final); an unknown objective is refused by name."""
+    from twla_offline import clip
+    from twla_offline.calibrate import capture_first_block_inputs, capture_inputs, decoder_layers, run_block
+    from twla_offline.models import load_model
+    from twla_offline.pipeline import Quantizer
+
+    model, tok = load_model(tiny_dense_dir)
+    q = Quantizer(model, tok, dataclasses.replace(_tiny_recipe(), allocation="uniform", act_bits=2),
+                  str(tmp_path / "work"))
+    q.quantize_weights()
+    q.allocate()
+    ids = torch.randint(3, 98, (2, 64), generator=torch.Generator().manual_seed(0))
+    sites, grid, sims = q._sites(), (1.0, 0.9, 0.8, 0.7, 0.6), q.sim_layers()
+    block0, first = decoder_layers(model)[0], capture_first_block_inputs(model, ids, 2)
+    qkv, down = [sims[p] for p in sites[0]], [sims[p] for p in sites[3]]
+    every = [m for prefix, m in sims.items() if prefix.startswith("model.layers.0.")]
+    x = capture_inputs(block0, qkv[0], first, ids.numel())
+    qkv_refs = clip._unquantized(qkv, lambda: [m(x) for m in qkv])
+    block_ref = clip._unquantized(every, lambda: run_block(block0, first).hidden)
+
+    def error_at(site, p, measure):
+        kept = site[0].act_clip
+        for m in site:
+            m.act_clip = p
+        e = measure()
+        for m in site:
+            m.act_clip = kept
+        return e
+
+    def layer_error():
+        return sum(float((m(x) - r).pow(2).mean()) for m, r in zip(qkv, qkv_refs))
+
+    def block_error():
+        return sum(float((h - r).pow(2).mean()) for h, r in zip(run_block(block0, first).hidden, block_ref))
+
+    for objective, site, measure in (("layer", qkv, layer_error), ("block", down, block_error)):
+        for m in sims.values():
+            m.act_clip = 1.0
+        chosen = clip.search_clips(model, ids, sites, 2, grid, objective)
+        assert set(chosen) == set(sims) and set(chosen.values()) <= set(grid)
+        errors = {p: error_at(site, p, measure) for p in grid}
+        assert errors[site[0].act_clip] == min(errors.values()), (objective, site[0].act_clip, errors)
+        assert len(set(errors.values())) > 1, errors  # the clip matters at 2 bits: the check has teeth
+    with pytest.raises(ValueError, match="clip objective 'loss'"):
+        clip.search_clips(model, ids, sites, 2, grid, "loss")
+
+
 @pytest.mark.vllm
 def test_quantized_checkpoint_serves_in_vllm(tiny_dense_dir, tmp_path):
     from .helpers import PROMPTS, run_vllm, sim_greedy
