@@ -18,8 +18,8 @@ Ladders (rows: weights W, activations A; A4MP = ILA-AMP mixed per-block bits ave
              128-column block, ten fp16 scales per row and block) with its per-linear transforms: simulation
              only, not a checkpoint format; its bits/weight count the actual masks (offline/faithful.py)
   checkpoint dense and one finished checkpoint (`--checkpoint DIR --label NAME --a-bits A`), simulated
-  clip       a finished checkpoint (`--checkpoint DIR`) with its stored clips, every clip 1.0 and clips searched
-             again by each of `--objectives` (none / layer / block output MSE) on its recipe's held-out tokens
+  clip       a finished checkpoint (`--checkpoint DIR`): its stored clips, every clip 1.0, clips searched again
+             by layer / block output MSE on its recipe's held-out tokens (`--objectives`; `--act-groups G` for ranges)
   second-plane  format v2 at --groups with and without a structured second trit plane on the most salient 6.25%
              of columns (simulation: is it worth a kernel?), e.g. --groups 16,32
 Other modes' ladders (BWLA, TwinQuant) use the same `Harness` from their own scripts.
@@ -104,7 +104,8 @@ class Harness:
         return q
 
     def table(self) -> str:
-        lines = ["| method | W | A | PPL | PPL / dense | bits/weight | quant time (s) |", "|---|---|---|---|---|---|---|"]
+        lines = ["| method | W | A | PPL | PPL / dense | bits/weight | quant time (s) |",
+                 "|---|---|---|---|---|---|---|"]
         for r in self.rows:
             secs = "n/a" if r["quant_seconds"] is None else r["quant_seconds"]
             lines.append(f"| {r['method']} | {r['w_bits']} | {r['a_bits']} | {r['ppl']:.2f} | {r['ratio']:.2f}x | "
@@ -230,14 +231,15 @@ def act_group_ladder(h: Harness, group_size: int, seed: int, act_groups: list[in
         h.record(f"weights only ({tag})", 1.58, 16, h.ppl(model), bits, secs)
 
 
-def clip_ladder(h: Harness, checkpoint: str, objectives: list[str]) -> None:
-    """A finished checkpoint's weights and activation bits with its stored clips, then per objective: "none"
+def clip_ladder(h: Harness, checkpoint: str, objectives: list[str], act_group: int = 0) -> None:
+    """A finished checkpoint's weights and activation bits, one row per objective: "stored" its own clips, "none"
     every clip 1.0, else clips searched again from 1.0 by that objective (`clip.search_clips`) on the held-out text
-    and token count its recipe used (never the test windows)."""
+    and token count its recipe used (never the test windows). act_group > 0: activation ranges of ~that many
+    channels (as `--act-group-size` picks them) for every row but "stored"."""
     import yaml
 
     from twla_offline import clip
-    from twla_offline.pipeline import ATTN, MLP_IN
+    from twla_offline.pipeline import ATTN, MLP_IN, pick_act_blocks
     from twla_vllm.format import validate_checkpoint
     from twla_vllm.simulate import SimTwlaLinear, load_simulated_model
 
@@ -247,14 +249,21 @@ def clip_ladder(h: Harness, checkpoint: str, objectives: list[str]) -> None:
     model = load_simulated_model(checkpoint, device=h.device)
     sims = {n: m for n, m in model.named_modules() if isinstance(m, SimTwlaLinear)}
     tag, bits, a_bits = os.path.basename(checkpoint.rstrip("/")), qcfg.bits_per_weight, qcfg.default.act_bits
-    h.record(f"stored clips ({tag})", 1.58, a_bits, h.ppl(model), bits, None)
+    if "stored" in objectives:
+        h.record(f"stored clips ({tag})", 1.58, a_bits, h.ppl(model), bits, None)
+    if act_group:
+        for name, m in sims.items():
+            spec = qcfg.spec(name)
+            m.set_act_ranges(pick_act_blocks(m.in_features, None if spec.rotation is None else spec.rotation[0],
+                                             spec.k_blocks, qcfg.group_size, act_group) or spec.k_blocks)
+        tag += f", ~{act_group}-channel act ranges"
     heldout = data.load_text(recipe.calib, "heldout", recipe.text_column)
     ids = data.token_windows(h.tok, heldout, max(1, recipe.clip_tokens // recipe.amp_seqlen), recipe.amp_seqlen,
                              recipe.seed + 2)
     n_layers = len(sims) // 7
     sites = [[f"model.layers.{l}.{m}" for m in members] for l in range(n_layers)
              for members in (ATTN, ("self_attn.o_proj",), MLP_IN, ("mlp.down_proj",))]
-    for objective in objectives:
+    for objective in [o for o in objectives if o != "stored"]:
         for m in sims.values():
             m.act_clip = 1.0
         secs = 0.0
@@ -351,10 +360,11 @@ def main() -> None:
     ap.add_argument("--a-bits", default="4MP", help="checkpoint ladder: the row's activation bits")
     ap.add_argument("--groups", default="128,64,32", help="groups ladder: group sizes")
     ap.add_argument("--formats", default="v2,fp16", help="groups ladder: v2 (integer grid) and/or fp16 (alpha/mu)")
-    ap.add_argument("--act-groups", default="192,128,96,64", help="act-groups ladder: channels per range")
+    ap.add_argument("--act-groups", help="act-groups ladder: channels per range (default 192,128,96,64); clip "
+                                         "ladder: one value, activation ranges for its rows (default: none)")
     ap.add_argument("--clip", type=float, help="act-groups ladder with --checkpoint: this clip ratio everywhere")
-    ap.add_argument("--objectives", default="none,layer,block",
-                    help="clip ladder: none (every clip 1.0) and/or clip search objectives")
+    ap.add_argument("--objectives", default="stored,none,layer,block",
+                    help="clip ladder rows: stored (the checkpoint's clips), none (every clip 1.0), layer, block")
     ap.add_argument("--rungs", default="0,1,2,3,4", help="rotation ladder: which of ROTATION_RUNGS (0 = default)")
     ap.add_argument("--seed", type=int, default=0,
                     help="twla / rotation / act-groups ladders: calibration sample and transform seed")
@@ -373,12 +383,12 @@ def main() -> None:
     elif a.ladder == "checkpoint":
         record_checkpoint(h, a.checkpoint, a.label, a.a_bits)
     elif a.ladder == "clip":
-        clip_ladder(h, a.checkpoint, a.objectives.split(","))
+        clip_ladder(h, a.checkpoint, a.objectives.split(","), int(a.act_groups or 0))
     elif a.ladder == "second-plane":
         second_plane(h, [int(g) for g in a.groups.split(",")])
     elif a.ladder == "act-groups":
-        act_group_ladder(h, a.group_size, a.seed, [int(g) for g in a.act_groups.split(",")], a.checkpoint,
-                         a.clip)
+        groups = [int(g) for g in (a.act_groups or "192,128,96,64").split(",")]
+        act_group_ladder(h, a.group_size, a.seed, groups, a.checkpoint, a.clip)
     elif a.ladder == "rotation":
         rotation_ladder(h, a.group_size, a.seed, [int(i) for i in a.rungs.split(",")])
     elif a.ladder == "groups":
