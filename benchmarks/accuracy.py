@@ -239,7 +239,7 @@ def clip_ladder(h: Harness, checkpoint: str, objectives: list[str], act_group: i
     import yaml
 
     from twla_offline import clip
-    from twla_offline.pipeline import ATTN, MLP_IN, pick_act_blocks
+    from twla_offline.pipeline import input_sites, pick_act_blocks
     from twla_vllm.format import validate_checkpoint
     from twla_vllm.simulate import SimTwlaLinear, load_simulated_model
 
@@ -260,9 +260,7 @@ def clip_ladder(h: Harness, checkpoint: str, objectives: list[str], act_group: i
     heldout = data.load_text(recipe.calib, "heldout", recipe.text_column)
     ids = data.token_windows(h.tok, heldout, max(1, recipe.clip_tokens // recipe.amp_seqlen), recipe.amp_seqlen,
                              recipe.seed + 2)
-    n_layers = len(sims) // 7
-    sites = [[f"model.layers.{l}.{m}" for m in members] for l in range(n_layers)
-             for members in (ATTN, ("self_attn.o_proj",), MLP_IN, ("mlp.down_proj",))]
+    sites = input_sites(len(sims) // 7)
     for objective in [o for o in objectives if o != "stored"]:
         for m in sims.values():
             m.act_clip = 1.0

@@ -30,6 +30,7 @@ from .rotate import (balanced_factors, block_diagonal_orthogonal, fold_head_rota
 from .weights import fit_rtn, gptq_quantize
 
 ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+MLP_IN = ("mlp.gate_proj", "mlp.up_proj")
 
 
 SITE_INPUT_TOKENS = 4096  # calibration rows handed to transform / low-rank learners that use activations
@@ -66,7 +67,12 @@ def lowrank_fit(name: str):
 
         return fit_lowrank
     raise ValueError(f"unknown low-rank method {name!r} (allowed: svd, psp, learned)")
-MLP_IN = ("mlp.gate_proj", "mlp.up_proj")
+
+
+def input_sites(n_layers: int) -> list[list[str]]:
+    """The linears of every block grouped by the input they share (q/k/v, o, gate/up, down), as module paths."""
+    return [[f"model.layers.{l}.{m}" for m in members] for l in range(n_layers)
+            for members in (ATTN, ("self_attn.o_proj",), MLP_IN, ("mlp.down_proj",))]
 
 
 def pick_group_size(ks: list[int], requested: int, code: str = "ternary") -> int:
@@ -382,11 +388,7 @@ class Quantizer:
                                                      act_clip=round(float(mod.act_clip), 4))
 
     def _sites(self) -> list[list[str]]:
-        out = []
-        for l in range(len(decoder_layers(self.model))):
-            for members in (ATTN, ("self_attn.o_proj",), MLP_IN, ("mlp.down_proj",)):
-                out.append([f"model.layers.{l}.{m}" for m in members])
-        return out
+        return input_sites(len(decoder_layers(self.model)))
 
     def set_block_bits(self, l: int, bits: int) -> None:
         for prefix in self._block_prefixes(l):
