@@ -195,7 +195,7 @@ def act_group_ladder(h: Harness, group_size: int, seed: int, act_groups: list[in
     (`pick_act_blocks`: whole rows of the transform view, servable by the Triton kernels). With `checkpoint` the
     weights, activation bits and clips are a finished checkpoint's (its clips were searched for its own ranges;
     `clip` replaces them all), and a last row runs it with 16-bit activations."""
-    from twla_offline.pipeline import pick_act_blocks
+    from twla_offline.pipeline import set_act_ranges
 
     if checkpoint:
         from twla_vllm.format import validate_checkpoint
@@ -217,12 +217,7 @@ def act_group_ladder(h: Harness, group_size: int, seed: int, act_groups: list[in
         model, sims, specs, gs = q.model, q.sim_layers(), q.specs, q.gs
         bits, secs, a_bits, tag = honest_bits(q), sum(q.seconds.values()), 4, f"seed {seed}"
     for g in act_groups:
-        ranges = {}
-        for name, m in sims.items():
-            spec = specs[name]
-            m.set_act_ranges(pick_act_blocks(m.in_features, None if spec.rotation is None else spec.rotation[0],
-                                             spec.k_blocks, gs, g) or spec.k_blocks)
-            ranges[name.split(".")[-1]] = m.in_features // m.act_ranges
+        ranges = set_act_ranges(sims, specs, gs, g)
         h.record(f"act ranges of ~{g} channels ({tag})", 1.58, a_bits, h.ppl(model), bits, secs,
                  act_group_size=g, range_channels=ranges)
     if checkpoint and clip is None:  # how much of the loss is the weights': 16-bit activations
@@ -239,7 +234,7 @@ def clip_ladder(h: Harness, checkpoint: str, objectives: list[str], act_group: i
     import yaml
 
     from twla_offline import clip
-    from twla_offline.pipeline import input_sites, pick_act_blocks
+    from twla_offline.pipeline import clip_windows, input_sites, set_act_ranges
     from twla_vllm.format import validate_checkpoint
     from twla_vllm.simulate import SimTwlaLinear, load_simulated_model
 
@@ -252,14 +247,9 @@ def clip_ladder(h: Harness, checkpoint: str, objectives: list[str], act_group: i
     if "stored" in objectives:
         h.record(f"stored clips ({tag})", 1.58, a_bits, h.ppl(model), bits, None)
     if act_group:
-        for name, m in sims.items():
-            spec = qcfg.spec(name)
-            m.set_act_ranges(pick_act_blocks(m.in_features, None if spec.rotation is None else spec.rotation[0],
-                                             spec.k_blocks, qcfg.group_size, act_group) or spec.k_blocks)
+        set_act_ranges(sims, {n: qcfg.spec(n) for n in sims}, qcfg.group_size, act_group)
         tag += f", ~{act_group}-channel act ranges"
-    heldout = data.load_text(recipe.calib, "heldout", recipe.text_column)
-    ids = data.token_windows(h.tok, heldout, max(1, recipe.clip_tokens // recipe.amp_seqlen), recipe.amp_seqlen,
-                             recipe.seed + 2)
+    ids = clip_windows(h.tok, recipe)
     sites = input_sites(len(sims) // 7)
     for objective in [o for o in objectives if o != "stored"]:
         for m in sims.values():

@@ -75,6 +75,24 @@ def input_sites(n_layers: int) -> list[list[str]]:
             for members in (ATTN, ("self_attn.o_proj",), MLP_IN, ("mlp.down_proj",))]
 
 
+def clip_windows(tok, r: Recipe) -> torch.Tensor:
+    """The held-out token windows the clip search measures on (never calibration or test text)."""
+    heldout = data.load_text(r.calib, "heldout", r.text_column)
+    return data.token_windows(tok, heldout, max(1, r.clip_tokens // r.amp_seqlen), r.amp_seqlen, r.seed + 2)
+
+
+def set_act_ranges(sims: dict, specs: dict, group_size: int, channels: int) -> dict[str, int]:
+    """Give every simulated linear activation ranges of ~`channels` (as `--act-group-size` picks them; specs: its
+    LayerSpec by module path); returns the channels per range by linear name."""
+    ranges = {}
+    for name, m in sims.items():
+        spec = specs[name]
+        m.set_act_ranges(pick_act_blocks(m.in_features, None if spec.rotation is None else spec.rotation[0],
+                                         spec.k_blocks, group_size, channels) or spec.k_blocks)
+        ranges[name.split(".")[-1]] = m.in_features // m.act_ranges
+    return ranges
+
+
 def pick_group_size(ks: list[int], requested: int, code: str = "ternary") -> int:
     if requested == -1:
         return -1
@@ -370,9 +388,7 @@ class Quantizer:
 
     def search_clips(self) -> None:
         t0 = time.time()
-        heldout = data.load_text(self.r.calib, "heldout", self.r.text_column)
-        ids = data.token_windows(self.tok, heldout, max(1, self.r.clip_tokens // self.r.amp_seqlen), self.r.amp_seqlen,
-                                 self.r.seed + 2)
+        ids = clip_windows(self.tok, self.r)
         sims = self.sim_layers()
         with torch.device(self.place.device), self.place.streaming(decoder_layers(self.model)):
             chosen = clip.search_clips(self.model, ids, self._sites(), self.r.batch_size, self.r.clip_grid(),
