@@ -205,7 +205,7 @@ def act_group_ladder(h: Harness, group_size: int, seed: int, act_groups: list[in
         model = load_simulated_model(checkpoint, device=h.device)
         sims = {n: m for n, m in model.named_modules() if isinstance(m, SimTwlaLinear)}
         specs, gs, bits, secs = {n: qcfg.spec(n) for n in sims}, qcfg.group_size, qcfg.bits_per_weight, None
-        a_bits, tag = qcfg.default.act_bits, f"checkpoint {os.path.basename(checkpoint.rstrip('/'))}"
+        a_bits, tag = act_bits_label(qcfg, sims), f"checkpoint {os.path.basename(checkpoint.rstrip('/'))}"
         if clip is not None:
             for m in sims.values():
                 m.act_clip = clip
@@ -226,6 +226,13 @@ def act_group_ladder(h: Harness, group_size: int, seed: int, act_groups: list[in
         h.record(f"weights only ({tag})", 1.58, 16, h.ppl(model), bits, secs)
 
 
+def act_bits_label(qcfg, names) -> int | str:
+    """A checkpoint's activation bits as the tables write them: the bits where every linear has the same, else
+    "<mean>MP" (mixed precision: ILA-AMP's per-block bits)."""
+    bits = [qcfg.spec(n).act_bits for n in names]
+    return bits[0] if len(set(bits)) == 1 else f"{sum(bits) / len(bits):.3g}MP"
+
+
 def clip_ladder(h: Harness, checkpoint: str, objectives: list[str], act_group: int = 0) -> None:
     """A finished checkpoint's weights and activation bits, one row per objective: "stored" its own clips, "none"
     every clip 1.0, else clips searched again from 1.0 by that objective (`clip.search_clips`) on the held-out text
@@ -243,7 +250,7 @@ def clip_ladder(h: Harness, checkpoint: str, objectives: list[str], act_group: i
         recipe = Recipe.from_dict(yaml.safe_load(f), source=f"{checkpoint}/recipe.yaml").resolved(h.device, 0)
     model = load_simulated_model(checkpoint, device=h.device)
     sims = {n: m for n, m in model.named_modules() if isinstance(m, SimTwlaLinear)}
-    tag, bits, a_bits = os.path.basename(checkpoint.rstrip("/")), qcfg.bits_per_weight, qcfg.default.act_bits
+    tag, bits, a_bits = os.path.basename(checkpoint.rstrip("/")), qcfg.bits_per_weight, act_bits_label(qcfg, sims)
     if "stored" in objectives:
         h.record(f"stored clips ({tag})", 1.58, a_bits, h.ppl(model), bits, None)
     if act_group:

@@ -12,10 +12,13 @@ Two objectives (recipe `clip_objective`):
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from tqdm import tqdm
 
-from .calibrate import capture_first_block_inputs, capture_inputs, decoder_layers, run_block
+from .calibrate import BlockInputs, capture_first_block_inputs, capture_inputs, decoder_layers, run_block
 from .recipe import CLIP_OBJECTIVES
 
 
@@ -37,23 +40,82 @@ def search_clips(model, ids: torch.Tensor, sites: list[list[str]], batch_size: i
         if objective == "block":
             every = [m for _, mods in quantized for m in mods]
             ref = _unquantized(every, lambda: run_block(layer, inputs).hidden)
+            in_order = [[model.get_submodule(p) for p in members] for members in by_block.get(l, [])]
         for members, mods in quantized:
             if objective == "block":
                 def err() -> float:
                     out = run_block(layer, inputs).hidden
                     return sum(float((h - r).float().pow(2).mean()) for h, r in zip(out, ref))
+
+                earlier = in_order[:next(i for i, ms in enumerate(in_order) if ms[0] is mods[0])]
+                with _replaying(layer, _upstream(layer, [m for ms in earlier for m in ms], in_order), inputs):
+                    best = _argmin(grid, mods, err)
             else:
                 x = capture_inputs(layer, mods[0], inputs, max_tokens=ids.numel())
                 refs = [_unquantized([m], lambda m=m: m(x)) for m in mods]
 
                 def err() -> float:
                     return sum(float((m(x) - r).pow(2).mean()) for m, r in zip(mods, refs))
-            best = _argmin(grid, mods, err)
+                best = _argmin(grid, mods, err)
             for m, prefix in zip(mods, members):
                 m.act_clip = best
                 chosen[prefix] = best
         inputs = run_block(layer, inputs)
     return chosen
+
+
+def _upstream(layer: torch.nn.Module, earlier: list, sites: list[list]) -> list[torch.nn.Module]:
+    """The largest submodules of `layer` whose site linears are all in `earlier` (sites are in data-flow order,
+    so these run before the site being searched and their inputs do not depend on its clip): self_attn for the
+    MLP's sites, q/k/v for o_proj, gate/up for down_proj."""
+    linears = {id(m) for ms in sites for m in ms}
+    before = {id(m) for m in earlier}
+    found: list[torch.nn.Module] = []
+
+    def visit(module: torch.nn.Module) -> None:
+        inside = {id(m) for m in module.modules()} & linears
+        if inside and inside <= before:
+            found.append(module)
+        elif inside:
+            for child in module.children():
+                visit(child)
+    for child in layer.children():
+        visit(child)
+    return found
+
+
+@contextmanager
+def _replaying(layer: torch.nn.Module, modules: list[torch.nn.Module], inputs: BlockInputs) -> Iterator[None]:
+    """Inside, each of `modules` returns what it returned on one pass of `layer` over `inputs` (its k-th call of
+    a pass gets its k-th output) instead of computing it. Exact while the modules' inputs and weights stay as they
+    were, which holds for modules upstream of the site being searched; saves ~30% of the block objective's time."""
+    outputs: dict[torch.nn.Module, list] = {m: [] for m in modules}
+    handles = [m.register_forward_hook(lambda mod, _args, out: outputs[mod].append(out)) for m in modules]
+    try:
+        if modules:
+            run_block(layer, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    calls = dict.fromkeys(modules, 0)
+    saved = {m: m.__dict__.get("forward") for m in modules}
+
+    def replay(m: torch.nn.Module):
+        def forward(*_args, **_kwargs):
+            out = outputs[m][calls[m] % len(outputs[m])]
+            calls[m] += 1
+            return out
+        return forward
+    for m in modules:
+        m.forward = replay(m)
+    try:
+        yield
+    finally:
+        for m, f in saved.items():
+            if f is None:
+                del m.forward
+            else:
+                m.forward = f
 
 
 def _unquantized(mods: list, fn):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -41,15 +42,25 @@ def vllm_env(tp: int = 1) -> dict[str, str]:
     return env
 
 
+def check_exit(proc: subprocess.CompletedProcess, what: str) -> None:
+    """Raise if `proc` failed, with what is needed to tell why: the exit status (a signal by name: a process
+    killed from outside, e.g. by the OOM killer, prints no traceback), every error line (vLLM's workers log
+    their exception to stdout) and the output's tail."""
+    if proc.returncode == 0:
+        return
+    rc = proc.returncode
+    status = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit status {rc}"
+    text = proc.stdout + proc.stderr
+    errors = "\n".join(ln for ln in text.splitlines() if "rror" in ln or "Traceback" in ln or "Killed" in ln)
+    raise RuntimeError(f"{what} failed ({status}):\n{errors[-4000:]}\n--- output tail ---\n{text[-3000:]}")
+
+
 def run_vllm(timeout: int = 600, **args) -> dict:
     """Run tests/vllm_runner.py with `args`; raise with vLLM's stderr tail on failure."""
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "out.json")
         proc = subprocess.run([sys.executable, "-m", "tests.vllm_runner", json.dumps(args), out], cwd=REPO,
                               env=vllm_env(args.get("tp", 1)), capture_output=True, text=True, timeout=timeout)
-        if proc.returncode != 0:  # workers log their exception to stdout: keep every error line
-            text = proc.stdout + proc.stderr
-            errors = "\n".join(ln for ln in text.splitlines() if "rror" in ln)
-            raise RuntimeError(f"vLLM run failed ({proc.returncode}):\n{errors[-4000:]}\n{text[-3000:]}")
+        check_exit(proc, "vLLM run")
         with open(out) as f:
             return json.load(f)

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from .helpers import REPO, vllm_env
+from .helpers import REPO, check_exit, vllm_env
 
 SEQLEN, WINDOWS, PROXY_N = 128, 8, 8
 # twla-eval's proxy tasks keep the last 512 tokens of an item, lm-eval the last max_model_len: with the synthetic
@@ -47,7 +47,7 @@ def lm_eval_results(long_synthetic, tmp_path_factory):
            "--tasks", "twla_brown", "--include_path", TASKS_DIR, "--output_path", str(out),
            "--metadata", json.dumps({"ppl_seqlen": SEQLEN, "ppl_windows": WINDOWS, "proxy_n": PROXY_N})]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    check_exit(proc, "twla-lm-eval --model vllm")
     (path,) = glob.glob(os.path.join(out, "*", "results_*.json"))
     with open(path) as f:
         return model, json.load(f)["results"]

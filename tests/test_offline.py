@@ -281,6 +281,18 @@ def test_clip_objectives_minimise_their_own_error(tiny_dense_dir, tmp_path):
     with pytest.raises(ValueError, match="clip objective 'loss'"):
         clip.search_clips(model, ids, sites, 2, grid, "loss")
 
+    # the block search replays what runs upstream of the searched site: exactly the same outputs, not recomputed
+    in_order = [[sims[p] for p in members] for members in sites[:4]]
+    upstream = clip._upstream(block0, [m for ms in in_order[:3] for m in ms], in_order)
+    assert upstream == [block0.self_attn, block0.mlp.gate_proj, block0.mlp.up_proj]
+    plain = run_block(block0, first).hidden
+    with clip._replaying(block0, upstream, first):
+        qkv[0].act_clip = 0.5  # upstream of down_proj: replayed, so no effect inside
+        replayed = [run_block(block0, first).hidden for _ in range(2)]
+    assert all(torch.equal(a, b) for r in replayed for a, b in zip(r, plain))
+    assert not all(torch.equal(a, b) for a, b in zip(run_block(block0, first).hidden, plain))  # restored
+    assert "forward" not in block0.self_attn.__dict__
+
 
 @pytest.mark.vllm
 def test_quantized_checkpoint_serves_in_vllm(tiny_dense_dir, tmp_path):
