@@ -187,6 +187,16 @@ def rotation_ladder(h: Harness, group_size: int, seed: int, rungs: list[int]) ->
               dataclasses.replace(base, **combined), 1.58)
 
 
+def weight_target_ladder(h: Harness, group_size: int, seed: int) -> None:
+    """What GPTQ fits each linear's output on (recipe weight_target): its 16-bit inputs (a16) or its inputs
+    quantized at the recipe's act_bits (act). Uniform bits, no clip search, one seed for both."""
+    from twla_offline.recipe import WEIGHT_TARGETS
+
+    for target in WEIGHT_TARGETS:
+        h.run(f"GPTQ target {target} (seed {seed})", Recipe(group_size=group_size, seed=seed, weight_target=target),
+              1.58)
+
+
 def act_group_ladder(h: Harness, group_size: int, seed: int, act_groups: list[int],
                      checkpoint: str | None = None, clip: float | None = None) -> None:
     """W1.58A4 with activation ranges of ~G channels per token (recipe act_group_size, format key act_blocks) on
@@ -345,7 +355,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--ladder", choices=["twla", "groups", "rotation", "act-groups", "baselines", "faithful",
-                                         "second-plane", "checkpoint", "clip"],
+                                         "second-plane", "checkpoint", "clip", "weight-target"],
                     default="twla")
     ap.add_argument("--windows", type=int, default=16, help="512-token test windows for PPL")
     ap.add_argument("--group-size", type=int, default=32)
@@ -362,7 +372,7 @@ def main() -> None:
                     help="clip ladder rows: stored (the checkpoint's clips), none (every clip 1.0), layer, block")
     ap.add_argument("--rungs", default="0,1,2,3,4", help="rotation ladder: which of ROTATION_RUNGS (0 = default)")
     ap.add_argument("--seed", type=int, default=0,
-                    help="twla / rotation / act-groups ladders: calibration sample and transform seed")
+                    help="twla / rotation / act-groups / weight-target ladders: calibration sample and transform seed")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", help="results file (default benchmarks/results/accuracy_<model>.json)")
     a = ap.parse_args()
@@ -379,6 +389,8 @@ def main() -> None:
         record_checkpoint(h, a.checkpoint, a.label, a.a_bits)
     elif a.ladder == "clip":
         clip_ladder(h, a.checkpoint, a.objectives.split(","), int(a.act_groups or 0))
+    elif a.ladder == "weight-target":
+        weight_target_ladder(h, a.group_size, a.seed)
     elif a.ladder == "second-plane":
         second_plane(h, [int(g) for g in a.groups.split(",")])
     elif a.ladder == "act-groups":

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from twla_vllm.reference import kron_rotate
+from twla_vllm.reference import fake_quant_per_token, kron_rotate
 
 
 class _Stop(Exception):
@@ -119,6 +119,26 @@ def input_gram(layer, module: torch.nn.Module, inputs: BlockInputs, rotate: bool
 
     _feed_until_hook(layer, module, inputs, hook)
     return acc["h"]
+
+
+def quantized_input_grams(layer, module: torch.nn.Module, inputs: BlockInputs, bits: int,
+                          ranges: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(X̃ᵀX̃, X̃ᵀX) over all calibration tokens of `module`'s rotated input X and its per-token quantization X̃ at
+    `bits` in `ranges` ranges per token (clip 1.0): what fitting weights to the activations they will be served
+    with needs (`weights.act_aware_target`); the forward stops there."""
+    acc: dict[str, torch.Tensor] = {}
+
+    def hook(mod, args):
+        x = args[0].reshape(-1, args[0].shape[-1]).float()
+        if getattr(mod, "left", None) is not None:
+            x = kron_rotate(x, mod.left, mod.right)
+        xq = fake_quant_per_token(x, bits, 1.0, ranges)
+        acc["hq"] = acc.get("hq", 0) + xq.t() @ xq
+        acc["cross"] = acc.get("cross", 0) + xq.t() @ x
+        raise _Stop
+
+    _feed_until_hook(layer, module, inputs, hook)
+    return acc["hq"], acc["cross"]
 
 
 @torch.no_grad()

@@ -104,6 +104,9 @@ def add_recipe_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-method", choices=R.WEIGHT_METHODS,
                    help="weight fit: e2m-atq (GPTQ + weight-space and output-aware refits + integer grid), atq "
                         f"(weight-space refit only), rtn (round to nearest) (default: {d['weight_method']})")
+    g.add_argument("--weight-target", choices=R.WEIGHT_TARGETS,
+                   help="what GPTQ fits each linear's output on: a16 (its 16-bit inputs) or act (its inputs "
+                        f"quantized at --act-bits, activation rounding included) (default: {d['weight_target']})")
     g.add_argument("--rotation", choices=R.ROTATIONS,
                    help="online Kronecker transform of each input: kotms (TWLA), okt (BWLA), learned "
                         f"(TwinQuant), random orthogonal, or none (default: {d['rotation']})")
@@ -156,7 +159,7 @@ def add_recipe_args(ap: argparse.ArgumentParser) -> None:
                                              f"seed = same bytes (default: {d['seed']})")
 
 
-_FLAG_FIELDS = ("code", "group_size", "act_bits", "bit_set", "weight_method", "rotation", "rotation_sharing",
+_FLAG_FIELDS = ("code", "group_size", "act_bits", "bit_set", "weight_method", "weight_target", "rotation", "rotation_sharing",
                 "factor_rule", "o_proj_rotation", "lowrank", "lowrank_rank", "kotms_iters", "allocation",
                 "row_parallel_blocks", "act_group_size", "calib", "text_column", "nsamples", "seqlen", "amp_tokens",
                 "clip_objective", "clip_tokens", "seed")

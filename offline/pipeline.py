@@ -21,13 +21,13 @@ from twla_vllm.simulate import QuantWeight, SimTwlaLinear, replace_linear
 
 from . import allocate, clip, data, lowrank
 from .calibrate import (BlockInputs, RotatedLinear, capture_first_block_inputs, capture_inputs, decoder_layers,
-                        input_gram, run_block)
+                        input_gram, quantized_input_grams, run_block)
 from .export import write_checkpoint
 from .onload import Placement
 from .recipe import AFTER_WEIGHTS, Recipe
 from .rotate import (balanced_factors, block_diagonal_orthogonal, fold_head_rotation, fold_norm_into, fold_weight,
                      learn_kronecker_rotation, random_orthogonal, reference_factors, unfold_weight)
-from .weights import fit_rtn, gptq_quantize
+from .weights import act_aware_target, fit_rtn, gptq_quantize
 
 ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 MLP_IN = ("mlp.gate_proj", "mlp.up_proj")
@@ -246,15 +246,19 @@ class Quantizer:
         t0 = time.time()
         for members, k, blocks in sites:
             c, b = rots[members]
-            h = None
-            if r.weight_method == "e2m-atq":
+            ab = pick_act_blocks(k, None if c is None else c.shape[0], blocks, self.gs, r.act_group_size)
+            h = cross = None
+            if r.weight_method == "e2m-atq" and r.weight_target == "act" and r.act_bits < 16:
+                h, cross = quantized_input_grams(layer, layer.get_submodule(members[0]), inputs,
+                                                 int(round(r.act_bits)), ab or blocks)
+            elif r.weight_method == "e2m-atq":
                 h = input_gram(layer, layer.get_submodule(members[0]), inputs)
             for m in members:
                 rl = layer.get_submodule(m)
                 qw, la, lb = self._quantize_linear(originals[m], rl.weight.data, c, b, h,
-                                                   self._site_inputs(layer, layer.get_submodule(members[0]), inputs))
+                                                   self._site_inputs(layer, layer.get_submodule(members[0]), inputs),
+                                                   cross)
                 prefix = f"model.layers.{l}.{m}"
-                ab = pick_act_blocks(k, None if c is None else c.shape[0], blocks, self.gs, r.act_group_size)
                 spec = fmt.LayerSpec(act_bits=16, act_clip=r.default_clip, k_blocks=blocks, act_blocks=ab,
                                      rotation=None if c is None else (c.shape[0], b.shape[0]),
                                      lowrank_rank=0 if la is None else la.shape[1])
@@ -300,23 +304,28 @@ class Quantizer:
         return c, b
 
     def _quantize_linear(self, w: torch.Tensor, w_folded: torch.Tensor, left: torch.Tensor | None,
-                         right: torch.Tensor | None, h: torch.Tensor | None, site_inputs=None):
+                         right: torch.Tensor | None, h: torch.Tensor | None, site_inputs=None,
+                         cross: torch.Tensor | None = None):
         """(QuantWeight of the transformed weights, lowrank_a, lowrank_b) of one linear: the weight stage alone,
-        or a low-rank fit that quantizes the residual W - A B through the same transform and weight stage."""
+        or a low-rank fit that quantizes the residual W - A B through the same transform and weight stage. With
+        `cross` (weight target "act") h is X̃ᵀX̃ and GPTQ fits `act_aware_target` of the transformed weights."""
         if self.r.lowrank == "none":
-            return self._quantize_weight(w_folded, h), None, None
+            return self._quantize_weight(w_folded, h, cross), None, None
 
         def quantize(residual: torch.Tensor) -> tuple[QuantWeight, torch.Tensor]:
             """The residual (original basis) quantized, and its dequantized value in the original basis."""
             folded = residual if left is None else fold_weight(residual, left, right)
-            qw = self._quantize_weight(folded, h)
+            qw = self._quantize_weight(folded, h, cross)
             deq = qw.dequantize()
             return qw, deq if left is None else unfold_weight(deq, left, right)
 
         return lowrank_fit(self.r.lowrank)(w, quantize, self.r.lowrank_rank, self.r, site_inputs)
 
-    def _quantize_weight(self, w: torch.Tensor, h: torch.Tensor | None) -> QuantWeight:
+    def _quantize_weight(self, w: torch.Tensor, h: torch.Tensor | None,
+                         cross: torch.Tensor | None = None) -> QuantWeight:
         m, code = self.r.weight_method, fmt.CODES[self.r.code]
+        if cross is not None:
+            w = act_aware_target(w, h, cross)
         if m == "rtn":
             return fit_rtn(w, code, self.gs)
         if m == "atq":

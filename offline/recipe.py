@@ -23,6 +23,7 @@ LOWRANKS = ("none", "svd", "psp", "learned")
 WEIGHT_METHODS = ("e2m-atq", "atq", "rtn")
 ALLOCATIONS = ("ila-amp", "uniform")
 CLIP_OBJECTIVES = ("block", "layer")
+WEIGHT_TARGETS = ("a16", "act")
 
 # fields read only after the weight stage (bit allocation, clip search): an interrupted or finished weight stage
 # in OUT.work/ is reused when only these change, so re-allocating bits does not re-quantize the weights
@@ -83,6 +84,9 @@ class Recipe:
     seqlen: int | None = None
     seed: int = 0
     percdamp: float = 0.1
+    # a16: GPTQ fits each linear's output on its 16-bit inputs; act: on its inputs quantized at act_bits (clip 1),
+    # target W XᵀX̃ (X̃ᵀX̃)⁻¹ with Hessian X̃ᵀX̃ (offline/weights.py act_aware_target)
+    weight_target: str = "a16"
     batch_size: int = 4
 
     def to_dict(self) -> dict[str, Any]:

@@ -46,6 +46,26 @@ def test_e2m_atq_beats_rtn_on_output_error(code, gs, rng):
     assert out_err(q) < out_err(fit_rtn(w, CODES[code], gs))
 
 
+def test_act_aware_target_is_least_squares_on_quantized_inputs(rng):
+    """act_aware_target(W) = argmin_W' ||X Wᵀ - X̃ W'ᵀ|| (X̃: X quantized per token at 3 bits), checked against
+    lstsq; GPTQ on (target, X̃ᵀX̃) then serves X̃ better than GPTQ on (W, XᵀX) does."""
+    from twla_offline.weights import act_aware_target
+    from twla_vllm.reference import fake_quant_per_token
+
+    w = torch.randn(24, 64, generator=rng) * 0.02
+    x = torch.randn(2048, 64, generator=rng) * torch.linspace(0.2, 2, 64)
+    xq = fake_quant_per_token(x, 3, 1.0)
+    target = act_aware_target(w, xq.t() @ xq, xq.t() @ x, damp=0.0)
+    lstsq = torch.linalg.lstsq(xq.double(), (x @ w.t()).double()).solution.t().float()
+    torch.testing.assert_close(target, lstsq, rtol=1e-3, atol=1e-5)
+
+    def served_err(q):
+        return float((xq @ q.dequantize().t() - x @ w.t()).pow(2).mean())
+    aware = gptq_quantize(target, xq.t() @ xq, CODES["ternary"], 32)
+    plain = gptq_quantize(w, x.t() @ x, CODES["ternary"], 32)
+    assert served_err(aware) < served_err(plain)
+
+
 def test_integer_grid_search_is_the_best_neighbour(rng):
     """to_int_grid returns, per row, the (a, m) minimising the output error over the 3x3 integer neighbours."""
     code = CODES["ternary"]
@@ -188,6 +208,18 @@ def test_resume_after_kill_gives_the_same_checkpoint(tiny_dense_dir, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_weight_target_act_quantizes_and_is_recorded(tiny_dense_dir, tmp_path):
+    """`weight_target="act"` runs the whole pipeline on a tiny model and the checkpoint's recipe says so; its
+    weights differ from the default's (the GPTQ target changed)."""
+    base = dataclasses.replace(_tiny_recipe(), allocation="uniform", clip_search=False)
+    plain = _quantize(tiny_dense_dir, str(tmp_path / "a16"), base)["checkpoint"]
+    aware = _quantize(tiny_dense_dir, str(tmp_path / "act"), dataclasses.replace(base, weight_target="act"))
+    recipe = json.load(open(os.path.join(aware["checkpoint"], "config.json")))["quantization_config"]["recipe"]
+    assert recipe["weight_target"] == "act"
+    a, b = _tensors(plain), _tensors(aware["checkpoint"])
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a if "group_scale" in k)
 
 
 def test_resume_may_change_allocation_but_not_weight_settings(tiny_dense_dir, tmp_path):

@@ -43,22 +43,25 @@ def test_torch_compile_fullgraph_dynamic(rng):
     torch.testing.assert_close(compiled(*args2), f(*args2))
 
 
-@pytest.mark.parametrize("bits,k,kb,fast", [(2, 512, 1, True), (4, 1536, 2, True), (6, 768, 1, True),
-                                            (8, 4096, 1, False), (4, 512, 1, True)])
-def test_float32_epilogue_equals_float64(bits, k, kb, fast, monkeypatch, rng):
+@pytest.mark.parametrize("bits,k,kb,wmax,fast", [(2, 512, 1, 127, True), (4, 1536, 2, 127, True),
+                                                 (6, 768, 1, 127, True), (8, 4096, 1, 127, False),
+                                                 (8, 1536, 1, 10, True), (4, 512, 1, 127, True)])
+def test_float32_epilogue_equals_float64(bits, k, kb, wmax, fast, monkeypatch, rng):
     """The CPU epilogue's float32 shortcut (acc - z * rowsum in place) gives bit-for-bit what the float64 form
-    gives wherever it is taken, including extreme integer weights (|W_int| = 127) and an all-positive token (large
-    zero point); where the bound fails (8-bit, K = 4096) the float64 form runs."""
+    gives wherever it is taken, including extreme integer weights (|W_int| = wmax) and an all-positive token (large
+    zero point); the bound uses the weights' actual |W_int| sums (`abs_range_sum`); where it fails (8-bit,
+    K = 4096, |W_int| up to 127) the float64 form runs."""
     from twla_vllm import reference
 
     n = 64
-    w_int = torch.randint(-127, 128, (n, k), generator=rng).float()
-    w_int[:4] = 127.0
+    w_int = torch.randint(-wmax, wmax + 1, (n, k), generator=rng).float()
+    w_int[:4] = float(wmax)
     x = torch.randn(6, k, generator=rng)
     x[0] = x[0].abs() + 5.0  # all positive: z far from 0
+    w_abs = reference.abs_range_sum(w_int, kb)
     args = (x, w_int, torch.rand(n, generator=rng) + 0.1, block_row_sums(w_int, kb), None, None, bits, 0.9)
     q, s, z = reference.quantize_per_token(x, bits, 0.9, kb)
-    assert reference._float32_is_exact(x, z, args[3], bits, k // kb) is fast
-    got = reference.quant_linear(*args)
+    assert reference._float32_is_exact(x, z, args[3], bits, w_abs) is fast
+    got = reference.quant_linear(*args, w_abs=w_abs)
     monkeypatch.setattr(reference, "_float32_is_exact", lambda *a: False)
     assert torch.equal(got, reference.quant_linear(*args))

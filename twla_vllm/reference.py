@@ -74,6 +74,12 @@ def fake_quant_per_token(x: torch.Tensor, bits: int, clip: float, blocks: int = 
     return xq.reshape(x.shape).to(x.dtype)
 
 
+def abs_range_sum(w_int: torch.Tensor, ranges: int) -> float:
+    """The largest sum of |W_int| over one row within one of `ranges` contiguous K-ranges (for `quant_linear`)."""
+    n, k = w_int.shape
+    return float(w_int.abs().float().view(n, ranges, k // ranges).sum(-1).max())
+
+
 def block_row_sums(w_int: torch.Tensor, k_blocks: int) -> torch.Tensor:
     """[N, k_blocks] exact sums of W_int per contiguous K-block (int32)."""
     n, k = w_int.shape
@@ -81,25 +87,27 @@ def block_row_sums(w_int: torch.Tensor, k_blocks: int) -> torch.Tensor:
 
 
 def _float32_is_exact(xr: torch.Tensor, z: torch.Tensor, rowsum: torch.Tensor, act_bits: int,
-                      width: int) -> bool:
-    """Whether float32 holds acc, z * rowsum and their difference exactly: integer weights (int32 row sums, |W_int|
-    <= 127) and |q - z| * 127 * width < 2**24. Then the float64 correction below would give the same numbers, at
-    about a third of the CPU time of a simulated layer. Checked on the CPU only (the check reads z back; a GPU keeps
-    the float64 form and never waits)."""
+                      w_abs: float) -> bool:
+    """Whether float32 holds acc, z * rowsum and their difference exactly: integer weights (int32 row sums) and
+    (max|q| + max|z|) * w_abs < 2**24, w_abs bounding any row's sum of |W_int| within one range. Then the float64
+    correction below would give the same numbers, at about a third of the CPU time of a simulated layer. Checked
+    on the CPU only (the check reads z back; a GPU keeps the float64 form and never waits)."""
     if xr.device.type != "cpu" or rowsum.dtype != torch.int32:
         return False
     zmax = float(z.abs().max()) if z.numel() else 0.0
-    return (2 ** (act_bits - 1) + zmax) * 127 * width < 2**24
+    return (2 ** (act_bits - 1) + zmax) * w_abs < 2**24
 
 
 def quant_linear(x: torch.Tensor, w_int: torch.Tensor, row_scale: torch.Tensor, rowsum: torch.Tensor,
                  left: torch.Tensor | None, right: torch.Tensor | None, act_bits: int, act_clip: float,
                  lowrank_a: torch.Tensor | None = None, lowrank_b: torch.Tensor | None = None,
-                 bias: torch.Tensor | None = None) -> torch.Tensor:
+                 bias: torch.Tensor | None = None, w_abs: float | None = None) -> torch.Tensor:
     """One TWLA linear on x [..., K] -> [..., N] in x's dtype (see module docstring).
 
     w_int: [N, K] integer weights (int8, or float32 holding integers: what CPU serving keeps resident);
-    row_scale: [N] or [N, 1]; rowsum: [N, KB] from `block_row_sums` (KB = the layer's k_blocks)."""
+    row_scale: [N] or [N, 1]; rowsum: [N, KB] from `block_row_sums` (KB = the layer's k_blocks); w_abs: the
+    largest sum of |W_int| over one row within one range (`abs_range_sum`) if known, else 127 x the range width
+    is assumed (it only decides whether the CPU may take the float32 epilogue; the result is the same)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).float()
     xr = kron_rotate(x2, left, right)
@@ -112,7 +120,7 @@ def quant_linear(x: torch.Tensor, w_int: torch.Tensor, row_scale: torch.Tensor, 
         kb = rowsum.shape[1]
         q, s, z = quantize_per_token(xr, act_bits, act_clip, kb)
         width = k // kb
-        exact32 = _float32_is_exact(xr, z, rowsum, act_bits, width)
+        exact32 = _float32_is_exact(xr, z, rowsum, act_bits, 127.0 * width if w_abs is None else w_abs)
         y = None
         for b in range(kb):  # one [M, N] partial at a time: many ranges never hold an [M, KB, N] tensor
             cols = slice(b * width, (b + 1) * width)

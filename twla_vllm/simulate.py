@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from . import format as fmt
-from .reference import block_row_sums, quant_linear
+from .reference import abs_range_sum, block_row_sums, quant_linear
 
 
 @dataclass
@@ -75,6 +75,7 @@ class SimTwlaLinear(torch.nn.Module):
         self.register_buffer("rowsum", self.w_int.double().view(n, act_ranges, k // act_ranges).sum(-1)
                              if self.group_scale.is_floating_point()
                              else block_row_sums(self.w_int, act_ranges))
+        self.w_abs = abs_range_sum(self.w_int, act_ranges)
 
     @property
     def weight(self) -> QuantWeight:
@@ -84,7 +85,7 @@ class SimTwlaLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quant_linear(x, self.w_int, self.row_scale, self.rowsum, self.left, self.right, self.act_bits,
                             self.act_clip, self.lowrank_a, self.lowrank_b,
-                            None if self.bias is None else self.bias)
+                            None if self.bias is None else self.bias, self.w_abs)
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         """This layer's checkpoint tensors (format v2)."""
