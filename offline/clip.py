@@ -35,20 +35,20 @@ def search_clips(model, ids: torch.Tensor, sites: list[list[str]], batch_size: i
         by_block.setdefault(int(members[0].split(".")[2]), []).append(members)
     for l in tqdm(range(len(layers)), desc=f"clip search ({objective} output)"):
         layer = layers[l]
-        quantized = [(members, [model.get_submodule(p) for p in members]) for members in by_block.get(l, [])]
-        quantized = [(members, mods) for members, mods in quantized if mods[0].act_bits < 16]
+        in_order = [[model.get_submodule(p) for p in members] for members in by_block.get(l, [])]
+        quantized = [(i, members, mods) for i, (members, mods) in enumerate(zip(by_block.get(l, []), in_order))
+                     if mods[0].act_bits < 16]
         if objective == "block":
-            every = [m for _, mods in quantized for m in mods]
+            every = [m for _, _, mods in quantized for m in mods]
             ref = _unquantized(every, lambda: run_block(layer, inputs).hidden)
-            in_order = [[model.get_submodule(p) for p in members] for members in by_block.get(l, [])]
-        for members, mods in quantized:
+        for i, members, mods in quantized:
             if objective == "block":
                 def err() -> float:
                     out = run_block(layer, inputs).hidden
                     return sum(float((h - r).float().pow(2).mean()) for h, r in zip(out, ref))
 
-                earlier = in_order[:next(i for i, ms in enumerate(in_order) if ms[0] is mods[0])]
-                with _replaying(layer, _upstream(layer, [m for ms in earlier for m in ms], in_order), inputs):
+                earlier = [m for ms in in_order[:i] for m in ms]
+                with _replaying(layer, _upstream(layer, earlier, in_order), inputs):
                     best = _argmin(grid, mods, err)
             else:
                 x = capture_inputs(layer, mods[0], inputs, max_tokens=ids.numel())
