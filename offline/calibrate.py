@@ -123,9 +123,9 @@ def input_gram(layer, module: torch.nn.Module, inputs: BlockInputs, rotate: bool
 
 def quantized_input_grams(layer, module: torch.nn.Module, inputs: BlockInputs, bits: int,
                           ranges: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(X̃ᵀX̃, X̃ᵀX) over all calibration tokens of `module`'s rotated input X and its per-token quantization X̃ at
-    `bits` in `ranges` ranges per token (clip 1.0): what fitting weights to the activations they will be served
-    with needs (`weights.act_aware_target`); the forward stops there."""
+    """(X̃ᵀX̃, X̃ᵀX) over all calibration tokens of `module`'s rotated input X and its per-token quantization X̃
+    at `bits` in `ranges` ranges per token (clip 1.0): what fitting weights to the activations they will be
+    served with needs (`weights.act_aware_target`); the forward stops there."""
     acc: dict[str, torch.Tensor] = {}
 
     def hook(mod, args):

@@ -106,7 +106,8 @@ def add_recipe_args(ap: argparse.ArgumentParser) -> None:
                         f"(weight-space refit only), rtn (round to nearest) (default: {d['weight_method']})")
     g.add_argument("--weight-target", choices=R.WEIGHT_TARGETS,
                    help="what GPTQ fits each linear's output on: a16 (its 16-bit inputs) or act (its inputs "
-                        f"quantized at --act-bits, activation rounding included) (default: {d['weight_target']})")
+                        f"quantized at --act-bits, activation rounding included; e2m-atq only) (default: "
+                        f"{d['weight_target']})")
     g.add_argument("--rotation", choices=R.ROTATIONS,
                    help="online Kronecker transform of each input: kotms (TWLA), okt (BWLA), learned "
                         f"(TwinQuant), random orthogonal, or none (default: {d['rotation']})")
@@ -159,10 +160,10 @@ def add_recipe_args(ap: argparse.ArgumentParser) -> None:
                                              f"seed = same bytes (default: {d['seed']})")
 
 
-_FLAG_FIELDS = ("code", "group_size", "act_bits", "bit_set", "weight_method", "weight_target", "rotation", "rotation_sharing",
-                "factor_rule", "o_proj_rotation", "lowrank", "lowrank_rank", "kotms_iters", "allocation",
-                "row_parallel_blocks", "act_group_size", "calib", "text_column", "nsamples", "seqlen", "amp_tokens",
-                "clip_objective", "clip_tokens", "seed")
+_FLAG_FIELDS = ("code", "group_size", "act_bits", "bit_set", "weight_method", "weight_target", "rotation",
+                "rotation_sharing", "factor_rule", "o_proj_rotation", "lowrank", "lowrank_rank", "kotms_iters",
+                "allocation", "row_parallel_blocks", "act_group_size", "calib", "text_column", "nsamples", "seqlen",
+                "amp_tokens", "clip_objective", "clip_tokens", "seed")
 
 
 def recipe_from_args(a: argparse.Namespace, ap: argparse.ArgumentParser | None = None) -> R.Recipe:

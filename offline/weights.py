@@ -166,10 +166,10 @@ def block_errors(w1: torch.Tensor, q1: torch.Tensor, hinv1: torch.Tensor) -> tor
 
 def act_aware_target(w: torch.Tensor, hq: torch.Tensor, cross: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
     """The weights that map the quantized activations X̃ closest to the layer's output on the 16-bit ones:
-    argmin_W' ||X Wᵀ - X̃ W'ᵀ||² = W XᵀX̃ (X̃ᵀX̃)⁻¹, so that ||X Wᵀ - X̃ Ŵᵀ||² = ||X̃ (W' - Ŵ)ᵀ||² + const and GPTQ on
-    (W', X̃ᵀX̃) minimises the served layer's output error, activation rounding included (the asymmetric target of
-    GPTAQ, here for the activation quantization only). `damp` (relative to the mean diagonal) keeps the solve
-    well posed where X̃ᵀX̃ is near singular."""
+    argmin_W' ||X Wᵀ - X̃ W'ᵀ||² = W XᵀX̃ (X̃ᵀX̃)⁻¹, so that ||X Wᵀ - X̃ Ŵᵀ||² = ||X̃ (W' - Ŵ)ᵀ||² + const and
+    GPTQ on (W', X̃ᵀX̃) minimises the served layer's output error, activation rounding included (the asymmetric
+    target of GPTAQ, here for the activation quantization only). `damp` (relative to the mean diagonal) keeps the
+    solve well posed where X̃ᵀX̃ is near singular."""
     k = hq.shape[0]
     reg = hq + damp * hq.diagonal().mean() * torch.eye(k, dtype=hq.dtype, device=hq.device)
     return torch.linalg.solve(reg.double(), cross.double() @ w.double().t()).t().float()
