@@ -309,23 +309,23 @@ class Quantizer:
         """(QuantWeight of the transformed weights, lowrank_a, lowrank_b) of one linear: the weight stage alone,
         or a low-rank fit that quantizes the residual W - A B through the same transform and weight stage. With
         `cross` (weight target "act") h is X̃ᵀX̃ and GPTQ fits `act_aware_target` of the transformed weights."""
+        def target(w: torch.Tensor) -> torch.Tensor:
+            return w if cross is None else act_aware_target(w, h, cross)
+
         if self.r.lowrank == "none":
-            return self._quantize_weight(w_folded, h, cross), None, None
+            return self._quantize_weight(target(w_folded), h), None, None
 
         def quantize(residual: torch.Tensor) -> tuple[QuantWeight, torch.Tensor]:
             """The residual (original basis) quantized, and its dequantized value in the original basis."""
             folded = residual if left is None else fold_weight(residual, left, right)
-            qw = self._quantize_weight(folded, h, cross)
+            qw = self._quantize_weight(target(folded), h)
             deq = qw.dequantize()
             return qw, deq if left is None else unfold_weight(deq, left, right)
 
         return lowrank_fit(self.r.lowrank)(w, quantize, self.r.lowrank_rank, self.r, site_inputs)
 
-    def _quantize_weight(self, w: torch.Tensor, h: torch.Tensor | None,
-                         cross: torch.Tensor | None = None) -> QuantWeight:
+    def _quantize_weight(self, w: torch.Tensor, h: torch.Tensor | None) -> QuantWeight:
         m, code = self.r.weight_method, fmt.CODES[self.r.code]
-        if cross is not None:
-            w = act_aware_target(w, h, cross)
         if m == "rtn":
             return fit_rtn(w, code, self.gs)
         if m == "atq":
