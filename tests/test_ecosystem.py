@@ -6,8 +6,10 @@ import glob
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ SEQLEN, WINDOWS, PROXY_N = 128, 8, 8
 # twla-eval's proxy tasks keep the last 512 tokens of an item, lm-eval the last max_model_len: with the synthetic
 # model's character tokenizer items reach ~600 tokens, so the model gets 512 positions (RoPE stores no weights)
 MAX_MODEL_LEN = 512
+TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +50,14 @@ def lm_eval_results(long_synthetic, tmp_path_factory):
            "--tasks", "twla_brown", "--include_path", TASKS_DIR, "--output_path", str(out),
            "--metadata", json.dumps({"ppl_seqlen": SEQLEN, "ppl_windows": WINDOWS, "proxy_n": PROXY_N})]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    check_exit(proc, "twla-lm-eval --model vllm")
-    (path,) = glob.glob(os.path.join(out, "*", "results_*.json"))
+    saved = glob.glob(os.path.join(out, "*", "results_*.json"))
+    if saved and proc.returncode == -signal.SIGABRT and TEARDOWN_ABORT in proc.stdout + proc.stderr:
+X
+        # full CI runs; the log ends "Saving results aggregated" then this line): the evaluation itself finished
+        warnings.warn(f"twla-lm-eval aborted at exit after saving its results ({TEARDOWN_ABORT!r})")
+    else:
+        check_exit(proc, "twla-lm-eval --model vllm")
+    (path,) = saved
     with open(path) as f:
         return model, json.load(f)["results"]
 
