@@ -106,19 +106,26 @@ def _feed_until_hook(layer, module: torch.nn.Module, inputs: BlockInputs, hook, 
 
 
 @torch.no_grad()
-def input_gram(layer, module: torch.nn.Module, inputs: BlockInputs, rotate: bool = True) -> torch.Tensor:
-    """Σ x'ᵀx' over all calibration tokens of `module`'s (rotated) input; the forward stops there."""
-    acc: dict[str, torch.Tensor] = {}
+def _input_sums(layer, module: torch.nn.Module, inputs: BlockInputs, terms, rotate: bool = True) -> tuple:
+    """Sums over all calibration tokens of terms(x) (a tuple of tensors), x = `module`'s (rotated) input rows;
+    the forward stops there."""
+    acc: list = []
 
     def hook(mod, args):
         x = args[0].reshape(-1, args[0].shape[-1]).float()
         if rotate and getattr(mod, "left", None) is not None:
             x = kron_rotate(x, mod.left, mod.right)
-        acc["h"] = acc.get("h", 0) + x.t() @ x
+        parts = terms(x)
+        acc[:] = parts if not acc else [a + p for a, p in zip(acc, parts)]
         raise _Stop
 
     _feed_until_hook(layer, module, inputs, hook)
-    return acc["h"]
+    return tuple(acc)
+
+
+def input_gram(layer, module: torch.nn.Module, inputs: BlockInputs, rotate: bool = True) -> torch.Tensor:
+    """Σ x'ᵀx' over all calibration tokens of `module`'s (rotated) input; the forward stops there."""
+    return _input_sums(layer, module, inputs, lambda x: (x.t() @ x,), rotate)[0]
 
 
 def quantized_input_grams(layer, module: torch.nn.Module, inputs: BlockInputs, bits: int,
@@ -126,19 +133,11 @@ def quantized_input_grams(layer, module: torch.nn.Module, inputs: BlockInputs, b
     """(X̃ᵀX̃, X̃ᵀX) over all calibration tokens of `module`'s rotated input X and its per-token quantization X̃
     at `bits` in `ranges` ranges per token (clip 1.0): what fitting weights to the activations they will be
     served with needs (`weights.act_aware_target`); the forward stops there."""
-    acc: dict[str, torch.Tensor] = {}
-
-    def hook(mod, args):
-        x = args[0].reshape(-1, args[0].shape[-1]).float()
-        if getattr(mod, "left", None) is not None:
-            x = kron_rotate(x, mod.left, mod.right)
+    def terms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         xq = fake_quant_per_token(x, bits, 1.0, ranges)
-        acc["hq"] = acc.get("hq", 0) + xq.t() @ xq
-        acc["cross"] = acc.get("cross", 0) + xq.t() @ x
-        raise _Stop
+        return xq.t() @ xq, xq.t() @ x
 
-    _feed_until_hook(layer, module, inputs, hook)
-    return acc["hq"], acc["cross"]
+    return _input_sums(layer, module, inputs, terms)
 
 
 @torch.no_grad()
