@@ -14,8 +14,9 @@ consecutive layers of a model do.
 Columns: quant = fused transform+quantize alone; gemm = the matmul alone; twla = the whole op as served
 (`torch.ops.twla.quant_linear`: quant + matmul + epilogue); floor% = byte floor (codes + int8 group scales at
 the measured copy bandwidth) / twla for M <= 64, else the int8 tensor-core floor (1.1 POPS, kernels.md) / twla.
-With --lowrank R: + branch fused = the whole op with a rank-R 16-bit branch (x·Bᵀ in act_quant's launch, A·(·) in
-the matmul's epilogue); + branch unfused = the same with x·Bᵀ as its own fp32 GEMM (what the op did before).
+With --lowrank R: + branch = the whole op with a rank-R 16-bit branch as served; fused / unfused = the same with
+x·Bᵀ computed in act_quant's launch / as its own fp32 GEMM (A·(·) in the matmul's epilogue either way); the op
+picks one by shape (`triton_ops.fuses_lowrank_down`).
 With --act-group-size G: + ranges = the whole op with activation ranges of about G channels (twla-quantize
 --act-group-size G picks the same count: offline.pipeline.pick_act_blocks) instead of one per transform block.
 """
@@ -52,12 +53,6 @@ SWEEP = {m: [dict(tile=(bm, bn, 32, w, st)) for bn, w in ((64, 4), (128, 8)) for
 SWEEP[256] = [dict(scratch=sc, tile=(bm, 128, bk, 8, 3)) for sc in (True, False) for bm, bk in ((128, 128), (256, 64))]
 SWEEP[8192] = [dict(scratch=True, tile=(bm, 128, 128, 8, 3)) for bm in (128, 256)]
 SWEEP[64] += [dict(tile=(64, 64, 32, 4, 3), split=sp) for sp in (16, 32)]
-# v8: int32 word loads (pipelinable through shared memory) against byte loads, with and without the hand prefetch,
-# at the table's tiles and a deeper pipeline
-for m, bm in ((16, 16), (64, 64), (128, 128)):
-    SWEEP[m] += [dict(tile=(bm, 64, bk, 4, st), loads=ld, prefetch=pf) for ld in ("words", "word_tile")
-                 for bk in (32, 64) for st in (3, 4) for pf in (True, False)]
-    SWEEP[m] += [dict(tile=(bm, 64, 32, 4, 3), loads="bytes", prefetch=False)]
 L2_BEATING_BYTES = 128 << 20
 
 
@@ -134,26 +129,32 @@ def act_quant_sweep() -> None:
 
 
 def branch_times(x, layers, branch_ab, left, right, kb, code, gs, copies) -> dict[str, float]:
-    """The whole op with a low-rank branch: x·Bᵀ fused into act_quant's launch (as served) vs its own GEMM."""
+    """The whole op with a low-rank branch as served, and its two forms: x·Bᵀ computed in act_quant's launch
+    (fused) or as its own fp32 GEMM (unfused); A·(·) in the matmul's epilogue either way."""
     n = layers[0][0].shape[0]
+    lanes = 8 // code.bits if T.uses_scratch(x.shape[0]) else 0
 
-    def fused(i):
+    def form(fuse):
+        def call(i):
+            p, rs, qa, qm, rsum = layers[i]
+            la, lb = branch_ab[i]
+            q, s, z, lr = T.act_quant(x, left, right, 4, 0.9, kb, lanes=lanes, lowrank_b=lb if fuse else None)
+            return T.quant_matmul(q, s, z, p, rs, qa, qm, rsum, code.bits, code.step, code.offset, gs, x.dtype, la,
+                                  lr if fuse else x.float() @ lb.t(), None, (n, n))
+        return call
+
+    def served(i):
         p, rs, qa, qm, rsum = layers[i]
         la, lb = branch_ab[i]
         return torch.ops.twla.quant_linear(x, p, rs, qa, qm, rsum, left, right, la, lb, None, code.bits, code.step,
                                            code.offset, gs, 4, 0.9, kb, kb, n, n)
 
-    def unfused(i):
-        p, rs, qa, qm, rsum = layers[i]
-        la, lb = branch_ab[i]
-        lanes = 8 // code.bits if T.uses_scratch(x.shape[0]) else 0
-        q, s, z, _ = T.act_quant(x, left, right, 4, 0.9, kb, lanes=lanes)
-        return T.quant_matmul(q, s, z, p, rs, qa, qm, rsum, code.bits, code.step, code.offset, gs, x.dtype, la,
-                              x.float() @ lb.t(), None, (n, n))
-
-    if not torch.allclose(fused(0).float(), unfused(0).float(), rtol=1e-2, atol=1e-2 * unfused(0).float().abs().max()):
-        raise AssertionError("fused and unfused low-rank branch disagree")
-    return {"branch_fused_us": bench(fused, copies), "branch_unfused_us": bench(unfused, copies)}
+    want = form(False)(0).float()
+    for f in (form(True), served):
+        if not torch.allclose(f(0).float(), want, rtol=1e-2, atol=1e-2 * want.abs().max()):
+            raise AssertionError("the low-rank branch's forms disagree")
+    return {"branch_us": bench(served, copies), "branch_fused_us": bench(form(True), copies),
+            "branch_unfused_us": bench(form(False), copies)}
 
 
 def main() -> None:
@@ -249,16 +250,15 @@ def main() -> None:
             print(f"{k}->{n} M={m}: twla {t_all:.1f} us (quant {t_quant:.1f}, gemm {t_gemm:.1f}), bf16 {t_bf16:.1f} us",
                   flush=True)
     if sweep:
-        print("\n| K->N | M | scratch | tile (BM,BN,BK,warps,stages) | split | loads | prefetch | equal | µs |\n"
-              "|---|---|---|---|---|---|---|---|---|")
+        print("\n| K->N | M | scratch | tile (BM,BN,BK,warps,stages) | split | equal | µs |\n|---|---|---|---|---|---|---|")
         for k, n, m, kw, ok, us in sweep:
-            print(f"| {k}->{n} | {m} | {kw['scratch']} | {kw['tile']} | {kw.get('split', 'rule')} | "
-                  f"{kw.get('loads', 'default')} | {kw.get('prefetch', 'default')} | {ok} | {us:.1f} |")
+            print(f"| {k}->{n} | {m} | {kw['scratch']} | {kw['tile']} | {kw.get('split', 'rule')} | {ok} | {us:.1f} |")
     print(f"\n{code.name}, group size {gs}\n| K->N | M | quant µs | gemm µs | twla µs | bf16 µs | fp8 µs | _int_mm µs "
           f"| bf16/twla | floor % |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         f = lambda v: "–" if v is None else f"{v:.1f}"  # noqa: E731
-        extra = (f" + branch fused {r['branch_fused_us']:.1f} µs, unfused {r['branch_unfused_us']:.1f} µs |"
+        extra = (f" + branch {r['branch_us']:.1f} µs (fused {r['branch_fused_us']:.1f}, unfused "
+                 f"{r['branch_unfused_us']:.1f}) |"
                  if "branch_fused_us" in r else "")
         extra += f" + {r['act_blocks']} ranges {r['act_ranges_us']:.1f} µs |" if "act_ranges_us" in r else ""
         print(f"| {r['k']}->{r['n']} | {r['m']} | {r['quant_us']:.1f} | {r['gemm_us']:.1f} | {r['twla_us']:.1f} | "

@@ -138,7 +138,10 @@ def run_one(method: str, workdir: str, out: str, profile_step: bool = False) -> 
     def timed(batch, length, gen):
         p = prompts(batch, length)
         sp = SamplingParams(temperature=0, max_tokens=gen, ignore_eos=True, detokenize=False)
-        llm.generate(p[:1], SamplingParams(max_tokens=4, ignore_eos=True, detokenize=False))  # warm
+        # warm with the timed batch's shapes but other tokens (prefix caching would serve the same prompts from the
+        # cache): a prefill of batch x length tokens runs eager, beyond the CUDA-graph sizes, and its first call
+        # JIT-compiles Triton variants, seconds that once halved the bs=64 figure
+        llm.generate(prompts(batch, length), SamplingParams(max_tokens=4, ignore_eos=True, detokenize=False))
         t0 = time.perf_counter()
         llm.generate(p, sp)
         return time.perf_counter() - t0

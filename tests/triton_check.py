@@ -51,16 +51,12 @@ class Case:
     scratch: bool = False
     split: bool = True  # allow split-K in the GEMV
     precision: str | None = None  # act_quant's transform dots (None: the op's default)
-    loads: str | None = None  # packed GEMM's weight loads (None: the default, tiles.GEMM_LOADS)
-    prefetch: bool | None = None  # packed GEMM: next tile's loads issued by hand (None: tiles.GEMM_PREFETCH)
 
     def __str__(self) -> str:
         return (f"m={self.m} n={self.n} k={self.k} {self.code} g={self.gs} kb={self.kb}"
                 f"{f' ab={self.ab}' if self.ab else ''} a{self.bits} rot={self.rot} "
                 f"r={self.rank}x{self.shards} bias={self.bias} {str(self.dtype)[6:]}"
-                f"{' scratch' if self.scratch else ''}{'' if self.split else ' nosplit'}"
-                f"{'' if self.loads is None else f' loads={self.loads}'}"
-                f"{'' if self.prefetch is None else f' prefetch={self.prefetch}'}")
+                f"{' scratch' if self.scratch else ''}{'' if self.split else ' nosplit'}")
 
 
 def random_layer(c: Case, gen, dev):
@@ -134,8 +130,7 @@ def check_case(c: Case, dev, gen) -> list[str]:
     q8 = q_ref.to(torch.int8).to(dev)[:, perm].contiguous()
     y = torch.full((c.m, c.n), float("nan"), device=dev)
     T.quant_matmul(q8, s_ref.to(dev), z_ref.to(dev), packed, row_scale, qa, qm, rowsum, code.bits,
-                   code.step, code.offset, c.gs, torch.float32, scratch=scratch, out=y, gemv_split=c.split,
-                   loads=c.loads, prefetch=c.prefetch)
+                   code.step, code.offset, c.gs, torch.float32, scratch=scratch, out=y, gemv_split=c.split)
     want = exact_gemm(q_ref, s_ref, z_ref, w_int, row_scale, ab)
     if torch.isnan(y).any():
         fails.append("matmul left outputs unwritten")
@@ -160,8 +155,7 @@ def check_case(c: Case, dev, gen) -> list[str]:
         if lr.shape != (c.kb, c.m, c.shards * c.rank) or lr_err > 1e-5:  # fp32 sums of K products
             fails.append(f"act_quant lowrank x·Bᵀ: shape {tuple(lr.shape)}, rel err {lr_err:.2e}")
     y2 = T.quant_matmul(q2, s2, z2, packed, row_scale, qa, qm, rowsum, code.bits, code.step, code.offset, c.gs,
-                        c.dtype, la, lr, bias, bounds, scratch=scratch, gemv_split=c.split, loads=c.loads,
-                        prefetch=c.prefetch)
+                        c.dtype, la, lr, bias, bounds, scratch=scratch, gemv_split=c.split)
     ref = quant_linear(x, w_int.to(dev), row_scale, rowsum, left, right, c.bits, 0.9, bias=bias)
     if la is not None:  # each row reads its own shard's slice of lr
         shard = (torch.arange(c.n, device=dev) >= bounds[0]).long() + (torch.arange(c.n, device=dev) >= bounds[1]).long()
@@ -195,11 +189,6 @@ CPU_CASES = [
     # activation ranges finer than the transform blocks (act_blocks): 4 rows of 16 per range, 2 ranges per block
     Case(5, 24, 256, gs=32, ab=4), Case(40, 33, 256, gs=64, kb=2, ab=4, rank=4),
     Case(3, 40, 512, gs=32, rot=False, ab=4), Case(260, 40, 384, gs=32, kb=2, ab=4),
-    # packed GEMM with int32 word loads (codes and group scales), with and without the hand prefetch
-    Case(20, 40, 512, gs=32, loads="words"), Case(12, 72, 256, gs=64, kb=2, code="binary", loads="words", prefetch=False),
-    Case(24, 40, 256, gs=32, code="int4", loads="words", rank=4), Case(16, 40, 256, gs=32, loads="bytes", prefetch=False),
-    Case(20, 40, 512, gs=32, loads="word_tile"), Case(12, 72, 256, gs=64, kb=2, code="binary", loads="word_tile"),
-    Case(24, 40, 256, gs=32, code="int4", loads="word_tile", prefetch=False),
 ]
 
 
@@ -223,10 +212,8 @@ def gpu_cases() -> list[Case]:
             # tiny K (a TP-sharded small model): fewer than 4 packed words per unpack tile
             Case(300, 48, 64, gs=32, rot=False, code="binary", scratch=True),
             Case(300, 48, 64, gs=32, rot=False, code="ternary", scratch=True)]
-    out += [Case(64, 4096, 4096, gs=32, dtype=bf16, code=code, loads=ld, prefetch=pf)
-            for code in ("ternary", "binary", "int4") for ld in ("words", "word_tile") for pf in (True, False)]
-    out += [Case(64, 4096, 14336, gs=32, kb=8, rot=False, dtype=bf16, loads=ld) for ld in ("words", "word_tile")]
-    out += [Case(100, 4096, 4096, gs=128, dtype=bf16, code="int4", rank=32, shards=3, loads="word_tile", prefetch=False)]
+    out += [Case(64, 4096, 14336, gs=32, kb=8, rot=False, dtype=bf16),
+            Case(100, 4096, 4096, gs=128, dtype=bf16, code="int4", rank=32, shards=3)]
     return out
 
 

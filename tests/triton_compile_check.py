@@ -34,7 +34,6 @@ POINTERS = {
     "unpack": dict(w_ptr="*i8", qa_ptr="*i8", qm_ptr="*i8", out_ptr="*i8"),
 }
 POINTERS["gemv"] = {**POINTERS["matmul"], "w_ptr": "*i32"}  # the GEMV reads packed int32 words
-POINTERS["gemm words"] = {**POINTERS["matmul"], "w_ptr": "*i32", "qa_ptr": "*i32", "qm_ptr": "*i32"}
 POINTERS["fp32 partials"] = {**POINTERS["matmul"], "acc_ptr": "*fp32"}  # several K-blocks: promoted partials
 POINTERS["gemv fp32 partials"] = {**POINTERS["gemv"], "acc_ptr": "*fp32"}
 ACT = dict(ROWS=64, COLS=64, RBP=64, CP=64, BT=2, HAS_ROT=True, KB=1, AB=1, QR=64, BITS=4, CLIP=0.9, LANES=0,
@@ -43,7 +42,7 @@ BRANCH = dict(R=32, NSH=3, RP=32, CP=128)  # rank 32 x 3 fused shards
 NO_BRANCH = dict(R=0, NSH=1, RP=16, CP=16)
 GEMV = dict(BITS=2, STEP=1, OFF=1, G=128, GW=2, KB=1, LRKB=1, HAS_BIAS=True, BM=1, BN=8, BP=64, SPLIT=1, ASM=True)
 GEMM = dict(BITS=2, STEP=1, OFF=1, G=128, GS=32, KB=1, LRKB=1, HAS_BIAS=True, SCRATCH=False, SPLIT=1, BM=64,
-            BN=64, BK=32, GROUP_N=8, ASM=True, PRECISION="tf32x3", LOADS=0, PREFETCH=True)
+            BN=64, BK=32, GROUP_N=8, ASM=True, PRECISION="tf32x3")
 VARIANTS = [
     ("act_quant", _act_quant_kernel, "act_quant", ACT, 4),
     ("act_quant + branch x·Bᵀ", _act_quant_kernel, "act_quant", {**ACT, "SR": 32, "JB": 32, "BTL": 64}, 4),
@@ -59,17 +58,15 @@ VARIANTS = [
     ("gemv int4, 8 blocks", _gemv_kernel, "gemv fp32 partials",
      {**GEMV, **NO_BRANCH, "BITS": 4, "OFF": 8, "KB": 8, "SPLIT": 8}, 4),
     ("gemm packed ternary", _gemm_kernel, "matmul", {**GEMM, **NO_BRANCH}, 4),
-    ("gemm packed ternary, word loads, no prefetch", _gemm_kernel, "gemm words",
-     {**GEMM, **NO_BRANCH, "LOADS": 1, "PREFETCH": False}, 4),
-    ("gemm packed binary, word tile", _gemm_kernel, "gemm words", {**GEMM, **NO_BRANCH, "LOADS": 2, "BITS": 1}, 4),
+    ("gemm packed binary", _gemm_kernel, "matmul", {**GEMM, **NO_BRANCH, "BITS": 1}, 4),
     ("gemm packed + branch (8 partials)", _gemm_kernel, "matmul", {**GEMM, **BRANCH, "LRKB": 8}, 4),
     ("gemm packed, 32 ranges, split", _gemm_kernel, "fp32 partials", {**GEMM, **NO_BRANCH, "KB": 32, "SPLIT": 32}, 4),
     ("gemm scratch int4 + branch", _gemm_kernel, "matmul",
      {**GEMM, **BRANCH, "SCRATCH": True, "BITS": 4, "OFF": 8, "BM": 128, "BN": 128, "BK": 128}, 8),
     ("epilogue int32 partials + branch", _epilogue_kernel, "matmul",
-     dict(KB=1, SPLIT=4, LRKB=8, HAS_BIAS=True, BM=32, BN=64, **BRANCH), 4),
+     dict(KB=1, SPLIT=4, LRKB=8, HAS_BIAS=True, BM=32, BN=64, PRECISION="tf32x3", **BRANCH), 4),
     ("epilogue fp32 partials", _epilogue_kernel, "fp32 partials",
-     dict(KB=8, SPLIT=8, LRKB=1, HAS_BIAS=False, BM=32, BN=64, **NO_BRANCH), 4),
+     dict(KB=8, SPLIT=8, LRKB=1, HAS_BIAS=False, BM=32, BN=64, PRECISION="tf32x3", **NO_BRANCH), 4),
     ("unpack ternary", _unpack_kernel, "unpack", None, 4),
 ]
 

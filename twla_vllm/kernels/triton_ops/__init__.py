@@ -10,7 +10,8 @@ gemm:       M > 8 on int8 tensor cores, tokens as the MMA's M. The weight tile i
             w_int = a*v(c) + m (int8) from 2-D byte loads issued one tile ahead; the K loop is a plain int8 dot
             into int32, split over K into int32 partials when the tile grid is small; s_n, the activation step
             and the zero-point term z*rowsum go to the epilogue (epilogue.py), together with the low-rank branch
-            lowrank_a @ (x @ lowrank_bᵀ) and the bias.
+            lowrank_a @ (x @ lowrank_bᵀ) (one tensor-core dot per tile) and the bias; x @ lowrank_bᵀ comes from
+            act_quant's launch or its own GEMM (`fuses_lowrank_down`).
 matmul:     `quant_matmul` picks the path by M (tiles.py).
 unpack:     large M unpacks the weights once into an int8 scratch and runs the same GEMM on it (SCRATCH). The
             unpack builds four int8 weights per instruction pair from one packed word: ((w >> B*i) & mask) *
@@ -24,8 +25,8 @@ y = s_n * Σ_b s_b * float32(acc_b - z_b * rowsum_b) (+ low-rank, bias). Roundin
 
 from .act_quant import act_quant, act_ranges_supported, lane_perm
 from .matmul import quant_matmul
-from .tiles import GEMV_MAX_M, uses_scratch
+from .tiles import GEMV_MAX_M, fuses_lowrank_down, uses_scratch
 from .unpack import unpack_weights
 
-__all__ = ["GEMV_MAX_M", "act_quant", "act_ranges_supported", "lane_perm", "quant_matmul", "unpack_weights",
-           "uses_scratch"]
+__all__ = ["GEMV_MAX_M", "act_quant", "act_ranges_supported", "fuses_lowrank_down", "lane_perm", "quant_matmul",
+           "unpack_weights", "uses_scratch"]

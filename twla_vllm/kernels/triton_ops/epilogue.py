@@ -49,7 +49,7 @@ def _finish(y, rm, rn, M, N, ws_ptr, la_ptr, lr_ptr, bias_ptr, stride_lr, SB1, S
 def _epilogue_kernel(acc_ptr, s_ptr, z_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_ptr, lr_ptr, bias_ptr, y_ptr,
                      M, N, stride_y, stride_lr, SB1, SB2, KB: tl.constexpr, SPLIT: tl.constexpr, R: tl.constexpr,
                      NSH: tl.constexpr, RP: tl.constexpr, CP: tl.constexpr, LRKB: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr):
     # after a split GEMV/GEMM: acc_ptr [SPLIT, M, N] holds int32 partial sums (KB == 1; summed exactly) or fp32
     # partials already promoted per activation block (KB > 1; summed in a fixed order)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -66,12 +66,15 @@ def _epilogue_kernel(acc_ptr, s_ptr, z_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_p
         for b in tl.static_range(SPLIT):
             y += tl.load(part + b * M * N, mask=mask, other=0.0)
     y = _finish(y, rm, rn, M, N, ws_ptr, la_ptr, lr_ptr, bias_ptr, stride_lr, SB1, SB2, R, NSH, RP, CP, LRKB,
-                HAS_BIAS, False, "ieee")
+                HAS_BIAS, True, PRECISION)
     tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _epilogue(acc, s, z, args, m, n, y, stride_lr, sb1, sb2, meta, split) -> None:
     meta = {key: v for key, v in meta.items() if key not in ("BITS", "STEP", "OFF", "G")}
-    bm = min(32, triton.next_power_of_2(m))
-    _epilogue_kernel[(triton.cdiv(n, 64), triton.cdiv(m, bm))](acc, s, z, *args, m, n, y.stride(0), stride_lr, sb1,
-                                                               sb2, SPLIT=split, BM=bm, BN=64, num_warps=4, **meta)
+    # the low-rank branch as one tensor-core dot per tile, which needs >= 16 tokens (padding rows are masked): the
+    # broadcast-and-sum form it replaces spilled registers, 300-700 µs at M=64 on the H200 (KERNEL_NOTES.md v9)
+    bm = max(16, min(32, triton.next_power_of_2(m)))
+    _epilogue_kernel[(triton.cdiv(n, 64), triton.cdiv(m, bm))](
+        acc, s, z, *args, m, n, y.stride(0), stride_lr, sb1, sb2, SPLIT=split, BM=bm, BN=64,
+        PRECISION="tf32x3" if acc.is_cuda else "ieee", num_warps=4, **meta)

@@ -16,13 +16,11 @@ def _gemm_kernel(q_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
                  KB: tl.constexpr, R: tl.constexpr, NSH: tl.constexpr, RP: tl.constexpr,
                  CP: tl.constexpr, LRKB: tl.constexpr, HAS_BIAS: tl.constexpr, SCRATCH: tl.constexpr,
                  SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_N: tl.constexpr,
-                 ASM: tl.constexpr, PRECISION: tl.constexpr, LOADS: tl.constexpr, PREFETCH: tl.constexpr):
+                 ASM: tl.constexpr, PRECISION: tl.constexpr):
     # acc [BM tokens, BN rows] = x [BM, BK] . w_intᵀ, int8 x int8 -> int32 on tensor cores.
     # SCRATCH 0: w_ptr = the packed words viewed as bytes, unpacked per tile (`_load_rep` + `_int_tile`), q in
-    # natural order; LOADS 1/2: w_ptr = the packed int32 words (4-byte loads, which Triton can pipeline through
-    # shared memory; `unpack._load_rep`). PREFETCH 1: the next tile's loads are issued before this
-    # tile's dot so their latency overlaps it (byte loads are not pipelined by Triton, and without this the loop
-    # waits on every tile: 1.2-1.5x slower).
+    # natural order; the next tile's loads are issued before this tile's dot so their latency overlaps it (byte
+    # loads are not pipelined by Triton, and without this the loop waits on every tile: 1.2-1.5x slower).
     # SCRATCH 1: w_ptr = the int8 scratch [N, K] and q, both in lane order (the dot is order-agnostic as long as
     # both agree).
     # SPLIT > 1: program (tile, s) covers K-range s and leaves a partial in acc_ptr [SPLIT, M, N] for
@@ -46,19 +44,16 @@ def _gemm_kernel(q_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
     k_hi = k_lo + K // SPLIT
     acc = tl.zeros([BM, BN], dtype=tl.int32)
     y = tl.zeros([BM, BN], dtype=tl.float32)
-    if not SCRATCH and PREFETCH:
-        ahead = _load_rep(w_ptr, qa_ptr, qm_ptr, rn, k_lo, N, k_hi, stride_w, G, GS, BITS, BN, BK, LOADS)
+    if not SCRATCH:
+        ahead = _load_rep(w_ptr, qa_ptr, qm_ptr, rn, k_lo, N, k_hi, stride_w, G, GS, BITS, BN, BK)
     for k0 in range(k_lo, k_hi, BK):
         if SCRATCH:
             w = tl.load(w_ptr + rn[:, None] * stride_w + k0 + rk[None, :],
                         mask=(rn[:, None] < N) & (k0 + rk[None, :] < K), other=0)
         else:
-            if PREFETCH:
-                cur = ahead
-                ahead = _load_rep(w_ptr, qa_ptr, qm_ptr, rn, k0 + BK, N, k_hi, stride_w, G, GS, BITS, BN, BK, LOADS)
-            else:
-                cur = _load_rep(w_ptr, qa_ptr, qm_ptr, rn, k0, N, k_hi, stride_w, G, GS, BITS, BN, BK, LOADS)
-            w = _int_tile(cur[0], cur[1], cur[2], BITS, STEP, OFF, BK, LOADS)
+            cur = ahead
+            ahead = _load_rep(w_ptr, qa_ptr, qm_ptr, rn, k0 + BK, N, k_hi, stride_w, G, GS, BITS, BN, BK)
+            w = _int_tile(cur[0], cur[1], cur[2], BITS, STEP, OFF, BK)
         x = tl.load(q_ptr + rm[:, None] * stride_q + k0 + rk[None, :],
                     mask=(rm[:, None] < M) & (k0 + rk[None, :] < K), other=0)
         acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)

@@ -8,8 +8,7 @@ import triton
 from .epilogue import _epilogue
 from .gemm import _gemm_kernel
 from .gemv import _gemv_kernel
-from .tiles import (GEMM_CONFIGS, GEMM_LOADS, GEMM_PREFETCH, GEMV_CONFIGS, GEMV_MAX_M, GEMV_SPLIT_CTAS, LOAD_FORMS,
-                    block_k, gemm_split, uses_scratch)
+from .tiles import GEMM_CONFIGS, GEMV_CONFIGS, GEMV_MAX_M, GEMV_SPLIT_CTAS, block_k, gemm_split, uses_scratch
 from .unpack import unpack_weights
 
 
@@ -19,15 +18,14 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
                  lr: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                  shard_bounds: tuple[int, int] | None = None, scratch: bool | None = None,
                  tile: tuple[int, int, int, int, int] | None = None, out: torch.Tensor | None = None,
-                 split: int | None = None, gemv_split: bool = True, loads: str | None = None,
-                 prefetch: bool | None = None) -> torch.Tensor:
+                 split: int | None = None, gemv_split: bool = True) -> torch.Tensor:
     """y [M, N] = s_n * Σ_b s_b (q·W_intᵀ - z_b rowsum_b) (+ lowrank_a @ lrᵀ per shard, + bias).
 
     q/s/z from `act_quant` (lane order iff `uses_scratch(M)`); packed [N, K*bits/32] int32; row_scale [N]
     fp16/fp32; qa/qm [N, G] int8; rowsum [N, KB] int32; lr fp32 = x @ lowrank_bᵀ of the S shards, [M, S*R] or
     as partial sums [P, M, S*R] (what `act_quant` returns), whose rows end at shard_bounds (two ascending row
-    indices; (N, N) for one shard). `scratch`, `tile` (BM, BN, BK cap, warps, stages), `split`, `loads`,
-    `prefetch`: override the tensor-core path's table, split rule and load form (benchmarks, tests);
+    indices; (N, N) for one shard). `scratch`, `tile` (BM, BN, BK cap, warps, stages), `split`: override the
+    tensor-core path's table and split rule (benchmarks, tests);
     gemv_split=False keeps the GEMV's K unsplit (tests)."""
     m, k = q.shape
     n = packed.shape[0]
@@ -57,7 +55,9 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
             bp //= 2
         n_ctas = triton.cdiv(n, bn)
         split = kb  # several activation blocks: one split per block
-        while gemv_split and kb == 1 and n_ctas * split * 2 <= GEMV_SPLIT_CTAS and words % (2 * split * bp) == 0:
+        # a low-rank branch always goes through `_epilogue` (its tensor-core dot), never the GEMV's own epilogue
+        while (gemv_split and kb == 1 and (n_ctas * split * 2 <= GEMV_SPLIT_CTAS or r and split == 1)
+               and words % (2 * split * bp) == 0):
             split *= 2
         acc = _partials(split, kb, y)
         bm = triton.next_power_of_2(m)
@@ -71,14 +71,10 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
     if tile is None and kb > 1 and not uses_scratch(m):
         bm = min(bm, 64)  # 128-token tiles with the per-block fp32 promotion: 439 vs 188 µs (14336->4096, M=128)
     use_scratch = uses_scratch(m) if scratch is None else scratch
-    # word loads read qa/qm as int32 too: each row's groups must fill whole words
-    form = LOAD_FORMS[loads or GEMM_LOADS] if g % 4 == 0 and not use_scratch else 0
     if use_scratch:
         w = unpack_weights(packed, qa, qm, bits, step, offset, group_size)
     else:
-        w = packed if form else packed.view(torch.int8)
-    gemm_args = ((row_scale, qa.contiguous().view(torch.int32), qm.contiguous().view(torch.int32), *args[3:])
-                 if form else args)
+        w = packed.view(torch.int8)
     bk = block_k(k // kb, bkc)
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     if split is None:  # enough programs to hide the unpack loop's latency (benchmarks/KERNEL_NOTES.md v7)
@@ -87,11 +83,10 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
         raise ValueError(f"split {split}: K = {k} in {kb} block(s) needs whole {bk}-wide tiles per split and, with "
                          f"several blocks, one split per block")
     acc = _partials(split, kb, y)
-    _gemm_kernel[(tiles, split)](q, s, z, w, *gemm_args, acc, m, n, k, q.stride(0), w.stride(0), y.stride(0),
+    _gemm_kernel[(tiles, split)](q, s, z, w, *args, acc, m, n, k, q.stride(0), w.stride(0), y.stride(0),
                                  stride_lr, sb1, sb2, GS=gs, SCRATCH=use_scratch, SPLIT=split, BM=bm, BN=bn, BK=bk,
                                  GROUP_N=8, ASM=asm,
-                                 PRECISION="ieee" if q.device.type == "cpu" else "tf32x3", LOADS=form,
-                                 PREFETCH=GEMM_PREFETCH if prefetch is None else prefetch, num_warps=warps,
+                                 PRECISION="ieee" if q.device.type == "cpu" else "tf32x3", num_warps=warps,
                                  num_stages=stages, **meta)
     if split > 1:
         _epilogue(acc, s, z, args, m, n, y, stride_lr, sb1, sb2, meta, split)

@@ -19,18 +19,18 @@ GEMV_SPLIT_CTAS = 528  # split K (int32 partials) while the grid has fewer CTAs 
 # tile's group scales are one column; the scratch path (M >= SCRATCH_MIN_M) takes the last row.
 GEMM_CONFIGS = ((16, 16, 64, 32, 4, 2), (64, 64, 64, 32, 4, 3), (255, 128, 64, 32, 4, 3),
                 (1 << 62, 128, 128, 128, 8, 3))
-# packed GEMM (M < SCRATCH_MIN_M), how a weight tile is read (`unpack._load_rep`): "bytes" (each element its
-# code's byte), "words" (each element its code's int32 word: 4-byte loads, which Triton can pipeline through shared
-# memory), "word_tile" (one int32 word per 32/bits codes, expanded in registers); the next tile prefetched by hand
-# or not. `benchmarks/kernels.py --sweep` times them (KERNEL_NOTES.md v8)
-GEMM_LOADS = "bytes"
-LOAD_FORMS = {"bytes": 0, "words": 1, "word_tile": 2}
-GEMM_PREFETCH = True
 SCRATCH_MIN_M = 256  # from here on: unpack once to an int8 scratch, then the GEMM on int8 weights
 
 
 def uses_scratch(m: int) -> bool:
     return m >= SCRATCH_MIN_M
+
+
+def fuses_lowrank_down(m: int, k: int) -> bool:
+    """Whether the low-rank branch's x·Bᵀ runs in act_quant's launch rather than as its own fp32 GEMM: only where
+    that measured faster on the H100 (int4 rank 32, 14336->4096: 80 vs 86 µs at M=8, 161 vs 168 at 64, 729 vs 808
+    at 2048; at K=4096 and at M=1 it was 1.1-2x slower; KERNEL_NOTES.md v9)."""
+    return m >= 8 and k >= 8192
 
 
 def gemm_split(tiles: int, k: int, kb: int, bk: int) -> int:

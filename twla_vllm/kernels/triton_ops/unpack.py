@@ -97,59 +97,36 @@ def _unpack_tile(w_ptr, qa_ptr, qm_ptr, rn, k0, N, K, stride_w, G: tl.constexpr,
 
 @triton.jit
 def _load_rep(w_ptr, qa_ptr, qm_ptr, rn, k0, N, K, stride_w, G: tl.constexpr, GS: tl.constexpr,
-              BITS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, LOADS: tl.constexpr):
+              BITS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """Raw loads for `_int_tile` (codes k0..k0+BK-1 of rows rn, nothing at or past K) and their groups' a, m.
-    LOADS 0: every element loads the byte that holds its code (byte-lane layout: byte 4*(k // CPW) + k % 4 of the
-    row), w_ptr = the packed words viewed as bytes, stride_w in bytes; a plain 2-D tile, so no reshape sits
-    between the loads and the dot. LOADS 1: every element loads its code's int32 word; LOADS 2: one int32 word per
-    CPW codes, [BN, BK/CPW] (expanded by `_int_tile`); for both w_ptr = the packed int32 words (stride_w in words)
-    and qa_ptr, qm_ptr = the [N, G] int8 scales viewed as int32. Why words: Triton pipelines a load through shared
-    memory (cp.async) only when each element is >= 4 bytes; byte loads stall every K step unless the GEMM issues
-    the next tile's loads by hand (KERNEL_NOTES v7: 1.4-2.2x)."""
+    Every element loads the byte that holds its code (byte-lane layout: byte 4*(k // CPW) + k % 4 of the row),
+    w_ptr = the packed words viewed as bytes, stride_w in bytes; a plain 2-D tile, so no reshape sits between the
+    loads and the dot. Triton does not pipeline byte loads through shared memory, so the GEMM issues the next
+    tile's loads by hand (KERNEL_NOTES v7: 1.4-2.2x); int32 word loads, which it would pipeline, measured slower
+    (v8: 4096->14336, M=64 on the H200: 108-1726 vs 70.5 µs)."""
     CPW: tl.constexpr = 32 // BITS
     rk = k0 + tl.arange(0, BK)
     ok = (rn[:, None] < N) & (rk[None, :] < K)
-    if LOADS == 2:
-        wi = tl.arange(0, BK // CPW)
-        byts = tl.load(w_ptr + rn[:, None] * stride_w + k0 // CPW + wi[None, :],
-                       mask=(rn[:, None] < N) & (k0 + wi[None, :] * CPW < K), other=0)
-    elif LOADS == 1:
-        byts = tl.load(w_ptr + rn[:, None] * stride_w + (rk // CPW)[None, :], mask=ok, other=0)
-    else:
-        byts = tl.load(w_ptr + rn[:, None] * stride_w + ((rk // CPW) * 4 + rk % 4)[None, :], mask=ok, other=0)
+    byts = tl.load(w_ptr + rn[:, None] * stride_w + ((rk // CPW) * 4 + rk % 4)[None, :], mask=ok, other=0)
     if BK <= GS:  # one group per row of the tile: a and m are a column
         pq = rn * G + k0 // GS
         ok_q = (rn < N) & (rn * 0 + k0 < K)
     else:
         pq = rn[:, None] * G + (rk // GS)[None, :]
         ok_q = ok
-    if LOADS:  # the group's int32 word, then its byte, sign-extended
-        sh = 24 - 8 * (pq % 4)
-        qa = (tl.load(qa_ptr + pq // 4, mask=ok_q, other=0) << sh) >> 24
-        qm = (tl.load(qm_ptr + pq // 4, mask=ok_q, other=0) << sh) >> 24
-    else:
-        qa = tl.load(qa_ptr + pq, mask=ok_q, other=0)
-        qm = tl.load(qm_ptr + pq, mask=ok_q, other=0)
+    qa = tl.load(qa_ptr + pq, mask=ok_q, other=0)
+    qm = tl.load(qm_ptr + pq, mask=ok_q, other=0)
     if BK <= GS:
         qa, qm = qa[:, None], qm[:, None]
     return byts, qa, qm
 
 
 @triton.jit
-def _int_tile(byts, qa, qm, BITS: tl.constexpr, STEP: tl.constexpr, OFF: tl.constexpr, BK: tl.constexpr,
-              LOADS: tl.constexpr):
+def _int_tile(byts, qa, qm, BITS: tl.constexpr, STEP: tl.constexpr, OFF: tl.constexpr, BK: tl.constexpr):
     """int8 weights a*v(c) + m [BN, BK] in natural order from `_load_rep`'s tiles (shift, mask, multiply-add)."""
     CPW: tl.constexpr = 32 // BITS
-    if LOADS == 2:  # [BN, words] -> [BN, words, CPW] -> [BN, BK]: code 4*i + b of a word is lane i of byte b
-        j = tl.arange(0, CPW)
-        codes = (byts[:, :, None] >> (8 * (j % 4) + BITS * (j // 4))[None, None, :]) & (2**BITS - 1)
-        codes = tl.reshape(codes, (byts.shape[0], BK))
-    else:
-        j = tl.arange(0, BK)
-        shift = BITS * ((j % CPW) // 4)
-        if LOADS == 1:  # the code's byte within its word
-            shift += 8 * (j % 4)
-        codes = (byts.to(tl.int32) >> shift[None, :]) & (2**BITS - 1)
+    j = tl.arange(0, BK)
+    codes = (byts.to(tl.int32) >> (BITS * ((j % CPW) // 4))[None, :]) & (2**BITS - 1)
     qa = qa.to(tl.int32)
     return (codes * (qa * STEP) + (qm.to(tl.int32) - qa * OFF)).to(tl.int8)
 
