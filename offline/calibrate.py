@@ -30,6 +30,11 @@ class BlockInputs:
         return BlockInputs([h.to(device) for h in self.hidden], self.kwargs)
 
 
+def calibration_tokens(inputs: BlockInputs) -> int:
+    """How many token rows the calibration hidden states hold."""
+    return sum(h.numel() // h.shape[-1] for h in inputs.hidden)
+
+
 def decoder_layers(model) -> torch.nn.ModuleList:
     return model.model.layers
 

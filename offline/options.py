@@ -106,8 +106,8 @@ def add_recipe_args(ap: argparse.ArgumentParser) -> None:
                         f"(weight-space refit only), rtn (round to nearest) (default: {d['weight_method']})")
     g.add_argument("--weight-target", choices=R.WEIGHT_TARGETS,
                    help="what GPTQ fits each linear's output on: a16 (its 16-bit inputs) or act (its inputs "
-                        f"quantized at --act-bits, activation rounding included; e2m-atq only) (default: "
-                        f"{d['weight_target']})")
+                        "quantized at --act-bits, activation rounding included; e2m-atq only; sites with < 8 "
+                        f"calibration tokens per input channel keep a16) (default: {d['weight_target']})")
     g.add_argument("--rotation", choices=R.ROTATIONS,
                    help="online Kronecker transform of each input: kotms (TWLA), okt (BWLA), learned "
                         f"(TwinQuant), random orthogonal, or none (default: {d['rotation']})")

@@ -20,8 +20,8 @@ from twla_vllm.reference import kron_rotate
 from twla_vllm.simulate import QuantWeight, SimTwlaLinear, replace_linear
 
 from . import allocate, clip, data, lowrank
-from .calibrate import (BlockInputs, RotatedLinear, capture_first_block_inputs, capture_inputs, decoder_layers,
-                        input_gram, quantized_input_grams, run_block)
+from .calibrate import (BlockInputs, RotatedLinear, calibration_tokens, capture_first_block_inputs, capture_inputs,
+                        decoder_layers, input_gram, quantized_input_grams, run_block)
 from .export import write_checkpoint
 from .onload import Placement
 from .recipe import AFTER_WEIGHTS, Recipe
@@ -34,6 +34,10 @@ MLP_IN = ("mlp.gate_proj", "mlp.up_proj")
 
 
 SITE_INPUT_TOKENS = 4096  # calibration rows handed to transform / low-rank learners that use activations
+# weight target "act" regresses the 16-bit output on the quantized inputs (K unknowns per output row): with fewer
+# than this many calibration tokens per input channel the fit follows the calibration text's rounding noise, and
+# such a site keeps the a16 target (Qwen2.5-1.5B's down_proj, K = 8 960, on the CPU default's 16k tokens)
+ACT_TARGET_TOKENS_PER_INPUT = 8
 
 
 def transform_learner(name: str):
@@ -248,7 +252,8 @@ class Quantizer:
             c, b = rots[members]
             ab = pick_act_blocks(k, None if c is None else c.shape[0], blocks, self.gs, r.act_group_size)
             h = cross = None
-            if r.weight_method == "e2m-atq" and r.weight_target == "act" and r.act_bits < 16:
+            if (r.weight_method == "e2m-atq" and r.weight_target == "act" and r.act_bits < 16
+                    and calibration_tokens(inputs) >= ACT_TARGET_TOKENS_PER_INPUT * k):
                 h, cross = quantized_input_grams(layer, layer.get_submodule(members[0]), inputs,
                                                  int(round(r.act_bits)), ab or blocks)
             elif r.weight_method == "e2m-atq":

@@ -85,7 +85,8 @@ class Recipe:
     seed: int = 0
     percdamp: float = 0.1
     # a16: GPTQ fits each linear's output on its 16-bit inputs; act: on its inputs quantized at act_bits (clip 1),
-    # target W XᵀX̃ (X̃ᵀX̃)⁻¹ with Hessian X̃ᵀX̃ (offline/weights.py act_aware_target)
+    # target W XᵀX̃ (X̃ᵀX̃)⁻¹ with Hessian X̃ᵀX̃ (offline/weights.py act_aware_target), where calibration has at least
+    # 8 tokens per input channel (pipeline.ACT_TARGET_TOKENS_PER_INPUT; other sites keep a16)
     weight_target: str = "a16"
     batch_size: int = 4
 

@@ -210,16 +210,24 @@ def test_resume_after_kill_gives_the_same_checkpoint(tiny_dense_dir, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_weight_target_act_quantizes_and_is_recorded(tiny_dense_dir, tmp_path):
+def test_weight_target_act_quantizes_and_is_recorded(tiny_dense_dir, tmp_path, monkeypatch):
     """`weight_target="act"` runs the whole pipeline on a tiny model and the checkpoint's recipe says so; its
-    weights differ from the default's (the GPTQ target changed)."""
-    base = dataclasses.replace(_tiny_recipe(), allocation="uniform", clip_search=False)
+    weights differ from the default's (the GPTQ target changed), except where calibration has too few tokens per
+    input channel for the regression: then every site keeps the a16 target, byte for byte."""
+    from twla_offline import pipeline
+
+    # 16 x 64 tokens: >= 8 per input channel for the K = 128 sites, not for down_proj (K = 256)
+    base = dataclasses.replace(_tiny_recipe(), nsamples=16, allocation="uniform", clip_search=False)
     plain = _quantize(tiny_dense_dir, str(tmp_path / "a16"), base)["checkpoint"]
     aware = _quantize(tiny_dense_dir, str(tmp_path / "act"), dataclasses.replace(base, weight_target="act"))
     recipe = json.load(open(os.path.join(aware["checkpoint"], "config.json")))["quantization_config"]["recipe"]
     assert recipe["weight_target"] == "act"
     a, b = _tensors(plain), _tensors(aware["checkpoint"])
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a if "group_scale" in k)
+    monkeypatch.setattr(pipeline, "ACT_TARGET_TOKENS_PER_INPUT", 10**9)
+    starved = _quantize(tiny_dense_dir, str(tmp_path / "starved"), dataclasses.replace(base, weight_target="act"))
+    c = _tensors(starved["checkpoint"])
+    assert all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_resume_may_change_allocation_but_not_weight_settings(tiny_dense_dir, tmp_path):
