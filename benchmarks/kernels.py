@@ -4,6 +4,7 @@ bf16, fp8 and torch._int_mm, same run, same shapes (Llama-3-8B linears, K -> N).
     python benchmarks/kernels.py [--group-size 32] [--code ternary] [--json benchmarks/results/kernels.json]
     python benchmarks/kernels.py --sweep      # also time alternative tensor-core tiles and the int8 scratch path
     python benchmarks/kernels.py --act-quant  # transform precision: time and code agreement with float64
+    python benchmarks/kernels.py --act-quant-sweep --ms 16,64,128,256,512,2048,8192   # act_quant tokens/program
     python benchmarks/kernels.py --code int4 --group-size 128 --lowrank 32   # + the low-rank branch, fused or not
     python benchmarks/kernels.py --act-group-size 128   # + the op with activation ranges of ~128 channels
 
@@ -108,24 +109,24 @@ def act_quant_table() -> None:
                 print(f"| {n1}x{n2} | {kb} | {m} | {prec} | {us:.1f} | {agree:.5f} |", flush=True)
 
 
-def act_quant_sweep() -> None:
-    """act_quant launch settings (tokens per program, warps) at prefill sizes, TF32 transform."""
-    print("\n| factors | K-blocks | M | BT | warps | µs |\n|---|---|---|---|---|---|")
-    for k, kb in ((4096, 1), (14336, 8)):
+def act_quant_sweep(ms: list[int]) -> None:
+    """act_quant's tokens per program: the launch rule (`tiles.tokens_per_program`) against fixed values, TF32
+    transform, default warps; codes compared with one token per program."""
+    print("\n| factors | K-blocks | M | µs by tokens per program (!: a code differs from bt=1) |\n|---|---|---|---|")
+    for k, kb in ((14336, 8), (4096, 1)):
         n1, n2, left, right = transform_factors(k, kb)
-        for m in (2048, 8192):
+        for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            want = T.act_quant(x, left, right, 4, 0.9, kb)[0]
-            for bt in (1, 2, 4, 8, 16):
-                for warps in (4, 8):
-                    try:
-                        got = T.act_quant(x, left, right, 4, 0.9, kb, bt=bt, warps=warps)[0]
-                        same = (got == want).float().mean().item()
-                        us = bench(lambda i: T.act_quant(x, left, right, 4, 0.9, kb, bt=bt, warps=warps))
-                    except Exception as e:  # noqa: BLE001 - a setting that does not compile is a result too
-                        same, us = float("nan"), float("nan")
-                        print(f"  bt={bt} warps={warps}: {type(e).__name__}: {str(e)[:120]}")
-                    print(f"| {n1}x{n2} | {kb} | {m} | {bt} | {warps} | {us:.1f} (codes equal {same:.4f}) |", flush=True)
+            want = T.act_quant(x, left, right, 4, 0.9, kb, bt=1)[0]
+            cells = []
+            for bt in (None, 1, 2, 4, 8):
+                try:
+                    same = torch.equal(T.act_quant(x, left, right, 4, 0.9, kb, bt=bt)[0], want)
+                    us = bench(lambda i: T.act_quant(x, left, right, 4, 0.9, kb, bt=bt))
+                    cells.append(f"{'rule' if bt is None else bt}: {us:.1f}{'' if same else '!'}")
+                except Exception as e:  # noqa: BLE001 - a setting that does not compile is a result too
+                    cells.append(f"{bt}: {type(e).__name__}")
+            print(f"| {n1}x{n2} | {kb} | {m} | {' / '.join(cells)} |", flush=True)
 
 
 def branch_times(x, layers, branch_ab, left, right, kb, code, gs, copies) -> dict[str, float]:
@@ -164,7 +165,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true",
                     help="time alternative tensor-core tiles and unpack paths (M in SWEEP; see SWEEP)")
     ap.add_argument("--act-quant", action="store_true", help="transform precision table")
-    ap.add_argument("--act-quant-sweep", action="store_true", help="act_quant tokens-per-program/warps table")
+    ap.add_argument("--act-quant-sweep", action="store_true", help="act_quant tokens-per-program table (--ms)")
     ap.add_argument("--lowrank", type=int, default=0, help="also time the op with a rank-R branch, fused and not")
     ap.add_argument("--act-group-size", type=int, default=0,
                     help="also time the op with activation ranges of about this many channels")
@@ -178,7 +179,7 @@ def main() -> None:
     if a.act_quant:
         act_quant_table()
     if a.act_quant_sweep:
-        act_quant_sweep()
+        act_quant_sweep(list(map(int, a.ms.split(","))))
     rows, sweep = [], []
     for k, n in SHAPES:
         kb = K_BLOCKS[k]

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+from twla_vllm.kernels.triton_ops.tiles import MIN_PROGRAMS, tokens_per_program
+
 from .helpers import REPO
 from .triton_check import CPU_CASES
 from .triton_compile_check import VARIANTS
@@ -26,3 +28,25 @@ def test_triton_kernels_compile_for_the_h100():
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert f"{len(VARIANTS)} compiled, 0 failed" in proc.stdout
+
+
+def test_lane_planar_gemm_experiment_is_exact_in_interpreter():
+    """benchmarks/gemm_layout_experiment.py (a measured, not served, layout) against exact int64 products."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "benchmarks/gemm_layout_experiment.py"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert proc.stdout.count(": ok") == 4 and "WRONG" not in proc.stdout
+
+
+def test_act_quant_tokens_per_program_picks_the_measured_best():
+    """The launch rule against the H100 table in RESULTS.md (session 12): down_proj's 112x128 transform in 8
+    K-blocks ([16, 128] per block) and a 64x64 transform; the grid never drops below MIN_PROGRAMS programs once
+    tokens are stacked."""
+    down = {16: 1, 64: 2, 128: 2, 256: 8, 512: 8, 2048: 8, 8192: 8}
+    square = {16: 1, 64: 1, 128: 1, 256: 1, 512: 2, 2048: 2, 8192: 2}
+    assert {m: tokens_per_program(m, 8, 16, 128, True) for m in down} == down
+    assert {m: tokens_per_program(m, 1, 64, 64, True) for m in square} == square
+    for m in range(1, 3000, 7):
+        bt = tokens_per_program(m, 8, 16, 128, True)
+        assert bt == 1 or m * 8 // bt >= MIN_PROGRAMS

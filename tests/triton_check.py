@@ -51,6 +51,7 @@ class Case:
     scratch: bool = False
     split: bool = True  # allow split-K in the GEMV
     precision: str | None = None  # act_quant's transform dots (None: the op's default)
+    bt: int | None = None  # act_quant's tokens per program (None: its launch rule)
 
     def __str__(self) -> str:
         return (f"m={self.m} n={self.n} k={self.k} {self.code} g={self.gs} kb={self.kb}"
@@ -97,7 +98,7 @@ def check_case(c: Case, dev, gen) -> list[str]:
     q = torch.full((c.m, c.k), -128, dtype=torch.int8, device=dev)
     s = torch.full((c.m, ab), float("nan"), device=dev)
     z = torch.full((c.m, ab), float("nan"), device=dev)
-    T.act_quant(x, left, right, c.bits, 0.9, c.kb, c.precision, lanes, out=(q, s, z), act_blocks=ab)
+    T.act_quant(x, left, right, c.bits, 0.9, c.kb, c.precision, lanes, out=(q, s, z), act_blocks=ab, bt=c.bt)
     q = torch.empty_like(q).index_copy_(1, perm, q)  # back to natural order
     q_ref, s_ref, z_ref = quantize_per_token(kron_rotate(x.float(), left, right), c.bits, 0.9, ab)
     if torch.isnan(s).any() or torch.isnan(z).any():
@@ -148,7 +149,7 @@ def check_case(c: Case, dev, gen) -> list[str]:
     if c.bias:
         bias = torch.randn(c.n, generator=gen).to(dev, c.dtype)
     q2, s2, z2, lr = T.act_quant(x, left, right, c.bits, 0.9, c.kb, c.precision, lanes, lowrank_b=lb,
-                                 act_blocks=ab)
+                                 act_blocks=ab, bt=c.bt)
     if la is not None:  # the branch's x·Bᵀ from act_quant's launch: K-block partials vs one fp64 product
         want_lr = x.double() @ lb.double().t()
         lr_err = ((lr.double().sum(0) - want_lr).abs().max() / want_lr.abs().max()).item()
@@ -182,9 +183,9 @@ CPU_CASES = [
     Case(20, 37, 384, gs=128, code="int4", bias=True), Case(24, 40, 512, gs=-1, rot=False, code="binary"),
     Case(33, 70, 256, gs=64, kb=2, scratch=True, code="int4"), Case(18, 65, 128, gs=32, code="binary", scratch=True),
     Case(3, 40, 2048, gs=-1, rot=False), Case(1, 16, 2048, gs=128, rot=False, code="int4", bias=True, rank=4),
-    Case(12, 130, 256, gs=32, kb=2, rank=8, shards=2), Case(40, 33, 256, gs=64, kb=4),  # several tokens per program
-    Case(37, 50, 512, gs=-1, rot=False, code="int4"), Case(300, 40, 256, gs=64),  # lane order permuted in registers
-    Case(260, 40, 384, gs=64, kb=2),  # 16 x 24 view: words cross rows, permuted store
+    Case(12, 130, 256, gs=32, kb=2, rank=8, shards=2), Case(40, 33, 256, gs=64, kb=4, bt=4),  # several tokens per program
+    Case(37, 50, 512, gs=-1, rot=False, code="int4"), Case(300, 40, 256, gs=64, bt=2),  # lane order permuted in registers
+    Case(260, 40, 384, gs=64, kb=2, bt=2),  # 16 x 24 view: words cross rows, permuted store
     Case(70, 40, 256, gs=64, kb=2, rank=16, shards=3),  # branch: 2 token tiles x 2 column tiles x 2 K-blocks
     # activation ranges finer than the transform blocks (act_blocks): 4 rows of 16 per range, 2 ranges per block
     Case(5, 24, 256, gs=32, ab=4), Case(40, 33, 256, gs=64, kb=2, ab=4, rank=4),

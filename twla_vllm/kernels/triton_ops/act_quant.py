@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import libdevice
 
-from .tiles import block_k
+from .tiles import block_k, tokens_per_program
 
 
 @triton.jit
@@ -170,15 +170,7 @@ def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | 
     if left is not None:
         rbp = max(16, rbp)  # tl.dot needs >= 16
     cp = max(16, triton.next_power_of_2(cols))
-    # tokens per program: one at decode sizes (latency); for many tokens, with a transform, stack tokens until
-    # the right-factor dot has 128 rows (2 tokens of 64x64, 8 of the 16x128 blocks of down_proj's 112x128:
-    # 1.7x faster there than 4 tokens, `benchmarks/kernels.py --act-quant-sweep`); without one, 8K elements
-    if m <= 16:
-        bt = bt or 1
-    elif left is not None:
-        bt = bt or max(1, min(8, 128 // rbp, 16384 // (rbp * cp)))
-    else:
-        bt = bt or max(1, min(8, 8192 // (rbp * cp)))
+    bt = bt or tokens_per_program(m, k_blocks, rbp, cp, left is not None)
     warps = warps or (4 if bt * rbp * cp <= (16384 if left is not None else 4096) else 8)
     nq = triton.cdiv(m, bt)
     sr = 0 if lowrank_b is None else lowrank_b.shape[0]

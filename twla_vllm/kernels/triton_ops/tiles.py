@@ -1,4 +1,5 @@
-"""Launch shapes of the TWLA kernels: K-tile widths, the GEMV / tensor-core / scratch paths by M, K-splits."""
+"""Launch shapes of the TWLA kernels: K-tile widths, the GEMV / tensor-core / scratch paths by M, K-splits,
+act_quant's tokens per program."""
 
 from __future__ import annotations
 
@@ -43,3 +44,18 @@ def gemm_split(tiles: int, k: int, kb: int, bk: int) -> int:
     while split > 1 and (tiles * split > 1024 or (k // split) % bk):
         split //= 2
     return split
+
+
+MIN_PROGRAMS = 256
+
+
+def tokens_per_program(m: int, k_blocks: int, rbp: int, cp: int, rotated: bool) -> int:
+    """act_quant's launch rule. Stacking tokens lets one program load the factors once and run larger dots (with a
+    transform: up to a 128-row right-factor dot, 2 tokens of 64x64, 8 of down_proj's 16x128 blocks; without one,
+    up to 8K elements), but it must leave >= MIN_PROGRAMS programs: the widest of {1, 2, widest} that does.
+    H100, `act_quant` µs by tokens per program (KERNEL_NOTES v10): 112x128 in 8 K-blocks, M = 64: 1: 13.1, 2: 9.8,
+    8: 26.3 (64 programs); M = 128: 2: 17.8, 8: 26.7; M = 2048: 2: 269, 8: 248. 4 was slower than 2 and 8 at every
+    M, so it is not a candidate."""
+    widest = min(8, 128 // rbp, 16384 // (rbp * cp)) if rotated else min(8, 8192 // (rbp * cp))
+    widest = max(1, widest)
+    return max(bt for bt in {1, min(2, widest), widest} if bt == 1 or m * k_blocks // bt >= MIN_PROGRAMS)
