@@ -18,6 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from twla_vllm import format as fmt  # noqa: E402
+
 
 @triton.jit
 def _planar_gemm(q_ptr, w_ptr, qa_ptr, qm_ptr, acc_ptr, M, N, K, stride_q,
@@ -74,6 +77,8 @@ def pack_planar(codes: torch.Tensor, bits: int, w: int) -> torch.Tensor:
 
 def planar_matmul(q, packed, qa_t, qm_t, bits, step, off, gs, w=32, bm=64, bn=64, swap=True, split=1, warps=4,
                   stages=3, out=None):
+    """int32 [M, N] = q [M, K] int8 · W_intᵀ from the planar words and the group integers stored [G, N]; with
+    split > 1 the K-split partials land in `out` [split, M, N] and are summed here."""
     m, k = q.shape
     n = packed.shape[0]
     acc = out if out is not None else torch.empty(split, m, n, dtype=torch.int32, device=q.device)
@@ -83,18 +88,15 @@ def planar_matmul(q, packed, qa_t, qm_t, bits, step, off, gs, w=32, bm=64, bn=64
     return acc.sum(0) if split > 1 else acc[0]
 
 
-CODES = {"ternary": (2, 1, 0), "binary": (1, 2, 1), "int4": (4, 1, 8)}  # bits, step, offset (v = step*c - offset)
-
-
-def make(n, k, gs, code, device):
-    bits, step, off = CODES[code]
-    c = torch.randint(0, 3 if code == "ternary" else 2**bits, (n, k))
-    g = k // gs
-    vmax = max(step * (2**bits - 1) - off, off)
-    qa = torch.randint(1, 119 // vmax + 1, (n, g), dtype=torch.int8)  # |a*v + m| <= 127
-    qm = torch.randint(-8, 9, (n, g), dtype=torch.int8)
-    w_int = (step * c - off) * qa.to(torch.int64).repeat_interleave(gs, 1) + qm.to(torch.int64).repeat_interleave(gs, 1)
-    return c, qa, qm, w_int
+def make(n, k, gs, code):
+    """Random codes of `code` (a format.CODES name), group integers with |a*v + m| <= 127, and W_int (int64)."""
+    wc = fmt.CODES[code]
+    c = torch.randint(0, wc.num_codes, (n, k))
+    vmax = max(wc.vmax, -wc.vmin)
+    qa = torch.randint(1, 119 // vmax + 1, (n, k // gs), dtype=torch.int8)
+    qm = torch.randint(-8, 9, (n, k // gs), dtype=torch.int8)
+    rep = lambda t: t.to(torch.int64).repeat_interleave(gs, 1)  # noqa: E731
+    return c, qa, qm, (wc.step * c - wc.offset) * rep(qa) + rep(qm)
 
 
 def check(device, cases, seeds=(0, 1)):
@@ -102,27 +104,27 @@ def check(device, cases, seeds=(0, 1)):
     for seed in seeds:
         for (m, n, k, gs, code, kw) in cases:
             torch.manual_seed(seed)
-            bits, step, off = CODES[code]
-            c, qa, qm, w_int = make(n, k, gs, code, "cpu")
+            wc = fmt.CODES[code]
+            c, qa, qm, w_int = make(n, k, gs, code)
             x = torch.randint(-8, 8, (m, k), dtype=torch.int8)
             want = x.to(torch.int64) @ w_int.t()
-            got = planar_matmul(x.to(device), pack_planar(c, bits, 32).to(device), qa.t().contiguous().to(device),
-                                qm.t().contiguous().to(device), bits, step, off, gs, **kw).cpu().to(torch.int64)
+            got = planar_matmul(x.to(device), pack_planar(c, wc.bits, 32).to(device), qa.t().contiguous().to(device),
+                                qm.t().contiguous().to(device), wc.bits, wc.step, wc.offset, gs, **kw)
+            got = got.cpu().to(torch.int64)
             ok = torch.equal(got, want)
             bad += not ok
             print(f"check seed {seed} m={m} n={n} k={k} gs={gs} {code} {kw}: {'ok' if ok else 'WRONG'}", flush=True)
     return bad
 
 
-SMALL = [(20, 48, 1024, 32, "ternary", dict(bm=16, bn=16)), (20, 48, 1024, 64, "ternary", dict(bm=16, bn=32, swap=False)),
+SMALL = [(20, 48, 1024, 32, "ternary", dict(bm=16, bn=16)),
+         (20, 48, 1024, 64, "ternary", dict(bm=16, bn=32, swap=False)),
          (5, 64, 512, 128, "int4", dict(bm=16, bn=16, split=2)), (33, 16, 2048, 32, "binary", dict(bm=16, bn=16))]
 
 if __name__ == "__main__":
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit(1 if check("cpu", SMALL, seeds=(0,)) else 0)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import twla_vllm.ops  # noqa: F401
-    from twla_vllm import format as fmt
     from twla_vllm.kernels import triton_ops as T
     from twla_vllm.reference import block_row_sums
     bad = check("cuda", SMALL + [(64, 4096, 4096, 32, "ternary", dict(bm=64, bn=64, swap=s, split=sp))
@@ -136,7 +138,8 @@ if __name__ == "__main__":
         torch.manual_seed(0)
         gs = 32
         code = fmt.CODES["ternary"]
-        c, qa, qm, w_int = make(n, k, gs, "ternary", "cpu")
+        cb = (code.bits, code.step, code.offset)
+        c, qa, qm, w_int = make(n, k, gs, "ternary")
         copies = 4
         planar = [(pack_planar(c, 2, 32).cuda(), qa.t().contiguous().cuda(), qm.t().contiguous().cuda())
                   for _ in range(copies)]
@@ -146,7 +149,7 @@ if __name__ == "__main__":
         for m in (16, 64, 128):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             q, s, z, _ = T.act_quant(x, None, None, 4, 1.0, 1)
-            t_v7 = bench(lambda: [T.quant_matmul(q, s, z, p, rs, a_, m_, r, 2, 1, 0, gs, torch.bfloat16)
+            t_v7 = bench(lambda: [T.quant_matmul(q, s, z, p, rs, a_, m_, r, *cb, gs, torch.bfloat16)
                                   for p, rs, a_, m_, r in v7]) / copies
             t_bf = bench(lambda: [x @ w.t() for w in wbf]) / copies
             best = (1e9, None)
@@ -158,7 +161,7 @@ if __name__ == "__main__":
                             kw = dict(bm=bm, bn=bn, swap=swap, split=split, warps=warps, stages=stages)
                             outs = [torch.empty(split, m, n, dtype=torch.int32, device="cuda") for _ in range(copies)]
                             try:
-                                us = bench(lambda: [planar_matmul(q, p, a_, m_, 2, 1, 0, gs, out=o, **kw)
+                                us = bench(lambda: [planar_matmul(q, p, a_, m_, *cb, gs, out=o, **kw)
                                                     for (p, a_, m_), o in zip(planar, outs)]) / copies
                             except Exception as e:  # noqa: BLE001
                                 print("fail", kw, type(e).__name__, str(e)[:100])

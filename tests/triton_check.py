@@ -183,8 +183,10 @@ CPU_CASES = [
     Case(20, 37, 384, gs=128, code="int4", bias=True), Case(24, 40, 512, gs=-1, rot=False, code="binary"),
     Case(33, 70, 256, gs=64, kb=2, scratch=True, code="int4"), Case(18, 65, 128, gs=32, code="binary", scratch=True),
     Case(3, 40, 2048, gs=-1, rot=False), Case(1, 16, 2048, gs=128, rot=False, code="int4", bias=True, rank=4),
-    Case(12, 130, 256, gs=32, kb=2, rank=8, shards=2), Case(40, 33, 256, gs=64, kb=4, bt=4),  # several tokens per program
-    Case(37, 50, 512, gs=-1, rot=False, code="int4"), Case(300, 40, 256, gs=64, bt=2),  # lane order permuted in registers
+    Case(12, 130, 256, gs=32, kb=2, rank=8, shards=2),
+    Case(40, 33, 256, gs=64, kb=4, bt=4),  # several tokens per program
+    Case(37, 50, 512, gs=-1, rot=False, code="int4"),
+    Case(300, 40, 256, gs=64, bt=2),  # lane order permuted in registers
     Case(260, 40, 384, gs=64, kb=2, bt=2),  # 16 x 24 view: words cross rows, permuted store
     Case(70, 40, 256, gs=64, kb=2, rank=16, shards=3),  # branch: 2 token tiles x 2 column tiles x 2 K-blocks
     # activation ranges finer than the transform blocks (act_blocks): 4 rows of 16 per range, 2 ranges per block
