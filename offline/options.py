@@ -138,7 +138,9 @@ def add_recipe_args(ap: argparse.ArgumentParser) -> None:
                         f"own output error; faster) (default: {d['clip_objective']})")
     g.add_argument("--row-parallel-blocks", type=power_of_two,
                    help="max tensor-parallel size the checkpoint supports (shard-local blocks of o/down inputs; "
-                        f"1 = a full left factor, TP 1 only): a power of two (default: {d['row_parallel_blocks']})")
+                        "1 = a full left factor, TP 1 only, and slower to serve on CUDA: one program per token "
+                        "transforms the whole input, 26 vs 5 us per down_proj at batch 1 on an H100): a power of two "
+                        f"(default: {d['row_parallel_blocks']})")
     g.add_argument("--act-group-size", type=non_negative_int, metavar="CHANNELS",
                    help="activation ranges of about this many channels per token instead of one per token (and "
                         "row-parallel block): more accurate at 4 bits, an fp32 promotion per range in the GEMM; "
