@@ -1,7 +1,7 @@
 """GPU correctness of a TWLA checkpoint in vLLM (CUDA graphs + torch.compile on): greedy tokens and
 perplexity against the CPU reference path computed beforehand.
 
-    # on the CPU box: reference tokens and simulated-quant PPL
+    # on the CPU box (or the GPU box with --ref-device cuda): reference tokens and simulated-quant PPL
     python benchmarks/gpu_e2e.py --checkpoint DIR --make-ref ref.json
     # on the GPU box (vLLM staged): compare
     python benchmarks/gpu_e2e.py --checkpoint DIR --ref ref.json [--tp 2]
@@ -28,7 +28,7 @@ GEN_TOKENS = 32
 PPL_WINDOWS, PPL_SEQLEN = 4, 512  # (the tiny synthetic models take --seqlen 128)
 
 
-def make_ref(ckpt: str, out: str, seqlen: int) -> None:
+def make_ref(ckpt: str, out: str, seqlen: int, device: str = "cpu") -> None:
     import torch
     from transformers import AutoTokenizer
 
@@ -37,17 +37,17 @@ def make_ref(ckpt: str, out: str, seqlen: int) -> None:
     from twla_vllm.simulate import load_simulated_model
 
     tok = AutoTokenizer.from_pretrained(ckpt)
-    model = load_simulated_model(ckpt)
+    model = load_simulated_model(ckpt, device=device)  # float32 either way (CUDA: full-float32 matmuls)
     ref = {"prompts": [], "tokens": []}
     with torch.no_grad():
         for p in PROMPTS:
             ids = tok(p)["input_ids"]
-            x = torch.tensor([ids])
+            x = torch.tensor([ids], device=device)
             gen = []
             for _ in range(GEN_TOKENS):
                 nxt = int(model(x).logits[0, -1].argmax())
                 gen.append(nxt)
-                x = torch.cat([x, torch.tensor([[nxt]])], 1)
+                x = torch.cat([x, torch.tensor([[nxt]], device=device)], 1)
             ref["prompts"].append(ids)
             ref["tokens"].append(gen)
     windows = data.eval_windows(tok, data.load_text("brown", "test"), seqlen, PPL_WINDOWS)
@@ -106,11 +106,12 @@ def main() -> None:
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--kv-cache-dtype", default="auto", help="vLLM's KV-cache dtype (e.g. fp8)")
     ap.add_argument("--seqlen", type=int, default=PPL_SEQLEN, help="PPL window (make-ref)")
+    ap.add_argument("--ref-device", default="cpu", help="where make-ref runs the simulated model (cpu or cuda)")
     ap.add_argument("--save", help="write this run's greedy tokens (JSON)")
     ap.add_argument("--compare-to", help="a --save file from another run (e.g. TP 1) to compare tokens with")
     a = ap.parse_args()
     if a.make_ref:
-        make_ref(a.checkpoint, a.make_ref, a.seqlen)
+        make_ref(a.checkpoint, a.make_ref, a.seqlen, a.ref_device)
     else:
         sys.exit(compare(a.checkpoint, a.ref, a.tp, a.dtype, a.enforce_eager, a.save, a.compare_to,
                          a.kv_cache_dtype))

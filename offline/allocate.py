@@ -4,11 +4,14 @@ terms K_{l-1,l}(b', b), all measured against an all-8-bit reference on held-out 
 
 Cost control: hidden states entering every block under the reference are cached, so a configuration
 re-runs only from its first changed block; a pair (l-1, l) starts from the cached output of block l-1
-at b' (recorded by the single runs).
+at b' (recorded by the single runs). On CUDA the passes run their float32 matmuls in TF32: the simulated
+linears' integer products (codes <= 255 times int8 weights) are exact in TF32's 11-bit significand with
+float32 accumulation, and the rest (rotations, attention, the head) round as the served kernels' rotations do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -52,12 +55,29 @@ def _nll_from(model, start: int, inputs: BlockInputs, labels: torch.Tensor) -> f
     return total / count
 
 
-@torch.no_grad()
+@contextlib.contextmanager
+def cuda_matmul_precision(precision: str):
+    """Float32 matmuls on CUDA at `precision` ("tf32" or "ieee") inside the block; CPU matmuls are untouched."""
+    old = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = precision
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = old
+
+
 def measure_sensitivity(model, ids: torch.Tensor, bit_set, set_block_bits, ref_bits: int = 8,
-                        batch_size: int = 4, log=print, stash: str | torch.device | None = None) -> SensitivityTable:
+                        batch_size: int = 4, stash: str | torch.device | None = None,
+                        precision: str = "tf32") -> SensitivityTable:
     """C_l(b) and K_{l-1,l}(b', b) of every block and bit pair. Keeps the reference hidden states entering every
     block (in `stash`, e.g. CPU memory when blocks are offloaded; default: where they are computed); the input of
-    a pair configuration is recomputed from the cache, one block, instead of kept for every (block, bits)."""
+    a pair configuration is recomputed from the cache, one block, instead of kept for every (block, bits).
+    `precision`: of the float32 matmuls on CUDA (module docstring; "ieee" = full float32)."""
+    with torch.no_grad(), cuda_matmul_precision(precision):
+        return _measure(model, ids, bit_set, set_block_bits, ref_bits, batch_size, stash)
+
+
+def _measure(model, ids, bit_set, set_block_bits, ref_bits, batch_size, stash) -> SensitivityTable:
     layers = decoder_layers(model)
     n = len(layers)
     low = [b for b in bit_set if b != ref_bits]

@@ -390,7 +390,7 @@ class Quantizer:
             ids = data.token_windows(self.tok, heldout, max(1, r.amp_tokens // r.amp_seqlen), r.amp_seqlen, r.seed + 1)
             with torch.device(self.place.device), self.place.streaming(decoder_layers(self.model)):
                 table = allocate.measure_sensitivity(self.model, ids, r.bit_set, set_block_bits=self.set_block_bits,
-                                                     log=self.log, stash=self.place.home())
+                                                     stash=self.place.home())
             bits = allocate.allocate_bits(table, r.bit_set, r.act_bits, r.amp_beta)
         else:
             bits = [int(r.act_bits)] * n_layers
