@@ -338,16 +338,22 @@ def baselines(h: Harness, group_size: int, checkpoint: str | None) -> None:
         record_checkpoint(h, checkpoint, "default", "4MP")
 
 
-def record_checkpoint(h: Harness, checkpoint: str, method: str, a_bits: str) -> None:
-    """A finished checkpoint, simulated, on the harness's windows (time from its report.json when there)."""
-    from twla_vllm.simulate import load_simulated_model
+def record_checkpoint(h: Harness, checkpoint: str, method: str, a_bits: str, act_bits: int | None = None) -> None:
+    """A finished checkpoint, simulated, on the harness's windows (time from its report.json when there);
+    `act_bits`: every linear's activations at this width instead of the stored ones (16: the weights alone)."""
+    from twla_vllm.simulate import SimTwlaLinear, load_simulated_model
 
     with open(os.path.join(checkpoint, "config.json")) as f:
         qc = json.load(f)["quantization_config"]
     report = os.path.join(checkpoint, "report.json")
     secs = json.load(open(report))["stage_seconds"]["total"] if os.path.exists(report) else None
     name = os.path.join(*checkpoint.rstrip("/").split(os.sep)[-2:])  # a staged checkpoint's parent names its run
-    h.record(method, 1.58, a_bits, h.ppl(load_simulated_model(checkpoint, device=h.device)), qc["bits_per_weight"],
+    model = load_simulated_model(checkpoint, device=h.device)
+    if act_bits is not None:
+        for m in model.modules():
+            if isinstance(m, SimTwlaLinear):
+                m.act_bits = act_bits
+    h.record(method, 1.58, str(act_bits) if act_bits is not None else a_bits, h.ppl(model), qc["bits_per_weight"],
              secs, checkpoint=name)
 
 
@@ -363,6 +369,8 @@ def main() -> None:
                     help="baselines / checkpoint / act-groups ladders: evaluate this finished checkpoint")
     ap.add_argument("--label", default="default", help="checkpoint ladder: the row's method name")
     ap.add_argument("--a-bits", default="4MP", help="checkpoint ladder: the row's activation bits")
+    ap.add_argument("--act-bits", type=int, help="checkpoint ladder: simulate every linear's activations at this "
+                                                 "width instead of the stored ones (16: the weights alone)")
     ap.add_argument("--groups", default="128,64,32", help="groups ladder: group sizes")
     ap.add_argument("--formats", default="v2,fp16", help="groups ladder: v2 (integer grid) and/or fp16 (alpha/mu)")
     ap.add_argument("--act-groups", help="act-groups ladder: channels per range (default 192,128,96,64); clip "
@@ -386,7 +394,7 @@ def main() -> None:
     elif a.ladder == "faithful":
         faithful(h)
     elif a.ladder == "checkpoint":
-        record_checkpoint(h, a.checkpoint, a.label, a.a_bits)
+        record_checkpoint(h, a.checkpoint, a.label, a.a_bits, a.act_bits)
     elif a.ladder == "clip":
         clip_ladder(h, a.checkpoint, a.objectives.split(","), int(a.act_groups or 0))
     elif a.ladder == "weight-target":

