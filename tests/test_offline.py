@@ -6,6 +6,8 @@ import dataclasses
 import itertools
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,6 +19,8 @@ from twla_offline.rotate import (cayley, fold_head_rotation, fold_norm_into, lea
 from twla_offline.weights import fit_rtn, gptq_quantize, stage2_refit, to_int_grid
 from twla_vllm.format import CODES, check_int_grid
 from twla_vllm.reference import rotate_weight
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_stage2_is_least_squares(rng):
@@ -208,6 +212,23 @@ def test_resume_after_kill_gives_the_same_checkpoint(tiny_dense_dir, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_amp_precision_switch_is_scoped_and_leaves_cpu_tables_alone(tiny_dense_dir, tmp_path):
+    """ILA-AMP's TF32 switch touches only CUDA matmuls and only inside the passes: on the CPU,
+    benchmarks/amp_precision.py measures identical tables and bits at "tf32" and "ieee", and the process-wide
+    setting is what it was before."""
+    before = torch.backends.cuda.matmul.fp32_precision
+    with allocate.cuda_matmul_precision("tf32"):
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    assert torch.backends.cuda.matmul.fp32_precision == before
+    ckpt = _quantize(tiny_dense_dir, str(tmp_path / "q"), _tiny_recipe())["checkpoint"]
+    out = tmp_path / "amp.json"
+    proc = subprocess.run([sys.executable, "benchmarks/amp_precision.py", "--checkpoint", ckpt, "--device", "cpu",
+                           "--tokens", "128", "--json", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.load(open(out))
+    assert got["same_bits"] and got["max_abs_diff"] == 0.0 and got["max_abs_entry"] > 0, got
 
 
 def test_weight_target_act_quantizes_and_is_recorded(tiny_dense_dir, tmp_path, monkeypatch):
