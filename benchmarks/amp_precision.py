@@ -1,7 +1,7 @@
 """ILA-AMP's sensitivity passes on CUDA in TF32 (the default) against full float32, on a real checkpoint:
 how far the measured table moves, whether the chain DP picks the same bits, and the time of each.
 
-The simulated linears' integer products are exact either way (codes <= 255 times int8 weights fit TF32's
+The simulated linears' integer products are exact either way (|codes| <= 128 times int8 weights fit TF32's
 significand); TF32 rounds the rotations, attention and the head. The table is measured on the checkpoint's own
 activation clips (the pipeline measures before its clip search), on held-out windows of the recipe's text.
 
@@ -11,6 +11,7 @@ activation clips (the pipeline measures before its clip search), on held-out win
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -66,7 +67,9 @@ def main() -> None:
 
     x, y = torch.tensor(entries(tables["tf32"])), torch.tensor(entries(tables["ieee"]))
     out = {
-        "checkpoint": a.checkpoint, "tokens": int(ids.numel()), "device": torch.cuda.get_device_name() if a.device == "cuda" else a.device,
+        "checkpoint": a.checkpoint, "tokens": int(ids.numel()),
+        "device": torch.cuda.get_device_name() if a.device == "cuda" else a.device,
+        "date": datetime.date.today().isoformat(), "command": "python " + " ".join(sys.argv),
         "seconds": seconds, "bits": bits, "same_bits": bits["tf32"] == bits["ieee"],
         "base_nll": {p: t.base_nll for p, t in tables.items()},
         "max_abs_diff": float((x - y).abs().max()), "max_abs_entry": float(y.abs().max()),

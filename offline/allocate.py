@@ -5,8 +5,9 @@ terms K_{l-1,l}(b', b), all measured against an all-8-bit reference on held-out 
 Cost control: hidden states entering every block under the reference are cached, so a configuration
 re-runs only from its first changed block; a pair (l-1, l) starts from the cached output of block l-1
 at b' (recorded by the single runs). On CUDA the passes run their float32 matmuls in TF32: the simulated
-linears' integer products (codes <= 255 times int8 weights) are exact in TF32's 11-bit significand with
-float32 accumulation, and the rest (rotations, attention, the head) round as the served kernels' rotations do.
+linears' integer products (signed activation codes, |q| <= 128, times int8 weights) are exact in TF32's 11-bit
+significand with float32 accumulation, and the rest (rotations, attention, the head) round as the served
+kernels' single-pass TF32 rotations do.
 """
 
 from __future__ import annotations
