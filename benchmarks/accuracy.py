@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
 import sys
@@ -53,6 +52,7 @@ from twla_offline.export import stored_bits_per_weight  # noqa: E402
 from twla_offline.models import load_model, resolve_model  # noqa: E402
 from twla_offline.pipeline import Quantizer  # noqa: E402
 from twla_offline.recipe import Recipe  # noqa: E402
+from results_file import merge_rows  # noqa: E402  (benchmarks/, the script's own folder)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SEQLEN = 512
@@ -114,20 +114,11 @@ class Harness:
 
     def save(self, path: str | None = None) -> str:
         """Merge this run's rows into accuracy_<model>.json (rows of the same method and bits are replaced)."""
-        path = path or os.path.join(RESULTS, f"accuracy_{self.model_name}.json")
-        old = json.load(open(path)) if os.path.exists(path) else {"rows": []}
-        command = "python " + " ".join(sys.argv)
-        mine = {(r["method"], str(r["w_bits"]), str(r["a_bits"])) for r in self.rows}
-        rows = [r for r in old["rows"] if (r["method"], str(r["w_bits"]), str(r["a_bits"])) not in mine]
-        rows += [{**r, "command": command} for r in self.rows]
-        out = {"device": torch.cuda.get_device_name() if self.device.startswith("cuda") else "cpu",
-               "date": datetime.date.today().isoformat(), "command": command, "model": self.model_name,
-               "dense_ppl": round(self.dense_ppl, 3), "windows": self.n_windows, "seqlen": SEQLEN, "rows": rows}
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(out, f, indent=1)
-        os.replace(path + ".tmp", path)
-        return path
+        return merge_rows(path or os.path.join(RESULTS, f"accuracy_{self.model_name}.json"), self.rows,
+                          lambda r: (r["method"], str(r["w_bits"]), str(r["a_bits"])),
+                          torch.cuda.get_device_name() if self.device.startswith("cuda") else "cpu",
+                          model=self.model_name, dense_ppl=round(self.dense_ppl, 3), windows=self.n_windows,
+                          seqlen=SEQLEN)
 
 
 def honest_bits(q: Quantizer) -> float:
@@ -209,7 +200,7 @@ def act_group_ladder(h: Harness, group_size: int, seed: int, act_groups: list[in
 
     if checkpoint:
         from twla_vllm.format import validate_checkpoint
-        from twla_vllm.simulate import SimTwlaLinear, load_simulated_model
+        from twla_vllm.simulate import load_simulated_model
 
         qcfg = validate_checkpoint(checkpoint)
         model = load_simulated_model(checkpoint, device=h.device)
@@ -253,7 +244,7 @@ def clip_ladder(h: Harness, checkpoint: str, objectives: list[str], act_group: i
     from twla_offline import clip
     from twla_offline.pipeline import clip_windows, input_sites, set_act_ranges
     from twla_vllm.format import validate_checkpoint
-    from twla_vllm.simulate import SimTwlaLinear, load_simulated_model
+    from twla_vllm.simulate import load_simulated_model
 
     qcfg = validate_checkpoint(checkpoint)
     with open(os.path.join(checkpoint, "recipe.yaml")) as f:
@@ -341,7 +332,7 @@ def baselines(h: Harness, group_size: int, checkpoint: str | None) -> None:
 def record_checkpoint(h: Harness, checkpoint: str, method: str, a_bits: str, act_bits: int | None = None) -> None:
     """A finished checkpoint, simulated, on the harness's windows (time from its report.json when there);
     `act_bits`: every linear's activations at this width instead of the stored ones (16: the weights alone)."""
-    from twla_vllm.simulate import SimTwlaLinear, load_simulated_model
+    from twla_vllm.simulate import load_simulated_model
 
     with open(os.path.join(checkpoint, "config.json")) as f:
         qc = json.load(f)["quantization_config"]
@@ -350,9 +341,7 @@ def record_checkpoint(h: Harness, checkpoint: str, method: str, a_bits: str, act
     name = os.path.join(*checkpoint.rstrip("/").split(os.sep)[-2:])  # a staged checkpoint's parent names its run
     model = load_simulated_model(checkpoint, device=h.device)
     if act_bits is not None:
-        for m in model.modules():
-            if isinstance(m, SimTwlaLinear):
-                m.act_bits = act_bits
+        set_act_bits(model, act_bits)
     h.record(method, 1.58, str(act_bits) if act_bits is not None else a_bits, h.ppl(model), qc["bits_per_weight"],
              secs, checkpoint=name)
 

@@ -105,21 +105,17 @@ def compare(ckpt: str, ref_path: str, tp: int, dtype: str, eager: bool, save: st
 
 
 def _merge_row(path: str, row: dict) -> None:
-    """Add `row` to the results file at `path` (results.md schema), replacing a row of the same checkpoint,
-    dtype, TP and KV-cache dtype."""
+    """Add `row` to the results file at `path`, replacing a row of the same checkpoint, dtype, TP and KV-cache
+    dtype (rows of several devices live in one file, so each carries its device and date)."""
     import datetime
 
     import torch
 
-    row = dict(row, device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-               date=datetime.date.today().isoformat(), command="python " + " ".join(sys.argv))
-    key = ("checkpoint", "dtype", "tp", "kv_cache_dtype")
-    doc = json.load(open(path)) if os.path.exists(path) else {"rows": []}
-    doc["rows"] = [r for r in doc["rows"] if any(r.get(k) != row[k] for k in key)] + [row]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, path)
+    from results_file import merge_rows  # benchmarks/, the script's own folder
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    merge_rows(path, [dict(row, device=device, date=datetime.date.today().isoformat())],
+               lambda r: tuple(r.get(k) for k in ("checkpoint", "dtype", "tp", "kv_cache_dtype")), device)
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from twla_vllm.reference import fake_quant_per_token, kron_rotate, rotate_weight
+from twla_vllm.simulate import SimTwlaLinear
 
 from .calibrate import decoder_layers
 from .rotate import fold_norm_into, random_orthogonal
@@ -78,6 +79,7 @@ def apply_quarot_rtn(model, weight_bits: int = 2, group_size: int = 128, act_bit
 
 
 def set_act_bits(model, bits: int) -> None:
+    """Every quantized linear of `model` (FakeQuantLinear or the checkpoint's SimTwlaLinear) at `bits`."""
     for mod in model.modules():
-        if isinstance(mod, FakeQuantLinear):
+        if isinstance(mod, (FakeQuantLinear, SimTwlaLinear)):
             mod.act_bits = bits
