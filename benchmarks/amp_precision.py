@@ -49,8 +49,8 @@ def main() -> None:
             m.act_bits = bits
 
     seqlen = recipe["amp_seqlen"]
-    ids = data.token_windows(tok, data.load_text(recipe["calib"], "heldout"), max(1, a.tokens // seqlen), seqlen,
-                             recipe["seed"] + 1)
+    heldout = data.load_text(recipe["calib"], "heldout", recipe.get("text_column", data.DEFAULT_TEXT_COLUMN))
+    ids = data.token_windows(tok, heldout, max(1, a.tokens // seqlen), seqlen, recipe["seed"] + 1)
     bit_set = tuple(recipe["bit_set"])
     sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
     tables, bits, seconds = {}, {}, {}
