@@ -94,6 +94,7 @@ def _quantize(model_name: str, path: str, out: str, work: str, recipe: Recipe, d
           f"{', one block at a time (offloaded)' if offloaded else ''}")
     q.quantize_weights()
     bits = q.allocate_and_clip()
+    tuned = q.tune(path) if q.r.tune_epochs else []
     staged = os.path.join(work, STAGED)
     shutil.rmtree(staged, ignore_errors=True)  # a failed run's, inside our own work directory
     q.export(staged, src_config, dense_dtype)
@@ -101,6 +102,8 @@ def _quantize(model_name: str, path: str, out: str, work: str, recipe: Recipe, d
     summary = {"checkpoint": out, "model": model_name, "act_bits_per_block": bits,
                "stage_seconds": {k: round(v, 1) for k, v in q.seconds.items()},
                "group_size": q.gs, "device": str(device), "offload": offloaded, "recipe": recipe.to_dict()}
+    if tuned:  # each block's output error after scale tuning, relative to before
+        summary["tune_error_ratio"] = [round(after / before, 4) if before else 1.0 for before, after in tuned]
     with open(os.path.join(staged, "config.json")) as f:
         summary["bits_per_weight"] = json.load(f)["quantization_config"]["bits_per_weight"]
     if evaluate_after:

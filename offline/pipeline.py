@@ -400,6 +400,33 @@ class Quantizer:
         self.seconds["allocate"] = time.time() - t0
         return bits
 
+    def tune(self, dense_path: str) -> list[tuple[float, float]]:
+        """Block-wise scale tuning (tune.py) against the dense model at `dense_path` (read again: the quantizer's
+        copy became the quantized model), on the calibration windows; (block error before, after) per block."""
+        from .models import load_model
+        from .tune import tune_block
+
+        r = self.r
+        t0 = time.time()
+        dense_layers = list(decoder_layers(load_model(dense_path)[0]))  # float32, CPU memory, one block at a time
+        text = data.load_text(r.calib, "calib", r.text_column)
+        ids = data.token_windows(self.tok, text, r.nsamples, r.seqlen, r.seed)
+        layers = decoder_layers(self.model)
+        errors = []
+        with torch.device(self.place.device):
+            x_quant = capture_first_block_inputs(self.model, ids, r.batch_size)  # the embeddings are not quantized
+            x_dense = x_quant
+            for l in tqdm(range(len(layers)), desc="tune blocks"):
+                dense, dense_layers[l] = dense_layers[l].to(self.place.device), None
+                y_dense = run_block(dense, x_dense)
+                del dense
+                with self.place.block(layers[l]):
+                    errors.append(tune_block(layers[l], x_quant, y_dense, r.tune_epochs, r.tune_lr, r.seed * 1000 + l))
+                    x_quant = run_block(layers[l], x_quant)
+                x_dense = y_dense
+        self.seconds["tune"] = time.time() - t0
+        return errors
+
     def search_clips(self) -> None:
         t0 = time.time()
         ids = clip_windows(self.tok, self.r)

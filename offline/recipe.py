@@ -28,7 +28,7 @@ WEIGHT_TARGETS = ("a16", "act")
 # fields read only after the weight stage (bit allocation, clip search): an interrupted or finished weight stage
 # in OUT.work/ is reused when only these change, so re-allocating bits does not re-quantize the weights
 AFTER_WEIGHTS = frozenset({"allocation", "bit_set", "amp_beta", "amp_tokens", "amp_seqlen", "clip_search",
-                           "clip_objective", "clip_tokens", "clip_min", "clip_step"})
+                           "clip_objective", "clip_tokens", "clip_min", "clip_step", "tune_epochs", "tune_lr"})
 
 # field -> (cpu, cuda) default where the recipe leaves it None
 DEVICE_DEFAULTS: dict[str, tuple[int, int]] = {
@@ -37,6 +37,7 @@ DEVICE_DEFAULTS: dict[str, tuple[int, int]] = {
     "amp_tokens": (512, 32768),
     "amp_seqlen": (512, 512),
     "clip_tokens": (1024, 8192),
+    "tune_epochs": (2, 2),
 }
 
 
@@ -78,6 +79,10 @@ class Recipe:
     clip_tokens: int | None = None  # held-out tokens for the clip search (None: by device)
     clip_min: float = 0.5  # clip ratios searched: clip_min .. 1.0 in steps of clip_step
     clip_step: float = 0.02
+    # block-wise scale tuning after the clip search (offline/tune.py): passes over the calibration windows per
+    # block (0: off; None: by device)
+    tune_epochs: int | None = None
+    tune_lr: float = 2e-3
     calib: str = "brown"
     text_column: str = "text"  # the column holding the text when calib is a .jsonl / .json / .csv file
     nsamples: int | None = None  # calibration windows (None: by device)
@@ -128,8 +133,10 @@ def preset(method: str) -> Recipe:
         # group 64: on SmolLM2 W1A6 PPL 3 081 vs 2 963 at group 32 (within run-to-run noise) for 0.25 fewer
         # bits/weight; 192 and per row cost 1.4-1.8x (benchmarks/RESULTS.md "BWLA weight groups")
         return Recipe(method="bwla", code="binary", group_size=64, rotation="okt", lowrank="psp", lowrank_rank=16,
-                      act_bits=6.0, bit_set=(4, 6, 8), allocation="uniform")
+                      act_bits=6.0, bit_set=(4, 6, 8), allocation="uniform",
+                      tune_epochs=0)  # scale tuning not measured on this mode yet
     if method == "twinquant":
         return Recipe(method="twinquant", code="int4", group_size=128, rotation="learned", lowrank="learned",
-                      lowrank_rank=32, act_bits=4.0, allocation="uniform")
+                      lowrank_rank=32, act_bits=4.0, allocation="uniform",
+                      tune_epochs=0)  # scale tuning not measured on this mode yet
     raise ValueError(f"unknown method {method!r} (allowed: {', '.join(METHODS)})")

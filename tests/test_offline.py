@@ -231,6 +231,31 @@ def test_amp_precision_switch_is_scoped_and_leaves_cpu_tables_alone(tiny_dense_d
     assert got["same_bits"] and got["max_abs_diff"] == 0.0 and got["max_abs_entry"] > 0, got
 
 
+def test_scale_tuning_lowers_block_error_keeps_codes_and_grid(tiny_dense_dir, tmp_path):
+    """Block-wise scale tuning (offline/tune.py) on a tiny model: every block's output error against the dense
+    block drops or the block is left alone, the codes are the untuned run's byte for byte, the group scales move,
+    and the checkpoint validates (integer grid). At rho = nu = 0 the tunable layer computes what the stored layer
+    computes."""
+    from twla_offline.tune import ScaleTunedLinear
+    from twla_vllm.format import validate_checkpoint
+    from twla_vllm.simulate import load_simulated_model
+
+    base = dataclasses.replace(_tiny_recipe(), allocation="uniform", clip_search=False)
+    plain = _quantize(tiny_dense_dir, str(tmp_path / "plain"), dataclasses.replace(base, tune_epochs=0))
+    tuned = _quantize(tiny_dense_dir, str(tmp_path / "tuned"), dataclasses.replace(base, tune_epochs=3))
+    assert "tune_error_ratio" not in plain
+    ratios = tuned["tune_error_ratio"]
+    assert len(ratios) == 2 and all(r <= 1.0 for r in ratios) and min(r for r in ratios) < 0.99, ratios
+    a, b = _tensors(plain["checkpoint"]), _tensors(tuned["checkpoint"])
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a if k.endswith("weight_packed"))
+    assert any(not torch.equal(a[k], b[k]) for k in a if "group_scale" in k or "group_offset" in k)
+    validate_checkpoint(tuned["checkpoint"])
+    sim = load_simulated_model(plain["checkpoint"]).model.layers[0].mlp.down_proj
+    x = torch.randn(5, sim.in_features, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ScaleTunedLinear(sim)(x), sim(x), rtol=1e-4, atol=1e-4)
+
+
 def test_weight_target_act_quantizes_and_is_recorded(tiny_dense_dir, tmp_path, monkeypatch):
     """`weight_target="act"` runs the whole pipeline on a tiny model and the checkpoint's recipe says so; its
     weights differ from the default's (the GPTQ target changed), except where calibration has too few tokens per
