@@ -150,8 +150,11 @@ def twla_ladder(h: Harness, group_size: int, seed: int = 0) -> None:
     chosen = q.allocate()
     h.record("+ ILA-AMP", 1.58, "4MP", h.ppl(q.model), bits, secs + q.seconds["allocate"], seed=seed)
     q.search_clips()
-    h.record("default", 1.58, "4MP", h.ppl(q.model), bits, secs + q.seconds["allocate"] + q.seconds["clip"],
-             act_bits_per_block=chosen, seed=seed)
+    secs += q.seconds["allocate"] + q.seconds["clip"]
+    h.record("+ clip search", 1.58, "4MP", h.ppl(q.model), bits, secs, act_bits_per_block=chosen, seed=seed)
+    q.tune(h.path)
+    h.record("default", 1.58, "4MP", h.ppl(q.model), bits, secs + q.seconds["tune"], act_bits_per_block=chosen,
+             seed=seed)
 
 
 ROTATION_RUNGS: list[tuple[str, dict[str, Any]]] = [

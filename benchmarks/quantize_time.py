@@ -75,7 +75,7 @@ def time_shape(name: str, layers: int, device: str, offload: str) -> dict:
     kv = h * shape["num_key_value_heads"] // shape["num_attention_heads"]
     block_flops, head_flops = h * (2 * h + 2 * kv) + 3 * h * i, h * v
     per_unit = st.get("allocate", 0.0) / (b_meas * block_flops + h_meas * head_flops)
-    projected = {k: st.get(k, 0.0) * full / layers for k in ("rotate", "weights", "clip")}
+    projected = {k: st.get(k, 0.0) * full / layers for k in ("rotate", "weights", "clip", "tune")}
     projected["calibrate"] = st.get("calibrate", 0.0)  # the embedding pass, once
     projected["allocate"] = per_unit * (b_full * block_flops + h_full * head_flops)
     return {"shape": name, "layers_run": layers, "layers_full": full, "device": device, "offload": s["offload"],

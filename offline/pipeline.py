@@ -1,6 +1,7 @@
 """The TWLA pipeline: calibrate -> rotate -> quantize weights (block by block, resumable) -> allocate bits ->
-clip -> export. Each decoder block is quantized on the hidden states the already-quantized blocks
-produce, then its state is written to the work directory so a killed run resumes where it stopped.
+clip -> tune scales -> export. Each decoder block is quantized on the hidden states the already-quantized blocks
+produce, then its state is written to the work directory so a killed run resumes where it stopped (the stages
+after the weights run again on resume).
 """
 
 from __future__ import annotations

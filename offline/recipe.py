@@ -37,7 +37,7 @@ DEVICE_DEFAULTS: dict[str, tuple[int, int]] = {
     "amp_tokens": (512, 32768),
     "amp_seqlen": (512, 512),
     "clip_tokens": (1024, 8192),
-    "tune_epochs": (2, 2),
+    "tune_epochs": (4, 4),
 }
 
 
