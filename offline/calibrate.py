@@ -68,14 +68,15 @@ def capture_first_block_inputs(model, input_ids: torch.Tensor, batch_size: int) 
     return BlockInputs(hidden, kwargs)
 
 
-def _call(layer, h: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+def call_block(layer, h: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    """The hidden states one decoder layer returns for `h` (some transformers versions wrap them in a tuple)."""
     out = layer(h, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 
 @torch.no_grad()
 def run_block(layer, inputs: BlockInputs) -> BlockInputs:
-    return BlockInputs([_call(layer, h, inputs.kwargs) for h in inputs.hidden], inputs.kwargs)
+    return BlockInputs([call_block(layer, h, inputs.kwargs) for h in inputs.hidden], inputs.kwargs)
 
 
 class RotatedLinear(torch.nn.Module):
@@ -101,7 +102,7 @@ def _feed_until_hook(layer, module: torch.nn.Module, inputs: BlockInputs, hook, 
     try:
         for h in inputs.hidden:
             try:
-                _call(layer, h, inputs.kwargs)
+                call_block(layer, h, inputs.kwargs)
             except _Stop:
                 pass
             if enough():

@@ -133,8 +133,7 @@ def preset(method: str) -> Recipe:
         # group 64: on SmolLM2 W1A6 PPL 3 081 vs 2 963 at group 32 (within run-to-run noise) for 0.25 fewer
         # bits/weight; 192 and per row cost 1.4-1.8x (benchmarks/RESULTS.md "BWLA weight groups")
         return Recipe(method="bwla", code="binary", group_size=64, rotation="okt", lowrank="psp", lowrank_rank=16,
-                      act_bits=6.0, bit_set=(4, 6, 8), allocation="uniform",
-                      tune_epochs=0)  # scale tuning not measured on this mode yet
+                      act_bits=6.0, bit_set=(4, 6, 8), allocation="uniform")
     if method == "twinquant":
         return Recipe(method="twinquant", code="int4", group_size=128, rotation="learned", lowrank="learned",
                       lowrank_rank=32, act_bits=4.0, allocation="uniform",

@@ -19,21 +19,17 @@ from __future__ import annotations
 
 import torch
 
-from twla_vllm.reference import kron_rotate, quantize_per_token
+from twla_vllm.reference import fake_quant_per_token, kron_rotate
 from twla_vllm.simulate import QuantWeight, SimTwlaLinear, replace_linear
 
-from .calibrate import BlockInputs, _call
+from .calibrate import BlockInputs, call_block
 from .weights import row_scale_for, to_int_grid
 
 
 def fake_quant_ste(x: torch.Tensor, bits: int, clip: float, ranges: int) -> torch.Tensor:
     """Per-token quantize-dequantize of x [M, K] (as served) whose gradient passes straight through."""
-    if bits >= 16:
-        return x
-    m, k = x.shape
     with torch.no_grad():
-        q, s, z = quantize_per_token(x.detach(), bits, clip, ranges)
-        xq = ((q.view(m, ranges, -1) - z.unsqueeze(-1)) * s.unsqueeze(-1)).view(m, k)
+        xq = fake_quant_per_token(x, bits, clip, ranges)
     return x + (xq - x).detach()
 
 
@@ -91,7 +87,7 @@ class ScaleTunedLinear(torch.nn.Module):
 @torch.no_grad()
 def block_error(layer: torch.nn.Module, inputs: BlockInputs, target: BlockInputs) -> float:
     """Mean squared error of `layer` on `inputs` against `target`, over every calibration window."""
-    err = [float(((_call(layer, h, inputs.kwargs).float() - y.float()) ** 2).mean())
+    err = [float(((call_block(layer, h, inputs.kwargs).float() - y.float()) ** 2).mean())
            for h, y in zip(inputs.hidden, target.hidden)]
     return sum(err) / len(err)
 
@@ -116,7 +112,7 @@ def tune_block(layer: torch.nn.Module, inputs: BlockInputs, target: BlockInputs,
     with torch.enable_grad():
         for _ in range(epochs):
             for i in torch.randperm(len(inputs.hidden), generator=gen).tolist():
-                out = _call(layer, inputs.hidden[i], inputs.kwargs)
+                out = call_block(layer, inputs.hidden[i], inputs.kwargs)
                 loss = ((out.float() - target.hidden[i].float()) ** 2).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
