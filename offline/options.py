@@ -148,7 +148,7 @@ def add_recipe_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--tune-epochs", type=non_negative_int,
                    help="block-wise scale tuning after the clip search: passes over the calibration windows per "
                         "decoder block, fitting each block's group scales to the dense block's output (0 = off) "
-                        f"(default: {dev['tune_epochs']})")
+                        f"(default: {d['tune_epochs']})")
     g.add_argument("--calib", type=calib_source,
                    help="calibration text: brown (embedded), wikitext2, c4 (need the hub), a text file, or records "
                         "in a .jsonl/.json/.csv file (see --text-column); a file's first 80%% calibrates, the next "
@@ -168,8 +168,8 @@ def add_recipe_args(ap: argparse.ArgumentParser) -> None:
 
 _FLAG_FIELDS = ("code", "group_size", "act_bits", "bit_set", "weight_method", "weight_target", "rotation",
                 "rotation_sharing", "factor_rule", "o_proj_rotation", "lowrank", "lowrank_rank", "kotms_iters",
-                "allocation", "tune_epochs", "row_parallel_blocks", "act_group_size", "calib", "text_column", "nsamples", "seqlen",
-                "amp_tokens", "clip_objective", "clip_tokens", "seed")
+                "allocation", "tune_epochs", "row_parallel_blocks", "act_group_size", "calib", "text_column",
+                "nsamples", "seqlen", "amp_tokens", "clip_objective", "clip_tokens", "seed")
 
 
 def recipe_from_args(a: argparse.Namespace, ap: argparse.ArgumentParser | None = None) -> R.Recipe:

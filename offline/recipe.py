@@ -25,8 +25,8 @@ ALLOCATIONS = ("ila-amp", "uniform")
 CLIP_OBJECTIVES = ("block", "layer")
 WEIGHT_TARGETS = ("a16", "act")
 
-# fields read only after the weight stage (bit allocation, clip search): an interrupted or finished weight stage
-# in OUT.work/ is reused when only these change, so re-allocating bits does not re-quantize the weights
+# fields read only after the weight stage (bit allocation, clip search, scale tuning): an interrupted or finished
+# weight stage in OUT.work/ is reused when only these change, so re-allocating bits does not re-quantize the weights
 AFTER_WEIGHTS = frozenset({"allocation", "bit_set", "amp_beta", "amp_tokens", "amp_seqlen", "clip_search",
                            "clip_objective", "clip_tokens", "clip_min", "clip_step", "tune_epochs", "tune_lr"})
 
@@ -37,7 +37,6 @@ DEVICE_DEFAULTS: dict[str, tuple[int, int]] = {
     "amp_tokens": (512, 32768),
     "amp_seqlen": (512, 512),
     "clip_tokens": (1024, 8192),
-    "tune_epochs": (4, 4),
 }
 
 
@@ -80,8 +79,8 @@ class Recipe:
     clip_min: float = 0.5  # clip ratios searched: clip_min .. 1.0 in steps of clip_step
     clip_step: float = 0.02
     # block-wise scale tuning after the clip search (offline/tune.py): passes over the calibration windows per
-    # block (0: off; None: by device)
-    tune_epochs: int | None = None
+    # block; 0 = off
+    tune_epochs: int = 4
     tune_lr: float = 2e-3
     calib: str = "brown"
     text_column: str = "text"  # the column holding the text when calib is a .jsonl / .json / .csv file
