@@ -11,8 +11,8 @@ with X_q the quantized model's input to the block (activation bits and clips as 
 model's. Codes, transforms, activation bits and clips stay fixed; activations are fake-quantized with a
 straight-through gradient. Per (row, group): alpha = alpha0 * exp(rho), mu = mu0 + |alpha0| * nu, starting at
 rho = nu = 0 (the stored layer), Adam with a cosine schedule over `epochs` passes of the calibration windows. The
-result is projected back onto format v2's integer grid (a fresh row scale, then the best of the 3 x 3 integer
-neighbours, as the weight stage does), and a block whose error did not drop keeps its old scales.
+result is projected back onto format v2's integer grid (a fresh row scale, then of the 3 x 3 integer neighbours the
+one nearest the tuned weights), and a block whose error did not drop keeps its old scales.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ class ScaleTunedLinear(torch.nn.Module):
         return (self.values * alpha[..., None] + mu[..., None]).view(n, g * gs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`reference.quant_linear` with float weights in place of the integer GEMM, so gradients reach rho, nu."""
         sim = self.sim
         x2 = x.reshape(-1, x.shape[-1]).float()
         xq = fake_quant_ste(kron_rotate(x2, sim.left, sim.right), sim.act_bits, sim.act_clip, sim.rowsum.shape[1])

@@ -245,7 +245,7 @@ def test_scale_tuning_lowers_block_error_keeps_codes_and_grid(tiny_dense_dir, tm
     tuned = _quantize(tiny_dense_dir, str(tmp_path / "tuned"), dataclasses.replace(base, tune_epochs=3))
     assert "tune_error_ratio" not in plain
     ratios = tuned["tune_error_ratio"]
-    assert len(ratios) == 2 and all(r <= 1.0 for r in ratios) and min(r for r in ratios) < 0.99, ratios
+    assert len(ratios) == 2 and all(r <= 1.0 for r in ratios) and min(ratios) < 0.99, ratios
     a, b = _tensors(plain["checkpoint"]), _tensors(tuned["checkpoint"])
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a if k.endswith("weight_packed"))
