@@ -422,8 +422,9 @@ class Quantizer:
                 y_dense = run_block(dense, x_dense)
                 del dense
                 with self.place.block(layers[l]):
-                    errors.append(tune_block(layers[l], x_quant, y_dense, r.tune_epochs, r.tune_lr, r.seed * 1000 + l))
-                    x_quant = run_block(layers[l], x_quant)
+                    before, after, x_quant = tune_block(layers[l], x_quant, y_dense, r.tune_epochs, r.tune_lr,
+                                                        r.seed * 1000 + l)
+                errors.append((before, after))
                 x_dense = y_dense
         self.seconds["tune"] = time.time() - t0
         return errors

@@ -22,7 +22,7 @@ import torch
 from twla_vllm.reference import fake_quant_per_token, kron_rotate
 from twla_vllm.simulate import QuantWeight, SimTwlaLinear, replace_linear
 
-from .calibrate import BlockInputs, call_block
+from .calibrate import BlockInputs, call_block, run_block
 from .weights import row_scale_for, to_int_grid
 
 
@@ -85,19 +85,17 @@ class ScaleTunedLinear(torch.nn.Module):
                              sim.lowrank_a, sim.lowrank_b)
 
 
-@torch.no_grad()
-def block_error(layer: torch.nn.Module, inputs: BlockInputs, target: BlockInputs) -> float:
-    """Mean squared error of `layer` on `inputs` against `target`, over every calibration window."""
-    err = [float(((call_block(layer, h, inputs.kwargs).float() - y.float()) ** 2).mean())
-           for h, y in zip(inputs.hidden, target.hidden)]
+def block_error(outputs: BlockInputs, target: BlockInputs) -> float:
+    """Mean squared error of a block's `outputs` against `target`, over every calibration window."""
+    err = [float(((y_hat.float() - y.float()) ** 2).mean()) for y_hat, y in zip(outputs.hidden, target.hidden)]
     return sum(err) / len(err)
 
 
 def tune_block(layer: torch.nn.Module, inputs: BlockInputs, target: BlockInputs, epochs: int, lr: float,
-               seed: int = 0) -> tuple[float, float]:
-    """Tune the scales of every `SimTwlaLinear` in `layer` in place; (error before, error after). A block whose
-    error does not drop is left as it was."""
-    before = block_error(layer, inputs, target)
+               seed: int = 0) -> tuple[float, float, BlockInputs]:
+    """Tune the scales of every `SimTwlaLinear` in `layer` in place; (error before, error after, the block's
+    outputs on `inputs`, which the next block reads). A block whose error does not drop is left as it was."""
+    before = block_error(run_block(layer, inputs), target)
     sims = {name: m for name, m in layer.named_modules() if isinstance(m, SimTwlaLinear)}
     tuned = {name: ScaleTunedLinear(m) for name, m in sims.items()}
     frozen = [p for p in layer.parameters() if p.requires_grad]
@@ -121,11 +119,12 @@ def tune_block(layer: torch.nn.Module, inputs: BlockInputs, target: BlockInputs,
                 sched.step()
     for name, m in tuned.items():
         replace_linear(layer, name, m.to_sim())
-    after = block_error(layer, inputs, target)
-    if not after < before:
-        for name, m in sims.items():
-            replace_linear(layer, name, m)
-        after = before
     for p in frozen:
         p.requires_grad_(True)
-    return before, after
+    outputs = run_block(layer, inputs)
+    after = block_error(outputs, target)
+    if after < before:
+        return before, after, outputs
+    for name, m in sims.items():  # no gain: the stored scales stay (the outputs are recomputed, a rare case)
+        replace_linear(layer, name, m)
+    return before, before, run_block(layer, inputs)
