@@ -110,7 +110,7 @@ def tune_block(layer: torch.nn.Module, inputs: BlockInputs, target: BlockInputs,
     gen = torch.Generator().manual_seed(seed)
     with torch.enable_grad():
         for _ in range(epochs):
-            for i in torch.randperm(len(inputs.hidden), generator=gen).tolist():
+            for i in torch.randperm(len(inputs.hidden), generator=gen, device="cpu").tolist():
                 out = call_block(layer, inputs.hidden[i], inputs.kwargs)
                 loss = ((out.float() - target.hidden[i].float()) ** 2).mean()
                 opt.zero_grad(set_to_none=True)
