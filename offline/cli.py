@@ -98,7 +98,7 @@ def _quantize(model_name: str, path: str, out: str, work: str, recipe: Recipe, d
     staged = os.path.join(work, STAGED)
     shutil.rmtree(staged, ignore_errors=True)  # a failed run's, inside our own work directory
     q.export(staged, src_config, dense_dtype)
-    q.seconds["total"] = time.time() - t_start
+    q.seconds["total"] = time.time() - t_start + q.earlier_seconds
     summary = {"checkpoint": out, "model": model_name, "act_bits_per_block": bits,
                "stage_seconds": {k: round(v, 1) for k, v in q.seconds.items()},
                "group_size": q.gs, "device": str(device), "offload": offloaded, "recipe": recipe.to_dict()}

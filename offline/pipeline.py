@@ -32,6 +32,7 @@ from .weights import act_aware_target, fit_rtn, gptq_quantize
 
 ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 MLP_IN = ("mlp.gate_proj", "mlp.up_proj")
+WEIGHT_STAGES = ("calibrate", "rotate", "weights")  # the resumable stages; the later ones rerun on resume
 
 
 SITE_INPUT_TOKENS = 4096  # calibration rows handed to transform / low-rank learners that use activations
@@ -155,7 +156,8 @@ class Quantizer:
         self.kb_o = pick_k_blocks(self.heads * self.head_dim, self.gs, recipe.row_parallel_blocks)
         self.kb_down = pick_k_blocks(self.inter, self.gs, recipe.row_parallel_blocks)
         self.specs: dict[str, fmt.LayerSpec] = {}
-        self.seconds: dict[str, float] = {"calibrate": 0.0, "rotate": 0.0, "weights": 0.0}
+        self.seconds: dict[str, float] = dict.fromkeys(WEIGHT_STAGES, 0.0)
+        self.earlier_seconds = 0.0  # weight-stage time spent by the runs this one resumes
         self.kotms_example: dict | None = None
         self.act_example: dict | None = None
 
@@ -170,7 +172,12 @@ class Quantizer:
         self._check_recipe()
         layers = decoder_layers(self.model)
         progress = os.path.join(state, "progress.json")
-        start = json.load(open(progress))["next_block"] if os.path.exists(progress) else 0
+        saved = json.load(open(progress)) if os.path.exists(progress) else {"next_block": 0}
+        start = saved["next_block"]
+        # the earlier runs' time on the weight stage, so a resumed run's report counts it (older state lacks it)
+        self.earlier_seconds = sum(saved.get("seconds", {}).values())
+        for stage, s in saved.get("seconds", {}).items():
+            self.seconds[stage] += s
         for l in tqdm(range(start), desc="restore blocks", disable=not start):
             self._restore_block(l, os.path.join(state, f"block_{l:03d}"))
         if start:
@@ -187,7 +194,7 @@ class Quantizer:
                 inputs = self._quantize_block(l, layers[l], inputs)
             self._save_block(l, os.path.join(state, f"block_{l:03d}"))
             _atomic_torch_save(inputs, os.path.join(state, "hidden.pt"))
-            _atomic_json(progress, {"next_block": l + 1})
+            _atomic_json(progress, {"next_block": l + 1, "seconds": {k: self.seconds[k] for k in WEIGHT_STAGES}})
 
     def _check_recipe(self) -> None:
         """Refuse to resume a weight stage made with other weight settings; settings read after it (AFTER_WEIGHTS:

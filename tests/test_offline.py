@@ -207,7 +207,12 @@ def test_resume_after_kill_gives_the_same_checkpoint(tiny_dense_dir, tmp_path):
     _quantize(tiny_dense_dir, resumed_out, recipe, fail_after_block=0)
     assert not os.path.exists(resumed_out)  # nothing half-written at the destination
     assert os.path.exists(resumed_out + ".work/state/block_000.safetensors")
-    resumed = _quantize(tiny_dense_dir, resumed_out, recipe)["checkpoint"]
+    before_kill = json.load(open(resumed_out + ".work/state/progress.json"))["seconds"]
+    summary = _quantize(tiny_dense_dir, resumed_out, recipe)
+    resumed = summary["checkpoint"]
+    # the report counts the killed run's weight-stage time too
+    assert before_kill["weights"] > 0 and summary["stage_seconds"]["weights"] >= round(before_kill["weights"], 1)
+    assert summary["stage_seconds"]["calibrate"] >= round(before_kill["calibrate"], 1)
     a, b = _tensors(whole), _tensors(resumed)
     assert a.keys() == b.keys()
     for k in a:
