@@ -31,7 +31,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--tokens", type=int, default=8192, help="held-out tokens per table (the CUDA default is 32768)")
+    ap.add_argument("--tokens", type=int, default=8192, help="held-out tokens per table (the CUDA default is 2048)")
     ap.add_argument("--json", help="write the comparison here")
     ap.add_argument("--device", default="cuda", help="cpu runs the same passes (both in float32) as a dry run")
     a = ap.parse_args()
