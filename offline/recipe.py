@@ -136,7 +136,7 @@ def preset(method: str) -> Recipe:
         return Recipe(method="bwla", code="binary", group_size=64, rotation="okt", lowrank="psp", lowrank_rank=16,
                       act_bits=6.0, bit_set=(4, 6, 8), allocation="uniform")
     if method == "twinquant":
-        # scale tuning on (the default 4 epochs): SmolLM2 W4A4 1.22x -> 1.17x dense for 415 s on 2 cores
+        # scale tuning on (the default 4 epochs): SmolLM2 W4A4 1.22x -> 1.17x dense for 416 s on 2 cores
         return Recipe(method="twinquant", code="int4", group_size=128, rotation="learned", lowrank="learned",
                       lowrank_rank=32, act_bits=4.0, allocation="uniform")
     raise ValueError(f"unknown method {method!r} (allowed: {', '.join(METHODS)})")
