@@ -70,7 +70,8 @@ def apply_quarot_rtn(model, weight_bits: int = 2, group_size: int = 128, act_bit
         fold_norm_into([lin[m] for m in LINEARS[2]], layer.post_attention_layernorm)
         for members in LINEARS:
             k = lin[members[0]].weight.shape[1]
-            left, right = randomized_hadamard_factors(k, gen)
+            dev = lin[members[0]].weight.device  # the factors are drawn on the CPU generator
+            left, right = (f.to(dev) for f in randomized_hadamard_factors(k, gen))
             for m in members:
                 w = rtn_int(rotate_weight(lin[m].weight.data.float(), left, right), weight_bits, group_size)
                 parent, _, leaf = m.rpartition(".")
