@@ -11,8 +11,12 @@ import os
 
 import torch
 
-TRIMODAL_CENTRES = (-1.0, 0.0, 1.0)  # of a (row, group) of weights, centred and divided by its mean |w|
-COLUMNS = {"baseline": "dense", "twla": "TWLA (quantized)"}
+# where a weight code puts a (row, group) of weights, centred and divided by its mean |w| (none for int4)
+CODE_CENTRES = {"ternary": (-1.0, 0.0, 1.0), "binary": (-1.0, 1.0)}
+# what each transform's plot shows: its name and the loss its history holds (pipeline.transform_learner)
+TRANSFORMS = {"kotms": ("KOTMS", "tri-modal NLL", "Adam step"),
+              "okt": ("OKT", "binary-grid EM objective", "EM iteration"),
+              "learned": ("learned transform", "quantized output error J", "Adam step (first, last: eval subset)")}
 
 
 def write_report(ckpt: str, summary: dict, quantizer=None) -> list[str]:
@@ -23,7 +27,8 @@ def write_report(ckpt: str, summary: dict, quantizer=None) -> list[str]:
     ev = summary.get("eval", {})
     recipe = summary.get("recipe", {})
     rank = recipe.get("lowrank_rank", 0) if recipe.get("lowrank", "none") != "none" else 0
-    lines = [f"# {recipe.get('method', 'twla').upper()} report: {summary['model']}", "",
+    label = recipe.get("method", "twla").upper()
+    lines = [f"# {label} report: {summary['model']}", "",
              f"Checkpoint: `{summary.get('checkpoint', ckpt)}`  ",
              f"Weights: {recipe.get('code', 'ternary')}, group size {summary['group_size']}"
              f"{f', rank-{rank} low-rank branch' if rank else ''}, **{summary['bits_per_weight']} bits/weight** "
@@ -31,15 +36,17 @@ def write_report(ckpt: str, summary: dict, quantizer=None) -> list[str]:
              f"Activation bits per block (ILA-AMP or uniform): {summary['act_bits_per_block']}", "",
              "| model | PPL (Brown test, 512-token windows) | last-word acc | next-sentence 4-way acc |",
              "|---|---|---|---|"]
-    for name, r in ((k, ev[k]) for k in ("baseline", "twla") if k in ev):
+    # eval keys stay "baseline" / "twla" (report.json readers); the table names the models
+    for name, r in ((n, ev[k]) for k, n in (("baseline", "dense"), ("twla", f"{label} (quantized)")) if k in ev):
         lines.append(f"| {name} | {r['ppl']:.2f} | {r.get('last_word_acc', float('nan')):.3f} | "
                      f"{r.get('next_sentence_4way_acc', float('nan')):.3f} |")
     if "baseline" in ev and "twla" in ev:
-        lines += ["", f"PPL ratio TWLA / baseline: **{ev['twla']['ppl'] / ev['baseline']['ppl']:.2f}x**"]
+        lines += ["", f"PPL ratio {label} / dense: **{ev['twla']['ppl'] / ev['baseline']['ppl']:.2f}x**"]
     lines += ["", "Time per stage (s): " + ", ".join(f"{k} {v}" for k, v in summary["stage_seconds"].items()), "",
-              "Note: for smollm2-135m the baseline is the dequantized Q4_1 GGUF model (the registries ship no "
-              "fp16 weights); proxy tasks are built from held-out Brown text and are not standard benchmarks.", ""]
-    lines += _generations(ev.get("generations"), summary)
+              "Note: dense is the source model as the quantizer read it; the built-in models come from the "
+              "registries as GGUF only (smollm2-135m Q4_1, qwen2.5-coder-1.5b Q4_K_M), dequantized to float. "
+              "Proxy tasks are built from held-out Brown text and are not standard benchmarks.", ""]
+    lines += _generations(ev.get("generations"), summary, label)
     lines += [f"![{p}]({p})" for p in plots]
     with open(os.path.join(ckpt, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -64,18 +71,26 @@ def greedy_continuations(model, tok, prompts: tuple[str, ...], n_tokens: int) ->
     return texts
 
 
-def _generations(gens: list[dict] | None, summary: dict) -> list[str]:
+def _generations(gens: list[dict] | None, summary: dict, label: str) -> list[str]:
     if not gens:
         return []
-    cols = [k for k in COLUMNS if k in gens[0]]
+    columns = {"baseline": "dense", "twla": f"{label} (quantized)"}
+    cols = [k for k in columns if k in gens[0]]
     bits = summary["act_bits_per_block"]
+    ev = summary.get("eval", {})
+    ratio = ev["twla"]["ppl"] / ev["baseline"]["ppl"] if "twla" in ev and "baseline" in ev else None
+    if ratio is not None and ratio <= 1.25:
+        expect = ("close to dense (PPL ratio {:.2f}x), so the continuations often agree word for word at first "
+                  "and then part on a word choice, both staying fluent.").format(ratio)
+    else:
+        expect = ("much of the model's quality is lost (the PPL ratio above measures how much), so the quantized "
+                  "text often drifts off topic, repeats itself or breaks into fragments where the dense model "
+                  "stays coherent.")
     lines = ["## Greedy continuations, dense and quantized side by side", "",
-             f"The same prompts continued greedily by each model (TWLA: simulated in PyTorch with the "
-             f"checkpoint's numerics). What to expect: at {summary['bits_per_weight']} bits per weight and "
-             f"{sum(bits) / len(bits):.1f} activation bits on average, a small model keeps little of its "
-             f"quality (the PPL ratio above measures the loss), so the quantized text often drifts off topic, "
-             f"repeats itself or breaks into fragments where the dense model stays coherent.", "",
-             "| prompt | " + " | ".join(COLUMNS[k] for k in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+             f"The same prompts continued greedily by each model ({label}: simulated in PyTorch with the "
+             f"checkpoint's numerics). What to expect at {summary['bits_per_weight']} bits per weight and "
+             f"{sum(bits) / len(bits):.1f} activation bits on average: {expect}", "",
+             "| prompt | " + " | ".join(columns[k] for k in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for g in gens:
         lines.append("| " + " | ".join(_cell(g[k]) for k in ("prompt", *cols)) + " |")
     return lines + [""]
@@ -101,26 +116,30 @@ def _plots(ckpt: str, summary: dict, q) -> list[str]:
     out.append(_save(fig, ckpt, "act_bits.png"))
     ex = getattr(q, "kotms_example", None) if q is not None else None
     if ex:
-        # the weights as KOTMS sees them: per (row, group), centred and in units of the group's mean |w|,
-        # where a ternary-friendly group clusters at the centres -1, 0, +1; log counts show the tails
+        # the weights as the transform leaves them: per (row, group), centred and in units of the group's mean
+        # |w|, where a group that suits the code clusters at its centres; log counts show the tails
+        name, loss, step = TRANSFORMS.get(q.r.rotation, (q.r.rotation, "loss", "step"))
+        centres = CODE_CENTRES.get(q.r.code, ())
         glen = q.gs if q.gs > 0 else q.hidden
         fig, axes = plt.subplots(1, 2, figsize=(12, 3.5))
         for key, color in (("before", "tab:gray"), ("after", "tab:green")):
             x = _group_normalized(ex[key], glen)
-            near = (x[:, None] - torch.tensor(TRIMODAL_CENTRES)).abs().amin(1).lt(0.25).float().mean()
-            axes[0].hist(x.clamp(-6, 6).numpy(), bins=241, range=(-6, 6), histtype="step", color=color,
-                         label=f"{key} KOTMS ({100 * near:.1f}% within 0.25 of a centre)")
-        for c in TRIMODAL_CENTRES:
+            text = f"{key} {name}"
+            if centres:
+                near = (x[:, None] - torch.tensor(centres)).abs().amin(1).lt(0.25).float().mean()
+                text += f" ({100 * near:.1f}% within 0.25 of a centre)"
+            axes[0].hist(x.clamp(-6, 6).numpy(), bins=241, range=(-6, 6), histtype="step", color=color, label=text)
+        for c in centres:
             axes[0].axvline(c, color="tab:red", linestyle=":", linewidth=1)
         axes[0].set_yscale("log")
         axes[0].set_xlabel("(w - group mean) / group mean |w|   (|x| > 6 piled at the edges)")
         axes[0].set_ylabel("count")
-        axes[0].set_title("gate/up weights of block 1; red: tri-modal centres")
+        axes[0].set_title(f"gate/up weights of block 1{f'; red: {q.r.code} centres' if centres else ''}")
         axes[0].legend(fontsize=8)
         axes[1].plot(ex["loss"])
-        axes[1].set_xlabel("Adam step")
-        axes[1].set_title("KOTMS tri-modal NLL")
-        out.append(_save(fig, ckpt, "kotms_weights.png"))
+        axes[1].set_xlabel(step)
+        axes[1].set_title(f"{name}: {loss}")
+        out.append(_save(fig, ckpt, "transform_weights.png"))
     act = getattr(q, "act_example", None) if q is not None else None
     if act:
         fig, ax = plt.subplots(figsize=(6, 3))

@@ -266,4 +266,11 @@ def test_report_shows_generations_side_by_side(tiny_model, tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "| prompt | dense | TWLA (quantized) |" in md and "What to expect" in md
     assert f"| The capital of France is | {dense[0].replace('|', chr(92) + '|')} | a\\|b ↵ c |" in md
-    assert "Checkpoint: `models/tiny-twla`" in md
+    assert "Checkpoint: `models/tiny-twla`" in md and "much of the model's quality is lost" in md
+    # another mode's report names its method, and a near-dense ratio sets the expectation accordingly
+    summary = {**summary, "recipe": {"method": "twinquant", "code": "int4"},
+               "eval": {"baseline": {"ppl": 10.0}, "twla": {"ppl": 10.7}, "generations": gens}}
+    write_report(str(tmp_path), summary)
+    md = (tmp_path / "report.md").read_text()
+    assert md.startswith("# TWINQUANT report") and "| TWINQUANT (quantized) | 10.70 |" in md
+    assert "PPL ratio TWINQUANT / dense: **1.07x**" in md and "close to dense (PPL ratio 1.07x)" in md

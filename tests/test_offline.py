@@ -411,8 +411,8 @@ def test_report_writes_table_and_plots(tiny_dense_dir, tmp_path):
     out.mkdir()
     write_report(str(out), summary, q)
     files = set(os.listdir(out))
-    assert {"report.json", "report.md", "act_bits.png", "kotms_weights.png", "act_ranges.png"} <= files
-    assert "PPL ratio TWLA / baseline: **2.00x**" in (out / "report.md").read_text()
+    assert {"report.json", "report.md", "act_bits.png", "transform_weights.png", "act_ranges.png"} <= files
+    assert "PPL ratio TWLA / dense: **2.00x**" in (out / "report.md").read_text()
 
 
 def test_chunked_gguf_is_assembled_in_package_order(tmp_path, monkeypatch):
