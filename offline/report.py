@@ -15,7 +15,7 @@ import torch
 CODE_CENTRES = {"ternary": (-1.0, 0.0, 1.0), "binary": (-1.0, 1.0)}
 # what each transform's plot shows: its name and the loss its history holds (pipeline.transform_learner)
 TRANSFORMS = {"kotms": ("KOTMS", "tri-modal NLL", "Adam step"),
-              "okt": ("OKT", "binary-grid EM objective", "EM iteration"),
+              "okt": ("OKT", "bimodal NLL", "EM iteration"),
               "learned": ("learned transform", "quantized output error J", "Adam step (first, last: eval subset)")}
 
 

@@ -412,25 +412,29 @@ def test_quantized_checkpoint_serves_in_vllm(tiny_dense_dir, tmp_path):
     assert got["tokens"] == sim_greedy(ckpt, got["prompt_tokens"])
 
 
-def test_report_writes_table_and_plots(tiny_dense_dir, tmp_path):
+@pytest.mark.parametrize("method", ["twla", "twinquant"])
+def test_report_writes_table_and_plots(method, tiny_dense_dir, tmp_path):
+    """The report's table and plots, for a ternary mode and an int4 one (no code centres on its transform plot)."""
     from twla_offline.models import load_model
-    from twla_offline.pipeline import Quantizer, Recipe
+    from twla_offline.pipeline import Quantizer
+    from twla_offline.recipe import preset
     from twla_offline.report import write_report
 
     model, tok = load_model(tiny_dense_dir)
-    q = Quantizer(model, tok, Recipe(nsamples=2, seqlen=64, amp_seqlen=64, kotms_iters=3, allocation="uniform",
-                                     clip_search=False, batch_size=2), str(tmp_path / "work"))
+    recipe = dataclasses.replace(preset(method), nsamples=2, seqlen=64, amp_seqlen=64, kotms_iters=3,
+                                 twinquant_iters=3, allocation="uniform", clip_search=False, batch_size=2)
+    q = Quantizer(model, tok, recipe, str(tmp_path / "work"))
     q.quantize_weights()
     bits = q.allocate()
     summary = {"model": "tiny", "group_size": q.gs, "bits_per_weight": 2.5, "act_bits_per_block": bits,
                "stage_seconds": {"total": 1.0},
-               "eval": {"baseline": {"ppl": 10.0}, "twla": {"ppl": 20.0}}}
+               "eval": {"baseline": {"ppl": 10.0}, "twla": {"ppl": 20.0}}, "recipe": recipe.to_dict()}
     out = tmp_path / "ckpt"
     out.mkdir()
     write_report(str(out), summary, q)
     files = set(os.listdir(out))
     assert {"report.json", "report.md", "act_bits.png", "transform_weights.png", "act_ranges.png"} <= files
-    assert "PPL ratio TWLA / dense: **2.00x**" in (out / "report.md").read_text()
+    assert f"PPL ratio {method.upper()} / dense: **2.00x**" in (out / "report.md").read_text()
 
 
 def test_chunked_gguf_is_assembled_in_package_order(tmp_path, monkeypatch):
