@@ -158,7 +158,7 @@ class Quantizer:
         self.specs: dict[str, fmt.LayerSpec] = {}
         self.seconds: dict[str, float] = dict.fromkeys(WEIGHT_STAGES, 0.0)
         self.earlier_seconds = 0.0  # weight-stage time spent by the runs this one resumes
-        self.kotms_example: dict | None = None
+        self.transform_example: dict | None = None
         self.act_example: dict | None = None
 
     # ---------------------------------------------------------------- resumable block loop -------
@@ -313,7 +313,7 @@ class Quantizer:
         if example:
             wr = w.float().reshape(-1, n1, n2)
             wr = (wr if c is None else torch.matmul(c, wr)) @ b
-            self.kotms_example = {"before": w.float().flatten().cpu(), "after": wr.flatten().cpu(), "loss": hist}
+            self.transform_example = {"before": w.float().flatten().cpu(), "after": wr.flatten().cpu(), "loss": hist}
         return c, b
 
     def _quantize_linear(self, w: torch.Tensor, w_folded: torch.Tensor, left: torch.Tensor | None,

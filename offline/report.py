@@ -114,7 +114,7 @@ def _plots(ckpt: str, summary: dict, q) -> list[str]:
     ax.set_ylabel("activation bits")
     ax.set_title(f"ILA-AMP allocation (mean {sum(bits) / len(bits):.2f})")
     out.append(_save(fig, ckpt, "act_bits.png"))
-    ex = getattr(q, "kotms_example", None) if q is not None else None
+    ex = getattr(q, "transform_example", None) if q is not None else None
     if ex:
         # the weights as the transform leaves them: per (row, group), centred and in units of the group's mean
         # |w|, where a group that suits the code clusters at its centres; log counts show the tails

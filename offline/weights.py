@@ -158,7 +158,7 @@ def block_errors(w1: torch.Tensor, q1: torch.Tensor, hinv1: torch.Tensor) -> tor
     Hessian's Cholesky diagonal, flows into the block's later columns. Returns the scaled errors E [N, B];
     `E @ Hinv[block, later]` is what the later blocks subtract. With q1 fixed, GPTQ's column recursion
     e_i = (w_i - q_i - sum_{j<i} e_j U_ji) / U_ii is the triangular system E U = W - Q (U = hinv1, upper), solved
-    in one call instead of a Python loop of B steps (the loop's launches dominated the GPU's weight stage)."""
+    in one call instead of a Python loop of B steps (whose launches took ~a fifth of the GPU's weight stage)."""
     return torch.linalg.solve_triangular(hinv1, w1 - q1, upper=True, left=False)
 
 
