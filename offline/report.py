@@ -28,6 +28,9 @@ def write_report(ckpt: str, summary: dict, quantizer=None) -> list[str]:
     recipe = summary.get("recipe", {})
     rank = recipe.get("lowrank_rank", 0) if recipe.get("lowrank", "none") != "none" else 0
     label = recipe.get("method", "twla").upper()
+    # eval keys stay "baseline" / "twla" (report.json readers); the tables name the models
+    names = {"baseline": "dense", "twla": f"{label} (quantized)"}
+    ratio = ev["twla"]["ppl"] / ev["baseline"]["ppl"] if "baseline" in ev and "twla" in ev else None
     lines = [f"# {label} report: {summary['model']}", "",
              f"Checkpoint: `{summary.get('checkpoint', ckpt)}`  ",
              f"Weights: {recipe.get('code', 'ternary')}, group size {summary['group_size']}"
@@ -36,17 +39,17 @@ def write_report(ckpt: str, summary: dict, quantizer=None) -> list[str]:
              f"Activation bits per block (ILA-AMP or uniform): {summary['act_bits_per_block']}", "",
              "| model | PPL (Brown test, 512-token windows) | last-word acc | next-sentence 4-way acc |",
              "|---|---|---|---|"]
-    # eval keys stay "baseline" / "twla" (report.json readers); the table names the models
-    for name, r in ((n, ev[k]) for k, n in (("baseline", "dense"), ("twla", f"{label} (quantized)")) if k in ev):
-        lines.append(f"| {name} | {r['ppl']:.2f} | {r.get('last_word_acc', float('nan')):.3f} | "
+    for key in (k for k in names if k in ev):
+        r = ev[key]
+        lines.append(f"| {names[key]} | {r['ppl']:.2f} | {r.get('last_word_acc', float('nan')):.3f} | "
                      f"{r.get('next_sentence_4way_acc', float('nan')):.3f} |")
-    if "baseline" in ev and "twla" in ev:
-        lines += ["", f"PPL ratio {label} / dense: **{ev['twla']['ppl'] / ev['baseline']['ppl']:.2f}x**"]
+    if ratio is not None:
+        lines += ["", f"PPL ratio {label} / dense: **{ratio:.2f}x**"]
     lines += ["", "Time per stage (s): " + ", ".join(f"{k} {v}" for k, v in summary["stage_seconds"].items()), "",
               "Note: dense is the source model as the quantizer read it; the built-in models come from the "
               "registries as GGUF only (smollm2-135m Q4_1, qwen2.5-coder-1.5b Q4_K_M), dequantized to float. "
               "Proxy tasks are built from held-out Brown text and are not standard benchmarks.", ""]
-    lines += _generations(ev.get("generations"), summary, label)
+    lines += _generations(ev.get("generations"), summary, label, names, ratio)
     lines += [f"![{p}]({p})" for p in plots]
     with open(os.path.join(ckpt, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -71,14 +74,12 @@ def greedy_continuations(model, tok, prompts: tuple[str, ...], n_tokens: int) ->
     return texts
 
 
-def _generations(gens: list[dict] | None, summary: dict, label: str) -> list[str]:
+def _generations(gens: list[dict] | None, summary: dict, label: str, names: dict[str, str],
+                 ratio: float | None) -> list[str]:
     if not gens:
         return []
-    columns = {"baseline": "dense", "twla": f"{label} (quantized)"}
-    cols = [k for k in columns if k in gens[0]]
+    cols = [k for k in names if k in gens[0]]
     bits = summary["act_bits_per_block"]
-    ev = summary.get("eval", {})
-    ratio = ev["twla"]["ppl"] / ev["baseline"]["ppl"] if "twla" in ev and "baseline" in ev else None
     if ratio is not None and ratio <= 1.25:
         expect = ("close to dense (PPL ratio {:.2f}x), so the continuations often agree word for word at first "
                   "and then part on a word choice, both staying fluent.").format(ratio)
@@ -90,7 +91,7 @@ def _generations(gens: list[dict] | None, summary: dict, label: str) -> list[str
              f"The same prompts continued greedily by each model ({label}: simulated in PyTorch with the "
              f"checkpoint's numerics). What to expect at {summary['bits_per_weight']} bits per weight and "
              f"{sum(bits) / len(bits):.1f} activation bits on average: {expect}", "",
-             "| prompt | " + " | ".join(columns[k] for k in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+             "| prompt | " + " | ".join(names[k] for k in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for g in gens:
         lines.append("| " + " | ".join(_cell(g[k]) for k in ("prompt", *cols)) + " |")
     return lines + [""]

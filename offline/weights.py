@@ -14,6 +14,8 @@ integer-grid weights the checkpoint stores.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from twla_vllm.format import INT_WEIGHT_MAX, WeightCode
@@ -103,6 +105,14 @@ def row_scale_for(alpha: torch.Tensor, mu: torch.Tensor, code: WeightCode, headr
     return s.half().clamp(min=torch.finfo(torch.float16).tiny).float()
 
 
+@functools.lru_cache(maxsize=None)
+def _neighbour_steps(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(da, dm) [9, 1, 1] of the 3x3 integer neighbourhood in (da, dm) order, made once per device: to_int_grid runs
+    once per group inside GPTQ's loop, where a fresh small tensor would be a host-to-device copy each time."""
+    steps = torch.tensor([-1.0, 0.0, 1.0], device=device)
+    return steps.repeat_interleave(3).view(9, 1, 1), steps.repeat(3).view(9, 1, 1)
+
+
 def to_int_grid(w: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor, s: torch.Tensor,
                 code: WeightCode, hess: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer (a, m) per row of one group: among the 3x3 neighbours of round(alpha/s), round(mu/s) that keep
@@ -111,8 +121,7 @@ def to_int_grid(w: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor, mu: torch
     The nine candidates are scored in one batched pass (a GPU runs this once per group inside GPTQ's loop, where
     launches, not FLOPs, are the cost), over row chunks that keep the [9, rows, gs] residual near 64 MB."""
     a_max = 2 * INT_WEIGHT_MAX // (code.vmax - code.vmin)  # beyond this no m keeps every level in range
-    steps = torch.tensor([-1.0, 0.0, 1.0], device=w.device)
-    da, dm = steps.repeat_interleave(3).view(9, 1, 1), steps.repeat(3).view(9, 1, 1)
+    da, dm = _neighbour_steps(w.device)
     rows = max(1, (1 << 24) // (9 * w.shape[-1]))
     out_a, out_m = [], []
     for r0 in range(0, w.shape[0], rows):
