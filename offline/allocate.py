@@ -12,7 +12,6 @@ kernels' single-pass TF32 rotations do.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from .calibrate import BlockInputs, capture_first_block_inputs, decoder_layers, run_block
+from .onload import cuda_matmul_precision
 
 
 @dataclass
@@ -54,17 +54,6 @@ def _nll_from(model, start: int, inputs: BlockInputs, labels: torch.Tensor) -> f
         total += float(loss)
         count += lab[:, 1:].numel()
     return total / count
-
-
-@contextlib.contextmanager
-def cuda_matmul_precision(precision: str):
-    """Float32 matmuls on CUDA at `precision` ("tf32" or "ieee") inside the block; CPU matmuls are untouched."""
-    old = torch.backends.cuda.matmul.fp32_precision
-    torch.backends.cuda.matmul.fp32_precision = precision
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.fp32_precision = old
 
 
 def measure_sensitivity(model, ids: torch.Tensor, bit_set, set_block_bits, ref_bits: int = 8,

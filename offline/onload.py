@@ -2,7 +2,9 @@
 a time on the device (sequential onloading, as llm-compressor does), so a model larger than the GPU still
 quantizes on it. Everything outside the decoder blocks (embeddings, final norm, head, rotary tables) and the
 cached hidden states stay on the device; a block is moved over for its own quantization and, during the
-whole-model passes (bit allocation, clip search, evaluation), for its own forward.
+whole-model passes (bit allocation, clip search, evaluation), for its own forward. The passes that only compare
+or descend (bit allocation, clip search, scale tuning's gradient steps) may run their float32 matmuls on CUDA in
+TF32 (`cuda_matmul_precision`); GPTQ and the rotations' folds stay in full float32.
 """
 
 from __future__ import annotations
@@ -106,3 +108,14 @@ def placed(model: torch.nn.Module, device: str, mode: str = "auto") -> Iterator[
     place.place(model, layers)
     with torch.device(place.device), place.streaming(layers):
         yield model
+
+
+@contextlib.contextmanager
+def cuda_matmul_precision(precision: str) -> Iterator[None]:
+    """Float32 matmuls on CUDA at `precision` ("tf32" or "ieee") inside the block; CPU matmuls are untouched."""
+    old = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = precision
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = old

@@ -24,8 +24,8 @@ from . import allocate, clip, data, lowrank
 from .calibrate import (BlockInputs, RotatedLinear, calibration_tokens, capture_first_block_inputs, capture_inputs,
                         decoder_layers, input_gram, quantized_input_grams, run_block)
 from .export import write_checkpoint
-from .onload import Placement
-from .recipe import AFTER_WEIGHTS, Recipe
+from .onload import Placement, cuda_matmul_precision
+from .recipe import AFTER_WEIGHTS, BEHAVED_BEFORE, Recipe
 from .rotate import (balanced_factors, block_diagonal_orthogonal, fold_head_rotation, fold_norm_into, fold_weight,
                      learn_kronecker_rotation, random_orthogonal, reference_factors, unfold_weight)
 from .weights import act_aware_target, fit_rtn, gptq_quantize
@@ -202,8 +202,8 @@ class Quantizer:
         path = os.path.join(self.work, "recipe.json")
         mine = json.loads(json.dumps(self.r.to_dict()))
         if os.path.exists(path):
-            # a key the saved recipe lacks is newer than the run, which behaved as its default
-            saved = {**json.loads(json.dumps(Recipe().to_dict())), **json.load(open(path))}
+            # a key the saved recipe lacks is newer than the run, which behaved as its default then
+            saved = {**json.loads(json.dumps(Recipe().to_dict())), **BEHAVED_BEFORE, **json.load(open(path))}
             diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
             weights = {k: d for k, d in diff.items() if k not in AFTER_WEIGHTS}
             if weights:
@@ -344,7 +344,8 @@ class Quantizer:
         if m == "atq":
             return fit_rtn(w, code, self.gs, iters=15)
         if m == "e2m-atq":
-            return gptq_quantize(w, h, code, self.gs, stage2=True, percdamp=self.r.percdamp)
+            return gptq_quantize(w, h, code, self.gs, stage1_iters=self.r.stage1_iters, stage2=True,
+                                 percdamp=self.r.percdamp)
         raise ValueError(f"unknown weight_method {m!r}")
 
     # ---------------------------------------------------------------- block state on disk ---------
@@ -440,7 +441,9 @@ class Quantizer:
         t0 = time.time()
         ids = clip_windows(self.tok, self.r)
         sims = self.sim_layers()
-        with torch.device(self.place.device), self.place.streaming(decoder_layers(self.model)):
+        # TF32 on CUDA: it rounds an output by ~1e-3 of its size, small against the 2-8-bit activation error compared
+        with torch.device(self.place.device), self.place.streaming(decoder_layers(self.model)), \
+                cuda_matmul_precision("tf32"):
             chosen = clip.search_clips(self.model, ids, self._sites(), self.r.batch_size, self.r.clip_grid(),
                                        self.r.clip_objective)
         for prefix, c in chosen.items():

@@ -23,6 +23,7 @@ from twla_vllm.reference import fake_quant_per_token, kron_rotate
 from twla_vllm.simulate import QuantWeight, SimTwlaLinear, replace_linear
 
 from .calibrate import BlockInputs, call_block, run_block
+from .onload import cuda_matmul_precision
 from .weights import row_scale_for, to_int_grid
 
 
@@ -108,7 +109,8 @@ def tune_block(layer: torch.nn.Module, inputs: BlockInputs, target: BlockInputs,
     steps = epochs * len(inputs.hidden)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
     gen = torch.Generator().manual_seed(seed)
-    with torch.enable_grad():
+    # TF32 for the descent only: the errors that decide whether a block keeps its tuned scales are full float32
+    with torch.enable_grad(), cuda_matmul_precision("tf32"):
         for _ in range(epochs):
             for i in torch.randperm(len(inputs.hidden), generator=gen, device="cpu").tolist():
                 out = call_block(layer, inputs.hidden[i], inputs.kwargs)

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from twla_offline import allocate
+from twla_offline import allocate, onload
 from twla_offline.calibrate import RotatedLinear
 from twla_offline.rotate import (cayley, fold_head_rotation, fold_norm_into, learn_kronecker_rotation,
                                  orthogonality_error, trimodal_loss)
@@ -242,7 +242,7 @@ def test_amp_precision_switch_is_scoped_and_leaves_cpu_tables_alone(tiny_dense_d
     benchmarks/amp_precision.py measures identical tables and bits at "tf32" and "ieee", and the process-wide
     setting is what it was before."""
     before = torch.backends.cuda.matmul.fp32_precision
-    with allocate.cuda_matmul_precision("tf32"):
+    with onload.cuda_matmul_precision("tf32"):
         assert torch.backends.cuda.matmul.fp32_precision == "tf32"
     assert torch.backends.cuda.matmul.fp32_precision == before
     ckpt = _quantize(tiny_dense_dir, str(tmp_path / "q"), _tiny_recipe())["checkpoint"]
@@ -321,8 +321,14 @@ def test_resume_may_change_allocation_but_not_weight_settings(tiny_dense_dir, tm
         pipeline.Quantizer.allocate = original
     with pytest.raises(SystemExit, match="group_size"):
         _quantize(tiny_dense_dir, out, dataclasses.replace(fast, group_size=16))
-    saved = os.path.join(out + ".work", "recipe.json")  # a run from before a field existed had its default
-    json.dump({k: v for k, v in json.load(open(saved)).items() if k != "act_group_size"}, open(saved, "w"))
+    saved = os.path.join(out + ".work", "recipe.json")
+    # a run from before stage1_iters existed did 15 alternations, not today's default: its weights are not reused
+    keep = json.load(open(saved))
+    json.dump({k: v for k, v in keep.items() if k != "stage1_iters"}, open(saved, "w"))
+    with pytest.raises(SystemExit, match="stage1_iters"):
+        _quantize(tiny_dense_dir, out, fast)
+    # a run from before a field existed had its default
+    json.dump({k: v for k, v in keep.items() if k != "act_group_size"}, open(saved, "w"))
     block = pipeline.Quantizer._quantize_block
 
     def no_requantize(self, *a):
