@@ -33,6 +33,11 @@ BEHAVED_BEFORE: dict[str, Any] = {"stage1_iters": 15}
 AFTER_WEIGHTS = frozenset({"allocation", "bit_set", "amp_beta", "amp_tokens", "amp_seqlen", "clip_search",
                            "clip_objective", "clip_tokens", "clip_min", "clip_step", "tune_epochs", "tune_lr"})
 
+# stage-1 alternations per group inside GPTQ by weight code, where the recipe leaves it None. The authors' code does
+# 15; ternary does 5: on SmolLM2 its output error is 0.997x that of 15 and the weight stage 16% faster on the CPU,
+# 2x faster with the GPTQ changes on the H100 (benchmarks/RESULTS.md); binary and int4 were not measured with fewer
+STAGE1_ITERS = {"ternary": 5, "binary": 15, "int4": 15}
+
 # field -> (cpu, cuda) default where the recipe leaves it None
 DEVICE_DEFAULTS: dict[str, tuple[int, int]] = {
     "nsamples": (32, 128),
@@ -51,9 +56,7 @@ class Recipe:
     code: str = "ternary"  # weight code: ternary | binary | int4 (twla_vllm.format.CODES)
     group_size: int = 32  # largest multiple of 16 (32 for binary) <= this dividing every K; -1 = per row
     weight_method: str = "e2m-atq"  # rtn | atq (stage 1) | e2m-atq (GPTQ + stage 1 + stage 2 + integer grid)
-    # stage-1 alternations per group inside GPTQ (the authors' code: 15). 5 for ternary: on SmolLM2 the output
-    # error is 0.997x that of 15 and the weight stage 16% faster (benchmarks/RESULTS.md); binary and int4 keep 15
-    stage1_iters: int = 5
+    stage1_iters: int | None = None  # stage-1 alternations per group inside GPTQ (None: by code, STAGE1_ITERS)
     rotation: str = "kotms"  # kotms (TWLA) | okt (BWLA) | learned (TwinQuant) | random | none
     # "site": one transform shared by the linears reading one input (q/k/v and gate/up quantize x once);
     # "linear": each linear its own (the papers' placement; the fused vLLM module quantizes x once per member)
@@ -119,9 +122,12 @@ class Recipe:
         return cls(**d)
 
     def resolved(self, device: str, max_k: int) -> "Recipe":
-        """None data sizes filled in for `device`; calibration bumped to more tokens than max_k."""
+        """None data sizes filled in for `device`, stage-1 alternations for the code; calibration bumped to more
+        tokens than max_k."""
         col = 1 if str(device).startswith("cuda") else 0
         r = dataclasses.replace(self, **{k: v[col] for k, v in DEVICE_DEFAULTS.items() if getattr(self, k) is None})
+        if r.stage1_iters is None:
+            r = dataclasses.replace(r, stage1_iters=STAGE1_ITERS[r.code])
         if r.nsamples * r.seqlen <= max_k:
             r = dataclasses.replace(r, nsamples=max_k // r.seqlen + 1)
         return r
@@ -139,10 +145,10 @@ def preset(method: str) -> Recipe:
     if method == "bwla":
         # group 64: on SmolLM2 W1A6 PPL 3 081 vs 2 963 at group 32 (within run-to-run noise) for 0.25 fewer
         # bits/weight; 192 and per row cost 1.4-1.8x (benchmarks/RESULTS.md "BWLA weight groups")
-        return Recipe(method="bwla", code="binary", group_size=64, stage1_iters=15, rotation="okt", lowrank="psp",
-                      lowrank_rank=16, act_bits=6.0, bit_set=(4, 6, 8), allocation="uniform")
+        return Recipe(method="bwla", code="binary", group_size=64, rotation="okt", lowrank="psp", lowrank_rank=16,
+                      act_bits=6.0, bit_set=(4, 6, 8), allocation="uniform")
     if method == "twinquant":
         # scale tuning on (the default 4 epochs): SmolLM2 W4A4 1.22x -> 1.17x dense for 416 s on 2 cores
-        return Recipe(method="twinquant", code="int4", group_size=128, stage1_iters=15, rotation="learned",
-                      lowrank="learned", lowrank_rank=32, act_bits=4.0, allocation="uniform")
+        return Recipe(method="twinquant", code="int4", group_size=128, rotation="learned", lowrank="learned",
+                      lowrank_rank=32, act_bits=4.0, allocation="uniform")
     raise ValueError(f"unknown method {method!r} (allowed: {', '.join(METHODS)})")
