@@ -35,7 +35,8 @@ AFTER_WEIGHTS = frozenset({"allocation", "bit_set", "amp_beta", "amp_tokens", "a
 
 # stage-1 alternations per group inside GPTQ by weight code, where the recipe leaves it None. The authors' code does
 # 15; ternary does 5: on SmolLM2 its output error is 0.997x that of 15 and the weight stage 16% faster on the CPU,
-# 2x faster with the GPTQ changes on the H100 (benchmarks/RESULTS.md); binary and int4 were not measured with fewer
+# 2x faster with the GPTQ changes on the H100. Binary: 0.996x for 36% less GPTQ time on 21 SmolLM2 linears, not
+# yet confirmed by a full run; int4: 1.017x (worse) for 20% less (benchmarks/RESULTS.md, session 17)
 STAGE1_ITERS = {"ternary": 5, "binary": 15, "int4": 15}
 
 # field -> (cpu, cuda) default where the recipe leaves it None
