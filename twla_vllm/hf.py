@@ -23,7 +23,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import format as fmt
-from .simulate import SimTwlaLinear, layer_weight, replace_linear
+from .simulate import replace_linear, simulated_layer
 
 
 class TwlaHfConfig(QuantizationConfigMixin):
@@ -90,14 +90,7 @@ class TwlaHfQuantizer(HfQuantizer):
         for prefix in self.prefixes:
             stored = model.get_submodule(prefix)
             tensors = {f"{prefix}.{name}": p.data for name, p in stored.named_parameters(recurse=False)}
-            weight = layer_weight(tensors, prefix, qcfg)  # checks codes and the integer grid
-            spec = qcfg.spec(prefix)
-            layer = SimTwlaLinear(weight, tensors.pop(f"{prefix}.{fmt.ROT_LEFT}", None),
-                                  tensors.pop(f"{prefix}.{fmt.ROT_RIGHT}", None), spec.act_bits, spec.act_clip,
-                                  spec.act_ranges, tensors.pop(f"{prefix}.bias", None),
-                                  tensors.pop(f"{prefix}.{fmt.LOWRANK_A}", None),
-                                  tensors.pop(f"{prefix}.{fmt.LOWRANK_B}", None))
-            replace_linear(model, prefix, layer)
+            replace_linear(model, prefix, simulated_layer(tensors, prefix, qcfg))
         return model
 
     def is_serializable(self) -> bool:

@@ -122,6 +122,16 @@ def layer_weight(tensors: dict[str, torch.Tensor], prefix: str, qcfg: fmt.Checkp
     return QuantWeight(codes, qcfg.code, tensors.pop(f"{prefix}.{fmt.WEIGHT_SCALE}").reshape(-1), qa, qm)
 
 
+def simulated_layer(tensors: dict[str, torch.Tensor], prefix: str, qcfg: fmt.CheckpointConfig) -> SimTwlaLinear:
+    """Pop one quantized linear's tensors (weight, transforms, bias, low-rank branch) into its simulation."""
+    spec = qcfg.spec(prefix)
+    weight = layer_weight(tensors, prefix, qcfg)  # checks codes and the integer grid
+    return SimTwlaLinear(weight, tensors.pop(f"{prefix}.{fmt.ROT_LEFT}", None),
+                         tensors.pop(f"{prefix}.{fmt.ROT_RIGHT}", None), spec.act_bits, spec.act_clip, spec.act_ranges,
+                         tensors.pop(f"{prefix}.bias", None), tensors.pop(f"{prefix}.{fmt.LOWRANK_A}", None),
+                         tensors.pop(f"{prefix}.{fmt.LOWRANK_B}", None))
+
+
 def load_simulated_model(model_dir: str, dtype: torch.dtype = torch.float32,
                          device: str | torch.device = "cpu") -> torch.nn.Module:
     """Build the HF model of a TWLA checkpoint with `SimTwlaLinear` layers (eval mode)."""
@@ -140,14 +150,7 @@ def load_simulated_model(model_dir: str, dtype: torch.dtype = torch.float32,
                 tensors[k] = f.get_tensor(k)
     quantized = sorted({k.rpartition(".")[0] for k in tensors if k.endswith("." + fmt.WEIGHT_PACKED)})
     for prefix in quantized:
-        spec = qcfg.spec(prefix)
-        weight = layer_weight(tensors, prefix, qcfg)
-        layer = SimTwlaLinear(weight, tensors.pop(f"{prefix}.{fmt.ROT_LEFT}", None),
-                              tensors.pop(f"{prefix}.{fmt.ROT_RIGHT}", None), spec.act_bits, spec.act_clip,
-                              spec.act_ranges, tensors.pop(f"{prefix}.bias", None),
-                              tensors.pop(f"{prefix}.{fmt.LOWRANK_A}", None),
-                              tensors.pop(f"{prefix}.{fmt.LOWRANK_B}", None))
-        replace_linear(model, prefix, layer)
+        replace_linear(model, prefix, simulated_layer(tensors, prefix, qcfg))
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if unexpected:
         raise fmt.FormatError(f"{model_dir}: tensors {unexpected[:5]} match no module of "
