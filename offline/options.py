@@ -41,6 +41,16 @@ power_of_two = _int_check(lambda v: v >= 1 and v & (v - 1) == 0, "a power of two
 seed = _int_check(lambda v: 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]")
 
 
+def positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return v
+
+
 def act_bits(text: str) -> float:
     try:
         v = float(text)
@@ -149,6 +159,8 @@ def add_recipe_args(ap: argparse.ArgumentParser) -> None:
                    help="block-wise scale tuning after the clip search: passes over the calibration windows per "
                         "decoder block, fitting each block's group scales to the dense block's output (0 = off) "
                         f"(default: {d['tune_epochs']})")
+    g.add_argument("--tune-lr", type=positive_float,
+                   help=f"Adam learning rate of the scale tuning (cosine schedule) (default: {d['tune_lr']})")
     g.add_argument("--calib", type=calib_source,
                    help="calibration text: brown (embedded), wikitext2, c4 (need the hub), a text file, or records "
                         "in a .jsonl/.json/.csv file (see --text-column); a file's first 80%% calibrates, the next "
@@ -168,7 +180,7 @@ def add_recipe_args(ap: argparse.ArgumentParser) -> None:
 
 _FLAG_FIELDS = ("code", "group_size", "act_bits", "bit_set", "weight_method", "weight_target", "rotation",
                 "rotation_sharing", "factor_rule", "o_proj_rotation", "lowrank", "lowrank_rank", "kotms_iters",
-                "allocation", "tune_epochs", "row_parallel_blocks", "act_group_size", "calib", "text_column",
+                "allocation", "tune_epochs", "tune_lr", "row_parallel_blocks", "act_group_size", "calib", "text_column",
                 "nsamples", "seqlen", "amp_tokens", "clip_objective", "clip_tokens", "seed")
 
 

@@ -93,7 +93,9 @@ class Recipe:
     # block-wise scale tuning after the clip search (offline/tune.py): passes over the calibration windows per
     # block; 0 = off
     tune_epochs: int = 4
-    tune_lr: float = 2e-3
+    # SmolLM2 default run, PPL / dense at 2e-3 / 5e-3 / 1e-2: 6.83x / 5.81x / 5.42x (same time; benchmarks/RESULTS.md,
+    # session 17); bwla and twinquant keep the 2e-3 they were measured with
+    tune_lr: float = 1e-2
     calib: str = "brown"
     text_column: str = "text"  # the column holding the text when calib is a .jsonl / .json / .csv file
     nsamples: int | None = None  # calibration windows (None: by device)
@@ -147,9 +149,9 @@ def preset(method: str) -> Recipe:
         # group 64: on SmolLM2 W1A6 PPL 3 081 vs 2 963 at group 32 (within run-to-run noise) for 0.25 fewer
         # bits/weight; 192 and per row cost 1.4-1.8x (benchmarks/RESULTS.md "BWLA weight groups")
         return Recipe(method="bwla", code="binary", group_size=64, rotation="okt", lowrank="psp", lowrank_rank=16,
-                      act_bits=6.0, bit_set=(4, 6, 8), allocation="uniform")
+                      act_bits=6.0, bit_set=(4, 6, 8), allocation="uniform", tune_lr=2e-3)
     if method == "twinquant":
         # scale tuning on (the default 4 epochs): SmolLM2 W4A4 1.22x -> 1.17x dense for 416 s on 2 cores
         return Recipe(method="twinquant", code="int4", group_size=128, rotation="learned", lowrank="learned",
-                      lowrank_rank=32, act_bits=4.0, allocation="uniform")
+                      lowrank_rank=32, act_bits=4.0, allocation="uniform", tune_lr=2e-3)
     raise ValueError(f"unknown method {method!r} (allowed: {', '.join(METHODS)})")

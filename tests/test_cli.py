@@ -22,7 +22,7 @@ BAD_OPTIONS = [  # (arguments, the option the one-line error must name)
     (["--kotms-iters", "0"], "--kotms-iters"), (["--amp-tokens", "x"], "--amp-tokens"),
     (["--row-parallel-blocks", "3"], "--row-parallel-blocks"), (["--seed", "-1"], "--seed"),
     (["--calib", "no-such-file.txt"], "--calib"), (["--weight-method", "gptq"], "--weight-method"),
-    (["--device", "gpu0"], "--device"),
+    (["--device", "gpu0"], "--device"), (["--tune-lr", "0"], "--tune-lr"), (["--tune-lr", "fast"], "--tune-lr"),
 ]
 TINY_RECIPE = dict(nsamples=2, seqlen=64, kotms_iters=3, allocation="uniform", clip_search=False, batch_size=2)
 

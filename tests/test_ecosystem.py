@@ -187,6 +187,7 @@ def test_recipe_file_overrides_the_preset_and_flags_override_the_file(tmp_path):
     r = _parse("--recipe", str(f), "--method", "twinquant")  # the flag picks the preset, the file still applies
     assert (r.method, r.code, r.lowrank_rank, r.seed) == ("twinquant", "int4", 8, 5)
     assert _parse() == preset("twla")
+    assert _parse("--recipe", str(f), "--tune-lr", "0.02").tune_lr == 0.02
 
 
 @pytest.mark.parametrize("text, message", [
@@ -194,6 +195,7 @@ def test_recipe_file_overrides_the_preset_and_flags_override_the_file(tmp_path):
     ("group_size: 50\n", "--recipe {f}: key 'group_size': must be -1 (per row) or a positive multiple of 16"),
     ("rotation: hadamard\n", "--recipe {f}: key 'rotation': must be one of kotms, okt"),
     ("kotms_lr: fast\n", "--recipe {f}: key 'kotms_lr': must be float"),
+    ("tune_lr: -1\n", "--recipe {f}: key 'tune_lr': must be a positive number"),
     ("- a\n- b\n", "--recipe {f}: expected a mapping of recipe fields"),
     ("a: [1,\n", "--recipe {f}: not valid YAML"),
 ])
