@@ -27,11 +27,11 @@ WEIGHT_TARGETS = ("a16", "act")
 
 # fields read only after the weight stage (bit allocation, clip search, scale tuning): an interrupted or finished
 # weight stage in OUT.work/ is reused when only these change, so re-allocating bits does not re-quantize the weights
-# what a recipe saved before a key existed behaved as, where that is not the key's current default
-BEHAVED_BEFORE: dict[str, Any] = {"stage1_iters": 15}
-
 AFTER_WEIGHTS = frozenset({"allocation", "bit_set", "amp_beta", "amp_tokens", "amp_seqlen", "clip_search",
                            "clip_objective", "clip_tokens", "clip_min", "clip_step", "tune_epochs", "tune_lr"})
+
+# what a recipe saved before a key existed behaved as, where that is not the key's current default
+BEHAVED_BEFORE: dict[str, Any] = {"stage1_iters": 15}
 
 # stage-1 alternations per group inside GPTQ by weight code, where the recipe leaves it None. The authors' code does
 # 15; ternary does 5: on SmolLM2 its output error is 0.997x that of 15 and the weight stage 16% faster on the CPU,
