@@ -41,25 +41,22 @@ power_of_two = _int_check(lambda v: v >= 1 and v & (v - 1) == 0, "a power of two
 seed = _int_check(lambda v: 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]")
 
 
-def positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = float("nan")
-    if not v > 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return v
+def _float_check(ok: Callable[[float], bool], allowed: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            v = float("nan")  # fails every check below
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
+        return v
+
+    return parse
 
 
-def act_bits(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = float("nan")
-    if not BLOCK_BITS[0] <= v <= BLOCK_BITS[-1]:
-        raise argparse.ArgumentTypeError(f"must be a number in [{BLOCK_BITS[0]}, {BLOCK_BITS[-1]}] "
-                                         f"(average bits per block), got {text!r}")
-    return v
+positive_float = _float_check(lambda v: 0 < v < float("inf"), "a positive number")
+act_bits = _float_check(lambda v: BLOCK_BITS[0] <= v <= BLOCK_BITS[-1],
+                        f"a number in [{BLOCK_BITS[0]}, {BLOCK_BITS[-1]}] (average bits per block)")
 
 
 def bit_set(text: str) -> tuple[int, ...]:
