@@ -93,8 +93,8 @@ class Recipe:
     # block-wise scale tuning after the clip search (offline/tune.py): passes over the calibration windows per
     # block; 0 = off
     tune_epochs: int = 4
-    # SmolLM2 default run, PPL / dense at 2e-3 / 5e-3 / 1e-2: 6.83x / 5.81x / 5.42x (same time; benchmarks/RESULTS.md,
-    # session 17); bwla and twinquant keep the 2e-3 they were measured with
+    # SmolLM2 default run, PPL / dense at 2e-3 / 5e-3 / 1e-2 / 2e-2: 6.83x / 5.81x / 5.42x / 6.07x (same time;
+    # benchmarks/RESULTS.md, session 17); bwla and twinquant keep the 2e-3 they were measured with
     tune_lr: float = 1e-2
     calib: str = "brown"
     text_column: str = "text"  # the column holding the text when calib is a .jsonl / .json / .csv file
