@@ -223,7 +223,7 @@ def faithful_recipe(base):
 
 
 class SimulatedFormatQuantizer(Quantizer):
-    """A `pipeline.Quantizer` whose weight stage is `fit(quantizer, w, h) -> FaithfulWeight` and whose layers are
+    """A `pipeline.Quantizer` whose weight stage is `fit(quantizer, w, h, group_size) -> FaithfulWeight` and whose layers are
     fake-quantized dense weights (simulation only: `export` refuses, and no block state is saved to resume from).
     Other arguments as for Quantizer."""
 
@@ -231,10 +231,10 @@ class SimulatedFormatQuantizer(Quantizer):
         super().__init__(*args, **kwargs)
         self.fit = fit
 
-    def _quantize_weight(self, w, h):
+    def _quantize_weight(self, w, h, group_size):
         if h is None:
             raise ValueError("the reference-format simulations need calibration data (weight_method e2m-atq)")
-        return self.fit(self, w, h)
+        return self.fit(self, w, h, group_size)
 
     def _quantized_linear(self, qw, left, right, act_ranges, bias, lowrank_a, lowrank_b):
         if lowrank_a is not None:
@@ -262,11 +262,11 @@ class SimulatedFormatQuantizer(Quantizer):
 
 def faithful_quantizer(*args, salient_counts=DEFAULT_SALIENT_COUNTS, percentiles=DEFAULT_PERCENTILES, **kwargs):
     """The paper-faithful mode (`fit_faithful`); use with `faithful_recipe`."""
-    return SimulatedFormatQuantizer(lambda q, w, h: fit_faithful(w, h, q.r.percdamp, salient_counts=salient_counts,
-                                                                  percentiles=percentiles), *args, **kwargs)
+    return SimulatedFormatQuantizer(lambda q, w, h, gs: fit_faithful(w, h, q.r.percdamp, salient_counts=salient_counts,
+                                                                      percentiles=percentiles), *args, **kwargs)
 
 
 def second_plane_quantizer(*args, fraction: float = SECOND_PLANE_FRACTION, **kwargs):
     """Format v2 plus a structured second trit plane (`fit_second_plane`) at the recipe's group size."""
-    return SimulatedFormatQuantizer(lambda q, w, h: fit_second_plane(w, h, q.gs, fraction, q.r.percdamp), *args,
+    return SimulatedFormatQuantizer(lambda q, w, h, gs: fit_second_plane(w, h, gs, fraction, q.r.percdamp), *args,
                                     **kwargs)

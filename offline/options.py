@@ -70,6 +70,15 @@ def bit_set(text: str) -> tuple[int, ...]:
     return bits
 
 
+def group_sizes(text: str) -> str:
+    """--group-size-for: checked, normalised (sorted by module) so equal settings compare equal on resume."""
+    try:
+        sizes = R.parse_group_sizes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return ",".join(f"{m}={sizes[m]}" for m in R.GROUP_SIZE_MODULES if m in sizes)
+
+
 def calib_source(text: str) -> str:
     files = "a text, .jsonl, .json or .csv file"
     if text in CALIB_SOURCES or os.path.isfile(text):
@@ -103,6 +112,10 @@ def add_recipe_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--group-size", type=group_size,
                    help=f"weight group along K: the largest multiple of 16 (32 for binary) <= this that divides "
                         f"every K; -1 = one group per row (default: {d['group_size']})")
+    g.add_argument("--group-size-for", type=group_sizes, metavar="MODULE=SIZE[,...]",
+                   help=f"other group sizes for some of {', '.join(R.GROUP_SIZE_MODULES)} (vLLM's module names; "
+                        f"fused shards share one), each the largest multiple of 16 <= SIZE dividing its K; '' = "
+                        f"none (default: '{d['group_size_for']}')")
     g.add_argument("--act-bits", type=act_bits, help=f"average activation bits per decoder block, in [2, 8] "
                                                       f"(default: {d['act_bits']:g})")
     g.add_argument("--bit-set", type=bit_set, help=f"activation bits a block may get: comma-separated integers in "
@@ -175,7 +188,7 @@ def add_recipe_args(ap: argparse.ArgumentParser) -> None:
                                              f"seed = same bytes (default: {d['seed']})")
 
 
-_FLAG_FIELDS = ("code", "group_size", "act_bits", "bit_set", "weight_method", "weight_target", "rotation",
+_FLAG_FIELDS = ("code", "group_size", "group_size_for", "act_bits", "bit_set", "weight_method", "weight_target", "rotation",
                 "rotation_sharing", "factor_rule", "o_proj_rotation", "lowrank", "lowrank_rank", "kotms_iters",
                 "allocation", "tune_epochs", "tune_lr", "row_parallel_blocks", "act_group_size", "calib", "text_column",
                 "nsamples", "seqlen", "amp_tokens", "clip_objective", "clip_tokens", "seed")
@@ -254,6 +267,10 @@ def check_recipe(ap: argparse.ArgumentParser, r: R.Recipe) -> None:
                  f"gets the same bits)")
     if r.code == "binary" and r.group_size != -1 and r.group_size % 32:
         ap.error(f"--group-size {r.group_size} with --code binary: must be -1 or a multiple of 32 (one packed word)")
+    odd = [f"{m}={g}" for m, g in R.parse_group_sizes(r.group_size_for).items() if g != -1 and g % 32]
+    if r.code == "binary" and odd:
+        ap.error(f"--group-size-for {','.join(odd)} with --code binary: must be -1 or a multiple of 32 (one packed "
+                 f"word)")
     if (r.lowrank == "none") != (r.lowrank_rank == 0):
         ap.error(f"--lowrank {r.lowrank} with --lowrank-rank {r.lowrank_rank}: a branch needs a rank > 0, and a "
                  f"rank needs a --lowrank method")

@@ -25,13 +25,16 @@ from .calibrate import (BlockInputs, RotatedLinear, calibration_tokens, capture_
                         decoder_layers, input_gram, quantized_input_grams, run_block)
 from .export import write_checkpoint
 from .onload import Placement, cuda_matmul_precision
-from .recipe import AFTER_WEIGHTS, BEHAVED_BEFORE, Recipe
+from .recipe import AFTER_WEIGHTS, BEHAVED_BEFORE, Recipe, parse_group_sizes
 from .rotate import (balanced_factors, block_diagonal_orthogonal, fold_head_rotation, fold_norm_into, fold_weight,
                      learn_kronecker_rotation, random_orthogonal, reference_factors, unfold_weight)
 from .weights import act_aware_target, fit_rtn, gptq_quantize
 
 ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 MLP_IN = ("mlp.gate_proj", "mlp.up_proj")
+# each linear's vLLM module (the names `Recipe.group_size_for` uses)
+VLLM_MODULE = {**dict.fromkeys(ATTN, "qkv_proj"), "self_attn.o_proj": "o_proj", **dict.fromkeys(MLP_IN, "gate_up_proj"),
+               "mlp.down_proj": "down_proj"}
 WEIGHT_STAGES = ("calibrate", "rotate", "weights")  # the resumable stages; the later ones rerun on resume
 
 
@@ -89,12 +92,13 @@ def clip_windows(tok, r: Recipe) -> torch.Tensor:
 
 def set_act_ranges(sims: dict, specs: dict, group_size: int, channels: int) -> dict[str, int]:
     """Give every simulated linear activation ranges of ~`channels` (as `--act-group-size` picks them; specs: its
-    LayerSpec by module path); returns the channels per range by linear name."""
+    LayerSpec by module path; group_size: the weight group where a spec has none of its own); returns the channels
+    per range by linear name."""
     ranges = {}
     for name, m in sims.items():
         spec = specs[name]
         m.set_act_ranges(pick_act_blocks(m.in_features, None if spec.rotation is None else spec.rotation[0],
-                                         spec.k_blocks, group_size, channels) or spec.k_blocks)
+                                         spec.k_blocks, spec.group_size or group_size, channels) or spec.k_blocks)
         ranges[name.split(".")[-1]] = m.in_features // m.act_ranges
     return ranges
 
@@ -153,8 +157,15 @@ class Quantizer:
         self.place.place(model, decoder_layers(model))
         self.gs = pick_group_size([self.hidden, self.heads * self.head_dim, self.inter], recipe.group_size,
                                   recipe.code)
-        self.kb_o = pick_k_blocks(self.heads * self.head_dim, self.gs, recipe.row_parallel_blocks)
-        self.kb_down = pick_k_blocks(self.inter, self.gs, recipe.row_parallel_blocks)
+        k_of = {"qkv_proj": self.hidden, "o_proj": self.heads * self.head_dim, "gate_up_proj": self.hidden,
+                "down_proj": self.inter}
+        # vLLM module -> its own weight group where it differs from gs (the checkpoint stores those per linear)
+        self.gs_for = {module: gs for module, requested in parse_group_sizes(recipe.group_size_for).items()
+                       if (gs := pick_group_size([k_of[module]], requested, recipe.code)) != self.gs}
+        self.linear_gs = {m: self.gs_for.get(module, self.gs) for m, module in VLLM_MODULE.items()}
+        self.kb_o = pick_k_blocks(self.heads * self.head_dim, self.linear_gs["self_attn.o_proj"],
+                                  recipe.row_parallel_blocks)
+        self.kb_down = pick_k_blocks(self.inter, self.linear_gs["mlp.down_proj"], recipe.row_parallel_blocks)
         self.specs: dict[str, fmt.LayerSpec] = {}
         self.seconds: dict[str, float] = dict.fromkeys(WEIGHT_STAGES, 0.0)
         self.earlier_seconds = 0.0  # weight-stage time spent by the runs this one resumes
@@ -224,7 +235,8 @@ class Quantizer:
         gen = torch.Generator().manual_seed(r.seed * 1000 + l)
         o_online = r.o_proj_rotation == "full"
         if not o_online:  # o_proj's head-local factor moves into v_proj's output (exact), nothing runs online
-            b_o = self._factors(lin["self_attn.o_proj"].weight, self.heads, self.head_dim, 1, gen, learn_left=False)[1]
+            b_o = self._factors(lin["self_attn.o_proj"].weight, self.heads, self.head_dim, 1, gen,
+                                self.linear_gs["self_attn.o_proj"], learn_left=False)[1]
             if b_o is not None:
                 fold_head_rotation(lin["self_attn.v_proj"], lin["self_attn.o_proj"], b_o, self.head_dim)
         sites = [(ATTN, self.hidden, 1), (("self_attn.o_proj",), self.heads * self.head_dim, self.kb_o),
@@ -240,7 +252,8 @@ class Quantizer:
             w = torch.cat([lin[m].weight.data for m in members])
             n1, n2 = (reference_factors(k, w.shape[0], blocks) if r.factor_rule == "reference"
                       else balanced_factors(k, blocks))
-            rots[members] = self._factors(w, n1, n2, blocks, gen, example=(l == 1 and members == MLP_IN),
+            rots[members] = self._factors(w, n1, n2, blocks, gen, self.linear_gs[members[0]],
+                                          example=(l == 1 and members == MLP_IN),
                                           site_inputs=self._site_inputs(layer, lin[members[0]], inputs))
         if l == 1 and rots.get(MLP_IN, (None,))[0] is not None:  # report: channel ranges of one input before/after
             x = capture_inputs(layer, lin[MLP_IN[0]], inputs, max_tokens=2048)
@@ -258,7 +271,8 @@ class Quantizer:
         t0 = time.time()
         for members, k, blocks in sites:
             c, b = rots[members]
-            ab = pick_act_blocks(k, None if c is None else c.shape[0], blocks, self.gs, r.act_group_size)
+            gs = self.linear_gs[members[0]]
+            ab = pick_act_blocks(k, None if c is None else c.shape[0], blocks, gs, r.act_group_size)
             h = cross = None
             if (r.weight_method == "e2m-atq" and r.weight_target == "act" and r.act_bits < 16
                     and calibration_tokens(inputs) >= ACT_TARGET_TOKENS_PER_INPUT * k):
@@ -268,13 +282,14 @@ class Quantizer:
                 h = input_gram(layer, layer.get_submodule(members[0]), inputs)
             for m in members:
                 rl = layer.get_submodule(m)
-                qw, la, lb = self._quantize_linear(originals[m], rl.weight.data, c, b, h,
+                qw, la, lb = self._quantize_linear(originals[m], rl.weight.data, c, b, h, gs,
                                                    self._site_inputs(layer, layer.get_submodule(members[0]), inputs),
                                                    cross)
                 prefix = f"model.layers.{l}.{m}"
                 spec = fmt.LayerSpec(act_bits=16, act_clip=r.default_clip, k_blocks=blocks, act_blocks=ab,
                                      rotation=None if c is None else (c.shape[0], b.shape[0]),
-                                     lowrank_rank=0 if la is None else la.shape[1])
+                                     lowrank_rank=0 if la is None else la.shape[1],
+                                     group_size=0 if gs == self.gs else gs)
                 self.specs[prefix] = spec
                 replace_linear(layer, m, self._quantized_linear(qw, c, b, spec.act_ranges,
                                                                 rl.bias.data if rl.bias is not None else None, la, lb))
@@ -298,9 +313,9 @@ class Quantizer:
 
         return get
 
-    def _factors(self, w, n1, n2, blocks, gen, learn_left=True, example=False, site_inputs=None):
+    def _factors(self, w, n1, n2, blocks, gen, group_size, learn_left=True, example=False, site_inputs=None):
         """(left or None, right) of one input site's Kronecker transform, from the stacked weights w that read
-        it: learned by the recipe's method, random orthogonal, or none. The left factor is block-diagonal with
+        it (quantized in groups of `group_size`): learned by the recipe's method, random orthogonal, or none. The left factor is block-diagonal with
         `blocks` blocks (shard-local under tensor parallelism)."""
         r = self.r
         if r.rotation == "none":
@@ -309,7 +324,7 @@ class Quantizer:
             c = (block_diagonal_orthogonal(n1, blocks, gen) if blocks > 1 else random_orthogonal(n1, gen)) \
                 if learn_left else None
             return c, random_orthogonal(n2, gen)
-        c, b, hist = transform_learner(r.rotation)(w, n1, n2, self.gs, blocks, learn_left, r, site_inputs)
+        c, b, hist = transform_learner(r.rotation)(w, n1, n2, group_size, blocks, learn_left, r, site_inputs)
         if example:
             wr = w.float().reshape(-1, n1, n2)
             wr = (wr if c is None else torch.matmul(c, wr)) @ b
@@ -317,7 +332,7 @@ class Quantizer:
         return c, b
 
     def _quantize_linear(self, w: torch.Tensor, w_folded: torch.Tensor, left: torch.Tensor | None,
-                         right: torch.Tensor | None, h: torch.Tensor | None, site_inputs=None,
+                         right: torch.Tensor | None, h: torch.Tensor | None, group_size: int, site_inputs=None,
                          cross: torch.Tensor | None = None):
         """(QuantWeight of the transformed weights, lowrank_a, lowrank_b) of one linear: the weight stage alone,
         or a low-rank fit that quantizes the residual W - A B through the same transform and weight stage. With
@@ -326,25 +341,25 @@ class Quantizer:
             return w if cross is None else act_aware_target(w, h, cross)
 
         if self.r.lowrank == "none":
-            return self._quantize_weight(target(w_folded), h), None, None
+            return self._quantize_weight(target(w_folded), h, group_size), None, None
 
         def quantize(residual: torch.Tensor) -> tuple[QuantWeight, torch.Tensor]:
             """The residual (original basis) quantized, and its dequantized value in the original basis."""
             folded = residual if left is None else fold_weight(residual, left, right)
-            qw = self._quantize_weight(target(folded), h)
+            qw = self._quantize_weight(target(folded), h, group_size)
             deq = qw.dequantize()
             return qw, deq if left is None else unfold_weight(deq, left, right)
 
         return lowrank_fit(self.r.lowrank)(w, quantize, self.r.lowrank_rank, self.r, site_inputs)
 
-    def _quantize_weight(self, w: torch.Tensor, h: torch.Tensor | None) -> QuantWeight:
+    def _quantize_weight(self, w: torch.Tensor, h: torch.Tensor | None, group_size: int) -> QuantWeight:
         m, code = self.r.weight_method, fmt.CODES[self.r.code]
         if m == "rtn":
-            return fit_rtn(w, code, self.gs)
+            return fit_rtn(w, code, group_size)
         if m == "atq":
-            return fit_rtn(w, code, self.gs, iters=15)
+            return fit_rtn(w, code, group_size, iters=15)
         if m == "e2m-atq":
-            return gptq_quantize(w, h, code, self.gs, stage1_iters=self.r.stage1_iters, stage2=True,
+            return gptq_quantize(w, h, code, group_size, stage1_iters=self.r.stage1_iters, stage2=True,
                                  percdamp=self.r.percdamp)
         raise ValueError(f"unknown weight_method {m!r}")
 

@@ -31,13 +31,34 @@ AFTER_WEIGHTS = frozenset({"allocation", "bit_set", "amp_beta", "amp_tokens", "a
                            "clip_objective", "clip_tokens", "clip_min", "clip_step", "tune_epochs", "tune_lr"})
 
 # what a recipe saved before a key existed behaved as, where that is not the key's current default
-BEHAVED_BEFORE: dict[str, Any] = {"stage1_iters": 15}
+BEHAVED_BEFORE: dict[str, Any] = {"stage1_iters": 15, "group_size_for": ""}
 
 # stage-1 alternations per group inside GPTQ by weight code, where the recipe leaves it None. The authors' code does
 # 15; ternary does 5: on SmolLM2 its output error is 0.997x that of 15 and the weight stage 16% faster on the CPU,
 # 2x faster with the GPTQ changes on the H100. Binary: 0.996x for 36% less GPTQ time on 21 SmolLM2 linears, not
 # yet confirmed by a full run; int4: 1.017x (worse) for 20% less (benchmarks/RESULTS.md, session 17)
 STAGE1_ITERS = {"ternary": 5, "binary": 15, "int4": 15}
+
+# the vLLM modules a group size may be set for (`Recipe.group_size_for`); fused shards share one
+GROUP_SIZE_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def parse_group_sizes(text: str) -> dict[str, int]:
+    """'gate_up_proj=64,down_proj=64' -> {module: group size}; '' -> {}. Raises ValueError naming the part."""
+    out: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        module, sep, size = part.partition("=")
+        if not sep or module.strip() not in GROUP_SIZE_MODULES:
+            raise ValueError(f"{part!r}: expected MODULE=SIZE with MODULE one of {', '.join(GROUP_SIZE_MODULES)}")
+        try:
+            gs = int(size)
+        except ValueError:
+            gs = 0
+        if not (gs == -1 or (gs > 0 and gs % 16 == 0)):
+            raise ValueError(f"{part!r}: the size must be -1 (per row) or a positive multiple of 16")
+        out[module.strip()] = gs
+    return out
+
 
 # field -> (cpu, cuda) default where the recipe leaves it None
 DEVICE_DEFAULTS: dict[str, tuple[int, int]] = {
@@ -56,6 +77,9 @@ class Recipe:
     method: str = "twla"  # the preset this recipe started from: twla | bwla | twinquant
     code: str = "ternary"  # weight code: ternary | binary | int4 (twla_vllm.format.CODES)
     group_size: int = 32  # largest multiple of 16 (32 for binary) <= this dividing every K; -1 = per row
+    # other group sizes for some vLLM modules, "MODULE=SIZE,..." (GROUP_SIZE_MODULES); each the largest multiple
+    # of 16 <= SIZE dividing that module's K
+    group_size_for: str = ""
     weight_method: str = "e2m-atq"  # rtn | atq (stage 1) | e2m-atq (GPTQ + stage 1 + stage 2 + integer grid)
     stage1_iters: int | None = None  # stage-1 alternations per group inside GPTQ (None: by code, STAGE1_ITERS)
     rotation: str = "kotms"  # kotms (TWLA) | okt (BWLA) | learned (TwinQuant) | random | none

@@ -34,6 +34,7 @@ def write_report(ckpt: str, summary: dict, quantizer=None) -> list[str]:
     lines = [f"# {label} report: {summary['model']}", "",
              f"Checkpoint: `{summary.get('checkpoint', ckpt)}`  ",
              f"Weights: {recipe.get('code', 'ternary')}, group size {summary['group_size']}"
+             f"{''.join(f' ({m} {g})' for m, g in summary.get('group_size_for', {}).items())}"
              f"{f', rank-{rank} low-rank branch' if rank else ''}, **{summary['bits_per_weight']} bits/weight** "
              f"stored (codes + int8 group scales + fp16 row scales + transforms{' + branch' if rank else ''})  ",
              f"Activation bits per block (ILA-AMP or uniform): {summary['act_bits_per_block']}", "",
@@ -121,7 +122,8 @@ def _plots(ckpt: str, summary: dict, q) -> list[str]:
         # |w|, where a group that suits the code clusters at its centres; log counts show the tails
         name, loss, step = TRANSFORMS.get(q.r.rotation, (q.r.rotation, "loss", "step"))
         centres = CODE_CENTRES.get(q.r.code, ())
-        glen = q.gs if q.gs > 0 else q.hidden
+        gs = q.linear_gs["mlp.gate_proj"]  # the example is a gate/up input's transform
+        glen = gs if gs > 0 else q.hidden
         fig, axes = plt.subplots(1, 2, figsize=(12, 3.5))
         for key, color in (("before", "tab:gray"), ("after", "tab:green")):
             x = _group_normalized(ex[key], glen)

@@ -23,6 +23,9 @@ BAD_OPTIONS = [  # (arguments, the option the one-line error must name)
     (["--row-parallel-blocks", "3"], "--row-parallel-blocks"), (["--seed", "-1"], "--seed"),
     (["--calib", "no-such-file.txt"], "--calib"), (["--weight-method", "gptq"], "--weight-method"),
     (["--device", "gpu0"], "--device"), (["--tune-lr", "0"], "--tune-lr"), (["--tune-lr", "fast"], "--tune-lr"),
+    (["--group-size-for", "mlp=64"], "--group-size-for"), (["--group-size-for", "down_proj=48x"], "--group-size-for"),
+    (["--group-size-for", "down_proj=20"], "--group-size-for"),
+    (["--code", "binary", "--group-size-for", "down_proj=48"], "--group-size-for"),
 ]
 TINY_RECIPE = dict(nsamples=2, seqlen=64, kotms_iters=3, allocation="uniform", clip_search=False, batch_size=2)
 

@@ -330,11 +330,15 @@ def test_ct_vocabulary_round_trips_for_every_code(code, gs, act):
     from twla_vllm.format import CheckpointConfig, LayerSpec
 
     cfg = CheckpointConfig(group_size=gs, weight_code=code, default=LayerSpec(act_bits=act), layers={
-        "model.layers.0.mlp.down_proj": LayerSpec(act_bits=8, rotation=(16, 32), k_blocks=2, lowrank_rank=4)})
+        "model.layers.0.mlp.down_proj": LayerSpec(act_bits=8, rotation=(16, 32), k_blocks=2, lowrank_rank=4),
+        "model.layers.1.mlp.down_proj": LayerSpec(act_bits=8, group_size=256)})  # its own weight group
     cfg.extra.update(ct_vocab.describe(cfg))
     back = CheckpointConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     ct_vocab.validate(back, back.extra)
     assert back.extra == cfg.extra
+    assert back.extra["config_groups"]["a8_g256"]["weights"]["group_size"] == 256
+    assert back.group_size_of("model.layers.1.mlp.down_proj") == 256
+    assert back.group_size_of("model.layers.0.mlp.down_proj") == gs
     default = back.extra["config_groups"]["default"]
     assert default["weights"]["num_bits"] == {"ternary": 2, "binary": 1, "int4": 4}[code]
     assert default["weights"]["strategy"] == ("channel" if gs == -1 else "group")

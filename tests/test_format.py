@@ -92,7 +92,8 @@ layer_spec = st.builds(lambda ranges, **kw: fmt.LayerSpec(act_blocks=kw["k_block
                        act_bits=st.sampled_from(fmt.ACT_BITS_ALLOWED),
                        act_clip=st.floats(0.05, 1.0), rotation=st.none() | st.tuples(st.integers(1, 64),
                                                                                     st.integers(1, 64)),
-                       k_blocks=st.integers(1, 8), lowrank_rank=st.integers(0, 64), ranges=st.sampled_from([0, 2, 4]))
+                       k_blocks=st.integers(1, 8), lowrank_rank=st.integers(0, 64), ranges=st.sampled_from([0, 2, 4]),
+                       group_size=st.sampled_from([0, -1, 32, 64]))
 
 
 @settings(max_examples=60, deadline=None)
@@ -122,6 +123,9 @@ def test_config_round_trip(gs, default, name, layers):
     (lambda d: d["layers"].update({"m.q_proj": {"act_bits": 4, "lowrank_rank": -1}}), "lowrank_rank"),
     (lambda d: d["layers"].update({"m.q_proj": {"act_bits": 4}, "m.k_proj": {"act_bits": 8}}), "fused"),
     (lambda d: d["layers"].update({"m.q_proj": {"lowrank_rank": 4}}), "fused"),
+    (lambda d: d["layers"].update({"m.gate_proj": {"group_size": 64}}), "fused.*group_size"),
+    (lambda d: d["layers"].update({"m.o_proj": {"group_size": 24}}), r"layers.m.o_proj.*group_size must be -1"),
+    (lambda d: d["activation"].update(group_size=64), r"activation.group_size.*weight setting"),
     (lambda d: d["layers"].update({"m.o_proj": {"k_blocks": 2, "act_blocks": 3}}),
      r"layers.m.o_proj.*act_blocks=3 must be a multiple of k_blocks=2"),
     (lambda d: d["layers"].update({"m.o_proj": {"act_blocks": -2}}), r"layers.m.o_proj.*act_blocks must be an int"),

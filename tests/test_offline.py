@@ -413,7 +413,18 @@ def test_clip_objectives_minimise_their_own_error(tiny_dense_dir, tmp_path):
 def test_quantized_checkpoint_serves_in_vllm(tiny_dense_dir, tmp_path):
     from .helpers import PROMPTS, run_vllm, sim_greedy
 
-    ckpt = _quantize(tiny_dense_dir, str(tmp_path / "q"), _tiny_recipe())["checkpoint"]
+    # per-linear group sizes too: gate/up in groups of 64, down_proj one group per row, the rest the default 32
+    recipe = dataclasses.replace(_tiny_recipe(), group_size_for="gate_up_proj=64,down_proj=-1")
+    ckpt = _quantize(tiny_dense_dir, str(tmp_path / "q"), recipe)["checkpoint"]
+    qcfg = json.load(open(os.path.join(ckpt, "config.json")))["quantization_config"]
+    assert qcfg["weight"]["group_size"] == 32
+    sizes = {name.split(".")[-1]: spec.get("group_size") for name, spec in qcfg["layers"].items()}
+    assert sizes == {"q_proj": None, "k_proj": None, "v_proj": None, "o_proj": None, "gate_proj": 64,
+                     "up_proj": 64, "down_proj": -1}, sizes
+    t = _tensors(ckpt)
+    assert t["model.layers.0.mlp.up_proj.weight_group_scale"].shape == (256, 128 // 64)
+    assert t["model.layers.0.mlp.down_proj.weight_group_scale"].shape == (128, 1)
+    assert t["model.layers.0.self_attn.q_proj.weight_group_scale"].shape == (128, 128 // 32)
     got = run_vllm(model=ckpt, prompts=PROMPTS)
     assert got["tokens"] == sim_greedy(ckpt, got["prompt_tokens"])
 

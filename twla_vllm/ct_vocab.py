@@ -29,8 +29,8 @@ ARG_FIELDS = {"num_bits", "type", "symmetric", "strategy", "dynamic", "group_siz
 DEFAULT_GROUP = "default"  # targets class "Linear": the layers `layers` does not list
 
 
-def _weight_args(cfg: fmt.CheckpointConfig) -> dict[str, Any]:
-    group = {"strategy": "channel"} if cfg.group_size == -1 else {"strategy": "group", "group_size": cfg.group_size}
+def _weight_args(cfg: fmt.CheckpointConfig, group_size: int) -> dict[str, Any]:
+    group = {"strategy": "channel"} if group_size == -1 else {"strategy": "group", "group_size": group_size}
     return {"num_bits": cfg.code.bits, "type": "int", "symmetric": False, "dynamic": False, **group}
 
 
@@ -40,18 +40,20 @@ def _activation_args(spec: fmt.LayerSpec) -> dict[str, Any] | None:
     return {"num_bits": spec.act_bits, "type": "int", "symmetric": False, "strategy": "token", "dynamic": True}
 
 
-def _group_name(bits: int) -> str:
-    return "float_activations" if bits >= 16 else f"a{bits}"
+def _group_name(bits: int, group_size: int, default_group_size: int) -> str:
+    name = "float_activations" if bits >= 16 else f"a{bits}"
+    return name if group_size == default_group_size else f"{name}_g{group_size}"
 
 
 def describe(cfg: fmt.CheckpointConfig) -> dict[str, Any]:
     """The compressed-tensors keys for `cfg` (layer names as in `cfg.layers`, HF module paths)."""
     groups: dict[str, dict[str, Any]] = {
-        DEFAULT_GROUP: {"targets": ["Linear"], "weights": _weight_args(cfg),
+        DEFAULT_GROUP: {"targets": ["Linear"], "weights": _weight_args(cfg, cfg.group_size),
                         "input_activations": _activation_args(cfg.default)}}
     for name, spec in sorted(cfg.layers.items()):
-        group = groups.setdefault(_group_name(spec.act_bits), {
-            "targets": [], "weights": _weight_args(cfg), "input_activations": _activation_args(spec)})
+        gs = cfg.group_size_of(name)
+        group = groups.setdefault(_group_name(spec.act_bits, gs, cfg.group_size), {
+            "targets": [], "weights": _weight_args(cfg, gs), "input_activations": _activation_args(spec)})
         group["targets"].append(name)
     transforms: dict[str, dict[str, Any]] = {}
     for name, spec in sorted(cfg.layers.items()):
@@ -105,8 +107,8 @@ def _ct_model(model: Any, value: Any, source: str, key: str) -> Any:
 
 
 def _check_groups(cfg: fmt.CheckpointConfig, groups: dict[str, Any], source: str) -> None:
-    """Every layer's scheme (by exact name, else the class target "Linear") must state our weight code, group
-    size and that layer's activation bits."""
+    """Every layer's scheme (by exact name, else the class target "Linear") must state our weight code, that
+    layer's group size and its activation bits."""
     by_name: dict[str, tuple[str, Any]] = {}
     default = None
     for gname, scheme in groups.items():
@@ -126,15 +128,16 @@ def _check_groups(cfg: fmt.CheckpointConfig, groups: dict[str, Any], source: str
         raise _error(source, "config_groups", f"targets {unknown[:3]} are not in key 'layers'")
     if default is None:
         raise _error(source, "config_groups", "no group targets 'Linear' (the layers 'layers' does not list)")
-    want_w = _weight_args(cfg)
     for name, spec in [("Linear", cfg.default), *sorted(cfg.layers.items())]:
         gname, scheme = by_name.get(name, default)
+        want_w = _weight_args(cfg, spec.group_size or cfg.group_size)
         for part, want in (("weights", want_w), ("input_activations", _activation_args(spec))):
             got = getattr(scheme, part)
             got = None if got is None else {f: v for f, v in got.model_dump(mode="json").items()
                                             if f in ARG_FIELDS and (v is not None or f in want)}
             if got != want:
-                ours = ("key 'weight'" if part == "weights" else
+                ours = ("key 'weight'" + ("" if name == "Linear" else " and its group_size in key 'layers'")
+                        if part == "weights" else
                         f"act_bits {spec.act_bits} ({'key activation' if name == 'Linear' else 'key layers'})")
                 raise _error(source, "config_groups", f"group '{gname}' says {part} {got} for {name}, but "
                                                             f"{ours} means {want}")

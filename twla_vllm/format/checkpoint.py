@@ -156,11 +156,11 @@ def validate_checkpoint(model_dir: str, config: CheckpointConfig | None = None) 
                               f"[N, K/{code.codes_per_word}], got shape {list(shape)}")
         n, k = shape[0], shape[1] * code.codes_per_word
         spec = config.spec(prefix)
-        check_linear_shape(prefix, spec, k, config.group_size, code)
+        check_linear_shape(prefix, spec, k, config.group_size_of(prefix), code)
         if config.is_ignored(prefix):
             raise FormatError(f"{model_dir}: layer '{prefix}' is in quantization_config.ignore but stores "
                               f"quantized tensors")
-        want = expected_tensors(spec, n, k, config.group_size, code, config.version)
+        want = expected_tensors(spec, n, k, config.group_size_of(prefix), code, config.version)
         for suffix, (wshape, wdtype) in want.items():
             if suffix not in tensors:
                 why = {ROT_LEFT: " because the layer has a rotation", ROT_RIGHT: " because the layer has a rotation",

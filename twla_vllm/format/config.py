@@ -27,6 +27,9 @@ class LayerSpec:
     # activation ranges per (token, contiguous K-block) when finer than k_blocks: a multiple of k_blocks, each
     # range whole rows of the transform's [n1, n2] view (0 = one range per k-block). Runtime only: no stored bits
     act_blocks: int = 0
+    # this linear's weight group along K when it differs from the checkpoint's weight.group_size (0 = that one):
+    # a coarser group on the least sensitive linears keeps the whole model inside a bits/weight budget
+    group_size: int = 0
 
     @property
     def act_ranges(self) -> int:
@@ -39,14 +42,16 @@ class LayerSpec:
              "lowrank_rank": self.lowrank_rank}
         if self.act_blocks:
             d["act_blocks"] = self.act_blocks
+        if self.group_size:
+            d["group_size"] = self.group_size
         return d
 
 
 _TOP_KEYS = {"quant_method", "format_version", "weight", "activation", "rotation", "lowrank", "layers", "ignore",
              "bits_per_weight", "recipe", "config_groups", "transform_config", "format", "quantization_status"}
 _WEIGHT_KEYS = {"code", "packing", "group_size", "scales", "formula", "scale_dtype"}
-_SPEC_KEYS = {"act_bits", "act_clip", "rotation", "k_blocks", "act_blocks", "lowrank_rank", "bits", "clip",
-              "scheme"}
+_SPEC_KEYS = {"act_bits", "act_clip", "rotation", "k_blocks", "act_blocks", "lowrank_rank", "group_size", "bits",
+              "clip", "scheme"}
 
 
 @dataclass
@@ -116,9 +121,12 @@ class CheckpointConfig:
             raise err("weight.packing", f"unknown packing {packing!r}; version {version} uses "
                       f"'{PACKING if version == 2 else PACKING_V1}'")
         gs = weight.get("group_size", 128)
-        if isinstance(gs, bool) or not isinstance(gs, int) or not (gs == -1 or (gs > 0 and gs % 16 == 0)):
+        if not _valid_group_size(gs):
             raise err("weight.group_size", f"must be -1 (per row) or a positive multiple of 16, got {gs!r}")
         act = d.get("activation") or {}
+        if isinstance(act, dict) and "group_size" in act:
+            raise err("activation.group_size", "a weight setting: the default is weight.group_size, a linear's own "
+                      "goes in layers.<name>.group_size")
         default = parse_layer_spec(act, f"{source}: key 'activation'", None)
         layers_d = d.get("layers") or {}
         if not isinstance(layers_d, dict):
@@ -152,6 +160,10 @@ class CheckpointConfig:
     def spec(self, name: str) -> LayerSpec:
         return self.layers.get(name, self.default)
 
+    def group_size_of(self, name: str) -> int:
+        """The weight group along K of linear `name` (its own, else the checkpoint's)."""
+        return self.spec(name).group_size or self.group_size
+
     def check_fused_groups(self, source: str = "quantization_config") -> None:
         """q/k/v (and gate/up) run as one vLLM module: their settings must agree."""
         for shards in FUSED_GROUPS.values():
@@ -165,7 +177,7 @@ class CheckpointConfig:
                 specs = {self.spec(n) for n in full}
                 if len(specs) > 1:
                     raise FormatError(f"{source}: key 'layers': {', '.join(full)} are fused in vLLM and must "
-                                      f"share act_bits/act_clip/rotation sizes/k_blocks/act_blocks/lowrank_rank, got "
+                                      f"share act_bits/act_clip/rotation sizes/k_blocks/act_blocks/lowrank_rank/group_size, got "
                                       f"{sorted(map(str, specs))}")
                 ignored = {self.is_ignored(n) for n in full}
                 if len(ignored) > 1:
@@ -192,6 +204,10 @@ def parse_layer_spec(d: Any, where: str, default: LayerSpec | None) -> LayerSpec
     k_blocks = d.get("k_blocks", 1)
     rank = d.get("lowrank_rank", 0)
     act_blocks = d.get("act_blocks", 0)
+    group_size = d.get("group_size", 0)
+    if group_size != 0 and not _valid_group_size(group_size):
+        raise FormatError(f"{where}: group_size must be -1 (per row) or a positive multiple of 16 (absent: the "
+                          f"checkpoint's weight.group_size), got {group_size!r}")
     for key, v in (("k_blocks", k_blocks), ("lowrank_rank", rank), ("act_blocks", act_blocks)):
         if isinstance(v, bool) or not isinstance(v, int) or v < (1 if key == "k_blocks" else 0):
             raise FormatError(f"{where}: {key} must be an int >= {1 if key == 'k_blocks' else 0}, got {v!r}")
@@ -208,7 +224,11 @@ def parse_layer_spec(d: Any, where: str, default: LayerSpec | None) -> LayerSpec
             raise FormatError(f"{where}: rotation must be null or [n1, n2] positive ints, got {rot!r}")
         rot = (int(rot[0]), int(rot[1]))
     return LayerSpec(act_bits=int(bits), act_clip=float(clip), rotation=rot, k_blocks=k_blocks, lowrank_rank=rank,
-                     act_blocks=act_blocks)
+                     act_blocks=act_blocks, group_size=group_size)
+
+
+def _valid_group_size(gs: Any) -> bool:
+    return not isinstance(gs, bool) and isinstance(gs, int) and (gs == -1 or (gs > 0 and gs % 16 == 0))
 
 
 def _matches(pattern: str, name: str) -> bool:
