@@ -90,7 +90,8 @@ def _quantize(model_name: str, path: str, out: str, work: str, recipe: Recipe, d
     if restart:
         clear_work_dir(work)
     q = Quantizer(model, tok, recipe, work, device, offload=offloaded)
-    print(f"group size {q.gs}{''.join(f', {m} {g}' for m, g in q.gs_for.items())}; row-parallel k_blocks: o_proj {q.kb_o}, down_proj {q.kb_down}; on {device}"
+    print(f"group size {q.gs}{''.join(f', {m} {g}' for m, g in q.gs_for.items())}; row-parallel k_blocks: "
+          f"o_proj {q.kb_o}, down_proj {q.kb_down}; on {device}"
           f"{', one block at a time (offloaded)' if offloaded else ''}")
     q.quantize_weights()
     bits = q.allocate_and_clip()
@@ -101,7 +102,8 @@ def _quantize(model_name: str, path: str, out: str, work: str, recipe: Recipe, d
     q.seconds["total"] = time.time() - t_start + q.earlier_seconds
     summary = {"checkpoint": out, "model": model_name, "act_bits_per_block": bits,
                "stage_seconds": {k: round(v, 1) for k, v in q.seconds.items()},
-               "group_size": q.gs, "group_size_for": q.gs_for, "device": str(device), "offload": offloaded, "recipe": recipe.to_dict()}
+               "group_size": q.gs, "group_size_for": q.gs_for, "device": str(device), "offload": offloaded,
+               "recipe": recipe.to_dict()}
     if tuned:  # each block's output error after scale tuning, relative to before
         summary["tune_error_ratio"] = [round(after / before, 4) if before else 1.0 for before, after in tuned]
     with open(os.path.join(staged, "config.json")) as f:

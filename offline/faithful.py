@@ -223,9 +223,9 @@ def faithful_recipe(base):
 
 
 class SimulatedFormatQuantizer(Quantizer):
-    """A `pipeline.Quantizer` whose weight stage is `fit(quantizer, w, h, group_size) -> FaithfulWeight` and whose layers are
-    fake-quantized dense weights (simulation only: `export` refuses, and no block state is saved to resume from).
-    Other arguments as for Quantizer."""
+    """A `pipeline.Quantizer` whose weight stage is `fit(quantizer, w, h, group_size) -> FaithfulWeight` and whose
+    layers are fake-quantized dense weights (simulation only: `export` refuses, and no block state is saved to
+    resume from). Other arguments as for Quantizer."""
 
     def __init__(self, fit, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -315,8 +315,8 @@ class Quantizer:
 
     def _factors(self, w, n1, n2, blocks, gen, group_size, learn_left=True, example=False, site_inputs=None):
         """(left or None, right) of one input site's Kronecker transform, from the stacked weights w that read
-        it (quantized in groups of `group_size`): learned by the recipe's method, random orthogonal, or none. The left factor is block-diagonal with
-        `blocks` blocks (shard-local under tensor parallelism)."""
+        it (quantized in groups of `group_size`): learned by the recipe's method, random orthogonal, or none. The
+        left factor is block-diagonal with `blocks` blocks (shard-local under tensor parallelism)."""
         r = self.r
         if r.rotation == "none":
             return None, None

@@ -6,7 +6,8 @@ linear `P` (HF module path, e.g. `model.layers.0.self_attn.q_proj`) stores:
 
     P.weight_packed        int32 [N, K*B/32]  B-bit codes c of the weight code, 32/B per word, K-major
     P.weight_scale         fp16  [N, 1]       s_n, one per output row
-    P.weight_group_scale   int8  [N, G]       a (>= 0) per (row, K-group); G = K / group_size
+    P.weight_group_scale   int8  [N, G]       a (>= 0) per (row, K-group); G = K / group_size, the layer's
+                                              own `layers.P.group_size` if set, else `weight.group_size`
     P.weight_group_offset  int8  [N, G]       m per (row, K-group)
     P.input_rot_left       fp32  [n1, n1]     (if the layer has an online transform) left Kronecker factor
     P.input_rot_right      fp32  [n2, n2]     right factor, n1 * n2 = K

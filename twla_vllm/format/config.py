@@ -177,7 +177,8 @@ class CheckpointConfig:
                 specs = {self.spec(n) for n in full}
                 if len(specs) > 1:
                     raise FormatError(f"{source}: key 'layers': {', '.join(full)} are fused in vLLM and must "
-                                      f"share act_bits/act_clip/rotation sizes/k_blocks/act_blocks/lowrank_rank/group_size, got "
+                                      f"share act_bits/act_clip/rotation sizes/k_blocks/act_blocks/lowrank_rank/"
+                                      f"group_size, got "
                                       f"{sorted(map(str, specs))}")
                 ignored = {self.is_ignored(n) for n in full}
                 if len(ignored) > 1:
