@@ -111,11 +111,13 @@ def add_recipe_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--code", choices=R.CODES, help=f"weight code (default: {d['code']})")
     g.add_argument("--group-size", type=group_size,
                    help=f"weight group along K: the largest multiple of 16 (32 for binary) <= this that divides "
-                        f"every K; -1 = one group per row (default: {d['group_size']})")
+                        f"every K; -1 = one group per row; modules named in --group-size-for keep theirs (default: "
+                        f"{d['group_size']})")
     g.add_argument("--group-size-for", type=group_sizes, metavar="MODULE=SIZE[,...]",
                    help=f"other group sizes for some of {', '.join(R.GROUP_SIZE_MODULES)} (vLLM's module names; "
                         f"fused shards share one), each the largest multiple of 16 <= SIZE dividing its K; '' = "
-                        f"none (default: '{d['group_size_for']}')")
+                        f"none, one group size everywhere (default: '{d['group_size_for']}': gate/up at 64 keep "
+                        f"TWLA under 2.5 bits/weight)")
     g.add_argument("--act-bits", type=act_bits, help=f"average activation bits per decoder block, in [2, 8] "
                                                       f"(default: {d['act_bits']:g})")
     g.add_argument("--bit-set", type=bit_set, help=f"activation bits a block may get: comma-separated integers in "
@@ -149,8 +151,8 @@ def add_recipe_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--kotms-iters", type=positive_int, help=f"Adam steps that learn each KOTMS rotation "
                                                              f"(default: {d['kotms_iters']})")
     g.add_argument("--allocation", choices=R.ALLOCATIONS,
-                   help="how --act-bits is spread over blocks: ila-amp (by measured sensitivity) or uniform "
-                        f"(default: {d['allocation']})")
+                   help="how --act-bits is spread over blocks: ila-amp (by measured sensitivity) or uniform; a "
+                        f"fractional --act-bits always uses ila-amp (default: {dev['allocation']})")
     g.add_argument("--no-clip-search", action="store_true",
                    help="skip the per-linear activation clip search (clip = 1.0)")
     g.add_argument("--clip-objective", choices=R.CLIP_OBJECTIVES,
@@ -168,7 +170,7 @@ def add_recipe_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--tune-epochs", type=non_negative_int,
                    help="block-wise scale tuning after the clip search: passes over the calibration windows per "
                         "decoder block, fitting each block's group scales to the dense block's output (0 = off) "
-                        f"(default: {d['tune_epochs']})")
+                        f"(default: {dev['tune_epochs']})")
     g.add_argument("--tune-lr", type=positive_float,
                    help=f"Adam learning rate of the scale tuning (cosine schedule) (default: {d['tune_lr']})")
     g.add_argument("--calib", type=calib_source,
@@ -241,12 +243,13 @@ def _check_field(field: dataclasses.Field, action: argparse.Action | None, value
     if action is not None and value is not None and action.type is not None:
         text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
         value = action.type(text)
-    if action is not None and action.choices is not None and value not in action.choices:
+    if action is not None and action.choices is not None and value is not None and value not in action.choices:
         raise ValueError(f"must be one of {', '.join(map(str, action.choices))}, got {value!r}")
     kind = str(field.type)  # annotations are strings here (from __future__ import annotations)
     ok = {"bool": isinstance(value, bool), "str": isinstance(value, str),
           "int": isinstance(value, int) and not isinstance(value, bool),
           "int | None": value is None or (isinstance(value, int) and not isinstance(value, bool)),
+          "str | None": value is None or isinstance(value, str),
           "float": isinstance(value, (int, float)) and not isinstance(value, bool),
           "tuple[int, ...]": isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value)}.get(kind)
     if ok is None:
@@ -259,7 +262,7 @@ def _check_field(field: dataclasses.Field, action: argparse.Action | None, value
 def check_recipe(ap: argparse.ArgumentParser, r: R.Recipe) -> None:
     """Checks that involve several options (argparse checks each alone)."""
     bits = r.bit_set
-    if r.allocation == "ila-amp" and not bits[0] <= r.act_bits <= bits[-1]:
+    if r.allocation != "uniform" and not bits[0] <= r.act_bits <= bits[-1]:  # None: ILA-AMP on CUDA
         ap.error(f"--bit-set {','.join(map(str, bits))} must include values at or below and at or above "
                  f"--act-bits {r.act_bits:g}")
     if r.allocation == "uniform" and r.act_bits != int(r.act_bits):

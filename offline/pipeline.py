@@ -33,8 +33,8 @@ from .weights import act_aware_target, fit_rtn, gptq_quantize
 ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 MLP_IN = ("mlp.gate_proj", "mlp.up_proj")
 # each linear's vLLM module (the names `Recipe.group_size_for` uses)
-VLLM_MODULE = {**dict.fromkeys(ATTN, "qkv_proj"), "self_attn.o_proj": "o_proj", **dict.fromkeys(MLP_IN, "gate_up_proj"),
-               "mlp.down_proj": "down_proj"}
+VLLM_MODULE = {**dict.fromkeys(ATTN, "qkv_proj"), "self_attn.o_proj": "o_proj",
+               **dict.fromkeys(MLP_IN, "gate_up_proj"), "mlp.down_proj": "down_proj"}
 WEIGHT_STAGES = ("calibrate", "rotate", "weights")  # the resumable stages; the later ones rerun on resume
 
 

@@ -6,8 +6,9 @@ transform, an optional low-rank branch, activation bits); any field can then be 
 
 Data sizes left at None are resolved by device when the run starts (`resolved`): the GPU defaults are the
 reference's (262k calibration tokens, clip search on 8k) but ILA-AMP on 2k held-out tokens (not 32k: see
-DEVICE_DEFAULTS); the CPU defaults are 16k / 512 / 1k tokens. Calibration always has more tokens than
-the model's largest K (a Hessian of lower rank than K lets GPTQ overfit).
+DEVICE_DEFAULTS); the CPU defaults are 16k calibration and 512 clip-search tokens, 3 scale-tuning epochs (GPU: 4)
+and uniform activation bits (GPU: ILA-AMP), sized for the SmolLM2 demo on 2 cores. Calibration always has more tokens than the model's
+largest K (a Hessian of lower rank than K lets GPTQ overfit).
 """
 
 from __future__ import annotations
@@ -60,15 +61,20 @@ def parse_group_sizes(text: str) -> dict[str, int]:
     return out
 
 
-# field -> (cpu, cuda) default where the recipe leaves it None
-DEVICE_DEFAULTS: dict[str, tuple[int, int]] = {
+# field -> (cpu, cuda) default where the recipe leaves it None. The CPU column is sized for the SmolLM2 demo on 2
+# cores (<= 10 min): on SmolLM2, uniform A4 + clip search on 512 tokens + 3 tuning epochs gave 5.98x dense in 572 s
+# of stages against 5.97x in 959 s for ILA-AMP (which chose uniform A4 anyway: 246 s) + 1024 tokens + 4 epochs;
+# 2 epochs cost 20% (7.14x) (benchmarks/RESULTS.md, session 18)
+DEVICE_DEFAULTS: dict[str, tuple[Any, Any]] = {
     "nsamples": (32, 128),
     "seqlen": (512, 2048),
     # not the reference's 32k held-out tokens: ILA-AMP on Qwen2.5-1.5B took 50 s at 2k on an H200, its rate at 8k
     # was 5x slower (32k: ~17 min or more), and uniform A4 was within 0.5% of ILA-AMP on Qwen anyway
     "amp_tokens": (512, 2048),
     "amp_seqlen": (512, 512),
-    "clip_tokens": (1024, 8192),
+    "clip_tokens": (512, 8192),
+    "tune_epochs": (3, 4),
+    "allocation": ("uniform", "ila-amp"),  # a fractional --act-bits budget needs ILA-AMP on either (`resolved`)
 }
 
 
@@ -78,8 +84,9 @@ class Recipe:
     code: str = "ternary"  # weight code: ternary | binary | int4 (twla_vllm.format.CODES)
     group_size: int = 32  # largest multiple of 16 (32 for binary) <= this dividing every K; -1 = per row
     # other group sizes for some vLLM modules, "MODULE=SIZE,..." (GROUP_SIZE_MODULES); each the largest multiple
-    # of 16 <= SIZE dividing that module's K
-    group_size_for: str = ""
+    # of 16 <= SIZE dividing that module's K. gate/up at 64 keep TWLA under 2.5 bits/weight: Qwen2.5-Coder-1.5B
+    # 1.89x -> 1.95x dense at 2.53 -> 2.39 bits, SmolLM2 5.42x -> 5.97x at 2.61 -> 2.48 (RESULTS.md, session 18)
+    group_size_for: str = "gate_up_proj=64"
     weight_method: str = "e2m-atq"  # rtn | atq (stage 1) | e2m-atq (GPTQ + stage 1 + stage 2 + integer grid)
     stage1_iters: int | None = None  # stage-1 alternations per group inside GPTQ (None: by code, STAGE1_ITERS)
     rotation: str = "kotms"  # kotms (TWLA) | okt (BWLA) | learned (TwinQuant) | random | none
@@ -104,7 +111,7 @@ class Recipe:
     act_group_size: int = 0
     act_bits: float = 4.0  # average activation bits per block
     bit_set: tuple[int, ...] = (2, 4, 6, 8)
-    allocation: str = "ila-amp"  # ila-amp | uniform
+    allocation: str | None = None  # ila-amp | uniform (None: by device)
     amp_beta: float = 0.5
     amp_tokens: int | None = None  # held-out tokens for ILA-AMP (None: by device)
     amp_seqlen: int | None = None  # window length of the held-out text for ILA-AMP and the clip search
@@ -115,10 +122,10 @@ class Recipe:
     clip_min: float = 0.5  # clip ratios searched: clip_min .. 1.0 in steps of clip_step
     clip_step: float = 0.02
     # block-wise scale tuning after the clip search (offline/tune.py): passes over the calibration windows per
-    # block; 0 = off
-    tune_epochs: int = 4
+    # block; 0 = off (None: by device)
+    tune_epochs: int | None = None
     # SmolLM2 default run, PPL / dense at 2e-3 / 5e-3 / 1e-2 / 2e-2: 6.83x / 5.81x / 5.42x / 6.07x (same time;
-    # benchmarks/RESULTS.md, session 17); bwla and twinquant keep the 2e-3 they were measured with
+    # benchmarks/RESULTS.md, session 17); bwla and twinquant keep the 2e-3 and 4 epochs they were measured with
     tune_lr: float = 1e-2
     calib: str = "brown"
     text_column: str = "text"  # the column holding the text when calib is a .jsonl / .json / .csv file
@@ -149,10 +156,12 @@ class Recipe:
         return cls(**d)
 
     def resolved(self, device: str, max_k: int) -> "Recipe":
-        """None data sizes filled in for `device`, stage-1 alternations for the code; calibration bumped to more
-        tokens than max_k."""
+        """None data sizes, tuning epochs and allocation filled in for `device`, stage-1 alternations for the code;
+        calibration bumped to more tokens than max_k."""
         col = 1 if str(device).startswith("cuda") else 0
         r = dataclasses.replace(self, **{k: v[col] for k, v in DEVICE_DEFAULTS.items() if getattr(self, k) is None})
+        if self.allocation is None and r.act_bits != int(r.act_bits):
+            r = dataclasses.replace(r, allocation="ila-amp")  # only ILA-AMP reaches a fractional average
         if r.stage1_iters is None:
             r = dataclasses.replace(r, stage1_iters=STAGE1_ITERS[r.code])
         if r.nsamples * r.seqlen <= max_k:
@@ -172,10 +181,12 @@ def preset(method: str) -> Recipe:
     if method == "bwla":
         # group 64: on SmolLM2 W1A6 PPL 3 081 vs 2 963 at group 32 (within run-to-run noise) for 0.25 fewer
         # bits/weight; 192 and per row cost 1.4-1.8x (benchmarks/RESULTS.md "BWLA weight groups")
-        return Recipe(method="bwla", code="binary", group_size=64, rotation="okt", lowrank="psp", lowrank_rank=16,
-                      act_bits=6.0, bit_set=(4, 6, 8), allocation="uniform", tune_lr=2e-3)
+        return Recipe(method="bwla", code="binary", group_size=64, group_size_for="", rotation="okt", lowrank="psp",
+                      lowrank_rank=16, act_bits=6.0, bit_set=(4, 6, 8), allocation="uniform", tune_epochs=4,
+                      tune_lr=2e-3)
     if method == "twinquant":
         # scale tuning on (the default 4 epochs): SmolLM2 W4A4 1.22x -> 1.17x dense for 416 s on 2 cores
-        return Recipe(method="twinquant", code="int4", group_size=128, rotation="learned", lowrank="learned",
-                      lowrank_rank=32, act_bits=4.0, allocation="uniform", tune_lr=2e-3)
+        return Recipe(method="twinquant", code="int4", group_size=128, group_size_for="", rotation="learned",
+                      lowrank="learned", lowrank_rank=32, act_bits=4.0, allocation="uniform", tune_epochs=4,
+                      tune_lr=2e-3)
     raise ValueError(f"unknown method {method!r} (allowed: {', '.join(METHODS)})")

@@ -186,7 +186,8 @@ def tiny_dense_dir(tmp_path_factory):
 def _tiny_recipe():
     from twla_offline.pipeline import Recipe
 
-    return Recipe(nsamples=4, seqlen=64, kotms_iters=10, amp_tokens=128, amp_seqlen=64, clip_tokens=256, batch_size=2)
+    return Recipe(nsamples=4, seqlen=64, kotms_iters=10, allocation="ila-amp", amp_tokens=128, amp_seqlen=64,
+                  clip_tokens=256, batch_size=2)
 
 
 def _quantize(src, out, recipe, fail_after_block=None):
