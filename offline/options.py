@@ -190,10 +190,10 @@ def add_recipe_args(ap: argparse.ArgumentParser) -> None:
                                              f"seed = same bytes (default: {d['seed']})")
 
 
-_FLAG_FIELDS = ("code", "group_size", "group_size_for", "act_bits", "bit_set", "weight_method", "weight_target", "rotation",
-                "rotation_sharing", "factor_rule", "o_proj_rotation", "lowrank", "lowrank_rank", "kotms_iters",
-                "allocation", "tune_epochs", "tune_lr", "row_parallel_blocks", "act_group_size", "calib", "text_column",
-                "nsamples", "seqlen", "amp_tokens", "clip_objective", "clip_tokens", "seed")
+_FLAG_FIELDS = ("code", "group_size", "group_size_for", "act_bits", "bit_set", "weight_method", "weight_target",
+                "rotation", "rotation_sharing", "factor_rule", "o_proj_rotation", "lowrank", "lowrank_rank",
+                "kotms_iters", "allocation", "tune_epochs", "tune_lr", "row_parallel_blocks", "act_group_size", "calib",
+                "text_column", "nsamples", "seqlen", "amp_tokens", "clip_objective", "clip_tokens", "seed")
 
 
 def recipe_from_args(a: argparse.Namespace, ap: argparse.ArgumentParser | None = None) -> R.Recipe:

@@ -7,8 +7,8 @@ transform, an optional low-rank branch, activation bits); any field can then be 
 Data sizes left at None are resolved by device when the run starts (`resolved`): the GPU defaults are the
 reference's (262k calibration tokens, clip search on 8k) but ILA-AMP on 2k held-out tokens (not 32k: see
 DEVICE_DEFAULTS); the CPU defaults are 16k calibration and 512 clip-search tokens, 3 scale-tuning epochs (GPU: 4)
-and uniform activation bits (GPU: ILA-AMP), sized for the SmolLM2 demo on 2 cores. Calibration always has more tokens than the model's
-largest K (a Hessian of lower rank than K lets GPTQ overfit).
+and uniform activation bits (GPU: ILA-AMP), sized for the SmolLM2 demo on 2 cores. Calibration always has more
+tokens than the model's largest K (a Hessian of lower rank than K lets GPTQ overfit).
 """
 
 from __future__ import annotations
