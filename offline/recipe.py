@@ -180,8 +180,11 @@ def preset(method: str) -> Recipe:
         return Recipe()
     if method == "bwla":
         # group 64: on SmolLM2 W1A6 PPL 3 081 vs 2 963 at group 32 (within run-to-run noise) for 0.25 fewer
-        # bits/weight; 192 and per row cost 1.4-1.8x (benchmarks/RESULTS.md "BWLA weight groups")
-        return Recipe(method="bwla", code="binary", group_size=64, group_size_for="", rotation="okt", lowrank="psp",
+        # bits/weight; 192 and per row cost 1.4-1.8x (benchmarks/RESULTS.md "BWLA weight groups"). gate/up and
+        # down_proj at 256: Qwen2.5-Coder-1.5B 1.51 -> 1.34 bits/weight (rank 16 included), SmolLM2 24.7x -> 29.1x
+        # dense at 2.09 -> 1.96 bits (session 18)
+        return Recipe(method="bwla", code="binary", group_size=64, group_size_for="gate_up_proj=256,down_proj=256",
+                      rotation="okt", lowrank="psp",
                       lowrank_rank=16, act_bits=6.0, bit_set=(4, 6, 8), allocation="uniform", tune_epochs=4,
                       tune_lr=2e-3)
     if method == "twinquant":

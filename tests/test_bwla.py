@@ -142,7 +142,7 @@ def test_bwla_checkpoint_is_binary_with_a_lowrank_branch(bwla_checkpoint):
         assert a.dtype == b.dtype == torch.float16 and a.shape[1] == b.shape[0] == 16
         assert tensors[f"{name}.{fmt.WEIGHT_PACKED}"].shape == (n, k // 32)
         assert float(a.float().abs().sum()) > 0  # a fitted branch, not the zero init
-        want_bits += fmt.bits_per_weight(n, k, cfg.group_size, BINARY, spec.rotation, 1, 16) * n * k
+        want_bits += fmt.bits_per_weight(n, k, cfg.group_size_of(name), BINARY, spec.rotation, 1, 16) * n * k
         total += n * k
     assert len(cfg.layers) == 14
     assert cfg.bits_per_weight == pytest.approx(want_bits / total, abs=1e-4)  # honest: branch included
