@@ -44,7 +44,9 @@ def model_card(qcfg: CheckpointConfig, base_model: str | None = None, summary: d
     method = qcfg.recipe.get("method", "unknown")
     title = f"TWLA {CODE_NAMES.get(code, code)}A{mean_bits:.3g} checkpoint" + (f" of {base_model}" * bool(base_model))
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "", f"# {title}", ""]
-    lines += [f"Weights in the {code} code (group size {qcfg.group_size}), activations quantized per token, "
+    own = sorted({(name.rsplit(".", 1)[-1], spec.group_size) for name, spec in qcfg.layers.items() if spec.group_size})
+    groups = f"group size {qcfg.group_size}" + "".join(f"; {leaf} {g}" for leaf, g in own)
+    lines += [f"Weights in the {code} code ({groups}), activations quantized per token, "
               f"written by `twla-quantize` (method `{method}`, full recipe in `recipe.yaml`; "
               f"`twla-quantize MODEL --out DIR --recipe recipe.yaml` repeats it)"
               + (f" from [{base_model}](https://huggingface.co/{base_model})." if base_model else "."), "",
