@@ -36,7 +36,7 @@ def _int_check(ok: Callable[[int], bool], allowed: str) -> Callable[[str], int]:
 
 positive_int = _int_check(lambda v: v >= 1, "a positive integer")
 non_negative_int = _int_check(lambda v: v >= 0, "an integer >= 0")
-group_size = _int_check(lambda v: v == -1 or (v > 0 and v % 16 == 0), "-1 (per row) or a positive multiple of 16")
+group_size = _int_check(R.valid_group_size, "-1 (per row) or a positive multiple of 16")
 power_of_two = _int_check(lambda v: v >= 1 and v & (v - 1) == 0, "a power of two >= 1 (1, 2, 4, 8, ...)")
 seed = _int_check(lambda v: 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]")
 

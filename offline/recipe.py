@@ -44,6 +44,11 @@ STAGE1_ITERS = {"ternary": 5, "binary": 15, "int4": 15}
 GROUP_SIZE_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
+def valid_group_size(v: int) -> bool:
+    """-1 (one group per row) or a positive multiple of 16 (the format's rule)."""
+    return v == -1 or (v > 0 and v % 16 == 0)
+
+
 def parse_group_sizes(text: str) -> dict[str, int]:
     """'gate_up_proj=64,down_proj=64' -> {module: group size}; '' -> {}. Raises ValueError naming the part."""
     out: dict[str, int] = {}
@@ -55,7 +60,7 @@ def parse_group_sizes(text: str) -> dict[str, int]:
             gs = int(size)
         except ValueError:
             gs = 0
-        if not (gs == -1 or (gs > 0 and gs % 16 == 0)):
+        if not valid_group_size(gs):
             raise ValueError(f"{part!r}: the size must be -1 (per row) or a positive multiple of 16")
         out[module.strip()] = gs
     return out
