@@ -130,7 +130,7 @@ def _check_groups(cfg: fmt.CheckpointConfig, groups: dict[str, Any], source: str
         raise _error(source, "config_groups", "no group targets 'Linear' (the layers 'layers' does not list)")
     for name, spec in [("Linear", cfg.default), *sorted(cfg.layers.items())]:
         gname, scheme = by_name.get(name, default)
-        want_w = _weight_args(cfg, spec.group_size or cfg.group_size)
+        want_w = _weight_args(cfg, cfg.spec_group_size(spec))
         for part, want in (("weights", want_w), ("input_activations", _activation_args(spec))):
             got = getattr(scheme, part)
             got = None if got is None else {f: v for f, v in got.model_dump(mode="json").items()

@@ -49,7 +49,7 @@ class _StoredTwlaLinear(torch.nn.Module):
     def __init__(self, linear: torch.nn.Linear, spec: fmt.LayerSpec, qcfg: fmt.CheckpointConfig):
         super().__init__()
         tensors = fmt.expected_tensors(spec, linear.out_features, linear.in_features,
-                                       spec.group_size or qcfg.group_size, qcfg.code, qcfg.version)
+                                       qcfg.spec_group_size(spec), qcfg.code, qcfg.version)
         for suffix, (shape, dtype) in tensors.items():
             self.register_parameter(suffix, torch.nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False))
         self.bias = None if linear.bias is None else torch.nn.Parameter(

@@ -67,7 +67,7 @@ class TwlaLinearMethod(LinearMethodBase):
                        params_dtype: torch.dtype, **extra_weight_attrs) -> None:
         loader = extra_weight_attrs["weight_loader"]
         ck, spec = self.checkpoint, self.spec
-        code, gs = ck.code, spec.group_size or ck.group_size
+        code, gs = ck.code, ck.spec_group_size(spec)
         k_local, n_local = input_size_per_partition, sum(output_partition_sizes)
         fmt.check_linear_shape(self.prefix, spec, input_size, gs, code)
         tp = input_size // k_local
@@ -157,7 +157,7 @@ class TwlaLinearMethod(LinearMethodBase):
                 delattr(layer, name)
         n, k = codes.shape
         self.kernel = choose_kernel(LinearSpec(
-            name=self.prefix, out_features=n, in_features=k, code=code, group_size=spec.group_size or ck.group_size,
+            name=self.prefix, out_features=n, in_features=k, code=code, group_size=ck.spec_group_size(spec),
             act_bits=spec.act_bits, act_clip=spec.act_clip, k_blocks=spec.k_blocks // layer.twla_tp,
             act_blocks=spec.act_ranges // layer.twla_tp,
             rotation_rows=0 if spec.rotation is None else spec.rotation[0] // layer.twla_tp,

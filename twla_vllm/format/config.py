@@ -162,7 +162,11 @@ class CheckpointConfig:
 
     def group_size_of(self, name: str) -> int:
         """The weight group along K of linear `name` (its own, else the checkpoint's)."""
-        return self.spec(name).group_size or self.group_size
+        return self.spec_group_size(self.spec(name))
+
+    def spec_group_size(self, spec: LayerSpec) -> int:
+        """The weight group along K of a linear with settings `spec` (for vLLM's fused modules, named by no key)."""
+        return spec.group_size or self.group_size
 
     def check_fused_groups(self, source: str = "quantization_config") -> None:
         """q/k/v (and gate/up) run as one vLLM module: their settings must agree."""
