@@ -89,7 +89,7 @@ def check_case(c: Case, dev, gen) -> list[str]:
     x = (torch.randn(c.m, c.k, generator=gen) * 2 + torch.randn(1, c.k, generator=gen)).to(dev, c.dtype)
     left = right = None
     if c.rot:
-        n1 = {128: 8, 192: 8, 256: 16, 384: 16, 512: 16, 4096: 64}[c.k]
+        n1 = {128: 8, 192: 8, 256: 16, 384: 16, 512: 16, 2048: 32, 4096: 64}[c.k]
         left, right = block_orth(n1, c.kb, gen, dev), orth(c.k // n1, gen, dev)
     scratch = c.scratch or (c.m > T.GEMV_MAX_M and T.uses_scratch(c.m))
     lanes = 8 // code.bits if scratch else 0
@@ -150,10 +150,11 @@ def check_case(c: Case, dev, gen) -> list[str]:
         bias = torch.randn(c.n, generator=gen).to(dev, c.dtype)
     q2, s2, z2, lr = T.act_quant(x, left, right, c.bits, 0.9, c.kb, c.precision, lanes, lowrank_b=lb,
                                  act_blocks=ab, bt=c.bt)
-    if la is not None:  # the branch's x·Bᵀ from act_quant's launch: K-block partials vs one fp64 product
+    if la is not None:  # the branch's x·Bᵀ from act_quant's launch: K-chunk partials vs one fp64 product
         want_lr = x.double() @ lb.double().t()
         lr_err = ((lr.double().sum(0) - want_lr).abs().max() / want_lr.abs().max()).item()
-        if lr.shape != (c.kb, c.m, c.shards * c.rank) or lr_err > 1e-5:  # fp32 sums of K products
+        chunks = c.kb * T.lowrank_splits(c.m, c.k // c.kb)
+        if lr.shape != (chunks, c.m, c.shards * c.rank) or lr_err > 1e-5:  # fp32 sums of K products
             fails.append(f"act_quant lowrank x·Bᵀ: shape {tuple(lr.shape)}, rel err {lr_err:.2e}")
     y2 = T.quant_matmul(q2, s2, z2, packed, row_scale, qa, qm, rowsum, code.bits, code.step, code.offset, c.gs,
                         c.dtype, la, lr, bias, bounds, scratch=scratch, gemv_split=c.split)
@@ -189,6 +190,10 @@ CPU_CASES = [
     Case(300, 40, 256, gs=64, bt=2),  # lane order permuted in registers
     Case(260, 40, 384, gs=64, kb=2, bt=2),  # 16 x 24 view: words cross rows, permuted store
     Case(70, 40, 256, gs=64, kb=2, rank=16, shards=3),  # branch: 2 token tiles x 2 column tiles x 2 K-blocks
+    # decode sizes: the branch in K-chunks (fp32 multiply-adds), finished in the GEMV's own epilogue (kb 1) or
+    # after the per-block split (kb 2)
+    Case(1, 40, 2048, gs=32, rank=16, shards=3, bias=True, split=False),
+    Case(3, 24, 2048, gs=64, kb=2, rank=8, shards=2),
     # activation ranges finer than the transform blocks (act_blocks): 4 rows of 16 per range, 2 ranges per block
     Case(5, 24, 256, gs=32, ab=4), Case(40, 33, 256, gs=64, kb=2, ab=4, rank=4),
     Case(3, 40, 512, gs=32, rot=False, ab=4), Case(260, 40, 384, gs=32, kb=2, ab=4),
@@ -208,6 +213,8 @@ def gpu_cases() -> list[Case]:
             Case(4, 4096, 14336, gs=-1, kb=1, rot=False, dtype=bf16), Case(64, 4096, 4096, gs=128, rank=32, shards=3,
                                                                           bias=True, dtype=bf16, code="int4"),
             Case(1, 4096, 4096, gs=32, rank=16, shards=2, dtype=bf16, code="binary"),
+            Case(4, 4096, 14336, gs=128, kb=8, rank=32, dtype=bf16, code="int4"),
+            Case(1, 6144, 4096, gs=128, rank=16, shards=3, dtype=bf16, code="binary"),
             Case(8, 4096, 4096, gs=32, dtype=bf16, precision="tf32"), Case(64, 4096, 4096, gs=32, dtype=bf16, precision="tf32"),
             Case(64, 4096, 4096, gs=32, dtype=bf16, precision="bf16"),
             Case(600, 4096, 4096, gs=32, dtype=bf16), Case(520, 4096, 14336, gs=32, kb=8, rot=False, dtype=bf16),

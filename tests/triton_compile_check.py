@@ -37,7 +37,7 @@ POINTERS["gemv"] = {**POINTERS["matmul"], "w_ptr": "*i32"}  # the GEMV reads pac
 POINTERS["fp32 partials"] = {**POINTERS["matmul"], "acc_ptr": "*fp32"}  # several K-blocks: promoted partials
 POINTERS["gemv fp32 partials"] = {**POINTERS["gemv"], "acc_ptr": "*fp32"}
 ACT = dict(ROWS=64, COLS=64, RBP=64, CP=64, BT=2, HAS_ROT=True, KB=1, AB=1, QR=64, BITS=4, CLIP=0.9, LANES=0,
-           PRECISION="tf32", ASM=True, SR=0, JB=16, BTL=16, BKL=128, LR_PRECISION="tf32x3")
+           PRECISION="tf32", ASM=True, SR=0, JB=16, BTL=16, BKL=128, KS=1, LR_DOT=True, LR_PRECISION="tf32x3")
 BRANCH = dict(R=32, NSH=3, RP=32, CP=128)  # rank 32 x 3 fused shards
 NO_BRANCH = dict(R=0, NSH=1, RP=16, CP=16)
 GEMV = dict(BITS=2, STEP=1, OFF=1, G=128, GW=2, KB=1, LRKB=1, HAS_BIAS=True, BM=1, BN=8, BP=64, SPLIT=1, ASM=True)
@@ -51,10 +51,14 @@ VARIANTS = [
      {**ACT, "ROWS": 112, "COLS": 128, "RBP": 16, "CP": 128, "KB": 8, "AB": 112, "QR": 1, "BT": 8}, 8),
     ("act_quant M=1, ranges + branch", _act_quant_kernel, "act_quant",
      {**ACT, "BT": 1, "AB": 32, "QR": 2, "SR": 48, "JB": 32, "BTL": 16}, 4),
+    ("act_quant M=1 + branch in 8 K-chunks (fp32 FMA)", _act_quant_kernel, "act_quant",
+     {**ACT, "BT": 1, "SR": 48, "JB": 32, "BTL": 1, "BKL": 128, "KS": 8, "LR_DOT": False}, 4),
     ("act_quant no transform", _act_quant_kernel, "act_quant",
      {**ACT, "HAS_ROT": False, "ROWS": 16, "COLS": 256, "RBP": 16, "CP": 256, "QR": 16, "BT": 1}, 4),
     ("gemv ternary", _gemv_kernel, "gemv", {**GEMV, **NO_BRANCH}, 2),
     ("gemv binary + branch, split 4", _gemv_kernel, "gemv", {**GEMV, **BRANCH, "BITS": 1, "SPLIT": 4}, 2),
+    ("gemv binary + branch finished in-kernel (16 partials)", _gemv_kernel, "gemv",
+     {**GEMV, "R": 16, "NSH": 3, "RP": 16, "CP": 64, "LRKB": 16, "BITS": 1}, 2),
     ("gemv int4, 8 blocks", _gemv_kernel, "gemv fp32 partials",
      {**GEMV, **NO_BRANCH, "BITS": 4, "OFF": 8, "KB": 8, "SPLIT": 8}, 4),
     ("gemm packed ternary", _gemm_kernel, "matmul", {**GEMM, **NO_BRANCH}, 4),

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import libdevice
 
-from .tiles import block_k, tokens_per_program
+from .tiles import GEMV_MAX_M, block_k, lowrank_splits, tokens_per_program
 
 
 @triton.jit
@@ -31,24 +31,32 @@ def _mul_rn(a, b, ASM: tl.constexpr):
 
 
 @triton.jit
-def _lowrank_down(x_ptr, b_ptr, lr_ptr, M, stride_x, lid, K: tl.constexpr, KB: tl.constexpr, SR: tl.constexpr,
-                  JB: tl.constexpr, BTL: tl.constexpr, BKL: tl.constexpr, PRECISION: tl.constexpr):
-    """K-block b's share of lr = x @ Bᵀ for BTL tokens and JB branch columns: lr_ptr [KB, M, SR] fp32 holds one
-    partial per K-block (the matmul's epilogue sums them in a fixed order: deterministic, no atomics)."""
+def _lowrank_down(x_ptr, b_ptr, lr_ptr, M, stride_x, lid, K: tl.constexpr, KB: tl.constexpr, KS: tl.constexpr,
+                  SR: tl.constexpr, JB: tl.constexpr, BTL: tl.constexpr, BKL: tl.constexpr, DOT: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """One K-chunk's share of lr = x @ Bᵀ for BTL tokens and JB branch columns. K-block b splits into KS chunks;
+    lr_ptr [KB*KS, M, SR] fp32 holds one partial per chunk (the matmul's epilogue sums them in a fixed order:
+    deterministic, no atomics). DOT: a tensor-core dot (>= 16 tokens); else fp32 multiply-adds (decode sizes)."""
     b = tl.program_id(1)
     NJ: tl.constexpr = (SR + JB - 1) // JB
-    KBW: tl.constexpr = K // KB
-    tok = (lid // NJ) * BTL + tl.arange(0, BTL)
-    j = (lid % NJ) * JB + tl.arange(0, JB)
+    CW: tl.constexpr = K // KB // KS  # columns per chunk
+    c = lid % KS
+    tile = lid // KS
+    tok = (tile // NJ) * BTL + tl.arange(0, BTL)
+    j = (tile % NJ) * JB + tl.arange(0, JB)
     acc = tl.zeros([BTL, JB], dtype=tl.float32)
-    for k0 in range(0, KBW, BKL):
+    for k0 in range(0, CW, BKL):
         kk = k0 + tl.arange(0, BKL)
-        col = b * KBW + kk
-        xt = tl.load(x_ptr + tok[:, None] * stride_x + col[None, :], mask=(tok[:, None] < M) & (kk[None, :] < KBW),
+        col = (b * KS + c) * CW + kk
+        xt = tl.load(x_ptr + tok[:, None] * stride_x + col[None, :], mask=(tok[:, None] < M) & (kk[None, :] < CW),
                      other=0.0).to(tl.float32)
-        bt = tl.load(b_ptr + j[:, None] * K + col[None, :], mask=(j[:, None] < SR) & (kk[None, :] < KBW), other=0.0)
-        acc += tl.dot(xt, tl.trans(bt), input_precision=PRECISION)
-    tl.store(lr_ptr + (b * M + tok[:, None]) * SR + j[None, :], acc, mask=(tok[:, None] < M) & (j[None, :] < SR))
+        bt = tl.load(b_ptr + j[:, None] * K + col[None, :], mask=(j[:, None] < SR) & (kk[None, :] < CW), other=0.0)
+        if DOT:
+            acc += tl.dot(xt, tl.trans(bt), input_precision=PRECISION)
+        else:
+            acc += tl.sum(xt[:, None, :] * bt[None, :, :], axis=2)
+    tl.store(lr_ptr + ((b * KS + c) * M + tok[:, None]) * SR + j[None, :], acc,
+             mask=(tok[:, None] < M) & (j[None, :] < SR))
 
 
 @triton.jit
@@ -126,7 +134,7 @@ def _act_quant_kernel(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, b_ptr, lr_ptr, M
                       BT: tl.constexpr, HAS_ROT: tl.constexpr, KB: tl.constexpr, AB: tl.constexpr,
                       QR: tl.constexpr, BITS: tl.constexpr, CLIP: tl.constexpr, LANES: tl.constexpr,
                       PRECISION: tl.constexpr, ASM: tl.constexpr, SR: tl.constexpr, JB: tl.constexpr,
-                      BTL: tl.constexpr, BKL: tl.constexpr,
+                      BTL: tl.constexpr, BKL: tl.constexpr, KS: tl.constexpr, LR_DOT: tl.constexpr,
                       LR_PRECISION: tl.constexpr):
     # Programs [0, NQ) along axis 0 transform and quantize BT tokens each; with a low-rank branch (SR > 0) the
     # programs after them compute its down-projection x @ lowrank_bᵀ from the same unrotated x, in the same
@@ -137,8 +145,8 @@ def _act_quant_kernel(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, b_ptr, lr_ptr, M
                          BT, HAS_ROT, KB, AB, QR, BITS, CLIP, LANES, PRECISION, ASM)
     if SR > 0:  # compile-time: kernels without a branch have no such programs
         if pid >= NQ:
-            _lowrank_down(x_ptr, b_ptr, lr_ptr, M, stride_x, pid - NQ, ROWS * COLS, KB, SR, JB, BTL, BKL,
-                          LR_PRECISION)
+            _lowrank_down(x_ptr, b_ptr, lr_ptr, M, stride_x, pid - NQ, ROWS * COLS, KB, KS, SR, JB, BTL, BKL,
+                          LR_DOT, LR_PRECISION)
 
 
 def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None, bits: int, clip: float,
@@ -153,8 +161,9 @@ def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | 
     (fp32-accurate), "tf32" (the CUDA default: single pass, ~0.1% of 4-bit codes one step off, see
     benchmarks/RESULTS.md) or "bf16".
     lanes > 0 stores q in the lane order of a code with that many lanes (what `unpack_weights` writes).
-    lowrank_b [SR, K] fp32: the same launch also computes the low-rank branch's x @ lowrank_bᵀ (fp32-accurate
-    dots), returned as lr [KB, M, SR] partial sums per K-block for `quant_matmul` (None without lowrank_b).
+    lowrank_b [SR, K] fp32: the same launch also computes the low-rank branch's x @ lowrank_bᵀ (fp32-accurate),
+    returned as lr [P, M, SR] partial sums, P = k_blocks * `lowrank_splits`, for `quant_matmul` (None without
+    lowrank_b).
     `out`: preallocated outputs (tests poison them). `bt` (tokens per program), `warps`: override the launch
     heuristic (benchmarks)."""
     m, k = x.shape
@@ -174,11 +183,15 @@ def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | 
     warps = warps or (4 if bt * rbp * cp <= (16384 if left is not None else 4096) else 8)
     nq = triton.cdiv(m, bt)
     sr = 0 if lowrank_b is None else lowrank_b.shape[0]
-    lr = None if not sr else torch.empty(k_blocks, m, sr, dtype=torch.float32, device=x.device)
-    # branch programs: 16..64 tokens (the dot's M) x 16..32 branch columns, K in 128-wide steps
-    btl = min(64, max(16, triton.next_power_of_2(m)))
+    ks = lowrank_splits(m, k // k_blocks) if sr else 1
+    lr = None if not sr else torch.empty(k_blocks * ks, m, sr, dtype=torch.float32, device=x.device)
+    # branch programs: BTL tokens x 16..32 branch columns x one K-chunk. From 16 tokens a tensor-core dot (3xTF32)
+    # over 128-wide K steps; at decode sizes fp32 multiply-adds over a [BTL, JB, BKL] tile of <= 8K products
+    lr_dot = m > GEMV_MAX_M
+    btl = min(64, max(16, triton.next_power_of_2(m))) if lr_dot else triton.next_power_of_2(m)
     jb = min(32, max(16, triton.next_power_of_2(sr)))
-    nl = triton.cdiv(m, btl) * triton.cdiv(sr, jb) if sr else 0
+    bkl = 128 if lr_dot else min(128, 8192 // (btl * jb))
+    nl = triton.cdiv(m, btl) * triton.cdiv(sr, jb) * ks if sr else 0
     if m:
         _act_quant_kernel[(nq + nl, k_blocks)](
             x, left if left is not None else x, right if right is not None else x, q, s, z,
@@ -186,7 +199,7 @@ def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | 
             COLS=cols, RBP=rbp, CP=cp, BT=bt, HAS_ROT=left is not None, KB=k_blocks, AB=ab,
             QR=rbp if ab == k_blocks else rows // ab, BITS=bits,
             CLIP=float(clip),
-            LANES=lanes, PRECISION=precision, ASM=cuda, SR=sr, JB=jb, BTL=btl, BKL=128,
+            LANES=lanes, PRECISION=precision, ASM=cuda, SR=sr, JB=jb, BTL=btl, BKL=bkl, KS=ks, LR_DOT=lr_dot,
             LR_PRECISION="tf32x3" if cuda else "ieee", num_warps=warps)
     return q, s, z, lr
 

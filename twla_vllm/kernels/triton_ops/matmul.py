@@ -8,7 +8,7 @@ import triton
 from .epilogue import _epilogue
 from .gemm import _gemm_kernel
 from .gemv import _gemv_kernel
-from .tiles import GEMM_CONFIGS, GEMV_CONFIGS, GEMV_MAX_M, GEMV_SPLIT_CTAS, block_k, gemm_split, uses_scratch
+from .tiles import GEMM_CONFIGS, GEMV_CONFIGS, GEMV_LOWRANK_SUM, GEMV_MAX_M, GEMV_SPLIT_CTAS, block_k, gemm_split, uses_scratch
 from .unpack import unpack_weights
 
 
@@ -55,12 +55,15 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
             bp //= 2
         n_ctas = triton.cdiv(n, bn)
         split = kb  # several activation blocks: one split per block
-        # a low-rank branch always goes through `_epilogue` (its tensor-core dot), never the GEMV's own epilogue
-        while (gemv_split and kb == 1 and (n_ctas * split * 2 <= GEMV_SPLIT_CTAS or r and split == 1)
+        bm = triton.next_power_of_2(m)
+        # the GEMV's own epilogue adds a low-rank branch as a broadcast sum over [BM, BN, CP]: cheap at M = 1 (no
+        # second launch); past GEMV_LOWRANK_SUM products it would spill, so the branch goes through `_epilogue`'s
+        # tensor-core dot instead (split K at least twice)
+        big_branch = r and bm * bn * meta["CP"] > GEMV_LOWRANK_SUM
+        while (gemv_split and kb == 1 and (n_ctas * split * 2 <= GEMV_SPLIT_CTAS or big_branch and split == 1)
                and words % (2 * split * bp) == 0):
             split *= 2
         acc = _partials(split, kb, y)
-        bm = triton.next_power_of_2(m)
         _gemv_kernel[(n_ctas, split)](q.view(torch.int32), s, z, packed, *args, acc, m, n, k, q.stride(0) // 4,
                                       packed.stride(0), y.stride(0), stride_lr, sb1, sb2, GW=gw, BM=bm, BN=bn, BP=bp,
                                       SPLIT=split, ASM=asm, num_warps=warps, **meta)

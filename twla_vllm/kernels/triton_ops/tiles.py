@@ -15,6 +15,7 @@ def block_k(unit: int, cap: int, floor: int = 32) -> int:
 GEMV_MAX_M = 8  # up to here: CUDA-core dp4a GEMV
 GEMV_CONFIGS = ((1, 8, 64, 2), (GEMV_MAX_M, 32, 32, 4))  # (max M, BN, BP words, warps)
 GEMV_SPLIT_CTAS = 528  # split K (int32 partials) while the grid has fewer CTAs than this (4 per SM)
+GEMV_LOWRANK_SUM = 4096  # largest [BM, BN, CP] low-rank broadcast sum the GEMV finishes in its own epilogue
 # tensor-core tiles by M bucket: (max M, BM tokens, BN rows, BK cap, warps, stages), from `benchmarks/kernels.py
 # --sweep` on the H100 (benchmarks/KERNEL_NOTES.md v7). BK 32 = one weight group of the default group size, so a
 # tile's group scales are one column; the scratch path (M >= SCRATCH_MIN_M) takes the last row.
@@ -28,10 +29,26 @@ def uses_scratch(m: int) -> bool:
 
 
 def fuses_lowrank_down(m: int, k: int) -> bool:
-    """Whether the low-rank branch's x·Bᵀ runs in act_quant's launch rather than as its own fp32 GEMM: only where
-    that measured faster on the H100 (int4 rank 32, 14336->4096: 80 vs 86 µs at M=8, 161 vs 168 at 64, 729 vs 808
-    at 2048; at K=4096 and at M=1 it was 1.1-2x slower; KERNEL_NOTES.md v9)."""
-    return m >= 8 and k >= 8192
+    """Whether the low-rank branch's x·Bᵀ runs in act_quant's launch rather than as its own fp32 GEMM. Decode
+    sizes (M <= GEMV_MAX_M) always: there the branch programs split K finely (`lowrank_splits`), and the separate
+    GEMM costs two launches (x.float(), cuBLAS) per linear. Above that only where the fused dot measured faster on
+    the H100 (int4 rank 32, 14336->4096: 80 vs 86 µs at M=8, 161 vs 168 at 64, 729 vs 808 at 2048; at K=4096 it was
+    1.1-2x slower; KERNEL_NOTES.md v9)."""
+    return m <= GEMV_MAX_M or k >= 8192
+
+
+LOWRANK_MIN_CHUNK = 512  # K per branch program at decode sizes: 512 x rank 16-32 fp32 = 32-64 KB of B each
+
+
+def lowrank_splits(m: int, k_block: int) -> int:
+    """K-chunks per K-block for the branch programs of act_quant: at M <= GEMV_MAX_M one program per token tile
+    would walk all of B alone (v9 measured the fused branch 2x slower than cuBLAS at M=1 that way), so each
+    K-block splits into up to 16 power-of-two chunks of >= LOWRANK_MIN_CHUNK columns; larger M keeps one."""
+    ks = 1
+    if m <= GEMV_MAX_M:
+        while ks < 16 and k_block % (2 * ks) == 0 and k_block // (2 * ks) >= LOWRANK_MIN_CHUNK:
+            ks *= 2
+    return ks
 
 
 def gemm_split(tiles: int, k: int, kb: int, bk: int) -> int:
