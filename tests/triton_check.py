@@ -153,7 +153,7 @@ def check_case(c: Case, dev, gen) -> list[str]:
     if la is not None:  # the branch's x·Bᵀ from act_quant's launch: K-chunk partials vs one fp64 product
         want_lr = x.double() @ lb.double().t()
         lr_err = ((lr.double().sum(0) - want_lr).abs().max() / want_lr.abs().max()).item()
-        chunks = c.kb * T.lowrank_splits(c.m, c.k // c.kb)
+        chunks = c.kb * T.lowrank_splits(c.m, c.k, c.kb, c.shards * c.rank)
         if lr.shape != (chunks, c.m, c.shards * c.rank) or lr_err > 1e-5:  # fp32 sums of K products
             fails.append(f"act_quant lowrank x·Bᵀ: shape {tuple(lr.shape)}, rel err {lr_err:.2e}")
     y2 = T.quant_matmul(q2, s2, z2, packed, row_scale, qa, qm, rowsum, code.bits, code.step, code.offset, c.gs,
@@ -190,10 +190,11 @@ CPU_CASES = [
     Case(300, 40, 256, gs=64, bt=2),  # lane order permuted in registers
     Case(260, 40, 384, gs=64, kb=2, bt=2),  # 16 x 24 view: words cross rows, permuted store
     Case(70, 40, 256, gs=64, kb=2, rank=16, shards=3),  # branch: 2 token tiles x 2 column tiles x 2 K-blocks
-    # decode sizes: the branch in K-chunks (fp32 multiply-adds), finished in the GEMV's own epilogue (kb 1) or
+    # the branch in K-chunks: decode sizes (fp32 multiply-adds) finished in the GEMV's own epilogue (kb 1) or
     # after the per-block split (kb 2)
     Case(1, 40, 2048, gs=32, rank=16, shards=3, bias=True, split=False),
     Case(3, 24, 2048, gs=64, kb=2, rank=8, shards=2),
+    Case(20, 24, 2048, gs=64, rank=8, shards=2),  # tensor-core branch dot in 4 K-chunks
     # activation ranges finer than the transform blocks (act_blocks): 4 rows of 16 per range, 2 ranges per block
     Case(5, 24, 256, gs=32, ab=4), Case(40, 33, 256, gs=64, kb=2, ab=4, rank=4),
     Case(3, 40, 512, gs=32, rot=False, ab=4), Case(260, 40, 384, gs=32, kb=2, ab=4),

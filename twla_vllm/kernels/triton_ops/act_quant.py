@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import libdevice
 
-from .tiles import GEMV_MAX_M, block_k, lowrank_splits, tokens_per_program
+from .tiles import block_k, lowrank_splits, lowrank_tile, tokens_per_program
 
 
 @triton.jit
@@ -183,14 +183,9 @@ def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | 
     warps = warps or (4 if bt * rbp * cp <= (16384 if left is not None else 4096) else 8)
     nq = triton.cdiv(m, bt)
     sr = 0 if lowrank_b is None else lowrank_b.shape[0]
-    ks = lowrank_splits(m, k // k_blocks) if sr else 1
+    btl, jb, bkl, lr_dot = lowrank_tile(m, sr)
+    ks = lowrank_splits(m, k, k_blocks, sr) if sr else 1
     lr = None if not sr else torch.empty(k_blocks * ks, m, sr, dtype=torch.float32, device=x.device)
-    # branch programs: BTL tokens x 16..32 branch columns x one K-chunk. From 16 tokens a tensor-core dot (3xTF32)
-    # over 128-wide K steps; at decode sizes fp32 multiply-adds over a [BTL, JB, BKL] tile of <= 8K products
-    lr_dot = m > GEMV_MAX_M
-    btl = min(64, max(16, triton.next_power_of_2(m))) if lr_dot else triton.next_power_of_2(m)
-    jb = min(32, max(16, triton.next_power_of_2(sr)))
-    bkl = 128 if lr_dot else min(128, 8192 // (btl * jb))
     nl = triton.cdiv(m, btl) * triton.cdiv(sr, jb) * ks if sr else 0
     if m:
         _act_quant_kernel[(nq + nl, k_blocks)](

@@ -37,17 +37,33 @@ def fuses_lowrank_down(m: int, k: int) -> bool:
     return m <= GEMV_MAX_M or k >= 8192
 
 
-LOWRANK_MIN_CHUNK = 512  # K per branch program at decode sizes: 512 x rank 16-32 fp32 = 32-64 KB of B each
+LOWRANK_MIN_CHUNK = 512  # K per branch program: 512 x rank 16-32 fp32 = 32-64 KB of B each
+LOWRANK_MIN_PROGRAMS = 128  # split K until the branch has this many programs (~1 per H100 SM), chunks permitting
 
 
-def lowrank_splits(m: int, k_block: int) -> int:
-    """K-chunks per K-block for the branch programs of act_quant: at M <= GEMV_MAX_M one program per token tile
-    would walk all of B alone (v9 measured the fused branch 2x slower than cuBLAS at M=1 that way), so each
-    K-block splits into up to 16 power-of-two chunks of >= LOWRANK_MIN_CHUNK columns; larger M keeps one."""
+def lowrank_tile(m: int, sr: int) -> tuple[int, int, int, bool]:
+    """act_quant's branch programs: (BTL tokens, JB branch columns, BKL K step, tensor-core dot?). From M > 8 a
+    3xTF32 dot of 16..64 tokens over 128-wide K steps; at decode sizes fp32 multiply-adds over [BTL, JB, BKL] with
+    BTL = M rounded up to a power of two (a dot would pad to 16 rows) and <= 8K products."""
+    jb = min(32, max(16, 1 << (sr - 1).bit_length()))
+    if m > GEMV_MAX_M:
+        return min(64, max(16, 1 << (m - 1).bit_length())), jb, 128, True
+    btl = 1 << (m - 1).bit_length()
+    return btl, jb, min(128, 8192 // (btl * jb)), False
+
+
+def lowrank_splits(m: int, k: int, k_blocks: int, sr: int) -> int:
+    """K-chunks per K-block for act_quant's branch programs: one program per (token tile, column tile, K-block)
+    walks a whole block of K alone (v9 measured the fused branch 1.1-2x slower than cuBLAS at K = 4096 that way),
+    so each K-block splits into power-of-two chunks of >= LOWRANK_MIN_CHUNK columns until there are
+    LOWRANK_MIN_PROGRAMS programs (at most 16 chunks). The partials are summed in order by the matmul's epilogue."""
+    btl, jb, _, _ = lowrank_tile(m, sr)
+    programs = -(-m // btl) * -(-sr // jb) * k_blocks
+    kbw = k // k_blocks
     ks = 1
-    if m <= GEMV_MAX_M:
-        while ks < 16 and k_block % (2 * ks) == 0 and k_block // (2 * ks) >= LOWRANK_MIN_CHUNK:
-            ks *= 2
+    while (ks < 16 and programs * ks < LOWRANK_MIN_PROGRAMS and kbw % (2 * ks) == 0
+           and kbw // (2 * ks) >= LOWRANK_MIN_CHUNK):
+        ks *= 2
     return ks
 
 
