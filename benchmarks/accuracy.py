@@ -199,7 +199,7 @@ def act_group_ladder(h: Harness, group_size: int, seed: int, act_groups: list[in
     (`pick_act_blocks`: whole rows of the transform view, servable by the Triton kernels). With `checkpoint` the
     weights, activation bits and clips are a finished checkpoint's (its clips were searched for its own ranges;
     `clip` replaces them all), and a last row runs it with 16-bit activations."""
-    from twla_offline.pipeline import set_act_ranges
+    from twla_offline.layout import set_act_ranges
 
     if checkpoint:
         from twla_vllm.format import validate_checkpoint
@@ -245,7 +245,8 @@ def clip_ladder(h: Harness, checkpoint: str, objectives: list[str], act_group: i
     import yaml
 
     from twla_offline import clip
-    from twla_offline.pipeline import clip_windows, input_sites, set_act_ranges
+    from twla_offline.layout import input_sites, set_act_ranges
+    from twla_offline.pipeline import clip_windows
     from twla_vllm.format import validate_checkpoint
     from twla_vllm.simulate import load_simulated_model
 

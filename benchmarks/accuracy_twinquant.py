@@ -36,7 +36,7 @@ from accuracy import Harness  # noqa: E402
 
 from twla_offline.baselines import apply_quarot_rtn, set_act_bits  # noqa: E402
 from twla_offline.models import load_model  # noqa: E402
-from twla_offline.pipeline import pick_group_size  # noqa: E402
+from twla_offline.layout import pick_group_size  # noqa: E402
 from twla_offline.recipe import Recipe, preset  # noqa: E402
 
 METHODS = ("caveat", "rtn", "quarot", "gptq", "svd", "twinquant", "transform-only")

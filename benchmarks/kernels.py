@@ -19,7 +19,7 @@ With --lowrank R: + branch = the whole op with a rank-R 16-bit branch as served;
 x·Bᵀ computed in act_quant's launch / as its own fp32 GEMM (A·(·) in the matmul's epilogue either way); the op
 picks one by shape (`triton_ops.fuses_lowrank_down`).
 With --act-group-size G: + ranges = the whole op with activation ranges of about G channels (twla-quantize
---act-group-size G picks the same count: offline.pipeline.pick_act_blocks) instead of one per transform block.
+--act-group-size G picks the same count: offline.layout.pick_act_blocks) instead of one per transform block.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import twla_vllm.ops  # noqa: E402,F401
 from twla_vllm import format as fmt  # noqa: E402
 from twla_vllm.kernels import triton_ops as T  # noqa: E402
 from twla_vllm.reference import block_row_sums, kron_rotate, quantize_per_token  # noqa: E402
-from twla_offline.pipeline import pick_act_blocks  # noqa: E402
+from twla_offline.layout import pick_act_blocks  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
 MS = [1, 8, 16, 64, 256, 2048, 8192]

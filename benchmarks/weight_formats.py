@@ -28,7 +28,7 @@ from twla_offline import data  # noqa: E402
 from twla_offline.calibrate import capture_first_block_inputs, capture_inputs, decoder_layers, run_block  # noqa: E402
 from twla_offline.faithful import fit_faithful, fit_second_plane  # noqa: E402
 from twla_offline.models import load_model, resolve_model  # noqa: E402
-from twla_offline.pipeline import pick_group_size  # noqa: E402
+from twla_offline.layout import pick_group_size  # noqa: E402
 from twla_offline.weights import gptq_quantize  # noqa: E402
 from twla_vllm.format import CODES  # noqa: E402
 

@@ -9,8 +9,8 @@ from twla_vllm.reference import fake_quant_per_token, kron_rotate, rotate_weight
 from twla_vllm.simulate import SimTwlaLinear
 
 from .calibrate import decoder_layers
+from .layout import ATTN, MLP_IN
 from .rotate import fold_norm_into, random_orthogonal
-from .pipeline import ATTN, MLP_IN
 
 LINEARS = (ATTN, ("self_attn.o_proj",), MLP_IN, ("mlp.down_proj",))
 

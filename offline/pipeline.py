@@ -24,17 +24,13 @@ from . import allocate, clip, data, lowrank
 from .calibrate import (BlockInputs, RotatedLinear, calibration_tokens, capture_first_block_inputs, capture_inputs,
                         decoder_layers, input_gram, quantized_input_grams, run_block)
 from .export import write_checkpoint
+from .layout import ATTN, MLP_IN, VLLM_MODULE, input_sites, pick_act_blocks, pick_group_size, pick_k_blocks
 from .onload import Placement, cuda_matmul_precision
 from .recipe import AFTER_WEIGHTS, BEHAVED_BEFORE, Recipe, parse_group_sizes
 from .rotate import (balanced_factors, block_diagonal_orthogonal, fold_head_rotation, fold_norm_into, fold_weight,
                      learn_kronecker_rotation, random_orthogonal, reference_factors, unfold_weight)
 from .weights import act_aware_target, fit_rtn, gptq_quantize
 
-ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-MLP_IN = ("mlp.gate_proj", "mlp.up_proj")
-# each linear's vLLM module (the names `Recipe.group_size_for` uses)
-VLLM_MODULE = {**dict.fromkeys(ATTN, "qkv_proj"), "self_attn.o_proj": "o_proj",
-               **dict.fromkeys(MLP_IN, "gate_up_proj"), "mlp.down_proj": "down_proj"}
 WEIGHT_STAGES = ("calibrate", "rotate", "weights")  # the resumable stages; the later ones rerun on resume
 
 
@@ -78,68 +74,10 @@ def lowrank_fit(name: str):
     raise ValueError(f"unknown low-rank method {name!r} (allowed: svd, psp, learned)")
 
 
-def input_sites(n_layers: int) -> list[list[str]]:
-    """The linears of every block grouped by the input they share (q/k/v, o, gate/up, down), as module paths."""
-    return [[f"model.layers.{l}.{m}" for m in members] for l in range(n_layers)
-            for members in (ATTN, ("self_attn.o_proj",), MLP_IN, ("mlp.down_proj",))]
-
-
 def clip_windows(tok, r: Recipe) -> torch.Tensor:
     """The held-out token windows the clip search measures on (never calibration or test text)."""
     heldout = data.load_text(r.calib, "heldout", r.text_column)
     return data.token_windows(tok, heldout, max(1, r.clip_tokens // r.amp_seqlen), r.amp_seqlen, r.seed + 2)
-
-
-def set_act_ranges(sims: dict, specs: dict, group_size: int, channels: int) -> dict[str, int]:
-    """Give every simulated linear activation ranges of ~`channels` (as `--act-group-size` picks them; specs: its
-    LayerSpec by module path; group_size: the weight group where a spec has none of its own); returns the channels
-    per range by linear name."""
-    ranges = {}
-    for name, m in sims.items():
-        spec = specs[name]
-        m.set_act_ranges(pick_act_blocks(m.in_features, None if spec.rotation is None else spec.rotation[0],
-                                         spec.k_blocks, spec.group_size or group_size, channels) or spec.k_blocks)
-        ranges[name.split(".")[-1]] = m.in_features // m.act_ranges
-    return ranges
-
-
-def pick_group_size(ks: list[int], requested: int, code: str = "ternary") -> int:
-    if requested == -1:
-        return -1
-    unit = max(16, fmt.CODES[code].codes_per_word)
-    for g in range(requested - requested % unit, unit - 1, -unit):
-        if all(k % g == 0 for k in ks):
-            return g
-    return -1
-
-
-def pick_k_blocks(k: int, group_size: int, max_blocks: int) -> int:
-    """Largest power of two <= max_blocks splitting K into whole packed words and weight groups."""
-    unit = 16 if group_size == -1 else max(16, group_size)
-    b = 1
-    while b * 2 <= max_blocks and k % (b * 2) == 0 and (k // (b * 2)) % unit == 0:
-        b *= 2
-    return b
-
-
-def pick_act_blocks(k: int, n1: int | None, k_blocks: int, group_size: int, target: int) -> int:
-    """Activation ranges per token for a range of about `target` channels (0: one per k-block): the most ranges
-    whose size stays >= target, a multiple of k_blocks, each a whole number of weight groups and of 32 channels
-    (the int8 MMA's K), and with a transform whole rows of its [n1, n2] view, a power of two of them per
-    k-block (what the Triton act_quant can split: twla_vllm/kernels/triton_ops/act_quant.py)."""
-    if target <= 0:
-        return 0
-    unit = max(32, group_size)
-    best = k_blocks
-    for ab in range(k_blocks, k // unit + 1, k_blocks):
-        if k % ab or (k // ab) % unit or k // ab < target:
-            continue
-        if n1 is not None:
-            rows = n1 // ab if n1 % ab == 0 else 0
-            if not rows or (ab > k_blocks and rows & (rows - 1)):
-                continue
-        best = ab
-    return 0 if best == k_blocks else best
 
 
 class Quantizer:

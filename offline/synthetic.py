@@ -15,7 +15,7 @@ from .errors import Parser, cli_errors
 from .export import write_checkpoint
 from .options import seed as seed_option
 from .outdir import check_out_dir
-from .pipeline import pick_act_blocks
+from .layout import pick_act_blocks
 from .rotate import balanced_factors, block_diagonal_orthogonal, random_orthogonal
 from .weights import fit_rtn
 
@@ -68,7 +68,7 @@ def make_synthetic_checkpoint(out_dir: str, arch: str = "llama", group_size: int
     `lowrank_rank` > 0 adds a random low-rank branch to every linear (the RTN fit is then of W - A·B);
     `per_linear_rotation` gives q/k/v and gate/up their own transforms (vLLM's fused module runs per shard);
     `act_ranges` > 1 splits every transform block's activations into that many ranges per token where the
-    shapes allow (`pipeline.pick_act_blocks`; format key act_blocks)."""
+    shapes allow (`layout.pick_act_blocks`; format key act_blocks)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tok = char_tokenizer()

@@ -89,7 +89,7 @@ def check_case(c: Case, dev, gen) -> list[str]:
     x = (torch.randn(c.m, c.k, generator=gen) * 2 + torch.randn(1, c.k, generator=gen)).to(dev, c.dtype)
     left = right = None
     if c.rot:
-        n1 = {128: 8, 192: 8, 256: 16, 384: 16, 512: 16, 2048: 32, 4096: 64}[c.k]
+        n1 = {128: 8, 192: 8, 256: 16, 384: 16, 512: 16, 2048: 32, 4096: 64, 14336: 112}[c.k]
         left, right = block_orth(n1, c.kb, gen, dev), orth(c.k // n1, gen, dev)
     scratch = c.scratch or (c.m > T.GEMV_MAX_M and T.uses_scratch(c.m))
     lanes = 8 // code.bits if scratch else 0

@@ -29,12 +29,12 @@ def uses_scratch(m: int) -> bool:
 
 
 def fuses_lowrank_down(m: int, k: int) -> bool:
-    """Whether the low-rank branch's x·Bᵀ runs in act_quant's launch rather than as its own fp32 GEMM. Decode
-    sizes (M <= GEMV_MAX_M) always: there the branch programs split K finely (`lowrank_splits`), and the separate
-    GEMM costs two launches (x.float(), cuBLAS) per linear. Above that only where the fused dot measured faster on
-    the H100 (int4 rank 32, 14336->4096: 80 vs 86 µs at M=8, 161 vs 168 at 64, 729 vs 808 at 2048; at K=4096 it was
-    1.1-2x slower; KERNEL_NOTES.md v9)."""
-    return m <= GEMV_MAX_M or k >= 8192
+    """Whether the low-rank branch's x·Bᵀ runs in act_quant's launch (K-chunked, `lowrank_splits`) rather than as
+    its own fp32 GEMM. H100, binary g128 rank 16, whole op µs fused / own GEMM (KERNEL_NOTES.md v11):
+    M=1: 11.0 / 15.7 (4096->4096), 13.5 / 19.8 (4096->14336), 28.0 / 28.8 (14336->4096); M=8: 30.4 / 30.4,
+    45.4 / 45.4, 75.3 / 63.2; M=64: 36.6 / 44.5, 81.7 / 89.9, 126.6 / 134.1. So everywhere but a few decode tokens
+    over K >= 8192, where 8 tokens' fp32 multiply-adds in 16 programs lose (measured at M=8; M=2..7 follow it)."""
+    return not (1 < m <= GEMV_MAX_M and k >= 8192)
 
 
 LOWRANK_MIN_CHUNK = 512  # K per branch program: 512 x rank 16-32 fp32 = 32-64 KB of B each
