@@ -8,7 +8,8 @@ import triton
 from .epilogue import _epilogue
 from .gemm import _gemm_kernel
 from .gemv import _gemv_kernel
-from .tiles import GEMM_CONFIGS, GEMV_CONFIGS, GEMV_LOWRANK_SUM, GEMV_MAX_M, GEMV_SPLIT_CTAS, block_k, gemm_split, uses_scratch
+from .tiles import (GEMM_CONFIGS, GEMV_CONFIGS, GEMV_LOWRANK_SUM, GEMV_MAX_M, GEMV_SPLIT_CTAS, block_k, gemm_split,
+                    uses_scratch)
 from .unpack import unpack_weights
 
 
