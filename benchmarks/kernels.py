@@ -6,6 +6,7 @@ bf16, fp8 and torch._int_mm, same run, same shapes (Llama-3-8B linears, K -> N).
     python benchmarks/kernels.py --act-quant  # transform precision: time and code agreement with float64
     python benchmarks/kernels.py --act-quant-sweep --ms 16,64,128,256,512,2048,8192   # act_quant tokens/program
     python benchmarks/kernels.py --code int4 --group-size 128 --lowrank 32   # + the low-rank branch, fused or not
+    python benchmarks/kernels.py --code binary --group-size 128 --lowrank 16 --lowrank-sweep --ms 1,8  # x·Bᵀ launch
     python benchmarks/kernels.py --act-group-size 128   # + the op with activation ranges of ~128 channels
 
 Timing as served: CUDA graphs (triton.testing.do_bench_cudagraph, median), and each timed call cycles through
@@ -38,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import twla_vllm.ops  # noqa: E402,F401
 from twla_vllm import format as fmt  # noqa: E402
 from twla_vllm.kernels import triton_ops as T  # noqa: E402
+from twla_vllm.kernels.triton_ops.tiles import lowrank_tile  # noqa: E402
 from twla_vllm.reference import block_row_sums, kron_rotate, quantize_per_token  # noqa: E402
 from twla_offline.layout import pick_act_blocks  # noqa: E402
 
@@ -158,6 +160,48 @@ def branch_times(x, layers, branch_ab, left, right, kb, code, gs, copies) -> dic
             "branch_unfused_us": bench(form(False), copies)}
 
 
+def lowrank_sweep(code, gs: int, rank: int, ms: list[int]) -> None:
+    """The branch's x·Bᵀ launch in act_quant (KERNEL_NOTES v11): the whole op with a rank-`rank` branch by
+    (K-chunks per K-block, K step per program), against the launch rule and the separate fp32 GEMM; `!` marks a
+    setting whose output differs from the rule's by more than 1e-2 relative."""
+    print(f"\n| K->N | K-blocks | M | µs: rule / own GEMM / (chunks, step) |\n|---|---|---|---|")
+    for k, n in SHAPES:
+        kb = K_BLOCKS[k]
+        _, _, left, right = transform_factors(k, kb)
+        layers, branch_ab = [], []
+        for _ in range(n_copies(n * k * code.bits // 8)):
+            packed, rs, qa, qm, w_int = random_layer(n, k, gs, code)
+            layers.append((packed, rs, qa, qm, block_row_sums(w_int, kb).cuda()))
+            branch_ab.append(((torch.randn(n, rank, device="cuda") * 0.05).half(),
+                              (torch.randn(rank, k, device="cuda") * 0.05).float()))
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+
+            def op(i, split=None, fuse=True):
+                p, rs, qa, qm, rsum = layers[i]
+                la, lb = branch_ab[i]
+                q, s, z, lr = T.act_quant(x, left, right, 4, 0.9, kb, lowrank_b=lb if fuse else None,
+                                          lowrank_split=split)
+                return T.quant_matmul(q, s, z, p, rs, qa, qm, rsum, code.bits, code.step, code.offset, gs,
+                                      x.dtype, la, lr if fuse else x.float() @ lb.t(), None, (n, n))
+
+            want = op(0).float()
+            gemm_us = bench(lambda i: op(i, fuse=False), len(layers))
+            cells = [f"rule {bench(op, len(layers)):.1f}", f"gemm {gemm_us:.1f}"]
+            for ks in (1, 2, 4, 8, 16, 32):
+                for step in (64, 128, 256, 512):
+                    btl, jb, _, dot = lowrank_tile(m, rank)
+                    if (k // kb) % ks or step > 2 * (k // kb // ks) or (not dot and btl * jb * step > 16384):
+                        continue  # chunks must tile the block; a multiply-add tile past 16K products would spill
+                    try:
+                        ok = torch.allclose(op(0, (ks, step)).float(), want, rtol=1e-2, atol=1e-2 * want.abs().max())
+                        us = bench(lambda i: op(i, (ks, step)), len(layers))
+                        cells.append(f"({ks}, {step}) {us:.1f}{'' if ok else '!'}")
+                    except Exception as e:  # noqa: BLE001 - a setting that does not compile is a result too
+                        cells.append(f"({ks}, {step}) {type(e).__name__}")
+            print(f"| {k}->{n} | {kb} | {m} | {' / '.join(cells)} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--group-size", type=int, default=32, help="weight group along K; -1 = per row")
@@ -167,6 +211,8 @@ def main() -> None:
     ap.add_argument("--act-quant", action="store_true", help="transform precision table")
     ap.add_argument("--act-quant-sweep", action="store_true", help="act_quant tokens-per-program table (--ms)")
     ap.add_argument("--lowrank", type=int, default=0, help="also time the op with a rank-R branch, fused and not")
+    ap.add_argument("--lowrank-sweep", action="store_true",
+                    help="the branch's x·Bᵀ launch by (K-chunks, K step) for --lowrank R at --ms, then stop")
     ap.add_argument("--act-group-size", type=int, default=0,
                     help="also time the op with activation ranges of about this many channels")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
@@ -176,6 +222,9 @@ def main() -> None:
     torch.manual_seed(0)
     bw = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}, copy bandwidth {bw / 1e12:.2f} TB/s, {code.name} group {gs}")
+    if a.lowrank_sweep:
+        lowrank_sweep(code, gs, a.lowrank or 16, list(map(int, a.ms.split(","))))
+        return
     if a.act_quant:
         act_quant_table()
     if a.act_quant_sweep:

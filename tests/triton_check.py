@@ -49,6 +49,7 @@ class Case:
     shards: int = 1
     bias: bool = False
     scratch: bool = False
+    lr_split: tuple | None = None  # override the branch's (K-chunks, K step)
     split: bool = True  # allow split-K in the GEMV
     precision: str | None = None  # act_quant's transform dots (None: the op's default)
     bt: int | None = None  # act_quant's tokens per program (None: its launch rule)
@@ -149,11 +150,11 @@ def check_case(c: Case, dev, gen) -> list[str]:
     if c.bias:
         bias = torch.randn(c.n, generator=gen).to(dev, c.dtype)
     q2, s2, z2, lr = T.act_quant(x, left, right, c.bits, 0.9, c.kb, c.precision, lanes, lowrank_b=lb,
-                                 act_blocks=ab, bt=c.bt)
+                                 act_blocks=ab, bt=c.bt, lowrank_split=c.lr_split)
     if la is not None:  # the branch's x·Bᵀ from act_quant's launch: K-chunk partials vs one fp64 product
         want_lr = x.double() @ lb.double().t()
         lr_err = ((lr.double().sum(0) - want_lr).abs().max() / want_lr.abs().max()).item()
-        chunks = c.kb * T.lowrank_splits(c.m, c.k, c.kb, c.shards * c.rank)
+        chunks = c.kb * (c.lr_split[0] if c.lr_split else T.lowrank_splits(c.m, c.k, c.kb, c.shards * c.rank))
         if lr.shape != (chunks, c.m, c.shards * c.rank) or lr_err > 1e-5:  # fp32 sums of K products
             fails.append(f"act_quant lowrank x·Bᵀ: shape {tuple(lr.shape)}, rel err {lr_err:.2e}")
     y2 = T.quant_matmul(q2, s2, z2, packed, row_scale, qa, qm, rowsum, code.bits, code.step, code.offset, c.gs,
@@ -195,6 +196,7 @@ CPU_CASES = [
     Case(1, 40, 2048, gs=32, rank=16, shards=3, bias=True, split=False),
     Case(3, 24, 2048, gs=64, kb=2, rank=8, shards=2),
     Case(20, 24, 2048, gs=64, rank=8, shards=2),  # tensor-core branch dot in 4 K-chunks
+    Case(1, 24, 2048, gs=64, kb=2, rank=16, lr_split=(8, 256)),  # override: 8 chunks of 128 per block, step 256
     # activation ranges finer than the transform blocks (act_blocks): 4 rows of 16 per range, 2 ranges per block
     Case(5, 24, 256, gs=32, ab=4), Case(40, 33, 256, gs=64, kb=2, ab=4, rank=4),
     Case(3, 40, 512, gs=32, rot=False, ab=4), Case(260, 40, 384, gs=32, kb=2, ab=4),

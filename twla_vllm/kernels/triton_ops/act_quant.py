@@ -153,6 +153,7 @@ def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | 
               k_blocks: int, precision: str | None = None, lanes: int = 0,
               out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, bt: int | None = None,
               warps: int | None = None, lowrank_b: torch.Tensor | None = None, act_blocks: int = 0,
+              lowrank_split: tuple[int, int] | None = None,
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """x [M, K] -> (q int8 [M, K], s fp32 [M, AB], z fp32 [M, AB], lr) as `reference.quantize_per_token` of
     `reference.kron_rotate(x, left, right)` with AB = act_blocks (0: k_blocks) ranges per token. A left factor
@@ -164,8 +165,8 @@ def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | 
     lowrank_b [SR, K] fp32: the same launch also computes the low-rank branch's x @ lowrank_bᵀ (fp32-accurate),
     returned as lr [P, M, SR] partial sums, P = k_blocks * `lowrank_splits`, for `quant_matmul` (None without
     lowrank_b).
-    `out`: preallocated outputs (tests poison them). `bt` (tokens per program), `warps`: override the launch
-    heuristic (benchmarks)."""
+    `out`: preallocated outputs (tests poison them). `bt` (tokens per program), `warps`, `lowrank_split` (the
+    branch's K-chunks per K-block and K step per program): override the launch heuristics (benchmarks, tests)."""
     m, k = x.shape
     x = x.contiguous()
     ab = act_blocks or k_blocks
@@ -185,6 +186,11 @@ def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | 
     sr = 0 if lowrank_b is None else lowrank_b.shape[0]
     btl, jb, bkl, lr_dot = lowrank_tile(m, sr)
     ks = lowrank_splits(m, k, k_blocks, sr) if sr else 1
+    if sr and lowrank_split:
+        ks, bkl = lowrank_split
+        if (k // k_blocks) % ks or bkl & (bkl - 1):
+            raise ValueError(f"lowrank_split {lowrank_split}: {ks} chunks do not divide a K-block of {k // k_blocks}, "
+                             f"or the step is not a power of two")
     lr = None if not sr else torch.empty(k_blocks * ks, m, sr, dtype=torch.float32, device=x.device)
     nl = triton.cdiv(m, btl) * triton.cdiv(sr, jb) * ks if sr else 0
     if m:
