@@ -1,4 +1,4 @@
-"""Shared test helpers: the simulated-quant oracle and running vLLM in a subprocess."""
+"""Shared test helpers: the simulated-quant oracle, running vLLM in a subprocess, a tiny random model."""
 
 from __future__ import annotations
 
@@ -64,3 +64,21 @@ def run_vllm(timeout: int = 600, **args) -> dict:
         check_exit(proc, "vLLM run")
         with open(out) as f:
             return json.load(f)
+
+
+def tiny_llama(rng: torch.Generator):
+    """A tiny random Qwen2-style causal LM (float32, eval mode) with non-trivial norms and biases; (model, config)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from twla_offline.synthetic import tiny_config
+
+    torch.manual_seed(int(torch.randint(0, 2**30, (1,), generator=rng)))
+    cfg = tiny_config("qwen2", 98)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+            if n.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model, cfg

@@ -18,7 +18,7 @@ from twla_vllm import format as fmt
 from twla_vllm.reference import rotate_weight
 
 from .test_bad_checkpoints import corrupt
-from .test_offline import tiny_dense_dir  # noqa: F401  (module fixture: a tiny dense Qwen2 directory)
+from .test_pipeline import tiny_dense_dir  # noqa: F401  (module fixture: a tiny dense Qwen2 directory)
 
 BINARY = fmt.CODES["binary"]
 

@@ -19,7 +19,7 @@ from twla_offline.weights import fit_rtn
 from twla_vllm.format import CODES
 from twla_vllm.reference import kron_rotate
 
-from .test_offline import tiny_dense_dir  # noqa: F401  (module-scoped fixture: a tiny dense Qwen2)
+from .test_pipeline import tiny_dense_dir  # noqa: F401  (module-scoped fixture: a tiny dense Qwen2)
 
 GS = 32
 
