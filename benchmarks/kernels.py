@@ -131,20 +131,33 @@ def act_quant_sweep(ms: list[int]) -> None:
             print(f"| {n1}x{n2} | {kb} | {m} | {' / '.join(cells)} |", flush=True)
 
 
-def branch_times(x, layers, branch_ab, left, right, kb, code, gs, copies) -> dict[str, float]:
-    """The whole op with a low-rank branch as served, and its two forms: x·Bᵀ computed in act_quant's launch
-    (fused) or as its own fp32 GEMM (unfused); A·(·) in the matmul's epilogue either way."""
+def random_branches(n: int, k: int, rank: int, copies: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`copies` rank-`rank` branches (A fp16 [n, rank], B fp32 [rank, k], B as served)."""
+    return [((torch.randn(n, rank, device="cuda") * 0.05).half(), (torch.randn(rank, k, device="cuda") * 0.05).float())
+            for _ in range(copies)]
+
+
+def branch_op(x, layers, branch_ab, left, right, kb, code, gs, fuse: bool = True, split=None):
+    """op(i): the whole op on weight copy i with its low-rank branch, x·Bᵀ computed in act_quant's launch (fuse;
+    `split` = (K-chunks, K step) overrides its launch rule) or as its own fp32 GEMM; A·(·) in the matmul's epilogue
+    either way."""
     n = layers[0][0].shape[0]
     lanes = 8 // code.bits if T.uses_scratch(x.shape[0]) else 0
 
-    def form(fuse):
-        def call(i):
-            p, rs, qa, qm, rsum = layers[i]
-            la, lb = branch_ab[i]
-            q, s, z, lr = T.act_quant(x, left, right, 4, 0.9, kb, lanes=lanes, lowrank_b=lb if fuse else None)
-            return T.quant_matmul(q, s, z, p, rs, qa, qm, rsum, code.bits, code.step, code.offset, gs, x.dtype, la,
-                                  lr if fuse else x.float() @ lb.t(), None, (n, n))
-        return call
+    def call(i):
+        p, rs, qa, qm, rsum = layers[i]
+        la, lb = branch_ab[i]
+        q, s, z, lr = T.act_quant(x, left, right, 4, 0.9, kb, lanes=lanes, lowrank_b=lb if fuse else None,
+                                  lowrank_split=split)
+        return T.quant_matmul(q, s, z, p, rs, qa, qm, rsum, code.bits, code.step, code.offset, gs, x.dtype, la,
+                              lr if fuse else x.float() @ lb.t(), None, (n, n))
+    return call
+
+
+def branch_times(x, layers, branch_ab, left, right, kb, code, gs, copies) -> dict[str, float]:
+    """The whole op with a low-rank branch as served, and its two forms (`branch_op`, fused and not)."""
+    n = layers[0][0].shape[0]
+    fused, unfused = (branch_op(x, layers, branch_ab, left, right, kb, code, gs, fuse) for fuse in (True, False))
 
     def served(i):
         p, rs, qa, qm, rsum = layers[i]
@@ -152,51 +165,42 @@ def branch_times(x, layers, branch_ab, left, right, kb, code, gs, copies) -> dic
         return torch.ops.twla.quant_linear(x, p, rs, qa, qm, rsum, left, right, la, lb, None, code.bits, code.step,
                                            code.offset, gs, 4, 0.9, kb, kb, n, n)
 
-    want = form(False)(0).float()
-    for f in (form(True), served):
+    want = unfused(0).float()
+    for f in (fused, served):
         if not torch.allclose(f(0).float(), want, rtol=1e-2, atol=1e-2 * want.abs().max()):
             raise AssertionError("the low-rank branch's forms disagree")
-    return {"branch_us": bench(served, copies), "branch_fused_us": bench(form(True), copies),
-            "branch_unfused_us": bench(form(False), copies)}
+    return {"branch_us": bench(served, copies), "branch_fused_us": bench(fused, copies),
+            "branch_unfused_us": bench(unfused, copies)}
 
 
 def lowrank_sweep(code, gs: int, rank: int, ms: list[int]) -> None:
     """The branch's x·Bᵀ launch in act_quant (KERNEL_NOTES v11): the whole op with a rank-`rank` branch by
     (K-chunks per K-block, K step per program), against the launch rule and the separate fp32 GEMM; `!` marks a
     setting whose output differs from the rule's by more than 1e-2 relative."""
-    print(f"\n| K->N | K-blocks | M | µs: rule / own GEMM / (chunks, step) |\n|---|---|---|---|")
+    print("\n| K->N | K-blocks | M | µs: rule / own GEMM / (chunks, step) |\n|---|---|---|---|")
     for k, n in SHAPES:
         kb = K_BLOCKS[k]
         _, _, left, right = transform_factors(k, kb)
-        layers, branch_ab = [], []
-        for _ in range(n_copies(n * k * code.bits // 8)):
+        c = n_copies(n * k * code.bits // 8 + 2 * n * fmt.num_groups(k, gs))
+        layers = []
+        for _ in range(c):
             packed, rs, qa, qm, w_int = random_layer(n, k, gs, code)
             layers.append((packed, rs, qa, qm, block_row_sums(w_int, kb).cuda()))
-            branch_ab.append(((torch.randn(n, rank, device="cuda") * 0.05).half(),
-                              (torch.randn(rank, k, device="cuda") * 0.05).float()))
+        branch_ab = random_branches(n, k, rank, c)
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-
-            def op(i, split=None, fuse=True):
-                p, rs, qa, qm, rsum = layers[i]
-                la, lb = branch_ab[i]
-                q, s, z, lr = T.act_quant(x, left, right, 4, 0.9, kb, lowrank_b=lb if fuse else None,
-                                          lowrank_split=split)
-                return T.quant_matmul(q, s, z, p, rs, qa, qm, rsum, code.bits, code.step, code.offset, gs,
-                                      x.dtype, la, lr if fuse else x.float() @ lb.t(), None, (n, n))
-
-            want = op(0).float()
-            gemm_us = bench(lambda i: op(i, fuse=False), len(layers))
-            cells = [f"rule {bench(op, len(layers)):.1f}", f"gemm {gemm_us:.1f}"]
+            args = (x, layers, branch_ab, left, right, kb, code, gs)
+            want = branch_op(*args)(0).float()
+            cells = [f"rule {bench(branch_op(*args), c):.1f}", f"gemm {bench(branch_op(*args, fuse=False), c):.1f}"]
             for ks in (1, 2, 4, 8, 16, 32):
                 for step in (64, 128, 256, 512):
                     btl, jb, _, dot = lowrank_tile(m, rank)
                     if (k // kb) % ks or step > 2 * (k // kb // ks) or (not dot and btl * jb * step > 16384):
                         continue  # chunks must tile the block; a multiply-add tile past 16K products would spill
+                    op = branch_op(*args, split=(ks, step))
                     try:
-                        ok = torch.allclose(op(0, (ks, step)).float(), want, rtol=1e-2, atol=1e-2 * want.abs().max())
-                        us = bench(lambda i: op(i, (ks, step)), len(layers))
-                        cells.append(f"({ks}, {step}) {us:.1f}{'' if ok else '!'}")
+                        ok = torch.allclose(op(0).float(), want, rtol=1e-2, atol=1e-2 * want.abs().max())
+                        cells.append(f"({ks}, {step}) {bench(op, c):.1f}{'' if ok else '!'}")
                     except Exception as e:  # noqa: BLE001 - a setting that does not compile is a result too
                         cells.append(f"({ks}, {step}) {type(e).__name__}")
             print(f"| {k}->{n} | {kb} | {m} | {' / '.join(cells)} |", flush=True)
@@ -237,8 +241,7 @@ def main() -> None:
         nbytes = n * k * code.bits // 8 + 2 * n * g
         c = n_copies(nbytes)
         layers, range_sums = [], []
-        branch_ab = [((torch.randn(n, a.lowrank, device="cuda") * 0.05).half(),
-                      (torch.randn(a.lowrank, k, device="cuda") * 0.05).float()) for _ in range(a.lowrank and c)]
+        branch_ab = random_branches(n, k, a.lowrank, c) if a.lowrank else []
         for _ in range(c):
             packed, rs, qa, qm, w_int = random_layer(n, k, gs, code)
             layers.append((packed, rs, qa, qm, block_row_sums(w_int, kb).cuda()))
