@@ -17,8 +17,8 @@ Columns: quant = fused transform+quantize alone; gemm = the matmul alone; twla =
 (`torch.ops.twla.quant_linear`: quant + matmul + epilogue); floor% = byte floor (codes + int8 group scales at
 the measured copy bandwidth) / twla for M <= 64, else the int8 tensor-core floor (1.1 POPS, kernels.md) / twla.
 With --lowrank R: + branch = the whole op with a rank-R 16-bit branch as served; fused / unfused = the same with
-x·Bᵀ computed in act_quant's launch / as its own fp32 GEMM (A·(·) in the matmul's epilogue either way); the op
-picks one by shape (`triton_ops.fuses_lowrank_down`).
+x·Bᵀ computed in act_quant's launch (what the op does) / as its own fp32 GEMM (A·(·) in the matmul's epilogue
+either way).
 With --act-group-size G: + ranges = the whole op with activation ranges of about G channels (twla-quantize
 --act-group-size G picks the same count: offline.layout.pick_act_blocks) instead of one per transform block.
 """
@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import twla_vllm.ops  # noqa: E402,F401
 from twla_vllm import format as fmt  # noqa: E402
 from twla_vllm.kernels import triton_ops as T  # noqa: E402
-from twla_vllm.kernels.triton_ops.tiles import lowrank_tile  # noqa: E402
+from twla_vllm.kernels.triton_ops.tiles import lowrank_splits, lowrank_tile  # noqa: E402
 from twla_vllm.reference import block_row_sums, kron_rotate, quantize_per_token  # noqa: E402
 from twla_offline.layout import pick_act_blocks  # noqa: E402
 
@@ -173,11 +173,12 @@ def branch_times(x, layers, branch_ab, left, right, kb, code, gs, copies) -> dic
             "branch_unfused_us": bench(unfused, copies)}
 
 
-def lowrank_sweep(code, gs: int, rank: int, ms: list[int]) -> None:
-    """The branch's x·Bᵀ launch in act_quant (KERNEL_NOTES v11): the whole op with a rank-`rank` branch by
+def lowrank_sweep(code, gs: int, rank: int, ms: list[int]) -> list[dict]:
+    """The branch's x·Bᵀ launch in act_quant (KERNEL_NOTES v11-v12): the whole op with a rank-`rank` branch by
     (K-chunks per K-block, K step per program), against the launch rule and the separate fp32 GEMM; `!` marks a
-    setting whose output differs from the rule's by more than 1e-2 relative."""
+    setting whose output differs from the rule's by more than 1e-2 relative (its row value is then null)."""
     print("\n| K->N | K-blocks | M | µs: rule / own GEMM / (chunks, step) |\n|---|---|---|---|")
+    rows = []
     for k, n in SHAPES:
         kb = K_BLOCKS[k]
         _, _, left, right = transform_factors(k, kb)
@@ -191,7 +192,9 @@ def lowrank_sweep(code, gs: int, rank: int, ms: list[int]) -> None:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             args = (x, layers, branch_ab, left, right, kb, code, gs)
             want = branch_op(*args)(0).float()
-            cells = [f"rule {bench(branch_op(*args), c):.1f}", f"gemm {bench(branch_op(*args, fuse=False), c):.1f}"]
+            row = dict(k=k, n=n, k_blocks=kb, m=m, rule_splits=list(lowrank_split_rule(m, k, kb, rank)),
+                       rule_us=bench(branch_op(*args), c), gemm_us=bench(branch_op(*args, fuse=False), c), splits={})
+            cells = [f"rule {row['rule_us']:.1f}", f"gemm {row['gemm_us']:.1f}"]
             for ks in (1, 2, 4, 8, 16, 32):
                 for step in (64, 128, 256, 512):
                     btl, jb, _, dot = lowrank_tile(m, rank)
@@ -200,10 +203,20 @@ def lowrank_sweep(code, gs: int, rank: int, ms: list[int]) -> None:
                     op = branch_op(*args, split=(ks, step))
                     try:
                         ok = torch.allclose(op(0).float(), want, rtol=1e-2, atol=1e-2 * want.abs().max())
-                        cells.append(f"({ks}, {step}) {bench(op, c):.1f}{'' if ok else '!'}")
+                        us = bench(op, c)
+                        cells.append(f"({ks}, {step}) {us:.1f}{'' if ok else '!'}")
+                        row["splits"][f"{ks},{step}"] = us if ok else None
                     except Exception as e:  # noqa: BLE001 - a setting that does not compile is a result too
                         cells.append(f"({ks}, {step}) {type(e).__name__}")
+                        row["splits"][f"{ks},{step}"] = None
             print(f"| {k}->{n} | {kb} | {m} | {' / '.join(cells)} |", flush=True)
+            rows.append(row)
+    return rows
+
+
+def lowrank_split_rule(m: int, k: int, kb: int, rank: int) -> tuple[int, int]:
+    """(K-chunks, K step) the launch rules pick for a rank-`rank` branch (tiles.lowrank_splits / lowrank_tile)."""
+    return lowrank_splits(m, k, kb, rank), lowrank_tile(m, rank)[2]
 
 
 def main() -> None:
@@ -227,7 +240,9 @@ def main() -> None:
     bw = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}, copy bandwidth {bw / 1e12:.2f} TB/s, {code.name} group {gs}")
     if a.lowrank_sweep:
-        lowrank_sweep(code, gs, a.lowrank or 16, list(map(int, a.ms.split(","))))
+        rows = lowrank_sweep(code, gs, a.lowrank or 16, list(map(int, a.ms.split(","))))
+        if a.json:
+            write_json(a, code, rows)
         return
     if a.act_quant:
         act_quant_table()
@@ -318,11 +333,14 @@ def main() -> None:
               f"{r['bf16_us']:.1f} | {f(r['fp8_us'])} | {f(r['int_mm_us'])} | {r['bf16_us'] / r['twla_us']:.2f}x | "
               f"{r['floor_pct']:.0f}% |{extra}")
     if a.json:
-        with open(a.json, "w") as fh:
-            json.dump({"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
-                       "command": "python " + " ".join(sys.argv), "code": code.name, "group_size": gs,
-                       "lowrank_rank": a.lowrank, "act_group_size": a.act_group_size,
-                       "rows": rows}, fh, indent=1)
+        write_json(a, code, rows)
+
+
+def write_json(a: argparse.Namespace, code, rows: list[dict]) -> None:
+    with open(a.json, "w") as fh:
+        json.dump({"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+                   "command": "python " + " ".join(sys.argv), "code": code.name, "group_size": a.group_size,
+                   "lowrank_rank": a.lowrank, "act_group_size": a.act_group_size, "rows": rows}, fh, indent=1)
 
 
 if __name__ == "__main__":

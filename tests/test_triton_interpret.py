@@ -7,8 +7,8 @@ import os
 import subprocess
 import sys
 
-from twla_vllm.kernels.triton_ops.tiles import (LOWRANK_MIN_CHUNK, LOWRANK_MIN_PROGRAMS, MIN_PROGRAMS,
-                                                fuses_lowrank_down, lowrank_splits, lowrank_tile, tokens_per_program)
+from twla_vllm.kernels.triton_ops.tiles import (LOWRANK_DOT_MIN_CHUNK, LOWRANK_MAX_SPLITS, LOWRANK_MIN_PROGRAMS,
+                                                MIN_PROGRAMS, lowrank_splits, lowrank_tile, tokens_per_program)
 
 from .helpers import REPO
 from .triton_check import CPU_CASES
@@ -54,19 +54,21 @@ def test_act_quant_tokens_per_program_picks_the_measured_best():
 
 
 def test_lowrank_branch_launch_rules_follow_the_h100_table():
-    """x·Bᵀ's K-chunks (KERNEL_NOTES v11): whole chunks of >= LOWRANK_MIN_CHUNK columns, at most 16 per K-block,
-    split only while the branch has fewer than LOWRANK_MIN_PROGRAMS programs; fused except for 2..8 tokens over
-    K >= 8192 (the only shape where the separate GEMM won)."""
-    assert [lowrank_splits(1, 4096, 1, 16), lowrank_splits(1, 14336, 8, 16), lowrank_splits(2048, 4096, 1, 16)] == \
-        [8, 2, 4]
+    """x·Bᵀ's launch (KERNEL_NOTES v12): at the H100 sweep's shapes (binary g128 rank 16) the rules pick the
+    sweep's fastest (K-chunks, K step) or one within 0.1 µs of it; elsewhere whole chunks of at least one K step
+    (tensor-core path: LOWRANK_DOT_MIN_CHUNK), at most LOWRANK_MAX_SPLITS per K-block, split only while the branch
+    has fewer than LOWRANK_MIN_PROGRAMS programs, and multiply-add tiles of <= 16K products."""
+    swept = {(1, 4096, 1): (8, 512), (1, 14336, 8): (2, 512), (8, 4096, 1): (32, 128), (8, 14336, 8): (8, 128)}
+    assert {key: (lowrank_splits(*key, 16), lowrank_tile(key[0], 16)[2]) for key in swept} == swept
+    assert lowrank_splits(2048, 4096, 1, 16) == 4
     for m in (1, 3, 8, 9, 64, 300, 2048):
         for k, kb in ((576, 1), (4096, 1), (4096, 8), (14336, 1), (14336, 8), (8960, 8)):
             for sr in (16, 48, 96):
                 ks = lowrank_splits(m, k, kb, sr)
+                btl, jb, bkl, dot = lowrank_tile(m, sr)
                 chunk = k // kb // ks
-                assert (k // kb) % ks == 0 and 1 <= ks <= 16 and (ks == 1 or chunk >= LOWRANK_MIN_CHUNK)
-                btl, jb, _, _ = lowrank_tile(m, sr)
+                assert (k // kb) % ks == 0 and 1 <= ks <= LOWRANK_MAX_SPLITS
+                assert ks == 1 or chunk >= (LOWRANK_DOT_MIN_CHUNK if dot else bkl)
+                assert dot or btl * jb * bkl <= 16384
                 programs = -(-m // btl) * -(-sr // jb) * kb
                 assert ks == 1 or programs * ks // 2 < LOWRANK_MIN_PROGRAMS  # never split past the target
-    assert fuses_lowrank_down(1, 14336) and fuses_lowrank_down(8, 4096) and fuses_lowrank_down(64, 14336)
-    assert not fuses_lowrank_down(8, 14336) and not fuses_lowrank_down(2, 8960)

@@ -51,12 +51,9 @@ if triton_ops is not None:
                       code_step, code_offset, group_size, act_bits, act_clip, k_blocks, act_blocks, shard_end0,
                       shard_end1):
         lanes = 8 // code_bits if triton_ops.uses_scratch(x.shape[0]) else 0
-        # B is fp32 already when served (TritonKernel.process_weights)
-        fuse = lowrank_b is not None and triton_ops.fuses_lowrank_down(*x.shape)
+        # B is fp32 already when served (TritonKernel.process_weights); x·Bᵀ runs in act_quant's launch
         q, s, z, lr = triton_ops.act_quant(x, left, right, act_bits, act_clip, k_blocks, lanes=lanes,
-                                           lowrank_b=lowrank_b if fuse else None, act_blocks=act_blocks)
-        if lowrank_b is not None and not fuse:
-            lr = x.float() @ lowrank_b.t()
+                                           lowrank_b=lowrank_b, act_blocks=act_blocks)
         return triton_ops.quant_matmul(q, s, z, packed, row_scale, qa, qm, rowsum, code_bits, code_step,
                                        code_offset, group_size, x.dtype, lowrank_a, lr, bias,
                                        (shard_end0, shard_end1))

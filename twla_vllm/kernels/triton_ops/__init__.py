@@ -11,7 +11,7 @@ gemm:       M > 8 on int8 tensor cores, tokens as the MMA's M. The weight tile i
             into int32, split over K into int32 partials when the tile grid is small; s_n, the activation step
             and the zero-point term z*rowsum go to the epilogue (epilogue.py), together with the low-rank branch
             lowrank_a @ (x @ lowrank_bᵀ) (one tensor-core dot per tile) and the bias; x @ lowrank_bᵀ comes from
-            act_quant's launch or its own GEMM (`fuses_lowrank_down`).
+            act_quant's launch (K-chunked partials, `lowrank_splits`).
 matmul:     `quant_matmul` picks the path by M (tiles.py).
 unpack:     large M unpacks the weights once into an int8 scratch and runs the same GEMM on it (SCRATCH). The
             unpack builds four int8 weights per instruction pair from one packed word: ((w >> B*i) & mask) *
@@ -25,8 +25,8 @@ y = s_n * Σ_b s_b * float32(acc_b - z_b * rowsum_b) (+ low-rank, bias). Roundin
 
 from .act_quant import act_quant, act_ranges_supported, lane_perm
 from .matmul import quant_matmul
-from .tiles import GEMV_MAX_M, fuses_lowrank_down, lowrank_splits, uses_scratch
+from .tiles import GEMV_MAX_M, lowrank_splits, uses_scratch
 from .unpack import unpack_weights
 
-__all__ = ["GEMV_MAX_M", "act_quant", "act_ranges_supported", "fuses_lowrank_down", "lane_perm", "lowrank_splits",
-           "quant_matmul", "unpack_weights", "uses_scratch"]
+__all__ = ["GEMV_MAX_M", "act_quant", "act_ranges_supported", "lane_perm", "lowrank_splits", "quant_matmul",
+           "unpack_weights", "uses_scratch"]

@@ -28,41 +28,38 @@ def uses_scratch(m: int) -> bool:
     return m >= SCRATCH_MIN_M
 
 
-def fuses_lowrank_down(m: int, k: int) -> bool:
-    """Whether the low-rank branch's x·Bᵀ runs in act_quant's launch (K-chunked, `lowrank_splits`) rather than as
-    its own fp32 GEMM. H100, binary g128 rank 16, whole op µs fused / own GEMM (KERNEL_NOTES.md v11):
-    M=1: 11.0 / 15.7 (4096->4096), 13.5 / 19.8 (4096->14336), 28.0 / 28.8 (14336->4096); M=8: 30.4 / 30.4,
-    45.4 / 45.4, 75.3 / 63.2; M=64: 36.6 / 44.5, 81.7 / 89.9, 126.6 / 134.1. So everywhere but a few decode tokens
-    over K >= 8192, where 8 tokens' fp32 multiply-adds in 16 programs lose (measured at M=8; M=2..7 follow it)."""
-    return not (1 < m <= GEMV_MAX_M and k >= 8192)
-
-
-LOWRANK_MIN_CHUNK = 512  # K per branch program: 512 x rank 16-32 fp32 = 32-64 KB of B each
+LOWRANK_DOT_MIN_CHUNK = 512  # K per branch program on the tensor-core path: 512 x rank 16-32 fp32 = 32-64 KB of B
+LOWRANK_MAX_SPLITS = 32
 LOWRANK_MIN_PROGRAMS = 128  # split K until the branch has this many programs (~1 per H100 SM), chunks permitting
 
 
 def lowrank_tile(m: int, sr: int) -> tuple[int, int, int, bool]:
     """act_quant's branch programs: (BTL tokens, JB branch columns, BKL K step, tensor-core dot?). From M > 8 a
     3xTF32 dot of 16..64 tokens over 128-wide K steps; at decode sizes fp32 multiply-adds over [BTL, JB, BKL] with
-    BTL = M rounded up to a power of two (a dot would pad to 16 rows) and <= 8K products."""
+    BTL = M rounded up to a power of two (a dot would pad to 16 rows), up to 16K products and 512 columns a step
+    (H100, binary g128 rank 16, KERNEL_NOTES v12: step 512 vs 128 at M = 1 over 8 K-blocks of 1792: 24.5 vs
+    28.2 µs; 128 vs 64 at M = 8: 23.2 vs 24.9 µs on 4096->4096)."""
     jb = min(32, max(16, 1 << (sr - 1).bit_length()))
     if m > GEMV_MAX_M:
         return min(64, max(16, 1 << (m - 1).bit_length())), jb, 128, True
     btl = 1 << (m - 1).bit_length()
-    return btl, jb, min(128, 8192 // (btl * jb)), False
+    return btl, jb, min(512, 16384 // (btl * jb)), False
 
 
 def lowrank_splits(m: int, k: int, k_blocks: int, sr: int) -> int:
-    """K-chunks per K-block for act_quant's branch programs: one program per (token tile, column tile, K-block)
-    walks a whole block of K alone (v9 measured the fused branch 1.1-2x slower than cuBLAS at K = 4096 that way),
-    so each K-block splits into power-of-two chunks of >= LOWRANK_MIN_CHUNK columns until there are
-    LOWRANK_MIN_PROGRAMS programs (at most 16 chunks). The partials are summed in order by the matmul's epilogue."""
-    btl, jb, _, _ = lowrank_tile(m, sr)
+    """K-chunks per K-block for act_quant's branch programs (the branch's x·Bᵀ always runs in act_quant's launch:
+    at every measured shape it beat its own fp32 GEMM, KERNEL_NOTES v12). Each K-block splits into power-of-two
+    chunks until there are LOWRANK_MIN_PROGRAMS programs, at most LOWRANK_MAX_SPLITS, each chunk at least one K
+    step at decode sizes (more, shorter programs won at every M <= 8 shape of the H100 sweep) and
+    LOWRANK_DOT_MIN_CHUNK columns on the tensor-core path. The partials are summed in order by the matmul's
+    epilogue."""
+    btl, jb, bkl, dot = lowrank_tile(m, sr)
     programs = -(-m // btl) * -(-sr // jb) * k_blocks
+    min_chunk = LOWRANK_DOT_MIN_CHUNK if dot else bkl
     kbw = k // k_blocks
     ks = 1
-    while (ks < 16 and programs * ks < LOWRANK_MIN_PROGRAMS and kbw % (2 * ks) == 0
-           and kbw // (2 * ks) >= LOWRANK_MIN_CHUNK):
+    while (ks < LOWRANK_MAX_SPLITS and programs * ks < LOWRANK_MIN_PROGRAMS and kbw % (2 * ks) == 0
+           and kbw // (2 * ks) >= min_chunk):
         ks *= 2
     return ks
 
