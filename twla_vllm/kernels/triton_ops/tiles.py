@@ -29,7 +29,7 @@ def uses_scratch(m: int) -> bool:
 
 
 LOWRANK_DOT_MIN_CHUNK = 512  # K per branch program on the tensor-core path: 512 x rank 16-32 fp32 = 32-64 KB of B
-LOWRANK_MAX_SPLITS = 32
+LOWRANK_MAX_SPLITS = 32  # chunks per K-block at most (the H100 sweep went up to 32)
 LOWRANK_MIN_PROGRAMS = 128  # split K until the branch has this many programs (~1 per H100 SM), chunks permitting
 
 
