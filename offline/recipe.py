@@ -36,8 +36,9 @@ BEHAVED_BEFORE: dict[str, Any] = {"stage1_iters": 15, "group_size_for": ""}
 
 # stage-1 alternations per group inside GPTQ by weight code, where the recipe leaves it None. The authors' code does
 # 15; ternary does 5: on SmolLM2 its output error is 0.997x that of 15 and the weight stage 16% faster on the CPU,
-# 2x faster with the GPTQ changes on the H100. Binary: 0.996x for 36% less GPTQ time on 21 SmolLM2 linears, not
-# yet confirmed by a full run; int4: 1.017x (worse) for 20% less (benchmarks/RESULTS.md, session 17)
+# 2x faster with the GPTQ changes on the H100. Binary: 0.996x for 36% less GPTQ time on 21 SmolLM2 linears, but
+# the full bwla run at 5 gave 50.8x dense PPL vs 29.1x at 15 for 8% less weight-stage time (RESULTS.md, session
+# 20); int4: 1.017x (worse) for 20% less (session 17)
 STAGE1_ITERS = {"ternary": 5, "binary": 15, "int4": 15}
 
 # the vLLM modules a group size may be set for (`Recipe.group_size_for`); fused shards share one
