@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import twla_vllm.ops  # noqa: E402,F401
 from twla_vllm import format as fmt  # noqa: E402
 from twla_vllm.kernels import triton_ops as T  # noqa: E402
-from twla_vllm.kernels.triton_ops.tiles import lowrank_splits, lowrank_tile  # noqa: E402
+from twla_vllm.kernels.triton_ops.tiles import LOWRANK_FMA_PRODUCTS, lowrank_splits, lowrank_tile  # noqa: E402
 from twla_vllm.reference import block_row_sums, kron_rotate, quantize_per_token  # noqa: E402
 from twla_offline.layout import pick_act_blocks  # noqa: E402
 
@@ -198,8 +198,9 @@ def lowrank_sweep(code, gs: int, rank: int, ms: list[int]) -> list[dict]:
             for ks in (1, 2, 4, 8, 16, 32):
                 for step in (64, 128, 256, 512):
                     btl, jb, _, dot = lowrank_tile(m, rank)
-                    if (k // kb) % ks or step > 2 * (k // kb // ks) or (not dot and btl * jb * step > 16384):
-                        continue  # chunks must tile the block; a multiply-add tile past 16K products would spill
+                    if ((k // kb) % ks or step > 2 * (k // kb // ks)
+                            or (not dot and btl * jb * step > LOWRANK_FMA_PRODUCTS)):
+                        continue  # chunks must tile the block; a larger multiply-add tile would spill
                     op = branch_op(*args, split=(ks, step))
                     try:
                         ok = torch.allclose(op(0).float(), want, rtol=1e-2, atol=1e-2 * want.abs().max())

@@ -7,8 +7,9 @@ import os
 import subprocess
 import sys
 
-from twla_vllm.kernels.triton_ops.tiles import (LOWRANK_DOT_MIN_CHUNK, LOWRANK_MAX_SPLITS, LOWRANK_MIN_PROGRAMS,
-                                                MIN_PROGRAMS, lowrank_splits, lowrank_tile, tokens_per_program)
+from twla_vllm.kernels.triton_ops.tiles import (LOWRANK_DOT_MIN_CHUNK, LOWRANK_FMA_PRODUCTS, LOWRANK_MAX_SPLITS,
+                                                LOWRANK_MIN_PROGRAMS, MIN_PROGRAMS, lowrank_splits, lowrank_tile,
+                                                tokens_per_program)
 
 from .helpers import REPO
 from .triton_check import CPU_CASES
@@ -57,7 +58,7 @@ def test_lowrank_branch_launch_rules_follow_the_h100_table():
     """x·Bᵀ's launch (KERNEL_NOTES v12): at the H100 sweep's shapes (binary g128 rank 16) the rules pick the
     sweep's fastest (K-chunks, K step) or one within 0.1 µs of it; elsewhere whole chunks of at least one K step
     (tensor-core path: LOWRANK_DOT_MIN_CHUNK), at most LOWRANK_MAX_SPLITS per K-block, split only while the branch
-    has fewer than LOWRANK_MIN_PROGRAMS programs, and multiply-add tiles of <= 16K products."""
+    has fewer than LOWRANK_MIN_PROGRAMS programs, and multiply-add tiles of <= LOWRANK_FMA_PRODUCTS."""
     swept = {(1, 4096, 1): (8, 512), (1, 14336, 8): (2, 512), (8, 4096, 1): (32, 128), (8, 14336, 8): (8, 128)}
     assert {key: (lowrank_splits(*key, 16), lowrank_tile(key[0], 16)[2]) for key in swept} == swept
     assert lowrank_splits(2048, 4096, 1, 16) == 4
@@ -69,6 +70,6 @@ def test_lowrank_branch_launch_rules_follow_the_h100_table():
                 chunk = k // kb // ks
                 assert (k // kb) % ks == 0 and 1 <= ks <= LOWRANK_MAX_SPLITS
                 assert ks == 1 or chunk >= (LOWRANK_DOT_MIN_CHUNK if dot else bkl)
-                assert dot or btl * jb * bkl <= 16384
+                assert dot or btl * jb * bkl <= LOWRANK_FMA_PRODUCTS
                 programs = -(-m // btl) * -(-sr // jb) * kb
                 assert ks == 1 or programs * ks // 2 < LOWRANK_MIN_PROGRAMS  # never split past the target

@@ -30,6 +30,7 @@ def uses_scratch(m: int) -> bool:
 
 LOWRANK_DOT_MIN_CHUNK = 512  # K per branch program on the tensor-core path: 512 x rank 16-32 fp32 = 32-64 KB of B
 LOWRANK_MAX_SPLITS = 32  # chunks per K-block at most (the H100 sweep went up to 32)
+LOWRANK_FMA_PRODUCTS = 16384  # largest [BTL, JB, BKL] multiply-add tile of a decode-size branch program
 LOWRANK_MIN_PROGRAMS = 128  # split K until the branch has this many programs (~1 per H100 SM), chunks permitting
 
 
@@ -43,7 +44,7 @@ def lowrank_tile(m: int, sr: int) -> tuple[int, int, int, bool]:
     if m > GEMV_MAX_M:
         return min(64, max(16, 1 << (m - 1).bit_length())), jb, 128, True
     btl = 1 << (m - 1).bit_length()
-    return btl, jb, min(512, 16384 // (btl * jb)), False
+    return btl, jb, min(512, LOWRANK_FMA_PRODUCTS // (btl * jb)), False
 
 
 def lowrank_splits(m: int, k: int, k_blocks: int, sr: int) -> int:
