@@ -18,7 +18,8 @@ Columns: quant = fused transform+quantize alone; gemm = the matmul alone; twla =
 the measured copy bandwidth) / twla for M <= 64, else the int8 tensor-core floor (1.1 POPS, kernels.md) / twla.
 With --lowrank R: + branch = the whole op with a rank-R 16-bit branch as served; fused / unfused = the same with
 x·Bᵀ computed in act_quant's launch (what the op does) / as its own fp32 GEMM (A·(·) in the matmul's epilogue
-either way).
+either way); epilogue dot = fused, with the split epilogue's A·(·) as session 20's padded tensor-core dot (shapes
+with several K-blocks at M <= 8, where the op now uses multiply-adds).
 With --act-group-size G: + ranges = the whole op with activation ranges of about G channels (twla-quantize
 --act-group-size G picks the same count: offline.layout.pick_act_blocks) instead of one per transform block.
 """
@@ -137,10 +138,10 @@ def random_branches(n: int, k: int, rank: int, copies: int) -> list[tuple[torch.
             for _ in range(copies)]
 
 
-def branch_op(x, layers, branch_ab, left, right, kb, code, gs, fuse: bool = True, split=None):
+def branch_op(x, layers, branch_ab, left, right, kb, code, gs, fuse: bool = True, split=None, branch_dot=None):
     """op(i): the whole op on weight copy i with its low-rank branch, x·Bᵀ computed in act_quant's launch (fuse;
     `split` = (K-chunks, K step) overrides its launch rule) or as its own fp32 GEMM; A·(·) in the matmul's epilogue
-    either way."""
+    either way (`branch_dot` overrides the split epilogue's form: tensor-core dot or multiply-adds)."""
     n = layers[0][0].shape[0]
     lanes = 8 // code.bits if T.uses_scratch(x.shape[0]) else 0
 
@@ -150,7 +151,7 @@ def branch_op(x, layers, branch_ab, left, right, kb, code, gs, fuse: bool = True
         q, s, z, lr = T.act_quant(x, left, right, 4, 0.9, kb, lanes=lanes, lowrank_b=lb if fuse else None,
                                   lowrank_split=split)
         return T.quant_matmul(q, s, z, p, rs, qa, qm, rsum, code.bits, code.step, code.offset, gs, x.dtype, la,
-                              lr if fuse else x.float() @ lb.t(), None, (n, n))
+                              lr if fuse else x.float() @ lb.t(), None, (n, n), branch_dot=branch_dot)
     return call
 
 
@@ -169,8 +170,14 @@ def branch_times(x, layers, branch_ab, left, right, kb, code, gs, copies) -> dic
     for f in (fused, served):
         if not torch.allclose(f(0).float(), want, rtol=1e-2, atol=1e-2 * want.abs().max()):
             raise AssertionError("the low-rank branch's forms disagree")
-    return {"branch_us": bench(served, copies), "branch_fused_us": bench(fused, copies),
-            "branch_unfused_us": bench(unfused, copies)}
+    times = {"branch_us": bench(served, copies), "branch_fused_us": bench(fused, copies),
+             "branch_unfused_us": bench(unfused, copies)}
+    if kb > 1 and x.shape[0] <= T.GEMV_MAX_M:  # split epilogue: multiply-adds (the rule here) vs v12's padded dot
+        dot = branch_op(x, layers, branch_ab, left, right, kb, code, gs, branch_dot=True)
+        if not torch.allclose(dot(0).float(), want, rtol=1e-2, atol=1e-2 * want.abs().max()):
+            raise AssertionError("the split epilogue's branch forms disagree")
+        times["branch_epilogue_dot_us"] = bench(dot, copies)
+    return times
 
 
 def lowrank_sweep(code, gs: int, rank: int, ms: list[int]) -> list[dict]:
@@ -327,8 +334,9 @@ def main() -> None:
     for r in rows:
         f = lambda v: "–" if v is None else f"{v:.1f}"  # noqa: E731
         extra = (f" + branch {r['branch_us']:.1f} µs (fused {r['branch_fused_us']:.1f}, unfused "
-                 f"{r['branch_unfused_us']:.1f}) |"
-                 if "branch_fused_us" in r else "")
+                 f"{r['branch_unfused_us']:.1f}"
+                 + (f", epilogue dot {r['branch_epilogue_dot_us']:.1f}" if "branch_epilogue_dot_us" in r else "")
+                 + ") |" if "branch_fused_us" in r else "")
         extra += f" + {r['act_blocks']} ranges {r['act_ranges_us']:.1f} µs |" if "act_ranges_us" in r else ""
         print(f"| {r['k']}->{r['n']} | {r['m']} | {r['quant_us']:.1f} | {r['gemm_us']:.1f} | {r['twla_us']:.1f} | "
               f"{r['bf16_us']:.1f} | {f(r['fp8_us'])} | {f(r['int_mm_us'])} | {r['bf16_us'] / r['twla_us']:.2f}x | "

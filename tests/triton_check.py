@@ -197,6 +197,7 @@ CPU_CASES = [
     Case(3, 24, 2048, gs=64, kb=2, rank=8, shards=2),
     Case(20, 24, 2048, gs=64, rank=8, shards=2),  # tensor-core branch dot in 4 K-chunks
     Case(1, 24, 2048, gs=64, kb=2, rank=16, lr_split=(8, 256)),  # override: 8 chunks of 128 per block, step 256
+    Case(8, 40, 512, gs=64, kb=2, rank=16, shards=3),  # split epilogue's multiply-adds on a narrowed [8, 16, 64] tile
     # activation ranges finer than the transform blocks (act_blocks): 4 rows of 16 per range, 2 ranges per block
     Case(5, 24, 256, gs=32, ab=4), Case(40, 33, 256, gs=64, kb=2, ab=4, rank=4),
     Case(3, 40, 512, gs=32, rot=False, ab=4), Case(260, 40, 384, gs=32, kb=2, ab=4),
@@ -217,6 +218,8 @@ def gpu_cases() -> list[Case]:
                                                                           bias=True, dtype=bf16, code="int4"),
             Case(1, 4096, 4096, gs=32, rank=16, shards=2, dtype=bf16, code="binary"),
             Case(4, 4096, 14336, gs=128, kb=8, rank=32, dtype=bf16, code="int4"),
+            Case(1, 4096, 14336, gs=128, kb=8, rank=16, dtype=bf16, code="binary"),
+            Case(8, 4096, 14336, gs=128, kb=8, rank=16, dtype=bf16, code="binary"),
             Case(1, 6144, 4096, gs=128, rank=16, shards=3, dtype=bf16, code="binary"),
             Case(8, 4096, 4096, gs=32, dtype=bf16, precision="tf32"), Case(64, 4096, 4096, gs=32, dtype=bf16, precision="tf32"),
             Case(64, 4096, 4096, gs=32, dtype=bf16, precision="bf16"),

@@ -10,7 +10,7 @@ gemm:       M > 8 on int8 tensor cores, tokens as the MMA's M. The weight tile i
             w_int = a*v(c) + m (int8) from 2-D byte loads issued one tile ahead; the K loop is a plain int8 dot
             into int32, split over K into int32 partials when the tile grid is small; s_n, the activation step
             and the zero-point term z*rowsum go to the epilogue (epilogue.py), together with the low-rank branch
-            lowrank_a @ (x @ lowrank_bᵀ) (one tensor-core dot per tile) and the bias; x @ lowrank_bᵀ comes from
+            lowrank_a @ (x @ lowrank_bᵀ) (one tensor-core dot per tile past decode sizes) and the bias; x @ lowrank_bᵀ comes from
             act_quant's launch (K-chunked partials, `lowrank_splits`).
 matmul:     `quant_matmul` picks the path by M (tiles.py).
 unpack:     large M unpacks the weights once into an int8 scratch and runs the same GEMM on it (SCRATCH). The

@@ -5,6 +5,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .tiles import GEMV_LOWRANK_SUM, GEMV_MAX_M
+
 
 @triton.jit
 def _promote(acc, s_ptr, z_ptr, rs_ptr, rm, rm_ok, rn, rn_ok, b, KB: tl.constexpr):
@@ -49,7 +51,8 @@ def _finish(y, rm, rn, M, N, ws_ptr, la_ptr, lr_ptr, bias_ptr, stride_lr, SB1, S
 def _epilogue_kernel(acc_ptr, s_ptr, z_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_ptr, lr_ptr, bias_ptr, y_ptr,
                      M, N, stride_y, stride_lr, SB1, SB2, KB: tl.constexpr, SPLIT: tl.constexpr, R: tl.constexpr,
                      NSH: tl.constexpr, RP: tl.constexpr, CP: tl.constexpr, LRKB: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DOT: tl.constexpr,
+                     PRECISION: tl.constexpr):
     # after a split GEMV/GEMM: acc_ptr [SPLIT, M, N] holds int32 partial sums (KB == 1; summed exactly) or fp32
     # partials already promoted per activation block (KB > 1; summed in a fixed order)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -66,15 +69,23 @@ def _epilogue_kernel(acc_ptr, s_ptr, z_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_p
         for b in tl.static_range(SPLIT):
             y += tl.load(part + b * M * N, mask=mask, other=0.0)
     y = _finish(y, rm, rn, M, N, ws_ptr, la_ptr, lr_ptr, bias_ptr, stride_lr, SB1, SB2, R, NSH, RP, CP, LRKB,
-                HAS_BIAS, True, PRECISION)
+                HAS_BIAS, DOT, PRECISION)
     tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _epilogue(acc, s, z, args, m, n, y, stride_lr, sb1, sb2, meta, split) -> None:
+def _epilogue(acc, s, z, args, m, n, y, stride_lr, sb1, sb2, meta, split, branch_dot: bool | None = None) -> None:
     meta = {key: v for key, v in meta.items() if key not in ("BITS", "STEP", "OFF", "G")}
-    # the low-rank branch as one tensor-core dot per tile, which needs >= 16 tokens (padding rows are masked): the
-    # broadcast-and-sum form it replaces spilled registers, 300-700 µs at M=64 on the H200 (KERNEL_NOTES.md v9)
-    bm = max(16, min(32, triton.next_power_of_2(m)))
-    _epilogue_kernel[(triton.cdiv(n, 64), triton.cdiv(m, bm))](
-        acc, s, z, *args, m, n, y.stride(0), stride_lr, sb1, sb2, SPLIT=split, BM=bm, BN=64,
+    # the low-rank branch: at decode sizes (M <= GEMV_MAX_M) fp32 multiply-adds over [BM, BN, CP] with BM = M
+    # rounded up and BN narrowed to keep GEMV_LOWRANK_SUM products (a dot pads M to 16 rows); past that one
+    # tensor-core dot per tile (padding rows masked): the broadcast-and-sum form on large tiles spilled registers,
+    # 300-700 µs at M=64 on the H200 (KERNEL_NOTES.md v9). `branch_dot` overrides the choice (benchmarks, tests).
+    dot = m > GEMV_MAX_M if branch_dot is None else branch_dot
+    bm = triton.next_power_of_2(m)
+    if dot:
+        bm, bn = max(16, min(32, bm)), 64
+    else:
+        bm = min(bm, 32)
+        bn = max(16, min(64, GEMV_LOWRANK_SUM // (bm * meta["CP"])))
+    _epilogue_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
+        acc, s, z, *args, m, n, y.stride(0), stride_lr, sb1, sb2, SPLIT=split, BM=bm, BN=bn, DOT=dot,
         PRECISION="tf32x3" if acc.is_cuda else "ieee", num_warps=4, **meta)

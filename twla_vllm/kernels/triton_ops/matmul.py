@@ -19,7 +19,7 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
                  lr: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                  shard_bounds: tuple[int, int] | None = None, scratch: bool | None = None,
                  tile: tuple[int, int, int, int, int] | None = None, out: torch.Tensor | None = None,
-                 split: int | None = None, gemv_split: bool = True) -> torch.Tensor:
+                 split: int | None = None, gemv_split: bool = True, branch_dot: bool | None = None) -> torch.Tensor:
     """y [M, N] = s_n * Σ_b s_b (q·W_intᵀ - z_b rowsum_b) (+ lowrank_a @ lrᵀ per shard, + bias).
 
     q/s/z from `act_quant` (lane order iff `uses_scratch(M)`); packed [N, K*bits/32] int32; row_scale [N]
@@ -27,7 +27,7 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
     as partial sums [P, M, S*R] (what `act_quant` returns), whose rows end at shard_bounds (two ascending row
     indices; (N, N) for one shard). `scratch`, `tile` (BM, BN, BK cap, warps, stages), `split`: override the
     tensor-core path's table and split rule (benchmarks, tests);
-    gemv_split=False keeps the GEMV's K unsplit (tests)."""
+    gemv_split=False keeps the GEMV's K unsplit (tests); branch_dot: the split epilogue's branch form (`_epilogue`)."""
     m, k = q.shape
     n = packed.shape[0]
     kb, g = s.shape[1], qa.shape[1]
@@ -58,8 +58,8 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
         split = kb  # several activation blocks: one split per block
         bm = triton.next_power_of_2(m)
         # the GEMV's own epilogue adds a low-rank branch as a broadcast sum over [BM, BN, CP]: cheap at M = 1 (no
-        # second launch); past GEMV_LOWRANK_SUM products it would spill, so the branch goes through `_epilogue`'s
-        # tensor-core dot instead (split K at least twice)
+        # second launch); past GEMV_LOWRANK_SUM products it would spill, so the branch goes through `_epilogue`,
+        # which picks a narrower tile (split K at least twice)
         big_branch = r and bm * bn * meta["CP"] > GEMV_LOWRANK_SUM
         while (gemv_split and kb == 1 and (n_ctas * split * 2 <= GEMV_SPLIT_CTAS or big_branch and split == 1)
                and words % (2 * split * bp) == 0):
@@ -69,7 +69,7 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
                                       packed.stride(0), y.stride(0), stride_lr, sb1, sb2, GW=gw, BM=bm, BN=bn, BP=bp,
                                       SPLIT=split, ASM=asm, num_warps=warps, **meta)
         if split > 1:
-            _epilogue(acc, s, z, args, m, n, y, stride_lr, sb1, sb2, meta, split)
+            _epilogue(acc, s, z, args, m, n, y, stride_lr, sb1, sb2, meta, split, branch_dot)
         return y
     bm, bn, bkc, warps, stages = tile or next(c for c in GEMM_CONFIGS if m <= c[0])[1:]
     if tile is None and kb > 1 and not uses_scratch(m):
@@ -93,7 +93,7 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
                                  PRECISION="ieee" if q.device.type == "cpu" else "tf32x3", num_warps=warps,
                                  num_stages=stages, **meta)
     if split > 1:
-        _epilogue(acc, s, z, args, m, n, y, stride_lr, sb1, sb2, meta, split)
+        _epilogue(acc, s, z, args, m, n, y, stride_lr, sb1, sb2, meta, split, branch_dot)
     return y
 
 
