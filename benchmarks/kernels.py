@@ -20,6 +20,8 @@ With --lowrank R: + branch = the whole op with a rank-R 16-bit branch as served;
 x·Bᵀ computed in act_quant's launch (what the op does) / as its own fp32 GEMM (A·(·) in the matmul's epilogue
 either way); epilogue dot = fused, with the split epilogue's A·(·) as session 20's padded tensor-core dot (shapes
 with several K-blocks at M <= 8, where the op now uses multiply-adds).
+With PDL (sm_90+): the whole op with programmatic dependent launch (twla_vllm/kernels/triton_ops/pdl.py; served
+only with TWLA_PDL=1 until measured).
 With --act-group-size G: + ranges = the whole op with activation ranges of about G channels (twla-quantize
 --act-group-size G picks the same count: offline.layout.pick_act_blocks) instead of one per transform block.
 """
@@ -294,10 +296,21 @@ def main() -> None:
                                                    None, None, None, code.bits, code.step, code.offset, gs, 4, 0.9,
                                                    kb, ab if ranges else kb, n, n)
 
+            def op_pdl(i):  # the op's two launches with programmatic dependent launch forced on (pdl.py)
+                p, rs, qa, qm, rsum = layers[i]
+                qi, si, zi, _ = T.act_quant(x, left, right, 4, 0.9, kb, lanes=lanes if T.uses_scratch(m) else 0)
+                return T.quant_matmul(qi, si, zi, p, rs, qa, qm, rsum, code.bits, code.step, code.offset, gs,
+                                      torch.bfloat16, pdl=True)
+
             t_quant = bench(lambda i: T.act_quant(x, left, right, 4, 0.9, kb, lanes=lanes if T.uses_scratch(m) else 0))
             branch = branch_times(x, layers, branch_ab, left, right, kb, code, gs, c) if a.lowrank else {}
             t_gemm = bench(mm, c)
             t_all = bench(op, c)
+            pdl = {}
+            if T.gdc(x.device):
+                if not torch.equal(op_pdl(0), op(0)):
+                    raise AssertionError("the op with programmatic dependent launch differs")
+                pdl["pdl_us"] = bench(op_pdl, c)
             ranges = {"act_blocks": ab, "act_ranges_us": bench(lambda i: op(i, ranges=True), c)} if ab else {}
             t_bf16 = bench(lambda i: x @ w_bf16[i].t(), c16)
             xq = x.to(torch.float8_e4m3fn)
@@ -322,7 +335,7 @@ def main() -> None:
             floor = nbytes / bw * 1e6 if m <= 64 else 2 * m * n * k / 1.1e15 * 1e6
             rows.append(dict(k=k, n=n, m=m, quant_us=t_quant, gemm_us=t_gemm, twla_us=t_all, bf16_us=t_bf16,
                              fp8_us=None if t_fp8 != t_fp8 else t_fp8, int_mm_us=None if t_int != t_int else t_int,
-                             floor_pct=100 * floor / t_all, **branch, **ranges))
+                             floor_pct=100 * floor / t_all, **pdl, **branch, **ranges))
             print(f"{k}->{n} M={m}: twla {t_all:.1f} us (quant {t_quant:.1f}, gemm {t_gemm:.1f}), bf16 {t_bf16:.1f} us",
                   flush=True)
     if sweep:
@@ -338,6 +351,7 @@ def main() -> None:
                  + (f", epilogue dot {r['branch_epilogue_dot_us']:.1f}" if "branch_epilogue_dot_us" in r else "")
                  + ") |" if "branch_fused_us" in r else "")
         extra += f" + {r['act_blocks']} ranges {r['act_ranges_us']:.1f} µs |" if "act_ranges_us" in r else ""
+        extra += f" with PDL {r['pdl_us']:.1f} µs |" if "pdl_us" in r else ""
         print(f"| {r['k']}->{r['n']} | {r['m']} | {r['quant_us']:.1f} | {r['gemm_us']:.1f} | {r['twla_us']:.1f} | "
               f"{r['bf16_us']:.1f} | {f(r['fp8_us'])} | {f(r['int_mm_us'])} | {r['bf16_us'] / r['twla_us']:.2f}x | "
               f"{r['floor_pct']:.0f}% |{extra}")

@@ -7,6 +7,9 @@ import os
 import subprocess
 import sys
 
+import torch
+
+from twla_vllm.kernels.triton_ops.pdl import gdc, launch_options
 from twla_vllm.kernels.triton_ops.tiles import (LOWRANK_DOT_MIN_CHUNK, LOWRANK_FMA_PRODUCTS, LOWRANK_MAX_SPLITS,
                                                 LOWRANK_MIN_PROGRAMS, MIN_PROGRAMS, lowrank_splits, lowrank_tile,
                                                 tokens_per_program)
@@ -73,3 +76,12 @@ def test_lowrank_branch_launch_rules_follow_the_h100_table():
                 assert dot or btl * jb * bkl <= LOWRANK_FMA_PRODUCTS
                 programs = -(-m // btl) * -(-sr // jb) * kb
                 assert ks == 1 or programs * ks // 2 < LOWRANK_MIN_PROGRAMS  # never split past the target
+
+
+def test_programmatic_dependent_launch_never_reaches_cpu_tensors(monkeypatch):
+    """The interpreter has no grid-dependency instructions: CPU launches get neither them nor the launch flag, even
+    with TWLA_PDL=1 or pdl=True (pdl.py)."""
+    monkeypatch.setenv("TWLA_PDL", "1")
+    cpu = torch.device("cpu")
+    assert not gdc(cpu)
+    assert launch_options(cpu) == {} and launch_options(cpu, pdl=True) == {}

@@ -53,12 +53,13 @@ class Case:
     split: bool = True  # allow split-K in the GEMV
     precision: str | None = None  # act_quant's transform dots (None: the op's default)
     bt: int | None = None  # act_quant's tokens per program (None: its launch rule)
+    pdl: bool = False  # launch the matmul with programmatic dependent launch (sm_90+; pdl.py)
 
     def __str__(self) -> str:
         return (f"m={self.m} n={self.n} k={self.k} {self.code} g={self.gs} kb={self.kb}"
                 f"{f' ab={self.ab}' if self.ab else ''} a{self.bits} rot={self.rot} "
                 f"r={self.rank}x{self.shards} bias={self.bias} {str(self.dtype)[6:]}"
-                f"{' scratch' if self.scratch else ''}{'' if self.split else ' nosplit'}")
+                f"{' scratch' if self.scratch else ''}{'' if self.split else ' nosplit'}{' pdl' if self.pdl else ''}")
 
 
 def random_layer(c: Case, gen, dev):
@@ -132,7 +133,8 @@ def check_case(c: Case, dev, gen) -> list[str]:
     q8 = q_ref.to(torch.int8).to(dev)[:, perm].contiguous()
     y = torch.full((c.m, c.n), float("nan"), device=dev)
     T.quant_matmul(q8, s_ref.to(dev), z_ref.to(dev), packed, row_scale, qa, qm, rowsum, code.bits,
-                   code.step, code.offset, c.gs, torch.float32, scratch=scratch, out=y, gemv_split=c.split)
+                   code.step, code.offset, c.gs, torch.float32, scratch=scratch, out=y, gemv_split=c.split,
+                   pdl=c.pdl)
     want = exact_gemm(q_ref, s_ref, z_ref, w_int, row_scale, ab)
     if torch.isnan(y).any():
         fails.append("matmul left outputs unwritten")
@@ -158,7 +160,7 @@ def check_case(c: Case, dev, gen) -> list[str]:
         if lr.shape != (chunks, c.m, c.shards * c.rank) or lr_err > 1e-5:  # fp32 sums of K products
             fails.append(f"act_quant lowrank x·Bᵀ: shape {tuple(lr.shape)}, rel err {lr_err:.2e}")
     y2 = T.quant_matmul(q2, s2, z2, packed, row_scale, qa, qm, rowsum, code.bits, code.step, code.offset, c.gs,
-                        c.dtype, la, lr, bias, bounds, scratch=scratch, gemv_split=c.split)
+                        c.dtype, la, lr, bias, bounds, scratch=scratch, gemv_split=c.split, pdl=c.pdl)
     ref = quant_linear(x, w_int.to(dev), row_scale, rowsum, left, right, c.bits, 0.9, bias=bias)
     if la is not None:  # each row reads its own shard's slice of lr
         shard = (torch.arange(c.n, device=dev) >= bounds[0]).long() + (torch.arange(c.n, device=dev) >= bounds[1]).long()
@@ -228,6 +230,11 @@ def gpu_cases() -> list[Case]:
             # tiny K (a TP-sharded small model): fewer than 4 packed words per unpack tile
             Case(300, 48, 64, gs=32, rot=False, code="binary", scratch=True),
             Case(300, 48, 64, gs=32, rot=False, code="ternary", scratch=True)]
+    # programmatic dependent launch: GEMV (+ split epilogue with the branch), GEMM, scratch GEMM
+    out += [Case(1, 4096, 4096, gs=32, dtype=bf16, pdl=True), Case(1, 4096, 14336, gs=128, kb=8, rank=16, dtype=bf16,
+                                                                   code="binary", pdl=True),
+            Case(8, 4096, 4096, gs=32, dtype=bf16, pdl=True), Case(64, 4096, 14336, gs=32, kb=8, dtype=bf16, pdl=True),
+            Case(300, 4096, 4096, gs=32, dtype=bf16, scratch=True, pdl=True)]
     out += [Case(64, 4096, 14336, gs=32, kb=8, rot=False, dtype=bf16),
             Case(100, 4096, 4096, gs=128, dtype=bf16, code="int4", rank=32, shards=3)]
     return out

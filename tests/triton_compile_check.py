@@ -37,12 +37,14 @@ POINTERS["gemv"] = {**POINTERS["matmul"], "w_ptr": "*i32"}  # the GEMV reads pac
 POINTERS["fp32 partials"] = {**POINTERS["matmul"], "acc_ptr": "*fp32"}  # several K-blocks: promoted partials
 POINTERS["gemv fp32 partials"] = {**POINTERS["gemv"], "acc_ptr": "*fp32"}
 ACT = dict(ROWS=64, COLS=64, RBP=64, CP=64, BT=2, HAS_ROT=True, KB=1, AB=1, QR=64, BITS=4, CLIP=0.9, LANES=0,
-           PRECISION="tf32", ASM=True, SR=0, JB=16, BTL=16, BKL=128, KS=1, LR_DOT=True, LR_PRECISION="tf32x3")
+           PRECISION="tf32", ASM=True, GDC=True, SR=0, JB=16, BTL=16, BKL=128, KS=1, LR_DOT=True,
+           LR_PRECISION="tf32x3")
 BRANCH = dict(R=32, NSH=3, RP=32, CP=128)  # rank 32 x 3 fused shards
 NO_BRANCH = dict(R=0, NSH=1, RP=16, CP=16)
-GEMV = dict(BITS=2, STEP=1, OFF=1, G=128, GW=2, KB=1, LRKB=1, HAS_BIAS=True, BM=1, BN=8, BP=64, SPLIT=1, ASM=True)
+GEMV = dict(BITS=2, STEP=1, OFF=1, G=128, GW=2, KB=1, LRKB=1, HAS_BIAS=True, BM=1, BN=8, BP=64, SPLIT=1, ASM=True,
+            GDC=True)
 GEMM = dict(BITS=2, STEP=1, OFF=1, G=128, GS=32, KB=1, LRKB=1, HAS_BIAS=True, SCRATCH=False, SPLIT=1, BM=64,
-            BN=64, BK=32, GROUP_N=8, ASM=True, PRECISION="tf32x3")
+            BN=64, BK=32, GROUP_N=8, ASM=True, PRECISION="tf32x3", GDC=True)
 VARIANTS = [
     ("act_quant", _act_quant_kernel, "act_quant", ACT, 4),
     ("act_quant + branch x·Bᵀ", _act_quant_kernel, "act_quant", {**ACT, "SR": 32, "JB": 32, "BTL": 64}, 4),
@@ -70,12 +72,12 @@ VARIANTS = [
     ("gemm scratch int4 + branch", _gemm_kernel, "matmul",
      {**GEMM, **BRANCH, "SCRATCH": True, "BITS": 4, "OFF": 8, "BM": 128, "BN": 128, "BK": 128}, 8),
     ("epilogue int32 partials + branch", _epilogue_kernel, "matmul",
-     dict(KB=1, SPLIT=4, LRKB=8, HAS_BIAS=True, BM=32, BN=64, DOT=True, PRECISION="tf32x3", **BRANCH), 4),
+     dict(KB=1, SPLIT=4, LRKB=8, HAS_BIAS=True, BM=32, BN=64, DOT=True, PRECISION="tf32x3", GDC=True, **BRANCH), 4),
     ("epilogue fp32 partials", _epilogue_kernel, "fp32 partials",
-     dict(KB=8, SPLIT=8, LRKB=1, HAS_BIAS=False, BM=32, BN=64, DOT=True, PRECISION="tf32x3", **NO_BRANCH), 4),
+     dict(KB=8, SPLIT=8, LRKB=1, HAS_BIAS=False, BM=32, BN=64, DOT=True, PRECISION="tf32x3", GDC=True, **NO_BRANCH), 4),
     ("epilogue M=1, 8 blocks + branch (16 partials, multiply-adds)", _epilogue_kernel, "fp32 partials",
-     dict(KB=8, SPLIT=8, LRKB=16, HAS_BIAS=False, BM=1, BN=64, DOT=False, PRECISION="tf32x3", R=16, NSH=1, RP=16,
-          CP=16), 4),
+     dict(KB=8, SPLIT=8, LRKB=16, HAS_BIAS=False, BM=1, BN=64, DOT=False, PRECISION="tf32x3", GDC=True, R=16, NSH=1,
+          RP=16, CP=16), 4),
     ("unpack ternary", _unpack_kernel, "unpack", None, 4),
 ]
 

@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import libdevice
 
+from .pdl import gdc
 from .tiles import block_k, lowrank_splits, lowrank_tile, tokens_per_program
 
 
@@ -135,10 +136,12 @@ def _act_quant_kernel(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, b_ptr, lr_ptr, M
                       QR: tl.constexpr, BITS: tl.constexpr, CLIP: tl.constexpr, LANES: tl.constexpr,
                       PRECISION: tl.constexpr, ASM: tl.constexpr, SR: tl.constexpr, JB: tl.constexpr,
                       BTL: tl.constexpr, BKL: tl.constexpr, KS: tl.constexpr, LR_DOT: tl.constexpr,
-                      LR_PRECISION: tl.constexpr):
+                      LR_PRECISION: tl.constexpr, GDC: tl.constexpr):
     # Programs [0, NQ) along axis 0 transform and quantize BT tokens each; with a low-rank branch (SR > 0) the
     # programs after them compute its down-projection x @ lowrank_bᵀ from the same unrotated x, in the same
     # launch (horizontal fusion: no separate GEMM, no fp32 copy of x). Axis 1 is the K-block either way.
+    if GDC:  # let the matmul launch now: it streams its weights until it waits on these outputs (pdl.py)
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     if pid < NQ:
         _quantize_tokens(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, M, stride_x, stride_q, pid, ROWS, COLS, RBP, CP,
@@ -201,7 +204,7 @@ def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | 
             QR=rbp if ab == k_blocks else rows // ab, BITS=bits,
             CLIP=float(clip),
             LANES=lanes, PRECISION=precision, ASM=cuda, SR=sr, JB=jb, BTL=btl, BKL=bkl, KS=ks, LR_DOT=lr_dot,
-            LR_PRECISION="tf32x3" if cuda else "ieee", num_warps=warps)
+            LR_PRECISION="tf32x3" if cuda else "ieee", GDC=gdc(x.device), num_warps=warps)
     return q, s, z, lr
 
 

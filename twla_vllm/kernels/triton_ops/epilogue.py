@@ -52,9 +52,11 @@ def _epilogue_kernel(acc_ptr, s_ptr, z_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_p
                      M, N, stride_y, stride_lr, SB1, SB2, KB: tl.constexpr, SPLIT: tl.constexpr, R: tl.constexpr,
                      NSH: tl.constexpr, RP: tl.constexpr, CP: tl.constexpr, LRKB: tl.constexpr,
                      HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DOT: tl.constexpr,
-                     PRECISION: tl.constexpr):
+                     PRECISION: tl.constexpr, GDC: tl.constexpr):
     # after a split GEMV/GEMM: acc_ptr [SPLIT, M, N] holds int32 partial sums (KB == 1; summed exactly) or fp32
     # partials already promoted per activation block (KB > 1; summed in a fixed order)
+    if GDC:  # the partials come from the matmul launched just before (pdl.py)
+        tl.extra.cuda.gdc_wait()
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     rm = tl.program_id(1) * BM + tl.arange(0, BM)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
@@ -73,7 +75,8 @@ def _epilogue_kernel(acc_ptr, s_ptr, z_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_p
     tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _epilogue(acc, s, z, args, m, n, y, stride_lr, sb1, sb2, meta, split, branch_dot: bool | None = None) -> None:
+def _epilogue(acc, s, z, args, m, n, y, stride_lr, sb1, sb2, meta, split, launch: dict,
+              branch_dot: bool | None = None) -> None:
     meta = {key: v for key, v in meta.items() if key not in ("BITS", "STEP", "OFF", "G")}
     # the low-rank branch: at decode sizes (M <= GEMV_MAX_M) fp32 multiply-adds over [BM, BN, CP] with BM = M
     # rounded up and BN narrowed to keep GEMV_LOWRANK_SUM products (a dot pads M to 16 rows); past that one
@@ -88,4 +91,4 @@ def _epilogue(acc, s, z, args, m, n, y, stride_lr, sb1, sb2, meta, split, branch
         bn = max(16, min(64, GEMV_LOWRANK_SUM // (bm * meta["CP"])))
     _epilogue_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
         acc, s, z, *args, m, n, y.stride(0), stride_lr, sb1, sb2, SPLIT=split, BM=bm, BN=bn, DOT=dot,
-        PRECISION="tf32x3" if acc.is_cuda else "ieee", num_warps=4, **meta)
+        PRECISION="tf32x3" if acc.is_cuda else "ieee", num_warps=4, **launch, **meta)

@@ -16,7 +16,7 @@ def _gemm_kernel(q_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
                  KB: tl.constexpr, R: tl.constexpr, NSH: tl.constexpr, RP: tl.constexpr,
                  CP: tl.constexpr, LRKB: tl.constexpr, HAS_BIAS: tl.constexpr, SCRATCH: tl.constexpr,
                  SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_N: tl.constexpr,
-                 ASM: tl.constexpr, PRECISION: tl.constexpr):
+                 ASM: tl.constexpr, PRECISION: tl.constexpr, GDC: tl.constexpr):
     # acc [BM tokens, BN rows] = x [BM, BK] . w_intᵀ, int8 x int8 -> int32 on tensor cores.
     # SCRATCH 0: w_ptr = the packed words viewed as bytes, unpacked per tile (`_load_rep` + `_int_tile`), q in
     # natural order; the next tile's loads are issued before this tile's dot so their latency overlaps it (byte
@@ -46,6 +46,9 @@ def _gemm_kernel(q_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
     y = tl.zeros([BM, BN], dtype=tl.float32)
     if not SCRATCH:
         ahead = _load_rep(w_ptr, qa_ptr, qm_ptr, rn, k_lo, N, k_hi, stride_w, G, GS, BITS, BN, BK)
+    if GDC:  # the scratch and the activations come from the kernels before this one (pdl.py)
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     for k0 in range(k_lo, k_hi, BK):
         if SCRATCH:
             w = tl.load(w_ptr + rn[:, None] * stride_w + k0 + rk[None, :],

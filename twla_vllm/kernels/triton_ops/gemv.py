@@ -27,7 +27,7 @@ def _gemv_kernel(x_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
                  BITS: tl.constexpr, STEP: tl.constexpr, OFF: tl.constexpr, G: tl.constexpr, GW: tl.constexpr,
                  KB: tl.constexpr, R: tl.constexpr, NSH: tl.constexpr, RP: tl.constexpr,
                  CP: tl.constexpr, LRKB: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                 BP: tl.constexpr, SPLIT: tl.constexpr, ASM: tl.constexpr):
+                 BP: tl.constexpr, SPLIT: tl.constexpr, ASM: tl.constexpr, GDC: tl.constexpr):
     # x_ptr: int8 activations (natural order) viewed as int32 words [M, K/4]; w_ptr: packed words [N, K/CPW].
     # Word p of a row holds codes CPW*p..; (word >> B*i) & mask = codes CPW*p+4i..+3, which meet activation
     # word LANES*p + i in one dp4a. GW = words per weight group. Program (n, s) covers K-split s; with several
@@ -45,14 +45,23 @@ def _gemv_kernel(x_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
     UPI: tl.constexpr = BP // GW if BP >= GW else 1  # weight groups touched per chunk
     acc = tl.zeros([BM, BN], dtype=tl.int32)
     ones = tl.full([BM, BP], 0x01010101, dtype=tl.int32)
-    for w0 in range(pid_s * span, (pid_s + 1) * span, BP):
-        wt = tl.load(w_ptr + rn[:, None] * stride_w + w0 + rp[None, :], mask=rn[:, None] < N, other=0)
+    w_lo = pid_s * span
+    w_hi = w_lo + span
+    wt = tl.load(w_ptr + rn[:, None] * stride_w + w_lo + rp[None, :], mask=rn[:, None] < N, other=0)
+    if GDC:  # weights are constants: the first chunk streams in while act_quant may still run (pdl.py)
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    for w0 in range(w_lo, w_hi, BP):
+        cur = wt
+        # the next chunk's words go out before this chunk's dp4a, so their latency overlaps it
+        wt = tl.load(w_ptr + rn[:, None] * stride_w + w0 + BP + rp[None, :],
+                     mask=(rn[:, None] < N) & (w0 + BP + rp[None, :] < w_hi), other=0)
         cx = tl.zeros([BM, BN, BP], dtype=tl.int32)
         sx = tl.zeros([BM, BP], dtype=tl.int32)
         for i in tl.static_range(LANES):
             xi = tl.load(x_ptr + rm[:, None] * stride_x + LANES * (w0 + rp[None, :]) + i, mask=rm[:, None] < M,
                          other=0)
-            wl = (wt >> (BITS * i)) & MASK
+            wl = (cur >> (BITS * i)) & MASK
             cx = _dp4a(tl.broadcast_to(wl[None, :, :], (BM, BN, BP)), tl.broadcast_to(xi[:, None, :], (BM, BN, BP)),
                        cx, ASM)
             sx = _dp4a(xi, ones, sx, ASM)

@@ -8,6 +8,7 @@ import triton
 from .epilogue import _epilogue
 from .gemm import _gemm_kernel
 from .gemv import _gemv_kernel
+from .pdl import gdc, launch_options
 from .tiles import (GEMM_CONFIGS, GEMV_CONFIGS, GEMV_LOWRANK_SUM, GEMV_MAX_M, GEMV_SPLIT_CTAS, block_k, gemm_split,
                     uses_scratch)
 from .unpack import unpack_weights
@@ -19,7 +20,8 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
                  lr: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                  shard_bounds: tuple[int, int] | None = None, scratch: bool | None = None,
                  tile: tuple[int, int, int, int, int] | None = None, out: torch.Tensor | None = None,
-                 split: int | None = None, gemv_split: bool = True, branch_dot: bool | None = None) -> torch.Tensor:
+                 split: int | None = None, gemv_split: bool = True, branch_dot: bool | None = None,
+                 pdl: bool | None = None) -> torch.Tensor:
     """y [M, N] = s_n * Σ_b s_b (q·W_intᵀ - z_b rowsum_b) (+ lowrank_a @ lrᵀ per shard, + bias).
 
     q/s/z from `act_quant` (lane order iff `uses_scratch(M)`); packed [N, K*bits/32] int32; row_scale [N]
@@ -27,7 +29,8 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
     as partial sums [P, M, S*R] (what `act_quant` returns), whose rows end at shard_bounds (two ascending row
     indices; (N, N) for one shard). `scratch`, `tile` (BM, BN, BK cap, warps, stages), `split`: override the
     tensor-core path's table and split rule (benchmarks, tests);
-    gemv_split=False keeps the GEMV's K unsplit (tests); branch_dot: the split epilogue's branch form (`_epilogue`)."""
+    gemv_split=False keeps the GEMV's K unsplit (tests); branch_dot: the split epilogue's branch form (`_epilogue`);
+    pdl: launch the kernels with programmatic dependent launch (default TWLA_PDL=1; `pdl.launch_options`)."""
     m, k = q.shape
     n = packed.shape[0]
     kb, g = s.shape[1], qa.shape[1]
@@ -47,6 +50,7 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
                 CP=triton.next_power_of_2(nsh * rp), LRKB=lr.shape[0] if r else 1, HAS_BIAS=bias is not None)
     stride_lr = lr.stride(1) if r else 0
     asm = q.device.type == "cuda"
+    launch = dict(GDC=gdc(q.device), **launch_options(q.device, pdl))
     if m <= GEMV_MAX_M and tile is None:
         _, bn, bp, warps = next(c for c in GEMV_CONFIGS if m <= c[0])
         lanes = 8 // bits
@@ -67,9 +71,9 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
         acc = _partials(split, kb, y)
         _gemv_kernel[(n_ctas, split)](q.view(torch.int32), s, z, packed, *args, acc, m, n, k, q.stride(0) // 4,
                                       packed.stride(0), y.stride(0), stride_lr, sb1, sb2, GW=gw, BM=bm, BN=bn, BP=bp,
-                                      SPLIT=split, ASM=asm, num_warps=warps, **meta)
+                                      SPLIT=split, ASM=asm, num_warps=warps, **launch, **meta)
         if split > 1:
-            _epilogue(acc, s, z, args, m, n, y, stride_lr, sb1, sb2, meta, split, branch_dot)
+            _epilogue(acc, s, z, args, m, n, y, stride_lr, sb1, sb2, meta, split, launch, branch_dot)
         return y
     bm, bn, bkc, warps, stages = tile or next(c for c in GEMM_CONFIGS if m <= c[0])[1:]
     if tile is None and kb > 1 and not uses_scratch(m):
@@ -91,9 +95,9 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
                                  stride_lr, sb1, sb2, GS=gs, SCRATCH=use_scratch, SPLIT=split, BM=bm, BN=bn, BK=bk,
                                  GROUP_N=8, ASM=asm,
                                  PRECISION="ieee" if q.device.type == "cpu" else "tf32x3", num_warps=warps,
-                                 num_stages=stages, **meta)
+                                 num_stages=stages, **launch, **meta)
     if split > 1:
-        _epilogue(acc, s, z, args, m, n, y, stride_lr, sb1, sb2, meta, split, branch_dot)
+        _epilogue(acc, s, z, args, m, n, y, stride_lr, sb1, sb2, meta, split, launch, branch_dot)
     return y
 
 
