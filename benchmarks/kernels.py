@@ -116,7 +116,9 @@ def act_quant_table() -> None:
 
 def act_quant_sweep(ms: list[int]) -> None:
     """act_quant's tokens per program: the launch rule (`tiles.tokens_per_program`) against fixed values, TF32
-    transform, default warps; codes compared with one token per program."""
+    transform, default warps ("/8w": 8); codes compared with one token per program. "2k".."8k": the same with the
+    left factor as one block-diagonal dot over the stacked tokens (`act_quant(left_kron=True)`) instead of
+    permuting the tile."""
     print("\n| factors | K-blocks | M | µs by tokens per program (!: a code differs from bt=1) |\n|---|---|---|---|")
     for k, kb in ((14336, 8), (4096, 1)):
         n1, n2, left, right = transform_factors(k, kb)
@@ -124,11 +126,15 @@ def act_quant_sweep(ms: list[int]) -> None:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             want = T.act_quant(x, left, right, 4, 0.9, kb, bt=1)[0]
             cells = []
-            for bt in (None, 1, 2, 4, 8):
+            for bt, kron, warps in ((None, False, None), (1, False, None), (2, False, None), (4, False, None),
+                                    (8, False, None), (8, False, 8), (2, True, None), (4, True, None),
+                                    (8, True, None), (8, True, 8)):
+                kw = dict(bt=bt, left_kron=kron, warps=warps)
                 try:
-                    same = torch.equal(T.act_quant(x, left, right, 4, 0.9, kb, bt=bt)[0], want)
-                    us = bench(lambda i: T.act_quant(x, left, right, 4, 0.9, kb, bt=bt))
-                    cells.append(f"{'rule' if bt is None else bt}: {us:.1f}{'' if same else '!'}")
+                    same = torch.equal(T.act_quant(x, left, right, 4, 0.9, kb, **kw)[0], want)
+                    us = bench(lambda i: T.act_quant(x, left, right, 4, 0.9, kb, **kw))
+                    label = f"{'rule' if bt is None else bt}{'k' if kron else ''}{f'/{warps}w' if warps else ''}"
+                    cells.append(f"{label}: {us:.1f}{'' if same else '!'}")
                 except Exception as e:  # noqa: BLE001 - a setting that does not compile is a result too
                     cells.append(f"{bt}: {type(e).__name__}")
             print(f"| {n1}x{n2} | {kb} | {m} | {' / '.join(cells)} |", flush=True)

@@ -54,12 +54,14 @@ class Case:
     precision: str | None = None  # act_quant's transform dots (None: the op's default)
     bt: int | None = None  # act_quant's tokens per program (None: its launch rule)
     pdl: bool = False  # launch the matmul with programmatic dependent launch (sm_90+; pdl.py)
+    left_kron: bool = False  # act_quant's left factor as one block-diagonal dot over the stacked tokens
 
     def __str__(self) -> str:
         return (f"m={self.m} n={self.n} k={self.k} {self.code} g={self.gs} kb={self.kb}"
                 f"{f' ab={self.ab}' if self.ab else ''} a{self.bits} rot={self.rot} "
                 f"r={self.rank}x{self.shards} bias={self.bias} {str(self.dtype)[6:]}"
-                f"{' scratch' if self.scratch else ''}{'' if self.split else ' nosplit'}{' pdl' if self.pdl else ''}")
+                f"{' scratch' if self.scratch else ''}{'' if self.split else ' nosplit'}{' pdl' if self.pdl else ''}"
+                f"{' left-kron' if self.left_kron else ''}")
 
 
 def random_layer(c: Case, gen, dev):
@@ -100,7 +102,8 @@ def check_case(c: Case, dev, gen) -> list[str]:
     q = torch.full((c.m, c.k), -128, dtype=torch.int8, device=dev)
     s = torch.full((c.m, ab), float("nan"), device=dev)
     z = torch.full((c.m, ab), float("nan"), device=dev)
-    T.act_quant(x, left, right, c.bits, 0.9, c.kb, c.precision, lanes, out=(q, s, z), act_blocks=ab, bt=c.bt)
+    T.act_quant(x, left, right, c.bits, 0.9, c.kb, c.precision, lanes, out=(q, s, z), act_blocks=ab, bt=c.bt,
+                left_kron=c.left_kron)
     q = torch.empty_like(q).index_copy_(1, perm, q)  # back to natural order
     q_ref, s_ref, z_ref = quantize_per_token(kron_rotate(x.float(), left, right), c.bits, 0.9, ab)
     if torch.isnan(s).any() or torch.isnan(z).any():
@@ -189,6 +192,7 @@ CPU_CASES = [
     Case(3, 40, 2048, gs=-1, rot=False), Case(1, 16, 2048, gs=128, rot=False, code="int4", bias=True, rank=4),
     Case(12, 130, 256, gs=32, kb=2, rank=8, shards=2),
     Case(40, 33, 256, gs=64, kb=4, bt=4),  # several tokens per program
+    Case(40, 33, 256, gs=64, kb=4, bt=4, left_kron=True),  # ... left factor as one block-diagonal dot
     Case(37, 50, 512, gs=-1, rot=False, code="int4"),
     Case(300, 40, 256, gs=64, bt=2),  # lane order permuted in registers
     Case(260, 40, 384, gs=64, kb=2, bt=2),  # 16 x 24 view: words cross rows, permuted store
@@ -230,6 +234,9 @@ def gpu_cases() -> list[Case]:
             # tiny K (a TP-sharded small model): fewer than 4 packed words per unpack tile
             Case(300, 48, 64, gs=32, rot=False, code="binary", scratch=True),
             Case(300, 48, 64, gs=32, rot=False, code="ternary", scratch=True)]
+    # act_quant's left factor as one block-diagonal dot over 8 / 2 stacked tokens
+    out += [Case(2048, 4096, 14336, gs=32, kb=8, dtype=bf16, left_kron=True),
+            Case(600, 4096, 4096, gs=32, dtype=bf16, left_kron=True)]
     # programmatic dependent launch: GEMV (+ split epilogue with the branch), GEMM, scratch GEMM
     out += [Case(1, 4096, 4096, gs=32, dtype=bf16, pdl=True), Case(1, 4096, 14336, gs=128, kb=8, rank=16, dtype=bf16,
                                                                    code="binary", pdl=True),

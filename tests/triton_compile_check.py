@@ -38,7 +38,7 @@ POINTERS["fp32 partials"] = {**POINTERS["matmul"], "acc_ptr": "*fp32"}  # severa
 POINTERS["gemv fp32 partials"] = {**POINTERS["gemv"], "acc_ptr": "*fp32"}
 ACT = dict(ROWS=64, COLS=64, RBP=64, CP=64, BT=2, HAS_ROT=True, KB=1, AB=1, QR=64, BITS=4, CLIP=0.9, LANES=0,
            PRECISION="tf32", ASM=True, GDC=True, SR=0, JB=16, BTL=16, BKL=128, KS=1, LR_DOT=True,
-           LR_PRECISION="tf32x3")
+           LR_PRECISION="tf32x3", LEFT_KRON=False)
 BRANCH = dict(R=32, NSH=3, RP=32, CP=128)  # rank 32 x 3 fused shards
 NO_BRANCH = dict(R=0, NSH=1, RP=16, CP=16)
 GEMV = dict(BITS=2, STEP=1, OFF=1, G=128, GW=2, KB=1, LRKB=1, HAS_BIAS=True, BM=1, BN=8, BP=64, SPLIT=1, ASM=True,
@@ -51,6 +51,11 @@ VARIANTS = [
     ("act_quant, 32 ranges", _act_quant_kernel, "act_quant", {**ACT, "AB": 32, "QR": 2}, 4),
     ("act_quant down_proj 8 blocks, 112 ranges", _act_quant_kernel, "act_quant",
      {**ACT, "ROWS": 112, "COLS": 128, "RBP": 16, "CP": 128, "KB": 8, "AB": 112, "QR": 1, "BT": 8}, 8),
+    ("act_quant down_proj 8 blocks, 8 tokens, block-diagonal left dot", _act_quant_kernel, "act_quant",
+     {**ACT, "ROWS": 112, "COLS": 128, "RBP": 16, "CP": 128, "KB": 8, "AB": 8, "QR": 16, "BT": 8,
+      "LEFT_KRON": True}, 4),
+    ("act_quant 64x64, 2 tokens, block-diagonal left dot", _act_quant_kernel, "act_quant",
+     {**ACT, "LEFT_KRON": True}, 4),
     ("act_quant M=1, ranges + branch", _act_quant_kernel, "act_quant",
      {**ACT, "BT": 1, "AB": 32, "QR": 2, "SR": 48, "JB": 32, "BTL": 16}, 4),
     ("act_quant M=1 + branch in 8 K-chunks (fp32 FMA, 512-wide steps)", _act_quant_kernel, "act_quant",
