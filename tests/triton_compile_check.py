@@ -90,7 +90,12 @@ VARIANTS = [
 def compile_variant(kernel, pointers: dict[str, str], consts: dict, warps: int):
     names = kernel.arg_names
     sig = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in names}
-    src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
+    # as the launcher specializes a served layer's arguments: pointers, strides, K and N divisible by 16 (the
+    # loads' vectorization and the code that runs depend on it; without it ptxas sees a variant that never runs)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if n not in consts and (sig[n].startswith("*") or n.startswith("stride") or n in ("K", "N"))}
+    src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()},
+                    attrs=attrs)
     return triton.compile(src, target=H100, options={"num_warps": warps})
 
 

@@ -39,26 +39,30 @@ def _gemm_kernel(q_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
     rn = pid_n * BN + tl.arange(0, BN)
     rm = pid_m * BM + tl.arange(0, BM)
     rk = tl.arange(0, BK)
+    # rows past N or M read row N-1 / M-1 (their results are never stored), and every K tile lies inside the row,
+    # so the K loop's loads carry no masks: fewer integer instructions per tile in an ALU-bound loop (v15)
+    rn_in = tl.minimum(rn, N - 1)
+    rm_in = tl.minimum(rm, M - 1)
     BLK = K // KB
     k_lo = pid_s * (K // SPLIT)
     k_hi = k_lo + K // SPLIT
     acc = tl.zeros([BM, BN], dtype=tl.int32)
     y = tl.zeros([BM, BN], dtype=tl.float32)
     if not SCRATCH:
-        ahead = _load_rep(w_ptr, qa_ptr, qm_ptr, rn, k_lo, N, k_hi, stride_w, G, GS, BITS, BN, BK)
+        ahead = _load_rep(w_ptr, qa_ptr, qm_ptr, rn_in, k_lo, stride_w, G, GS, BITS, BK)
     if GDC:  # the scratch and the activations come from the kernels before this one (pdl.py)
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     for k0 in range(k_lo, k_hi, BK):
         if SCRATCH:
-            w = tl.load(w_ptr + rn[:, None] * stride_w + k0 + rk[None, :],
-                        mask=(rn[:, None] < N) & (k0 + rk[None, :] < K), other=0)
+            w = tl.load(w_ptr + rn_in[:, None] * stride_w + k0 + rk[None, :])
         else:
             cur = ahead
-            ahead = _load_rep(w_ptr, qa_ptr, qm_ptr, rn, k0 + BK, N, k_hi, stride_w, G, GS, BITS, BN, BK)
+            # the last tile re-reads itself instead of one past the range (a cache hit, and no mask)
+            ahead = _load_rep(w_ptr, qa_ptr, qm_ptr, rn_in, tl.minimum(k0 + BK, k_hi - BK), stride_w, G, GS, BITS,
+                              BK)
             w = _int_tile(cur[0], cur[1], cur[2], BITS, STEP, OFF, BK)
-        x = tl.load(q_ptr + rm[:, None] * stride_q + k0 + rk[None, :],
-                    mask=(rm[:, None] < M) & (k0 + rk[None, :] < K), other=0)
+        x = tl.load(q_ptr + rm_in[:, None] * stride_q + k0 + rk[None, :])
         acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)
         if KB > 1:
             if (k0 + BK) % BLK == 0:  # end of an activation K-block: promote once per block

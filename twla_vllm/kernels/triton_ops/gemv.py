@@ -41,26 +41,29 @@ def _gemv_kernel(x_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
     rn = pid_n * BN + tl.arange(0, BN)
     rm = tl.arange(0, BM)
     rp = tl.arange(0, BP)
+    # rows past N and tokens past M read row N-1 / token M-1 (never stored), chunks lie inside the split: the
+    # loop's loads carry no masks (as in the GEMM, KERNEL_NOTES v15)
+    rn_in = tl.minimum(rn, N - 1)
+    rm_in = tl.minimum(rm, M - 1)
     span = K // (4 * LANES) // SPLIT  # words per split
     UPI: tl.constexpr = BP // GW if BP >= GW else 1  # weight groups touched per chunk
     acc = tl.zeros([BM, BN], dtype=tl.int32)
     ones = tl.full([BM, BP], 0x01010101, dtype=tl.int32)
     w_lo = pid_s * span
     w_hi = w_lo + span
-    wt = tl.load(w_ptr + rn[:, None] * stride_w + w_lo + rp[None, :], mask=rn[:, None] < N, other=0)
+    wt = tl.load(w_ptr + rn_in[:, None] * stride_w + w_lo + rp[None, :])
     if GDC:  # weights are constants: the first chunk streams in while act_quant may still run (pdl.py)
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     for w0 in range(w_lo, w_hi, BP):
         cur = wt
-        # the next chunk's words go out before this chunk's dp4a, so their latency overlaps it
-        wt = tl.load(w_ptr + rn[:, None] * stride_w + w0 + BP + rp[None, :],
-                     mask=(rn[:, None] < N) & (w0 + BP + rp[None, :] < w_hi), other=0)
+        # the next chunk's words go out before this chunk's dp4a, so their latency overlaps it (the last chunk
+        # re-reads itself)
+        wt = tl.load(w_ptr + rn_in[:, None] * stride_w + tl.minimum(w0 + BP, w_hi - BP) + rp[None, :])
         cx = tl.zeros([BM, BN, BP], dtype=tl.int32)
         sx = tl.zeros([BM, BP], dtype=tl.int32)
         for i in tl.static_range(LANES):
-            xi = tl.load(x_ptr + rm[:, None] * stride_x + LANES * (w0 + rp[None, :]) + i, mask=rm[:, None] < M,
-                         other=0)
+            xi = tl.load(x_ptr + rm_in[:, None] * stride_x + LANES * (w0 + rp[None, :]) + i)
             wl = (cur >> (BITS * i)) & MASK
             cx = _dp4a(tl.broadcast_to(wl[None, :, :], (BM, BN, BP)), tl.broadcast_to(xi[:, None, :], (BM, BN, BP)),
                        cx, ASM)
@@ -68,9 +71,9 @@ def _gemv_kernel(x_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
         cx_g = tl.sum(tl.reshape(cx, (BM, BN, UPI, BP // UPI)), axis=3)  # Σ c·x per (token, row, group)
         sx_g = tl.sum(tl.reshape(sx, (BM, UPI, BP // UPI)), axis=2)  # Σ x per (token, group)
         g = w0 // GW + tl.arange(0, UPI)
-        pq = rn[:, None] * G + g[None, :]
-        qa = tl.load(qa_ptr + pq, mask=rn[:, None] < N, other=0).to(tl.int32)
-        qm = tl.load(qm_ptr + pq, mask=rn[:, None] < N, other=0).to(tl.int32)
+        pq = rn_in[:, None] * G + g[None, :]
+        qa = tl.load(qa_ptr + pq).to(tl.int32)
+        qm = tl.load(qm_ptr + pq).to(tl.int32)
         # Σ_k (a*v + m)*x = a*(step*Σ c·x - offset*Σ x) + m*Σ x, exact in int32
         acc += tl.sum(qa[None, :, :] * (STEP * cx_g - OFF * sx_g[:, None, :]) + qm[None, :, :] * sx_g[:, None, :],
                       axis=2)

@@ -96,26 +96,26 @@ def _unpack_tile(w_ptr, qa_ptr, qm_ptr, rn, k0, N, K, stride_w, G: tl.constexpr,
 
 
 @triton.jit
-def _load_rep(w_ptr, qa_ptr, qm_ptr, rn, k0, N, K, stride_w, G: tl.constexpr, GS: tl.constexpr,
-              BITS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """Raw loads for `_int_tile` (codes k0..k0+BK-1 of rows rn, nothing at or past K) and their groups' a, m.
-    Every element loads the byte that holds its code (byte-lane layout: byte 4*(k // CPW) + k % 4 of the row),
-    w_ptr = the packed words viewed as bytes, stride_w in bytes; a plain 2-D tile, so no reshape sits between the
-    loads and the dot. Triton does not pipeline byte loads through shared memory, so the GEMM issues the next
-    tile's loads by hand (KERNEL_NOTES v7: 1.4-2.2x); int32 word loads, which it would pipeline, measured slower
-    (v8: 4096->14336, M=64 on the H200: 108-1726 vs 70.5 µs)."""
+def _load_rep(w_ptr, qa_ptr, qm_ptr, rn, k0, stride_w, G: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr,
+              BK: tl.constexpr):
+    """Raw loads for `_int_tile` (codes k0..k0+BK-1 of rows rn) and their groups' a, m. Unmasked: the caller
+    passes rows that exist (clamped) and a k0 inside the row, a multiple of BK. Every element loads the byte that
+    holds its code (byte-lane layout: byte 4*(k // CPW) + k % 4 of the row), w_ptr = the packed words viewed as
+    bytes, stride_w in bytes; a plain 2-D tile, so no reshape sits between the loads and the dot. Triton does not
+    pipeline byte loads through shared memory, so the GEMM issues the next tile's loads by hand (KERNEL_NOTES v7:
+    1.4-2.2x); int32 word loads, which it would pipeline, measured slower (v8: 4096->14336, M=64 on the H200:
+    108-1726 vs 70.5 µs)."""
     CPW: tl.constexpr = 32 // BITS
-    rk = k0 + tl.arange(0, BK)
-    ok = (rn[:, None] < N) & (rk[None, :] < K)
-    byts = tl.load(w_ptr + rn[:, None] * stride_w + ((rk // CPW) * 4 + rk % 4)[None, :], mask=ok, other=0)
+    j = tl.arange(0, BK)
+    # k0 is a multiple of BK and BK of CPW, so code k0 + j sits (k0 // CPW) * 4 bytes after where code j does: the
+    # per-element part of the address is the same every tile (KERNEL_NOTES v15)
+    byts = tl.load(w_ptr + rn[:, None] * stride_w + (k0 // CPW) * 4 + ((j // CPW) * 4 + j % 4)[None, :])
     if BK <= GS:  # one group per row of the tile: a and m are a column
         pq = rn * G + k0 // GS
-        ok_q = (rn < N) & (rn * 0 + k0 < K)
     else:
-        pq = rn[:, None] * G + (rk // GS)[None, :]
-        ok_q = ok
-    qa = tl.load(qa_ptr + pq, mask=ok_q, other=0)
-    qm = tl.load(qm_ptr + pq, mask=ok_q, other=0)
+        pq = rn[:, None] * G + ((k0 + j) // GS)[None, :]
+    qa = tl.load(qa_ptr + pq)
+    qm = tl.load(qm_ptr + pq)
     if BK <= GS:
         qa, qm = qa[:, None], qm[:, None]
     return byts, qa, qm
