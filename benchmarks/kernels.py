@@ -21,7 +21,8 @@ x·Bᵀ computed in act_quant's launch (what the op does) / as its own fp32 GEMM
 either way); epilogue dot = fused, with the split epilogue's A·(·) as session 20's padded tensor-core dot (shapes
 with several K-blocks at M <= 8, where the op now uses multiply-adds).
 With PDL (sm_90+): the whole op with programmatic dependent launch (twla_vllm/kernels/triton_ops/pdl.py; served
-only with TWLA_PDL=1 until measured).
+only with TWLA_PDL=1 until measured). SWAR (M = 9..255): the whole op with the packed GEMM's lane-order SWAR unpack
+(`quant_matmul(swar=True)`, activations in lane order), K tiles of 4 words (its minimum) and of 8 words.
 With --act-group-size G: + ranges = the whole op with activation ranges of about G channels (twla-quantize
 --act-group-size G picks the same count: offline.layout.pick_act_blocks) instead of one per transform block.
 """
@@ -42,7 +43,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import twla_vllm.ops  # noqa: E402,F401
 from twla_vllm import format as fmt  # noqa: E402
 from twla_vllm.kernels import triton_ops as T  # noqa: E402
-from twla_vllm.kernels.triton_ops.tiles import LOWRANK_FMA_PRODUCTS, lowrank_splits, lowrank_tile  # noqa: E402
+from twla_vllm.kernels.triton_ops.tiles import (GEMM_CONFIGS, LOWRANK_FMA_PRODUCTS, lowrank_splits,  # noqa: E402
+                                                lowrank_tile)
 from twla_vllm.reference import block_row_sums, kron_rotate, quantize_per_token  # noqa: E402
 from twla_offline.layout import pick_act_blocks  # noqa: E402
 
@@ -308,6 +310,14 @@ def main() -> None:
                 return T.quant_matmul(qi, si, zi, p, rs, qa, qm, rsum, code.bits, code.step, code.offset, gs,
                                       torch.bfloat16, pdl=True)
 
+            def op_swar(i, bk=None):  # the packed GEMM's lane-order SWAR unpack (KERNEL_NOTES v16), K tiles <= bk
+                p, rs, qa, qm, rsum = layers[i]
+                qi, si, zi, _ = T.act_quant(x, left, right, 4, 0.9, kb, lanes=lanes)
+                tile = None if bk is None else (*next(c for c in GEMM_CONFIGS if m <= c[0])[1:3], bk,
+                                                *next(c for c in GEMM_CONFIGS if m <= c[0])[4:])
+                return T.quant_matmul(qi, si, zi, p, rs, qa, qm, rsum, code.bits, code.step, code.offset, gs,
+                                      torch.bfloat16, swar=True, tile=tile)
+
             t_quant = bench(lambda i: T.act_quant(x, left, right, 4, 0.9, kb, lanes=lanes if T.uses_scratch(m) else 0))
             branch = branch_times(x, layers, branch_ab, left, right, kb, code, gs, c) if a.lowrank else {}
             t_gemm = bench(mm, c)
@@ -317,6 +327,11 @@ def main() -> None:
                 if not torch.equal(op_pdl(0), op(0)):
                     raise AssertionError("the op with programmatic dependent launch differs")
                 pdl["pdl_us"] = bench(op_pdl, c)
+            if T.GEMV_MAX_M < m and not T.uses_scratch(m):
+                for bk, key in ((None, "swar_us"), (256 // code.bits, "swar_bk2x_us")):
+                    if not torch.equal(op_swar(0, bk), op(0)):
+                        raise AssertionError(f"the SWAR GEMM (K tiles {bk}) differs")
+                    pdl[key] = bench(lambda i: op_swar(i, bk), c)
             ranges = {"act_blocks": ab, "act_ranges_us": bench(lambda i: op(i, ranges=True), c)} if ab else {}
             t_bf16 = bench(lambda i: x @ w_bf16[i].t(), c16)
             xq = x.to(torch.float8_e4m3fn)
@@ -358,6 +373,7 @@ def main() -> None:
                  + ") |" if "branch_fused_us" in r else "")
         extra += f" + {r['act_blocks']} ranges {r['act_ranges_us']:.1f} µs |" if "act_ranges_us" in r else ""
         extra += f" with PDL {r['pdl_us']:.1f} µs |" if "pdl_us" in r else ""
+        extra += (f" SWAR {r['swar_us']:.1f} / 2x K tiles {r['swar_bk2x_us']:.1f} µs |" if "swar_us" in r else "")
         print(f"| {r['k']}->{r['n']} | {r['m']} | {r['quant_us']:.1f} | {r['gemm_us']:.1f} | {r['twla_us']:.1f} | "
               f"{r['bf16_us']:.1f} | {f(r['fp8_us'])} | {f(r['int_mm_us'])} | {r['bf16_us'] / r['twla_us']:.2f}x | "
               f"{r['floor_pct']:.0f}% |{extra}")

@@ -55,13 +55,14 @@ class Case:
     bt: int | None = None  # act_quant's tokens per program (None: its launch rule)
     pdl: bool = False  # launch the matmul with programmatic dependent launch (sm_90+; pdl.py)
     left_kron: bool = False  # act_quant's left factor as one block-diagonal dot over the stacked tokens
+    swar: bool = False  # the packed GEMM's lane-order SWAR unpack (activations in lane order)
 
     def __str__(self) -> str:
         return (f"m={self.m} n={self.n} k={self.k} {self.code} g={self.gs} kb={self.kb}"
                 f"{f' ab={self.ab}' if self.ab else ''} a{self.bits} rot={self.rot} "
                 f"r={self.rank}x{self.shards} bias={self.bias} {str(self.dtype)[6:]}"
                 f"{' scratch' if self.scratch else ''}{'' if self.split else ' nosplit'}{' pdl' if self.pdl else ''}"
-                f"{' left-kron' if self.left_kron else ''}")
+                f"{' left-kron' if self.left_kron else ''}{' swar' if self.swar else ''}")
 
 
 def random_layer(c: Case, gen, dev):
@@ -96,7 +97,7 @@ def check_case(c: Case, dev, gen) -> list[str]:
         n1 = {128: 8, 192: 8, 256: 16, 384: 16, 512: 16, 2048: 32, 4096: 64, 14336: 112}[c.k]
         left, right = block_orth(n1, c.kb, gen, dev), orth(c.k // n1, gen, dev)
     scratch = c.scratch or (c.m > T.GEMV_MAX_M and T.uses_scratch(c.m))
-    lanes = 8 // code.bits if scratch else 0
+    lanes = 8 // code.bits if scratch or (c.swar and c.m > T.GEMV_MAX_M) else 0
     perm = T.lane_perm(c.k, lanes).to(dev) if lanes else torch.arange(c.k, device=dev)
     # act_quant vs reference (poisoned outputs), in the order the matmul reads
     q = torch.full((c.m, c.k), -128, dtype=torch.int8, device=dev)
@@ -137,7 +138,7 @@ def check_case(c: Case, dev, gen) -> list[str]:
     y = torch.full((c.m, c.n), float("nan"), device=dev)
     T.quant_matmul(q8, s_ref.to(dev), z_ref.to(dev), packed, row_scale, qa, qm, rowsum, code.bits,
                    code.step, code.offset, c.gs, torch.float32, scratch=scratch, out=y, gemv_split=c.split,
-                   pdl=c.pdl)
+                   pdl=c.pdl, swar=c.swar)
     want = exact_gemm(q_ref, s_ref, z_ref, w_int, row_scale, ab)
     if torch.isnan(y).any():
         fails.append("matmul left outputs unwritten")
@@ -163,7 +164,8 @@ def check_case(c: Case, dev, gen) -> list[str]:
         if lr.shape != (chunks, c.m, c.shards * c.rank) or lr_err > 1e-5:  # fp32 sums of K products
             fails.append(f"act_quant lowrank x·Bᵀ: shape {tuple(lr.shape)}, rel err {lr_err:.2e}")
     y2 = T.quant_matmul(q2, s2, z2, packed, row_scale, qa, qm, rowsum, code.bits, code.step, code.offset, c.gs,
-                        c.dtype, la, lr, bias, bounds, scratch=scratch, gemv_split=c.split, pdl=c.pdl)
+                        c.dtype, la, lr, bias, bounds, scratch=scratch, gemv_split=c.split, pdl=c.pdl,
+                        swar=c.swar)
     ref = quant_linear(x, w_int.to(dev), row_scale, rowsum, left, right, c.bits, 0.9, bias=bias)
     if la is not None:  # each row reads its own shard's slice of lr
         shard = (torch.arange(c.n, device=dev) >= bounds[0]).long() + (torch.arange(c.n, device=dev) >= bounds[1]).long()
@@ -193,6 +195,10 @@ CPU_CASES = [
     Case(12, 130, 256, gs=32, kb=2, rank=8, shards=2),
     Case(40, 33, 256, gs=64, kb=4, bt=4),  # several tokens per program
     Case(40, 33, 256, gs=64, kb=4, bt=4, left_kron=True),  # ... left factor as one block-diagonal dot
+    # the packed GEMM's SWAR unpack in lane order: each code, odd N, several K-blocks, a branch
+    Case(20, 37, 384, gs=128, code="int4", bias=True, swar=True), Case(24, 40, 512, gs=-1, rot=False, code="binary",
+                                                                       swar=True),
+    Case(33, 70, 256, gs=32, kb=2, swar=True), Case(17, 72, 128, gs=-1, kb=2, bits=8, rank=4, shards=3, swar=True),
     Case(37, 50, 512, gs=-1, rot=False, code="int4"),
     Case(300, 40, 256, gs=64, bt=2),  # lane order permuted in registers
     Case(260, 40, 384, gs=64, kb=2, bt=2),  # 16 x 24 view: words cross rows, permuted store
@@ -234,6 +240,11 @@ def gpu_cases() -> list[Case]:
             # tiny K (a TP-sharded small model): fewer than 4 packed words per unpack tile
             Case(300, 48, 64, gs=32, rot=False, code="binary", scratch=True),
             Case(300, 48, 64, gs=32, rot=False, code="ternary", scratch=True)]
+    # the packed GEMM's SWAR unpack in lane order
+    out += [Case(m, 4096, 4096, gs=32, dtype=bf16, code=code, swar=True) for m in (16, 64) for code in ("ternary",
+                                                                                                         "binary")]
+    out += [Case(64, 4096, 14336, gs=32, kb=8, dtype=bf16, swar=True),
+            Case(100, 4096, 4096, gs=128, dtype=bf16, code="int4", rank=32, shards=3, swar=True)]
     # act_quant's left factor as one block-diagonal dot over 8 / 2 stacked tokens
     out += [Case(2048, 4096, 14336, gs=32, kb=8, dtype=bf16, left_kron=True),
             Case(600, 4096, 4096, gs=32, dtype=bf16, left_kron=True)]

@@ -44,7 +44,7 @@ NO_BRANCH = dict(R=0, NSH=1, RP=16, CP=16)
 GEMV = dict(BITS=2, STEP=1, OFF=1, G=128, GW=2, KB=1, LRKB=1, HAS_BIAS=True, BM=1, BN=8, BP=64, SPLIT=1, ASM=True,
             GDC=True)
 GEMM = dict(BITS=2, STEP=1, OFF=1, G=128, GS=32, KB=1, LRKB=1, HAS_BIAS=True, SCRATCH=False, SPLIT=1, BM=64,
-            BN=64, BK=32, GROUP_N=8, ASM=True, PRECISION="tf32x3", GDC=True)
+            BN=64, BK=32, GROUP_N=8, ASM=True, PRECISION="tf32x3", GDC=True, SWAR=False)
 VARIANTS = [
     ("act_quant", _act_quant_kernel, "act_quant", ACT, 4),
     ("act_quant + branch x·Bᵀ", _act_quant_kernel, "act_quant", {**ACT, "SR": 32, "JB": 32, "BTL": 64}, 4),
@@ -72,6 +72,10 @@ VARIANTS = [
      {**GEMV, **NO_BRANCH, "BITS": 4, "OFF": 8, "KB": 8, "SPLIT": 8}, 4),
     ("gemm packed ternary", _gemm_kernel, "matmul", {**GEMM, **NO_BRANCH}, 4),
     ("gemm packed binary", _gemm_kernel, "matmul", {**GEMM, **NO_BRANCH, "BITS": 1}, 4),
+    ("gemm packed ternary, SWAR lane-order unpack", _gemm_kernel, "matmul",
+     {**GEMM, **NO_BRANCH, "SWAR": True, "BK": 64}, 4),
+    ("gemm packed binary, SWAR, 128-wide K tiles", _gemm_kernel, "matmul",
+     {**GEMM, **NO_BRANCH, "BITS": 1, "SWAR": True, "BK": 128}, 4),
     ("gemm packed + branch (8 partials)", _gemm_kernel, "matmul", {**GEMM, **BRANCH, "LRKB": 8}, 4),
     ("gemm packed, 32 ranges, split", _gemm_kernel, "fp32 partials", {**GEMM, **NO_BRANCH, "KB": 32, "SPLIT": 32}, 4),
     ("gemm scratch int4 + branch", _gemm_kernel, "matmul",

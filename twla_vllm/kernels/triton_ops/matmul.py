@@ -21,16 +21,18 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
                  shard_bounds: tuple[int, int] | None = None, scratch: bool | None = None,
                  tile: tuple[int, int, int, int, int] | None = None, out: torch.Tensor | None = None,
                  split: int | None = None, gemv_split: bool = True, branch_dot: bool | None = None,
-                 pdl: bool | None = None) -> torch.Tensor:
+                 pdl: bool | None = None, swar: bool = False) -> torch.Tensor:
     """y [M, N] = s_n * Σ_b s_b (q·W_intᵀ - z_b rowsum_b) (+ lowrank_a @ lrᵀ per shard, + bias).
 
-    q/s/z from `act_quant` (lane order iff `uses_scratch(M)`); packed [N, K*bits/32] int32; row_scale [N]
-    fp16/fp32; qa/qm [N, G] int8; rowsum [N, KB] int32; lr fp32 = x @ lowrank_bᵀ of the S shards, [M, S*R] or
+    q/s/z from `act_quant` (lane order iff `uses_scratch(M)`, or `swar` past the GEMV); packed [N, K*bits/32]
+    int32; row_scale [N] fp16/fp32; qa/qm [N, G] int8; rowsum [N, KB] int32; lr fp32 = x @ lowrank_bᵀ of the S shards, [M, S*R] or
     as partial sums [P, M, S*R] (what `act_quant` returns), whose rows end at shard_bounds (two ascending row
     indices; (N, N) for one shard). `scratch`, `tile` (BM, BN, BK cap, warps, stages), `split`: override the
     tensor-core path's table and split rule (benchmarks, tests);
     gemv_split=False keeps the GEMV's K unsplit (tests); branch_dot: the split epilogue's branch form (`_epilogue`);
-    pdl: launch the kernels with programmatic dependent launch (default TWLA_PDL=1; `pdl.launch_options`)."""
+    pdl: launch the kernels with programmatic dependent launch (default TWLA_PDL=1; `pdl.launch_options`);
+    swar: the packed-word GEMM unpacks four codes per multiply-add in lane order (`unpack._lanes_tile`; being
+    timed, KERNEL_NOTES v16)."""
     m, k = q.shape
     n = packed.shape[0]
     kb, g = s.shape[1], qa.shape[1]
@@ -83,7 +85,12 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
         w = unpack_weights(packed, qa, qm, bits, step, offset, group_size)
     else:
         w = packed.view(torch.int8)
+    if swar and not use_scratch:  # the packed-PTX unpack needs >= 4 words of a row per tile (`unpack_weights`)
+        bkc = max(bkc, 128 // bits)
     bk = block_k(k // kb, bkc)
+    if swar and not use_scratch and bk * bits < 128:
+        raise ValueError(f"swar: K tiles of {bk} {bits}-bit codes hold fewer than 4 packed words per row (K-block of "
+                         f"{k // kb}); the packed-PTX unpack needs 4")
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     if split is None:  # enough programs to hide the unpack loop's latency (benchmarks/KERNEL_NOTES.md v7)
         split = 1 if use_scratch else gemm_split(tiles, k, kb, bk)
@@ -93,7 +100,7 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
     acc = _partials(split, kb, y)
     _gemm_kernel[(tiles, split)](q, s, z, w, *args, acc, m, n, k, q.stride(0), w.stride(0), y.stride(0),
                                  stride_lr, sb1, sb2, GS=gs, SCRATCH=use_scratch, SPLIT=split, BM=bm, BN=bn, BK=bk,
-                                 GROUP_N=8, ASM=asm,
+                                 GROUP_N=8, ASM=asm, SWAR=swar and not use_scratch,
                                  PRECISION="ieee" if q.device.type == "cpu" else "tf32x3", num_warps=warps,
                                  num_stages=stages, **launch, **meta)
     if split > 1:

@@ -49,24 +49,31 @@ def _lane_tl(u, i: tl.constexpr, a, c, BITS: tl.constexpr):
 
 
 @triton.jit
-def _unpack_tile(w_ptr, qa_ptr, qm_ptr, rn, k0, N, K, stride_w, G: tl.constexpr, GS: tl.constexpr,
-                 BITS: tl.constexpr, STEP: tl.constexpr, OFF: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                 ASM: tl.constexpr):
-    """int8 weights [BN, BK] for rows rn and codes k0..k0+BK-1, in lane order: column j = CPW*p + LANES*b + i
-    holds the code k = k0 + CPW*p + 4*i + b. w_ptr points at the packed words viewed as bytes. The bytes are
-    loaded as [BN, words, 4] so the four bytes of a word are one register of the inline assembly (which reads
-    its group's multiplier from that register's first element)."""
+def _load_words(w_ptr, qa_ptr, qm_ptr, rn, k0, stride_w, G: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr,
+                BK: tl.constexpr):
+    """Raw loads for `_lanes_tile`: the packed words of codes k0..k0+BK-1 of rows rn as bytes [BN, words, 4] (the
+    four bytes of a word in one register of the inline assembly) and their groups' a, m [BN, words]. Unmasked: the
+    caller passes rows that exist (clamped) and a k0 inside the row, a multiple of BK."""
     LANES: tl.constexpr = 8 // BITS
     CPW: tl.constexpr = 4 * LANES
     NW: tl.constexpr = BK // CPW  # words of one row in this tile
     wi = tl.arange(0, NW)
     bi = tl.arange(0, 4)
-    ok = (rn[:, None] < N) & (k0 + wi[None, :] * CPW < K)
-    byts = tl.load(w_ptr + rn[:, None, None] * stride_w + k0 // LANES + 4 * wi[None, :, None] + bi[None, None, :],
-                   mask=ok[:, :, None], other=0)
+    byts = tl.load(w_ptr + rn[:, None, None] * stride_w + k0 // LANES + 4 * wi[None, :, None] + bi[None, None, :])
     pq = rn[:, None] * G + (k0 + wi[None, :] * CPW) // GS
-    qa = tl.load(qa_ptr + pq, mask=ok, other=0).to(tl.int32)[:, :, None]
-    qm = tl.load(qm_ptr + pq, mask=ok, other=0).to(tl.int32)[:, :, None]
+    return byts, tl.load(qa_ptr + pq), tl.load(qm_ptr + pq)
+
+
+@triton.jit
+def _lanes_tile(byts, qa, qm, BITS: tl.constexpr, STEP: tl.constexpr, OFF: tl.constexpr, BN: tl.constexpr,
+                BK: tl.constexpr, ASM: tl.constexpr):
+    """int8 weights [BN, BK] from `_load_words`' tiles, in lane order: column j = CPW*p + LANES*b + i holds code
+    CPW*p + 4*i + b of the tile (a SWAR multiply-add gives four codes of one word per instruction pair)."""
+    LANES: tl.constexpr = 8 // BITS
+    CPW: tl.constexpr = 4 * LANES
+    NW: tl.constexpr = BK // CPW
+    qa = qa.to(tl.int32)[:, :, None]
+    qm = qm.to(tl.int32)[:, :, None]
     if ASM:
         mul = tl.broadcast_to(qa * STEP, (BN, NW, 4))
         add = tl.broadcast_to(((qm - qa * OFF + 128) & 255) * 0x01010101, (BN, NW, 4))
@@ -137,8 +144,9 @@ def _unpack_kernel(w_ptr, qa_ptr, qm_ptr, out_ptr, N, K, stride_w, G: tl.constex
                    ASM: tl.constexpr):
     # writes lane order (`lane_perm`), contiguous: the activations of the scratch GEMM come in the same order
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
-    k0 = tl.program_id(1) * BK
-    w = _unpack_tile(w_ptr, qa_ptr, qm_ptr, rn, k0, N, K, stride_w, G, GS, BITS, STEP, OFF, BN, BK, ASM)
+    k0 = tl.program_id(1) * BK  # BK divides K: every tile lies inside the rows
+    byts, qa, qm = _load_words(w_ptr, qa_ptr, qm_ptr, tl.minimum(rn, N - 1), k0, stride_w, G, GS, BITS, BK)
+    w = _lanes_tile(byts, qa, qm, BITS, STEP, OFF, BN, BK, ASM)
     rk = k0 + tl.arange(0, BK)
     tl.store(out_ptr + rn[:, None] * K + rk[None, :], w, mask=(rn[:, None] < N) & (rk[None, :] < K))
 
