@@ -270,6 +270,36 @@ def opcheck(dev, gen) -> None:
     torch.library.opcheck(torch.ops.twla.quant_linear.default, args)
 
 
+def switch_check(dev, gen) -> list[str]:
+    """The served op (`twla_vllm.ops._quant_linear`) with TWLA_SWAR=1 and TWLA_PDL=1 against the op without them,
+    at the sizes each switch changes (mid M: lane-order activations and the SWAR GEMM; M = 1: the GEMV): equal
+    bit for bit, since the integer sums are exact and only the order and the launch differ."""
+    import twla_vllm.ops as ops
+
+    fails = []
+    for code_name, m, k, kb in (("ternary", 20, 256, 2), ("binary", 24, 512, 1), ("ternary", 1, 256, 1)):
+        c = Case(m, 40, k, gs=64, kb=kb, code=code_name)
+        code, codes, qa, qm, row_scale = random_layer(c, gen, dev)
+        w_int = fmt.int_weights(codes, qa, qm, code)
+        x = torch.randn(m, k, generator=gen).to(dev, torch.bfloat16)
+        n1 = {256: 16, 512: 16}[k]
+        args = (x, fmt.pack_codes(codes, code).to(dev), row_scale.to(dev), qa.to(dev), qm.to(dev),
+                block_row_sums(w_int, kb).to(dev), block_orth(n1, kb, gen, dev), orth(k // n1, gen, dev), None, None,
+                None, code.bits, code.step, code.offset, 64, 4, 0.9, kb, kb, 40, 40)
+        saved = {key: os.environ.get(key) for key in ("TWLA_SWAR", "TWLA_PDL")}
+        try:
+            os.environ.update(TWLA_SWAR="0", TWLA_PDL="0")
+            plain = ops._quant_linear(*args)
+            os.environ.update(TWLA_SWAR="1", TWLA_PDL="1")
+            switched = ops._quant_linear(*args)
+        finally:
+            for key, v in saved.items():
+                os.environ.pop(key) if v is None else os.environ.__setitem__(key, v)
+        if not torch.equal(plain, switched):
+            fails.append(f"{code_name} M={m}: TWLA_SWAR/TWLA_PDL change the op's output")
+    return fails
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gpu", action="store_true")
@@ -286,6 +316,10 @@ def main() -> int:
             bad += bool(fails)
             total += 1
             print(f"{'FAIL' if fails else 'ok  '} seed={seed} {c} {'; '.join(fails)}", flush=True)
+        fails = switch_check(dev, gen)
+        bad += bool(fails)
+        total += 1
+        print(f"{'FAIL' if fails else 'ok  '} seed={seed} TWLA_SWAR / TWLA_PDL switches {'; '.join(fails)}", flush=True)
         if a.gpu:
             opcheck(dev, gen)
             print("ok   opcheck quant_linear")

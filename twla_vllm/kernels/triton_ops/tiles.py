@@ -3,6 +3,8 @@ act_quant's tokens per program."""
 
 from __future__ import annotations
 
+import os
+
 
 def block_k(unit: int, cap: int, floor: int = 32) -> int:
     """Largest power of two in [floor, cap] dividing `unit` (K, or a K-block)."""
@@ -90,3 +92,10 @@ def tokens_per_program(m: int, k_blocks: int, rbp: int, cp: int, rotated: bool) 
     widest = min(8, 128 // rbp, 16384 // (rbp * cp)) if rotated else min(8, 8192 // (rbp * cp))
     widest = max(1, widest)
     return max(bt for bt in {1, min(2, widest), widest} if bt == 1 or m * k_blocks // bt >= MIN_PROGRAMS)
+
+
+def swar_gemm(bits: int, k_block: int) -> bool:
+    """Whether the packed GEMM (M = 9..255) unpacks four codes per multiply-add in lane order (`quant_matmul(swar=)`,
+    KERNEL_NOTES v16): 1- and 2-bit codes whose K-blocks hold whole 4-word tiles, with TWLA_SWAR=1 until timed (int4
+    unpacks per element either way: its SASS count favours that)."""
+    return bits < 4 and k_block % (128 // bits) == 0 and os.environ.get("TWLA_SWAR", "0") == "1"
