@@ -22,7 +22,8 @@ either way); epilogue dot = fused, with the split epilogue's A·(·) as session 
 with several K-blocks at M <= 8, where the op now uses multiply-adds).
 With PDL (sm_90+): the whole op with programmatic dependent launch (twla_vllm/kernels/triton_ops/pdl.py; served
 only with TWLA_PDL=1 until measured). SWAR (M = 9..255): the whole op with the packed GEMM's lane-order SWAR unpack
-(`quant_matmul(swar=True)`, activations in lane order), K tiles of 4 words (its minimum) and of 8 words.
+(`quant_matmul(swar=True)`, activations in lane order), K tiles of 4 words (its minimum) and of 8 words. GEMV
+late sums (M = 2..8): the GEMV summing over its words once after the K loop (`quant_matmul(late_sum=True)`).
 With --act-group-size G: + ranges = the whole op with activation ranges of about G channels (twla-quantize
 --act-group-size G picks the same count: offline.layout.pick_act_blocks) instead of one per transform block.
 """
@@ -327,6 +328,15 @@ def main() -> None:
                 if not torch.equal(op_pdl(0), op(0)):
                     raise AssertionError("the op with programmatic dependent launch differs")
                 pdl["pdl_us"] = bench(op_pdl, c)
+            if 1 < m <= T.GEMV_MAX_M:  # the GEMV with its sums over words after the loop (KERNEL_NOTES v17)
+                def op_late(i):
+                    p, rs, qa, qm, rsum = layers[i]
+                    qi, si, zi, _ = T.act_quant(x, left, right, 4, 0.9, kb)
+                    return T.quant_matmul(qi, si, zi, p, rs, qa, qm, rsum, code.bits, code.step, code.offset, gs,
+                                          torch.bfloat16, late_sum=True)
+                if not torch.equal(op_late(0), op(0)):
+                    raise AssertionError("the GEMV with late sums differs")
+                pdl["late_sum_us"] = bench(op_late, c)
             if T.GEMV_MAX_M < m and not T.uses_scratch(m):
                 for bk, key in ((None, "swar_us"), (256 // code.bits, "swar_bk2x_us")):
                     if not torch.equal(op_swar(0, bk), op(0)):
@@ -374,6 +384,7 @@ def main() -> None:
         extra += f" + {r['act_blocks']} ranges {r['act_ranges_us']:.1f} µs |" if "act_ranges_us" in r else ""
         extra += f" with PDL {r['pdl_us']:.1f} µs |" if "pdl_us" in r else ""
         extra += (f" SWAR {r['swar_us']:.1f} / 2x K tiles {r['swar_bk2x_us']:.1f} µs |" if "swar_us" in r else "")
+        extra += f" GEMV late sums {r['late_sum_us']:.1f} µs |" if "late_sum_us" in r else ""
         print(f"| {r['k']}->{r['n']} | {r['m']} | {r['quant_us']:.1f} | {r['gemm_us']:.1f} | {r['twla_us']:.1f} | "
               f"{r['bf16_us']:.1f} | {f(r['fp8_us'])} | {f(r['int_mm_us'])} | {r['bf16_us'] / r['twla_us']:.2f}x | "
               f"{r['floor_pct']:.0f}% |{extra}")

@@ -56,13 +56,15 @@ class Case:
     pdl: bool = False  # launch the matmul with programmatic dependent launch (sm_90+; pdl.py)
     left_kron: bool = False  # act_quant's left factor as one block-diagonal dot over the stacked tokens
     swar: bool = False  # the packed GEMM's lane-order SWAR unpack (activations in lane order)
+    late_sum: bool = False  # the GEMV sums over its words once after the K loop
 
     def __str__(self) -> str:
         return (f"m={self.m} n={self.n} k={self.k} {self.code} g={self.gs} kb={self.kb}"
                 f"{f' ab={self.ab}' if self.ab else ''} a{self.bits} rot={self.rot} "
                 f"r={self.rank}x{self.shards} bias={self.bias} {str(self.dtype)[6:]}"
                 f"{' scratch' if self.scratch else ''}{'' if self.split else ' nosplit'}{' pdl' if self.pdl else ''}"
-                f"{' left-kron' if self.left_kron else ''}{' swar' if self.swar else ''}")
+                f"{' left-kron' if self.left_kron else ''}{' swar' if self.swar else ''}"
+                f"{' late-sum' if self.late_sum else ''}")
 
 
 def random_layer(c: Case, gen, dev):
@@ -138,7 +140,7 @@ def check_case(c: Case, dev, gen) -> list[str]:
     y = torch.full((c.m, c.n), float("nan"), device=dev)
     T.quant_matmul(q8, s_ref.to(dev), z_ref.to(dev), packed, row_scale, qa, qm, rowsum, code.bits,
                    code.step, code.offset, c.gs, torch.float32, scratch=scratch, out=y, gemv_split=c.split,
-                   pdl=c.pdl, swar=c.swar)
+                   pdl=c.pdl, swar=c.swar, late_sum=c.late_sum)
     want = exact_gemm(q_ref, s_ref, z_ref, w_int, row_scale, ab)
     if torch.isnan(y).any():
         fails.append("matmul left outputs unwritten")
@@ -165,7 +167,7 @@ def check_case(c: Case, dev, gen) -> list[str]:
             fails.append(f"act_quant lowrank x·Bᵀ: shape {tuple(lr.shape)}, rel err {lr_err:.2e}")
     y2 = T.quant_matmul(q2, s2, z2, packed, row_scale, qa, qm, rowsum, code.bits, code.step, code.offset, c.gs,
                         c.dtype, la, lr, bias, bounds, scratch=scratch, gemv_split=c.split, pdl=c.pdl,
-                        swar=c.swar)
+                        swar=c.swar, late_sum=c.late_sum)
     ref = quant_linear(x, w_int.to(dev), row_scale, rowsum, left, right, c.bits, 0.9, bias=bias)
     if la is not None:  # each row reads its own shard's slice of lr
         shard = (torch.arange(c.n, device=dev) >= bounds[0]).long() + (torch.arange(c.n, device=dev) >= bounds[1]).long()
@@ -195,6 +197,11 @@ CPU_CASES = [
     Case(12, 130, 256, gs=32, kb=2, rank=8, shards=2),
     Case(40, 33, 256, gs=64, kb=4, bt=4),  # several tokens per program
     Case(40, 33, 256, gs=64, kb=4, bt=4, left_kron=True),  # ... left factor as one block-diagonal dot
+    # the GEMV's sums over words after the loop: odd N, groups of 2 words, several K-blocks, a branch, int4
+    Case(5, 24, 256, gs=32, kb=4, bits=6, late_sum=True), Case(3, 24, 2048, gs=64, kb=2, rank=8, shards=2,
+                                                                late_sum=True),
+    Case(8, 19, 192, gs=96, rot=False, code="int4", late_sum=True), Case(1, 33, 128, gs=64, rank=4, bias=True,
+                                                                         late_sum=True),
     # the packed GEMM's SWAR unpack in lane order: each code, odd N, several K-blocks, a branch
     Case(20, 37, 384, gs=128, code="int4", bias=True, swar=True), Case(24, 40, 512, gs=-1, rot=False, code="binary",
                                                                        swar=True),
@@ -240,6 +247,10 @@ def gpu_cases() -> list[Case]:
             # tiny K (a TP-sharded small model): fewer than 4 packed words per unpack tile
             Case(300, 48, 64, gs=32, rot=False, code="binary", scratch=True),
             Case(300, 48, 64, gs=32, rot=False, code="ternary", scratch=True)]
+    # the GEMV's sums over words after the loop
+    out += [Case(m, 4096, 4096, gs=32, dtype=bf16, code=code, late_sum=True) for m in (1, 4, 8)
+            for code in ("ternary", "binary", "int4")]
+    out += [Case(8, 4096, 14336, gs=128, kb=8, rank=16, dtype=bf16, code="binary", late_sum=True)]
     # the packed GEMM's SWAR unpack in lane order
     out += [Case(m, 4096, 4096, gs=32, dtype=bf16, code=code, swar=True) for m in (16, 64) for code in ("ternary",
                                                                                                          "binary")]

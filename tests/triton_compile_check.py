@@ -42,7 +42,7 @@ ACT = dict(ROWS=64, COLS=64, RBP=64, CP=64, BT=2, HAS_ROT=True, KB=1, AB=1, QR=6
 BRANCH = dict(R=32, NSH=3, RP=32, CP=128)  # rank 32 x 3 fused shards
 NO_BRANCH = dict(R=0, NSH=1, RP=16, CP=16)
 GEMV = dict(BITS=2, STEP=1, OFF=1, G=128, GW=2, KB=1, LRKB=1, HAS_BIAS=True, BM=1, BN=8, BP=64, SPLIT=1, ASM=True,
-            GDC=True)
+            GDC=True, LATE_SUM=False)
 GEMM = dict(BITS=2, STEP=1, OFF=1, G=128, GS=32, KB=1, LRKB=1, HAS_BIAS=True, SCRATCH=False, SPLIT=1, BM=64,
             BN=64, BK=32, GROUP_N=8, ASM=True, PRECISION="tf32x3", GDC=True, SWAR=False)
 VARIANTS = [
@@ -68,6 +68,8 @@ VARIANTS = [
     ("gemv binary + branch, split 4", _gemv_kernel, "gemv", {**GEMV, **BRANCH, "BITS": 1, "SPLIT": 4}, 2),
     ("gemv binary + branch finished in-kernel (16 partials)", _gemv_kernel, "gemv",
      {**GEMV, "R": 16, "NSH": 3, "RP": 16, "CP": 64, "LRKB": 16, "BITS": 1}, 2),
+    ("gemv M=8, sums over words after the loop", _gemv_kernel, "gemv",
+     {**GEMV, **NO_BRANCH, "BM": 8, "BN": 32, "BP": 32, "LATE_SUM": True}, 4),
     ("gemv int4, 8 blocks", _gemv_kernel, "gemv fp32 partials",
      {**GEMV, **NO_BRANCH, "BITS": 4, "OFF": 8, "KB": 8, "SPLIT": 8}, 4),
     ("gemm packed ternary", _gemm_kernel, "matmul", {**GEMM, **NO_BRANCH}, 4),

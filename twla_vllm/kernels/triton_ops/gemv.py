@@ -27,7 +27,8 @@ def _gemv_kernel(x_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
                  BITS: tl.constexpr, STEP: tl.constexpr, OFF: tl.constexpr, G: tl.constexpr, GW: tl.constexpr,
                  KB: tl.constexpr, R: tl.constexpr, NSH: tl.constexpr, RP: tl.constexpr,
                  CP: tl.constexpr, LRKB: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                 BP: tl.constexpr, SPLIT: tl.constexpr, ASM: tl.constexpr, GDC: tl.constexpr):
+                 BP: tl.constexpr, SPLIT: tl.constexpr, ASM: tl.constexpr, GDC: tl.constexpr,
+                 LATE_SUM: tl.constexpr):
     # x_ptr: int8 activations (natural order) viewed as int32 words [M, K/4]; w_ptr: packed words [N, K/CPW].
     # Word p of a row holds codes CPW*p..; (word >> B*i) & mask = codes CPW*p+4i..+3, which meet activation
     # word LANES*p + i in one dp4a. GW = words per weight group. Program (n, s) covers K-split s; with several
@@ -48,6 +49,7 @@ def _gemv_kernel(x_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
     span = K // (4 * LANES) // SPLIT  # words per split
     UPI: tl.constexpr = BP // GW if BP >= GW else 1  # weight groups touched per chunk
     acc = tl.zeros([BM, BN], dtype=tl.int32)
+    acc3 = tl.zeros([BM, BN, BP if LATE_SUM else 1], dtype=tl.int32)
     ones = tl.full([BM, BP], 0x01010101, dtype=tl.int32)
     w_lo = pid_s * span
     w_hi = w_lo + span
@@ -68,15 +70,25 @@ def _gemv_kernel(x_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
             cx = _dp4a(tl.broadcast_to(wl[None, :, :], (BM, BN, BP)), tl.broadcast_to(xi[:, None, :], (BM, BN, BP)),
                        cx, ASM)
             sx = _dp4a(xi, ones, sx, ASM)
-        cx_g = tl.sum(tl.reshape(cx, (BM, BN, UPI, BP // UPI)), axis=3)  # Σ c·x per (token, row, group)
-        sx_g = tl.sum(tl.reshape(sx, (BM, UPI, BP // UPI)), axis=2)  # Σ x per (token, group)
-        g = w0 // GW + tl.arange(0, UPI)
-        pq = rn_in[:, None] * G + g[None, :]
-        qa = tl.load(qa_ptr + pq).to(tl.int32)
-        qm = tl.load(qm_ptr + pq).to(tl.int32)
-        # Σ_k (a*v + m)*x = a*(step*Σ c·x - offset*Σ x) + m*Σ x, exact in int32
-        acc += tl.sum(qa[None, :, :] * (STEP * cx_g - OFF * sx_g[:, None, :]) + qm[None, :, :] * sx_g[:, None, :],
-                      axis=2)
+        if LATE_SUM:
+            # each word with its own group's integers: Σ over the words waits until after the loop, so the loop
+            # has no cross-lane reductions (one per chunk and group otherwise)
+            pw = rn_in[:, None] * G + (w0 + rp[None, :]) // GW
+            qa = tl.load(qa_ptr + pw).to(tl.int32)
+            qm = tl.load(qm_ptr + pw).to(tl.int32)
+            acc3 += qa[None, :, :] * (STEP * cx) + (qm - OFF * qa)[None, :, :] * sx[:, None, :]
+        else:
+            cx_g = tl.sum(tl.reshape(cx, (BM, BN, UPI, BP // UPI)), axis=3)  # Σ c·x per (token, row, group)
+            sx_g = tl.sum(tl.reshape(sx, (BM, UPI, BP // UPI)), axis=2)  # Σ x per (token, group)
+            g = w0 // GW + tl.arange(0, UPI)
+            pq = rn_in[:, None] * G + g[None, :]
+            qa = tl.load(qa_ptr + pq).to(tl.int32)
+            qm = tl.load(qm_ptr + pq).to(tl.int32)
+            # Σ_k (a*v + m)*x = a*(step*Σ c·x - offset*Σ x) + m*Σ x, exact in int32
+            acc += tl.sum(qa[None, :, :] * (STEP * cx_g - OFF * sx_g[:, None, :]) + qm[None, :, :] * sx_g[:, None, :],
+                          axis=2)
+    if LATE_SUM:
+        acc = tl.sum(acc3, axis=2)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     if KB > 1:  # this split is activation block pid_s
         y = _promote(acc, s_ptr, z_ptr, rs_ptr, rm, rm < M, rn, rn < N, pid_s, KB)

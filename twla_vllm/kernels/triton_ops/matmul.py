@@ -21,7 +21,7 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
                  shard_bounds: tuple[int, int] | None = None, scratch: bool | None = None,
                  tile: tuple[int, int, int, int, int] | None = None, out: torch.Tensor | None = None,
                  split: int | None = None, gemv_split: bool = True, branch_dot: bool | None = None,
-                 pdl: bool | None = None, swar: bool = False) -> torch.Tensor:
+                 pdl: bool | None = None, swar: bool = False, late_sum: bool = False) -> torch.Tensor:
     """y [M, N] = s_n * Σ_b s_b (q·W_intᵀ - z_b rowsum_b) (+ lowrank_a @ lrᵀ per shard, + bias).
 
     q/s/z from `act_quant` (lane order iff `uses_scratch(M)`, or `swar` past the GEMV); packed [N, K*bits/32]
@@ -32,7 +32,7 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
     gemv_split=False keeps the GEMV's K unsplit (tests); branch_dot: the split epilogue's branch form (`_epilogue`);
     pdl: launch the kernels with programmatic dependent launch (default TWLA_PDL=1; `pdl.launch_options`);
     swar: the packed-word GEMM unpacks four codes per multiply-add in lane order (`unpack._lanes_tile`; being
-    timed, KERNEL_NOTES v16)."""
+    timed, KERNEL_NOTES v16); late_sum: the GEMV sums over its words once after the K loop (v17, being timed)."""
     m, k = q.shape
     n = packed.shape[0]
     kb, g = s.shape[1], qa.shape[1]
@@ -73,7 +73,7 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
         acc = _partials(split, kb, y)
         _gemv_kernel[(n_ctas, split)](q.view(torch.int32), s, z, packed, *args, acc, m, n, k, q.stride(0) // 4,
                                       packed.stride(0), y.stride(0), stride_lr, sb1, sb2, GW=gw, BM=bm, BN=bn, BP=bp,
-                                      SPLIT=split, ASM=asm, num_warps=warps, **launch, **meta)
+                                      SPLIT=split, ASM=asm, LATE_SUM=late_sum, num_warps=warps, **launch, **meta)
         if split > 1:
             _epilogue(acc, s, z, args, m, n, y, stride_lr, sb1, sb2, meta, split, launch, branch_dot)
         return y
