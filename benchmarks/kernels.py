@@ -129,9 +129,9 @@ def act_quant_sweep(ms: list[int]) -> None:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             want = T.act_quant(x, left, right, 4, 0.9, kb, bt=1)[0]
             cells = []
-            for bt, kron, warps in ((None, False, None), (1, False, None), (2, False, None), (4, False, None),
-                                    (8, False, None), (8, False, 8), (2, True, None), (4, True, None),
-                                    (8, True, None), (8, True, 8)):
+            for bt, kron, warps in ((None, False, None), (1, False, None), (1, False, 8), (2, False, None),
+                                    (4, False, None), (8, False, None), (8, False, 8), (2, True, None),
+                                    (4, True, None), (8, True, None), (8, True, 8)):
                 kw = dict(bt=bt, left_kron=kron, warps=warps)
                 try:
                     same = torch.equal(T.act_quant(x, left, right, 4, 0.9, kb, **kw)[0], want)
