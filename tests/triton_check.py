@@ -57,6 +57,7 @@ class Case:
     left_kron: bool = False  # act_quant's left factor as one block-diagonal dot over the stacked tokens
     swar: bool = False  # the packed GEMM's lane-order SWAR unpack (activations in lane order)
     late_sum: bool = False  # the GEMV sums over its words once after the K loop
+    branch_in_gemv: bool = True  # False: v13's split K for a branch too wide for the GEMV's epilogue tile
 
     def __str__(self) -> str:
         return (f"m={self.m} n={self.n} k={self.k} {self.code} g={self.gs} kb={self.kb}"
@@ -64,7 +65,7 @@ class Case:
                 f"r={self.rank}x{self.shards} bias={self.bias} {str(self.dtype)[6:]}"
                 f"{' scratch' if self.scratch else ''}{'' if self.split else ' nosplit'}{' pdl' if self.pdl else ''}"
                 f"{' left-kron' if self.left_kron else ''}{' swar' if self.swar else ''}"
-                f"{' late-sum' if self.late_sum else ''}")
+                f"{' late-sum' if self.late_sum else ''}{'' if self.branch_in_gemv else ' branch-split'}")
 
 
 def random_layer(c: Case, gen, dev):
@@ -140,7 +141,7 @@ def check_case(c: Case, dev, gen) -> list[str]:
     y = torch.full((c.m, c.n), float("nan"), device=dev)
     T.quant_matmul(q8, s_ref.to(dev), z_ref.to(dev), packed, row_scale, qa, qm, rowsum, code.bits,
                    code.step, code.offset, c.gs, torch.float32, scratch=scratch, out=y, gemv_split=c.split,
-                   pdl=c.pdl, swar=c.swar, late_sum=c.late_sum)
+                   pdl=c.pdl, swar=c.swar, late_sum=c.late_sum, branch_in_gemv=c.branch_in_gemv)
     want = exact_gemm(q_ref, s_ref, z_ref, w_int, row_scale, ab)
     if torch.isnan(y).any():
         fails.append("matmul left outputs unwritten")
@@ -167,7 +168,7 @@ def check_case(c: Case, dev, gen) -> list[str]:
             fails.append(f"act_quant lowrank x·Bᵀ: shape {tuple(lr.shape)}, rel err {lr_err:.2e}")
     y2 = T.quant_matmul(q2, s2, z2, packed, row_scale, qa, qm, rowsum, code.bits, code.step, code.offset, c.gs,
                         c.dtype, la, lr, bias, bounds, scratch=scratch, gemv_split=c.split, pdl=c.pdl,
-                        swar=c.swar, late_sum=c.late_sum)
+                        swar=c.swar, late_sum=c.late_sum, branch_in_gemv=c.branch_in_gemv)
     ref = quant_linear(x, w_int.to(dev), row_scale, rowsum, left, right, c.bits, 0.9, bias=bias)
     if la is not None:  # each row reads its own shard's slice of lr
         shard = (torch.arange(c.n, device=dev) >= bounds[0]).long() + (torch.arange(c.n, device=dev) >= bounds[1]).long()
@@ -217,6 +218,9 @@ CPU_CASES = [
     Case(20, 24, 2048, gs=64, rank=8, shards=2),  # tensor-core branch dot in 4 K-chunks
     Case(1, 24, 2048, gs=64, kb=2, rank=16, lr_split=(8, 256)),  # override: 8 chunks of 128 per block, step 256
     Case(8, 40, 512, gs=64, kb=2, rank=16, shards=3),  # split epilogue's multiply-adds on a narrowed [8, 16, 64] tile
+    # the GEMV finishing a wide branch itself in chunks of branch columns (4 x 16 of 64), and v13's split for it
+    Case(8, 40, 512, gs=64, rank=16, shards=3), Case(8, 40, 512, gs=64, rank=16, shards=3, branch_in_gemv=False),
+    Case(6, 40, 512, gs=64, rank=16, shards=3, late_sum=True),
     # activation ranges finer than the transform blocks (act_blocks): 4 rows of 16 per range, 2 ranges per block
     Case(5, 24, 256, gs=32, ab=4), Case(40, 33, 256, gs=64, kb=2, ab=4, rank=4),
     Case(3, 40, 512, gs=32, rot=False, ab=4), Case(260, 40, 384, gs=32, kb=2, ab=4),
@@ -247,6 +251,10 @@ def gpu_cases() -> list[Case]:
             # tiny K (a TP-sharded small model): fewer than 4 packed words per unpack tile
             Case(300, 48, 64, gs=32, rot=False, code="binary", scratch=True),
             Case(300, 48, 64, gs=32, rot=False, code="ternary", scratch=True)]
+    # the GEMV finishing a wide branch in chunks of branch columns
+    out += [Case(8, 6144, 4096, gs=128, rank=16, shards=3, dtype=bf16, code="binary"),
+            Case(4, 4096, 4096, gs=128, rank=32, dtype=bf16, code="int4"),
+            Case(8, 6144, 4096, gs=128, rank=32, shards=3, dtype=bf16, code="int4", late_sum=True)]
     # the GEMV's sums over words after the loop
     out += [Case(m, 4096, 4096, gs=32, dtype=bf16, code=code, late_sum=True) for m in (1, 4, 8)
             for code in ("ternary", "binary", "int4")]

@@ -42,7 +42,7 @@ ACT = dict(ROWS=64, COLS=64, RBP=64, CP=64, BT=2, HAS_ROT=True, KB=1, AB=1, QR=6
 BRANCH = dict(R=32, NSH=3, RP=32, CP=128)  # rank 32 x 3 fused shards
 NO_BRANCH = dict(R=0, NSH=1, RP=16, CP=16)
 GEMV = dict(BITS=2, STEP=1, OFF=1, G=128, GW=2, KB=1, LRKB=1, HAS_BIAS=True, BM=1, BN=8, BP=64, SPLIT=1, ASM=True,
-            GDC=True, LATE_SUM=False)
+            GDC=True, LATE_SUM=False, CPC=16)  # CPC: branch columns per multiply-add step
 GEMM = dict(BITS=2, STEP=1, OFF=1, G=128, GS=32, KB=1, LRKB=1, HAS_BIAS=True, SCRATCH=False, SPLIT=1, BM=64,
             BN=64, BK=32, GROUP_N=8, ASM=True, PRECISION="tf32x3", GDC=True, SWAR=False)
 VARIANTS = [
@@ -67,7 +67,9 @@ VARIANTS = [
     ("gemv ternary", _gemv_kernel, "gemv", {**GEMV, **NO_BRANCH}, 2),
     ("gemv binary + branch, split 4", _gemv_kernel, "gemv", {**GEMV, **BRANCH, "BITS": 1, "SPLIT": 4}, 2),
     ("gemv binary + branch finished in-kernel (16 partials)", _gemv_kernel, "gemv",
-     {**GEMV, "R": 16, "NSH": 3, "RP": 16, "CP": 64, "LRKB": 16, "BITS": 1}, 2),
+     {**GEMV, "R": 16, "NSH": 3, "RP": 16, "CP": 64, "CPC": 64, "LRKB": 16, "BITS": 1}, 2),
+    ("gemv M=8 binary + 3 x rank-16 branch in 4 chunks of 16 columns", _gemv_kernel, "gemv",
+     {**GEMV, "BM": 8, "BN": 32, "BP": 32, "R": 16, "NSH": 3, "RP": 16, "CP": 64, "CPC": 16, "LRKB": 2, "BITS": 1}, 4),
     ("gemv M=8, sums over words after the loop", _gemv_kernel, "gemv",
      {**GEMV, **NO_BRANCH, "BM": 8, "BN": 32, "BP": 32, "LATE_SUM": True}, 4),
     ("gemv int4, 8 blocks", _gemv_kernel, "gemv fp32 partials",
@@ -83,12 +85,14 @@ VARIANTS = [
     ("gemm scratch int4 + branch", _gemm_kernel, "matmul",
      {**GEMM, **BRANCH, "SCRATCH": True, "BITS": 4, "OFF": 8, "BM": 128, "BN": 128, "BK": 128}, 8),
     ("epilogue int32 partials + branch", _epilogue_kernel, "matmul",
-     dict(KB=1, SPLIT=4, LRKB=8, HAS_BIAS=True, BM=32, BN=64, DOT=True, PRECISION="tf32x3", GDC=True, **BRANCH), 4),
+     dict(KB=1, SPLIT=4, LRKB=8, HAS_BIAS=True, BM=32, BN=64, DOT=True, PRECISION="tf32x3", GDC=True, CPC=128,
+          **BRANCH), 4),
     ("epilogue fp32 partials", _epilogue_kernel, "fp32 partials",
-     dict(KB=8, SPLIT=8, LRKB=1, HAS_BIAS=False, BM=32, BN=64, DOT=True, PRECISION="tf32x3", GDC=True, **NO_BRANCH), 4),
+     dict(KB=8, SPLIT=8, LRKB=1, HAS_BIAS=False, BM=32, BN=64, DOT=True, PRECISION="tf32x3", GDC=True, CPC=16,
+          **NO_BRANCH), 4),
     ("epilogue M=1, 8 blocks + branch (16 partials, multiply-adds)", _epilogue_kernel, "fp32 partials",
      dict(KB=8, SPLIT=8, LRKB=16, HAS_BIAS=False, BM=1, BN=64, DOT=False, PRECISION="tf32x3", GDC=True, R=16, NSH=1,
-          RP=16, CP=16), 4),
+          RP=16, CP=16, CPC=16), 4),
     ("unpack ternary", _unpack_kernel, "unpack", None, 4),
 ]
 

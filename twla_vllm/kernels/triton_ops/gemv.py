@@ -26,7 +26,8 @@ def _gemv_kernel(x_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
                  acc_ptr, M, N, K, stride_x, stride_w, stride_y, stride_lr, SB1, SB2,
                  BITS: tl.constexpr, STEP: tl.constexpr, OFF: tl.constexpr, G: tl.constexpr, GW: tl.constexpr,
                  KB: tl.constexpr, R: tl.constexpr, NSH: tl.constexpr, RP: tl.constexpr,
-                 CP: tl.constexpr, LRKB: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                 CP: tl.constexpr, CPC: tl.constexpr, LRKB: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
+                 BN: tl.constexpr,
                  BP: tl.constexpr, SPLIT: tl.constexpr, ASM: tl.constexpr, GDC: tl.constexpr,
                  LATE_SUM: tl.constexpr):
     # x_ptr: int8 activations (natural order) viewed as int32 words [M, K/4]; w_ptr: packed words [N, K/CPW].
@@ -98,5 +99,5 @@ def _gemv_kernel(x_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
     else:
         y = _promote(acc, s_ptr, z_ptr, rs_ptr, rm, rm < M, rn, rn < N, 0, 1)
         y = _finish(y, rm, rn, M, N, ws_ptr, la_ptr, lr_ptr, bias_ptr, stride_lr, SB1, SB2, R, NSH, RP, CP,
-                    LRKB, HAS_BIAS, False, "ieee")
+                    CPC, LRKB, HAS_BIAS, False, "ieee")
         tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)

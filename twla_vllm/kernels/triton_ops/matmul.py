@@ -10,7 +10,7 @@ from .gemm import _gemm_kernel
 from .gemv import _gemv_kernel
 from .pdl import gdc, launch_options
 from .tiles import (GEMM_CONFIGS, GEMV_CONFIGS, GEMV_LOWRANK_SUM, GEMV_MAX_M, GEMV_SPLIT_CTAS, block_k, gemm_split,
-                    uses_scratch)
+                    lowrank_chunk, uses_scratch)
 from .unpack import unpack_weights
 
 
@@ -21,7 +21,8 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
                  shard_bounds: tuple[int, int] | None = None, scratch: bool | None = None,
                  tile: tuple[int, int, int, int, int] | None = None, out: torch.Tensor | None = None,
                  split: int | None = None, gemv_split: bool = True, branch_dot: bool | None = None,
-                 pdl: bool | None = None, swar: bool = False, late_sum: bool = False) -> torch.Tensor:
+                 pdl: bool | None = None, swar: bool = False, late_sum: bool = False,
+                 branch_in_gemv: bool = True) -> torch.Tensor:
     """y [M, N] = s_n * Σ_b s_b (q·W_intᵀ - z_b rowsum_b) (+ lowrank_a @ lrᵀ per shard, + bias).
 
     q/s/z from `act_quant` (lane order iff `uses_scratch(M)`, or `swar` past the GEMV); packed [N, K*bits/32]
@@ -32,7 +33,8 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
     gemv_split=False keeps the GEMV's K unsplit (tests); branch_dot: the split epilogue's branch form (`_epilogue`);
     pdl: launch the kernels with programmatic dependent launch (default TWLA_PDL=1; `pdl.launch_options`);
     swar: the packed-word GEMM unpacks four codes per multiply-add in lane order (`unpack._lanes_tile`; being
-    timed, KERNEL_NOTES v16); late_sum: the GEMV sums over its words once after the K loop (v17, being timed)."""
+    timed, KERNEL_NOTES v16); late_sum: the GEMV sums over its words once after the K loop (v17, being timed);
+    branch_in_gemv=False: v13's GEMV, which split K for a branch too wide for its epilogue tile (benchmarks)."""
     m, k = q.shape
     n = packed.shape[0]
     kb, g = s.shape[1], qa.shape[1]
@@ -63,17 +65,17 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
         n_ctas = triton.cdiv(n, bn)
         split = kb  # several activation blocks: one split per block
         bm = triton.next_power_of_2(m)
-        # the GEMV's own epilogue adds a low-rank branch as a broadcast sum over [BM, BN, CP]: cheap at M = 1 (no
-        # second launch); past GEMV_LOWRANK_SUM products it would spill, so the branch goes through `_epilogue`,
-        # which picks a narrower tile (split K at least twice)
-        big_branch = r and bm * bn * meta["CP"] > GEMV_LOWRANK_SUM
+        # the GEMV's own epilogue adds a low-rank branch by multiply-adds over [BM, BN, CPC] in chunks of branch
+        # columns (`lowrank_chunk`), so no rank forces a split and a second launch (v18); v13 split K instead
+        big_branch = not branch_in_gemv and r and bm * bn * meta["CP"] > GEMV_LOWRANK_SUM
         while (gemv_split and kb == 1 and (n_ctas * split * 2 <= GEMV_SPLIT_CTAS or big_branch and split == 1)
                and words % (2 * split * bp) == 0):
             split *= 2
         acc = _partials(split, kb, y)
         _gemv_kernel[(n_ctas, split)](q.view(torch.int32), s, z, packed, *args, acc, m, n, k, q.stride(0) // 4,
                                       packed.stride(0), y.stride(0), stride_lr, sb1, sb2, GW=gw, BM=bm, BN=bn, BP=bp,
-                                      SPLIT=split, ASM=asm, LATE_SUM=late_sum, num_warps=warps, **launch, **meta)
+                                      SPLIT=split, ASM=asm, LATE_SUM=late_sum, CPC=lowrank_chunk(bm, bn, meta["CP"]),
+                                      num_warps=warps, **launch, **meta)
         if split > 1:
             _epilogue(acc, s, z, args, m, n, y, stride_lr, sb1, sb2, meta, split, launch, branch_dot)
         return y

@@ -17,7 +17,14 @@ def block_k(unit: int, cap: int, floor: int = 32) -> int:
 GEMV_MAX_M = 8  # up to here: CUDA-core dp4a GEMV
 GEMV_CONFIGS = ((1, 8, 64, 2), (GEMV_MAX_M, 32, 32, 4))  # (max M, BN, BP words, warps)
 GEMV_SPLIT_CTAS = 528  # split K (int32 partials) while the grid has fewer CTAs than this (4 per SM)
-GEMV_LOWRANK_SUM = 4096  # largest [BM, BN, CP] low-rank broadcast sum the GEMV finishes in its own epilogue
+GEMV_LOWRANK_SUM = 4096  # largest [BM, BN, branch columns] multiply-add tile of an epilogue's low-rank branch
+
+
+def lowrank_chunk(bm: int, bn: int, cp: int) -> int:
+    """Branch columns per multiply-add step of an epilogue tile [bm, bn]: all cp of them while the [bm, bn, cp]
+    product stays within GEMV_LOWRANK_SUM (past it the broadcast sum spilled registers: KERNEL_NOTES v9), else the
+    largest power of two that keeps it there."""
+    return max(1, min(cp, GEMV_LOWRANK_SUM // (bm * bn)))
 # tensor-core tiles by M bucket: (max M, BM tokens, BN rows, BK cap, warps, stages), from `benchmarks/kernels.py
 # --sweep` on the H100 (benchmarks/KERNEL_NOTES.md v7). BK 32 = one weight group of the default group size, so a
 # tile's group scales are one column; the scratch path (M >= SCRATCH_MIN_M) takes the last row.
