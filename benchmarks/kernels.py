@@ -19,8 +19,8 @@ the measured copy bandwidth) / twla for M <= 64, else the int8 tensor-core floor
 With --lowrank R: + branch = the whole op with a rank-R 16-bit branch as served; fused / unfused = the same with
 x·Bᵀ computed in act_quant's launch (what the op does) / as its own fp32 GEMM (A·(·) in the matmul's epilogue
 either way); epilogue dot = fused, with the split epilogue's A·(·) as session 20's padded tensor-core dot (shapes
-with several K-blocks at M <= 8, where the op now uses multiply-adds); v13 split = fused, with the GEMV splitting K
-and leaving a branch wider than its epilogue tile to `_epilogue` (M = 2..8, one K-block; now chunked in the GEMV).
+with several K-blocks at M <= 8, where the op now uses multiply-adds); in the GEMV = fused, with the GEMV finishing
+a branch wider than one epilogue tile itself in chunks instead of splitting K for `_epilogue` (M = 2..8, v18).
 With PDL (sm_90+): the whole op with programmatic dependent launch (twla_vllm/kernels/triton_ops/pdl.py; served
 only with TWLA_PDL=1 until measured). SWAR (M = 9..255): the whole op with the packed GEMM's lane-order SWAR unpack
 (`quant_matmul(swar=True)`, activations in lane order), K tiles of 4 words (its minimum) and of 8 words. GEMV
@@ -151,11 +151,11 @@ def random_branches(n: int, k: int, rank: int, copies: int) -> list[tuple[torch.
 
 
 def branch_op(x, layers, branch_ab, left, right, kb, code, gs, fuse: bool = True, split=None, branch_dot=None,
-              branch_in_gemv=True):
+              branch_in_gemv=False):
     """op(i): the whole op on weight copy i with its low-rank branch, x·Bᵀ computed in act_quant's launch (fuse;
     `split` = (K-chunks, K step) overrides its launch rule) or as its own fp32 GEMM; A·(·) in the matmul's epilogue
     either way (`branch_dot` overrides the split epilogue's form: tensor-core dot or multiply-adds;
-    branch_in_gemv=False: v13's GEMV, splitting K for a branch wider than its epilogue tile)."""
+    branch_in_gemv: the GEMV finishes a branch wider than one epilogue tile in chunks instead of splitting K)."""
     n = layers[0][0].shape[0]
     lanes = 8 // code.bits if T.uses_scratch(x.shape[0]) else 0
 
@@ -192,11 +192,11 @@ def branch_times(x, layers, branch_ab, left, right, kb, code, gs, copies) -> dic
         if not torch.allclose(dot(0).float(), want, rtol=1e-2, atol=1e-2 * want.abs().max()):
             raise AssertionError("the split epilogue's branch forms disagree")
         times["branch_epilogue_dot_us"] = bench(dot, copies)
-    if kb == 1 and 1 < x.shape[0] <= T.GEMV_MAX_M:  # the GEMV's chunked branch vs v13's split + epilogue
-        split = branch_op(x, layers, branch_ab, left, right, kb, code, gs, branch_in_gemv=False)
-        if not torch.allclose(split(0).float(), want, rtol=1e-2, atol=1e-2 * want.abs().max()):
+    if kb == 1 and 1 < x.shape[0] <= T.GEMV_MAX_M:  # the GEMV finishing the branch in chunks (v18)
+        in_gemv = branch_op(x, layers, branch_ab, left, right, kb, code, gs, branch_in_gemv=True)
+        if not torch.allclose(in_gemv(0).float(), want, rtol=1e-2, atol=1e-2 * want.abs().max()):
             raise AssertionError("the GEMV's branch forms disagree")
-        times["branch_split_us"] = bench(split, copies)
+        times["branch_in_gemv_us"] = bench(in_gemv, copies)
     return times
 
 
@@ -389,7 +389,7 @@ def main() -> None:
         extra = (f" + branch {r['branch_us']:.1f} µs (fused {r['branch_fused_us']:.1f}, unfused "
                  f"{r['branch_unfused_us']:.1f}"
                  + (f", epilogue dot {r['branch_epilogue_dot_us']:.1f}" if "branch_epilogue_dot_us" in r else "")
-                 + (f", v13 split {r['branch_split_us']:.1f}" if "branch_split_us" in r else "")
+                 + (f", in the GEMV {r['branch_in_gemv_us']:.1f}" if "branch_in_gemv_us" in r else "")
                  + ") |" if "branch_fused_us" in r else "")
         extra += f" + {r['act_blocks']} ranges {r['act_ranges_us']:.1f} µs |" if "act_ranges_us" in r else ""
         extra += f" with PDL {r['pdl_us']:.1f} µs |" if "pdl_us" in r else ""

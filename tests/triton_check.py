@@ -57,7 +57,7 @@ class Case:
     left_kron: bool = False  # act_quant's left factor as one block-diagonal dot over the stacked tokens
     swar: bool = False  # the packed GEMM's lane-order SWAR unpack (activations in lane order)
     late_sum: bool = False  # the GEMV sums over its words once after the K loop
-    branch_in_gemv: bool = True  # False: v13's split K for a branch too wide for the GEMV's epilogue tile
+    branch_in_gemv: bool = False  # the GEMV finishes a branch too wide for one epilogue tile itself, in chunks
 
     def __str__(self) -> str:
         return (f"m={self.m} n={self.n} k={self.k} {self.code} g={self.gs} kb={self.kb}"
@@ -65,7 +65,7 @@ class Case:
                 f"r={self.rank}x{self.shards} bias={self.bias} {str(self.dtype)[6:]}"
                 f"{' scratch' if self.scratch else ''}{'' if self.split else ' nosplit'}{' pdl' if self.pdl else ''}"
                 f"{' left-kron' if self.left_kron else ''}{' swar' if self.swar else ''}"
-                f"{' late-sum' if self.late_sum else ''}{'' if self.branch_in_gemv else ' branch-split'}")
+                f"{' late-sum' if self.late_sum else ''}{' branch-in-gemv' if self.branch_in_gemv else ''}")
 
 
 def random_layer(c: Case, gen, dev):
@@ -218,9 +218,10 @@ CPU_CASES = [
     Case(20, 24, 2048, gs=64, rank=8, shards=2),  # tensor-core branch dot in 4 K-chunks
     Case(1, 24, 2048, gs=64, kb=2, rank=16, lr_split=(8, 256)),  # override: 8 chunks of 128 per block, step 256
     Case(8, 40, 512, gs=64, kb=2, rank=16, shards=3),  # split epilogue's multiply-adds on a narrowed [8, 16, 64] tile
-    # the GEMV finishing a wide branch itself in chunks of branch columns (4 x 16 of 64), and v13's split for it
-    Case(8, 40, 512, gs=64, rank=16, shards=3), Case(8, 40, 512, gs=64, rank=16, shards=3, branch_in_gemv=False),
-    Case(6, 40, 512, gs=64, rank=16, shards=3, late_sum=True),
+    # a branch too wide for one GEMV epilogue tile: split K + `_epilogue`, or the GEMV itself in chunks of branch
+    # columns (4 x 16 of 64)
+    Case(8, 40, 512, gs=64, rank=16, shards=3), Case(8, 40, 512, gs=64, rank=16, shards=3, branch_in_gemv=True),
+    Case(6, 40, 512, gs=64, rank=16, shards=3, late_sum=True, branch_in_gemv=True),
     # activation ranges finer than the transform blocks (act_blocks): 4 rows of 16 per range, 2 ranges per block
     Case(5, 24, 256, gs=32, ab=4), Case(40, 33, 256, gs=64, kb=2, ab=4, rank=4),
     Case(3, 40, 512, gs=32, rot=False, ab=4), Case(260, 40, 384, gs=32, kb=2, ab=4),
@@ -252,9 +253,10 @@ def gpu_cases() -> list[Case]:
             Case(300, 48, 64, gs=32, rot=False, code="binary", scratch=True),
             Case(300, 48, 64, gs=32, rot=False, code="ternary", scratch=True)]
     # the GEMV finishing a wide branch in chunks of branch columns
-    out += [Case(8, 6144, 4096, gs=128, rank=16, shards=3, dtype=bf16, code="binary"),
-            Case(4, 4096, 4096, gs=128, rank=32, dtype=bf16, code="int4"),
-            Case(8, 6144, 4096, gs=128, rank=32, shards=3, dtype=bf16, code="int4", late_sum=True)]
+    out += [Case(8, 6144, 4096, gs=128, rank=16, shards=3, dtype=bf16, code="binary", branch_in_gemv=True),
+            Case(4, 14336, 4096, gs=128, rank=32, dtype=bf16, code="int4", branch_in_gemv=True),
+            Case(8, 6144, 4096, gs=128, rank=32, shards=3, dtype=bf16, code="int4", late_sum=True,
+                 branch_in_gemv=True)]
     # the GEMV's sums over words after the loop
     out += [Case(m, 4096, 4096, gs=32, dtype=bf16, code=code, late_sum=True) for m in (1, 4, 8)
             for code in ("ternary", "binary", "int4")]

@@ -22,7 +22,7 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
                  tile: tuple[int, int, int, int, int] | None = None, out: torch.Tensor | None = None,
                  split: int | None = None, gemv_split: bool = True, branch_dot: bool | None = None,
                  pdl: bool | None = None, swar: bool = False, late_sum: bool = False,
-                 branch_in_gemv: bool = True) -> torch.Tensor:
+                 branch_in_gemv: bool = False) -> torch.Tensor:
     """y [M, N] = s_n * Σ_b s_b (q·W_intᵀ - z_b rowsum_b) (+ lowrank_a @ lrᵀ per shard, + bias).
 
     q/s/z from `act_quant` (lane order iff `uses_scratch(M)`, or `swar` past the GEMV); packed [N, K*bits/32]
@@ -34,7 +34,8 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
     pdl: launch the kernels with programmatic dependent launch (default TWLA_PDL=1; `pdl.launch_options`);
     swar: the packed-word GEMM unpacks four codes per multiply-add in lane order (`unpack._lanes_tile`; being
     timed, KERNEL_NOTES v16); late_sum: the GEMV sums over its words once after the K loop (v17, being timed);
-    branch_in_gemv=False: v13's GEMV, which split K for a branch too wide for its epilogue tile (benchmarks)."""
+    branch_in_gemv: the GEMV finishes a branch too wide for its epilogue tile itself, in chunks, instead of
+    splitting K for `_epilogue` (v18, being timed)."""
     m, k = q.shape
     n = packed.shape[0]
     kb, g = s.shape[1], qa.shape[1]
@@ -66,7 +67,8 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
         split = kb  # several activation blocks: one split per block
         bm = triton.next_power_of_2(m)
         # the GEMV's own epilogue adds a low-rank branch by multiply-adds over [BM, BN, CPC] in chunks of branch
-        # columns (`lowrank_chunk`), so no rank forces a split and a second launch (v18); v13 split K instead
+        # columns (`lowrank_chunk`); a branch wider than one GEMV_LOWRANK_SUM tile makes it split K and leave the
+        # branch to `_epilogue` unless branch_in_gemv (v18: one launch; the split's extra programs may matter more)
         big_branch = not branch_in_gemv and r and bm * bn * meta["CP"] > GEMV_LOWRANK_SUM
         while (gemv_split and kb == 1 and (n_ctas * split * 2 <= GEMV_SPLIT_CTAS or big_branch and split == 1)
                and words % (2 * split * bp) == 0):
