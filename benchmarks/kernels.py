@@ -332,11 +332,11 @@ def main() -> None:
             branch = branch_times(x, layers, branch_ab, left, right, kb, code, gs, c) if a.lowrank else {}
             t_gemm = bench(mm, c)
             t_all = bench(op, c)
-            pdl = {}
+            variants = {}  # the same op by the switches being timed (KERNEL_NOTES v14-v17)
             if T.gdc(x.device):
                 if not torch.equal(op_pdl(0), op(0)):
                     raise AssertionError("the op with programmatic dependent launch differs")
-                pdl["pdl_us"] = bench(op_pdl, c)
+                variants["pdl_us"] = bench(op_pdl, c)
             if 1 < m <= T.GEMV_MAX_M:  # the GEMV with its sums over words after the loop (KERNEL_NOTES v17)
                 def op_late(i):
                     p, rs, qa, qm, rsum = layers[i]
@@ -345,12 +345,12 @@ def main() -> None:
                                           torch.bfloat16, late_sum=True)
                 if not torch.equal(op_late(0), op(0)):
                     raise AssertionError("the GEMV with late sums differs")
-                pdl["late_sum_us"] = bench(op_late, c)
+                variants["late_sum_us"] = bench(op_late, c)
             if T.GEMV_MAX_M < m and not T.uses_scratch(m):
                 for bk, key in ((None, "swar_us"), (256 // code.bits, "swar_bk2x_us")):
                     if not torch.equal(op_swar(0, bk), op(0)):
                         raise AssertionError(f"the SWAR GEMM (K tiles {bk}) differs")
-                    pdl[key] = bench(lambda i: op_swar(i, bk), c)
+                    variants[key] = bench(lambda i: op_swar(i, bk), c)
             ranges = {"act_blocks": ab, "act_ranges_us": bench(lambda i: op(i, ranges=True), c)} if ab else {}
             t_bf16 = bench(lambda i: x @ w_bf16[i].t(), c16)
             xq = x.to(torch.float8_e4m3fn)
@@ -375,7 +375,7 @@ def main() -> None:
             floor = nbytes / bw * 1e6 if m <= 64 else 2 * m * n * k / 1.1e15 * 1e6
             rows.append(dict(k=k, n=n, m=m, quant_us=t_quant, gemm_us=t_gemm, twla_us=t_all, bf16_us=t_bf16,
                              fp8_us=None if t_fp8 != t_fp8 else t_fp8, int_mm_us=None if t_int != t_int else t_int,
-                             floor_pct=100 * floor / t_all, **pdl, **branch, **ranges))
+                             floor_pct=100 * floor / t_all, **variants, **branch, **ranges))
             print(f"{k}->{n} M={m}: twla {t_all:.1f} us (quant {t_quant:.1f}, gemm {t_gemm:.1f}), bf16 {t_bf16:.1f} us",
                   flush=True)
     if sweep:
