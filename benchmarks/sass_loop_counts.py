@@ -1,0 +1,102 @@
+"""Instructions per K-loop iteration of the TWLA kernels, from their sm_90a SASS, on a machine without a GPU: the
+proxy KERNEL_NOTES v15-v17 judged the mid-M kernels by (they are issue-bound there), not a timing.
+
+    python benchmarks/sass_loop_counts.py
+
+Each variant is compiled as the launcher specializes a served layer's arguments (`tests.triton_compile_check`:
+sm_90, pointers / strides / K / N divisible by 16), assembled by the ptxas that ships with Triton and disassembled
+with its cuobjdump. The K loop is the backward branch whose body holds the kernel's tensor-core MMAs (IGMMA) or
+dp4a (IDP). Printed per variant: loop instructions, MMA/dp4a count, instructions per 32 codes of K (GEMMs) or per
+chunk (GEMVs), registers and spill bytes from `ptxas -v`.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tests.triton_compile_check import GEMM, GEMV, NO_BRANCH, POINTERS, compile_variant  # noqa: E402
+from twla_vllm.kernels.triton_ops.gemm import _gemm_kernel  # noqa: E402
+from twla_vllm.kernels.triton_ops.gemv import _gemv_kernel  # noqa: E402
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+TERNARY_G32 = dict(GS=32, G=128)
+INT4_G128 = dict(BITS=4, OFF=8, GS=128, G=32)
+BINARY_G128 = dict(BITS=1, GS=128, G=32)
+# (name, kernel, pointer kind, constexprs, warps); GEMM tiles are (BM tokens, BN rows, BK codes)
+VARIANTS = [
+    ("GEMV M=1 ternary, 64-word chunks", _gemv_kernel, "gemv", {**GEMV, **NO_BRANCH}, 2),
+    ("GEMV M=8 ternary, 32-word chunks", _gemv_kernel, "gemv", {**GEMV, **NO_BRANCH, "BM": 8, "BN": 32, "BP": 32}, 4),
+    ("GEMV M=8 ternary, late sums", _gemv_kernel, "gemv",
+     {**GEMV, **NO_BRANCH, "BM": 8, "BN": 32, "BP": 32, "LATE_SUM": True}, 4),
+    ("GEMM ternary 64x64x32", _gemm_kernel, "matmul", {**GEMM, **NO_BRANCH, **TERNARY_G32}, 4),
+    ("GEMM ternary 64x64x64, SWAR", _gemm_kernel, "matmul",
+     {**GEMM, **NO_BRANCH, **TERNARY_G32, "BK": 64, "SWAR": True}, 4),
+    ("GEMM ternary 16x64x32", _gemm_kernel, "matmul", {**GEMM, **NO_BRANCH, **TERNARY_G32, "BM": 16}, 4),
+    ("GEMM ternary 16x64x64, SWAR", _gemm_kernel, "matmul",
+     {**GEMM, **NO_BRANCH, **TERNARY_G32, "BM": 16, "BK": 64, "SWAR": True}, 4),
+    ("GEMM binary 16x64x32", _gemm_kernel, "matmul", {**GEMM, **NO_BRANCH, **BINARY_G128, "BM": 16}, 4),
+    ("GEMM binary 16x64x128, SWAR", _gemm_kernel, "matmul",
+     {**GEMM, **NO_BRANCH, **BINARY_G128, "BM": 16, "BK": 128, "SWAR": True}, 4),
+    ("GEMM int4 64x64x32", _gemm_kernel, "matmul", {**GEMM, **NO_BRANCH, **INT4_G128}, 4),
+    ("GEMM int4 64x64x32, SWAR", _gemm_kernel, "matmul", {**GEMM, **NO_BRANCH, **INT4_G128, "SWAR": True}, 4),
+    ("GEMM scratch int4 128x128x128", _gemm_kernel, "matmul",
+     {**GEMM, **NO_BRANCH, **INT4_G128, "SCRATCH": True, "BM": 128, "BN": 128, "BK": 128}, 8),
+]
+SASS_LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+BRANCH = re.compile(r"BRA (?:`\(\.L_x_\d+\) )?0x([0-9a-f]+)")
+
+
+def sass_and_ptxas(kernel, kind: str, consts: dict, warps: int) -> tuple[list[tuple[int, str]], str]:
+    """(address, instruction) of the compiled variant and ptxas' register / spill line."""
+    compiled = compile_variant(kernel, POINTERS[kind], consts, warps)
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        info = subprocess.run([os.path.join(BIN, "ptxas-blackwell"), "-v", "--gpu-name", "sm_90a", ptx, "-o", cubin],
+                              capture_output=True, text=True, check=True).stderr
+        sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", cubin], capture_output=True, text=True,
+                              check=True).stdout
+    regs = re.search(r"Used (\d+) registers", info)
+    spills = re.search(r"(\d+) bytes spill stores", info)
+    lines = [(int(m.group(1), 16), m.group(2)) for m in map(SASS_LINE.match, sass.splitlines()) if m]
+    return lines, f"{regs.group(1) if regs else '?'} registers, {spills.group(1) if spills else '?'} B spilled"
+
+
+def k_loop(lines: list[tuple[int, str]]) -> list[str]:
+    """The instructions of the backward branch's body that holds the MMAs (or dp4a): the K loop."""
+    where = {addr: i for i, (addr, _) in enumerate(lines)}
+    best: list[str] = []
+    for i, (addr, ins) in enumerate(lines):
+        m = BRANCH.search(ins)
+        if m and int(m.group(1), 16) < addr and int(m.group(1), 16) in where:
+            body = [x for _, x in lines[where[int(m.group(1), 16)]:i + 1]]
+            if any(op in x for x in body for op in ("GMMA", "IMMA", "IDP")) and len(body) > len(best):
+                best = body
+    return best
+
+
+def main() -> None:
+    print("| kernel, tile | loop instructions | MMA or dp4a | per 32 codes of K | top opcodes | registers |")
+    print("|---|---|---|---|---|---|")
+    for name, kernel, kind, consts, warps in VARIANTS:
+        lines, regs = sass_and_ptxas(kernel, kind, consts, warps)
+        loop = k_loop(lines)
+        ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", x).split()[0].split(".")[0] for x in loop)
+        work = sum(v for op, v in ops.items() if "MMA" in op or op == "IDP")
+        per32 = f"{len(loop) * 32 / consts['BK']:.1f}" if kernel is _gemm_kernel else "–"
+        top = ", ".join(f"{op} {v}" for op, v in ops.most_common(4))
+        print(f"| {name} | {len(loop)} | {work} | {per32} | {top} | {regs} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
