@@ -150,6 +150,19 @@ def random_branches(n: int, k: int, rank: int, copies: int) -> list[tuple[torch.
             for _ in range(copies)]
 
 
+def switch_variants(m: int, code, gdc: bool) -> list[tuple[str, dict]]:
+    """(column, options of `op_with`) of the switches timed at this M: PDL (sm_90+), the GEMV's late sums
+    (M = 2..8), the packed GEMM's SWAR unpack with its minimum and twice its K tiles (M = 9..255, lane order)."""
+    out = [("pdl_us", dict(pdl=True, lane_order=T.uses_scratch(m)))] if gdc else []
+    if 1 < m <= T.GEMV_MAX_M:
+        out.append(("late_sum_us", dict(late_sum=True)))
+    if T.GEMV_MAX_M < m and not T.uses_scratch(m):
+        _, bm, bn, _, warps, stages = next(c for c in GEMM_CONFIGS if m <= c[0])
+        out += [("swar_us", dict(swar=True, lane_order=True)),
+                ("swar_bk2x_us", dict(swar=True, lane_order=True, tile=(bm, bn, 256 // code.bits, warps, stages)))]
+    return out
+
+
 def branch_op(x, layers, branch_ab, left, right, kb, code, gs, fuse: bool = True, split=None, branch_dot=None,
               branch_in_gemv=False):
     """op(i): the whole op on weight copy i with its low-rank branch, x·Bᵀ computed in act_quant's launch (fuse;
@@ -314,43 +327,21 @@ def main() -> None:
                                                    None, None, None, code.bits, code.step, code.offset, gs, 4, 0.9,
                                                    kb, ab if ranges else kb, n, n)
 
-            def op_pdl(i):  # the op's two launches with programmatic dependent launch forced on (pdl.py)
+            def op_with(i, lane_order=False, **options):  # the op's two launches with quant_matmul `options`
                 p, rs, qa, qm, rsum = layers[i]
-                qi, si, zi, _ = T.act_quant(x, left, right, 4, 0.9, kb, lanes=lanes if T.uses_scratch(m) else 0)
+                qi, si, zi, _ = T.act_quant(x, left, right, 4, 0.9, kb, lanes=lanes if lane_order else 0)
                 return T.quant_matmul(qi, si, zi, p, rs, qa, qm, rsum, code.bits, code.step, code.offset, gs,
-                                      torch.bfloat16, pdl=True)
-
-            def op_swar(i, bk=None):  # the packed GEMM's lane-order SWAR unpack (KERNEL_NOTES v16), K tiles <= bk
-                p, rs, qa, qm, rsum = layers[i]
-                qi, si, zi, _ = T.act_quant(x, left, right, 4, 0.9, kb, lanes=lanes)
-                tile = None if bk is None else (*next(c for c in GEMM_CONFIGS if m <= c[0])[1:3], bk,
-                                                *next(c for c in GEMM_CONFIGS if m <= c[0])[4:])
-                return T.quant_matmul(qi, si, zi, p, rs, qa, qm, rsum, code.bits, code.step, code.offset, gs,
-                                      torch.bfloat16, swar=True, tile=tile)
+                                      torch.bfloat16, **options)
 
             t_quant = bench(lambda i: T.act_quant(x, left, right, 4, 0.9, kb, lanes=lanes if T.uses_scratch(m) else 0))
             branch = branch_times(x, layers, branch_ab, left, right, kb, code, gs, c) if a.lowrank else {}
             t_gemm = bench(mm, c)
             t_all = bench(op, c)
-            variants = {}  # the same op by the switches being timed (KERNEL_NOTES v14-v17)
-            if T.gdc(x.device):
-                if not torch.equal(op_pdl(0), op(0)):
-                    raise AssertionError("the op with programmatic dependent launch differs")
-                variants["pdl_us"] = bench(op_pdl, c)
-            if 1 < m <= T.GEMV_MAX_M:  # the GEMV with its sums over words after the loop (KERNEL_NOTES v17)
-                def op_late(i):
-                    p, rs, qa, qm, rsum = layers[i]
-                    qi, si, zi, _ = T.act_quant(x, left, right, 4, 0.9, kb)
-                    return T.quant_matmul(qi, si, zi, p, rs, qa, qm, rsum, code.bits, code.step, code.offset, gs,
-                                          torch.bfloat16, late_sum=True)
-                if not torch.equal(op_late(0), op(0)):
-                    raise AssertionError("the GEMV with late sums differs")
-                variants["late_sum_us"] = bench(op_late, c)
-            if T.GEMV_MAX_M < m and not T.uses_scratch(m):
-                for bk, key in ((None, "swar_us"), (256 // code.bits, "swar_bk2x_us")):
-                    if not torch.equal(op_swar(0, bk), op(0)):
-                        raise AssertionError(f"the SWAR GEMM (K tiles {bk}) differs")
-                    variants[key] = bench(lambda i: op_swar(i, bk), c)
+            variants = {}  # the same op by the switches being timed (KERNEL_NOTES v14-v17), each checked equal to it
+            for key, options in switch_variants(m, code, T.gdc(x.device)):
+                if not torch.equal(op_with(0, **options), op(0)):
+                    raise AssertionError(f"{key}: the op with {options} differs from the served op")
+                variants[key] = bench(lambda i: op_with(i, **options), c)
             ranges = {"act_blocks": ab, "act_ranges_us": bench(lambda i: op(i, ranges=True), c)} if ab else {}
             t_bf16 = bench(lambda i: x @ w_bf16[i].t(), c16)
             xq = x.to(torch.float8_e4m3fn)

@@ -315,7 +315,10 @@ def switch_check(dev, gen) -> list[str]:
             switched = ops._quant_linear(*args)
         finally:
             for key, v in saved.items():
-                os.environ.pop(key) if v is None else os.environ.__setitem__(key, v)
+                if v is None:
+                    del os.environ[key]
+                else:
+                    os.environ[key] = v
         if not torch.equal(plain, switched):
             fails.append(f"{code_name} M={m}: TWLA_SWAR/TWLA_PDL change the op's output")
     return fails

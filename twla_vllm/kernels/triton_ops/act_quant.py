@@ -83,15 +83,6 @@ def _quantize_tokens(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, M, stride_x, stri
     offs = (b * RB + ri[:, None]) * COLS + ci[None, :]  # position within a token
     x = tl.load(x_ptr + ti[:, None] * stride_x + offs, mask=valid, other=0.0).to(tl.float32)
     if HAS_ROT:
-        rr = tl.arange(0, RBP)
-        lm = tl.load(l_ptr + (b * RB + rr[:, None]) * ROWS + b * RB + rr[None, :],
-                     mask=(rr[:, None] < RB) & (rr[None, :] < RB), other=0.0)
-        rm = tl.load(r_ptr + ci[:, None] * COLS + ci[None, :],
-                     mask=(ci[:, None] < COLS) & (ci[None, :] < COLS), other=0.0)
-        if PRECISION == "bf16":  # single-pass bf16 operands, fp32 accumulation
-            x = tl.dot(x.to(tl.bfloat16), rm.to(tl.bfloat16))
-        else:
-            x = tl.dot(x, rm, input_precision=PRECISION)
         if BT > 1 and LEFT_KRON:
             # the BT tokens' left transforms as one block-diagonal dot (I_BT ⊗ L_b) [BT*RBP, BT*RBP] on the stacked
             # tile: BT times the left factor's multiply-adds, but no permute of the tile and back
@@ -99,7 +90,17 @@ def _quantize_tokens(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, M, stride_x, stri
             lm = tl.load(l_ptr + (b * RB + si[:, None] % RBP) * ROWS + b * RB + si[None, :] % RBP,
                          mask=(si[:, None] // RBP == si[None, :] // RBP) & (si[:, None] % RBP < RB)
                          & (si[None, :] % RBP < RB), other=0.0)
-        elif BT > 1:
+        else:
+            rr = tl.arange(0, RBP)
+            lm = tl.load(l_ptr + (b * RB + rr[:, None]) * ROWS + b * RB + rr[None, :],
+                         mask=(rr[:, None] < RB) & (rr[None, :] < RB), other=0.0)
+        rm = tl.load(r_ptr + ci[:, None] * COLS + ci[None, :],
+                     mask=(ci[:, None] < COLS) & (ci[None, :] < COLS), other=0.0)
+        if PRECISION == "bf16":  # single-pass bf16 operands, fp32 accumulation
+            x = tl.dot(x.to(tl.bfloat16), rm.to(tl.bfloat16))
+        else:
+            x = tl.dot(x, rm, input_precision=PRECISION)
+        if BT > 1 and not LEFT_KRON:
             x = tl.reshape(tl.permute(tl.reshape(x, (BT, RBP, CP)), (1, 0, 2)), (RBP, BT * CP))
         if PRECISION == "bf16":
             x = tl.dot(lm.to(tl.bfloat16), x.to(tl.bfloat16))
