@@ -61,8 +61,12 @@ SEQLEN = 512
 class Harness:
     """One model, one set of test windows, rows recorded in the results schema."""
 
-    def __init__(self, model: str, windows: int, device: str = "cpu"):
+    def __init__(self, model: str, windows: int, device: str = "cpu", json_path: str | None = None,
+                 save_each_row: bool = False):
+        """`json_path`: the results file `save` merges into (default accuracy_<model>.json); `save_each_row`:
+        merge after every row, so a long run that is cut keeps what it measured."""
         self.model_name, self.device = model, device
+        self.json_path, self.save_each_row = json_path, save_each_row
         self.path = resolve_model(model)
         dense, self.tok = load_model(self.path, torch.float32, device)
         self.windows = data.eval_windows(self.tok, data.load_text("brown", "test"), SEQLEN, windows)
@@ -83,6 +87,8 @@ class Harness:
         self.rows.append(row)
         print(f"{method:44s} W{w_bits!s:5s} A{a_bits!s:5s} ppl {ppl:12.2f} ({row['ratio']:.2f}x)  bits {bits:.3f}  "
               f"({row['quant_seconds']} s)", flush=True)
+        if self.save_each_row:
+            self.save()
 
     def quantize(self, recipe: Recipe, make=Quantizer) -> tuple[Quantizer, float]:
         """A fresh copy of the model with `recipe`'s weight stage done (uniform bits not yet applied)."""
@@ -114,7 +120,8 @@ class Harness:
 
     def save(self, path: str | None = None) -> str:
         """Merge this run's rows into accuracy_<model>.json (rows of the same method and bits are replaced)."""
-        return merge_rows(path or os.path.join(RESULTS, f"accuracy_{self.model_name}.json"), self.rows,
+        path = path or self.json_path or os.path.join(RESULTS, f"accuracy_{self.model_name}.json")
+        return merge_rows(path, self.rows,
                           lambda r: (r["method"], str(r["w_bits"]), str(r["a_bits"])),
                           torch.cuda.get_device_name() if self.device.startswith("cuda") else "cpu",
                           model=self.model_name, dense_ppl=round(self.dense_ppl, 3), windows=self.n_windows,

@@ -2,11 +2,15 @@
 held-out Brown test windows, PPL ratio and honest bits/weight as the TWLA tables.
 
     nice -n 10 python benchmarks/accuracy_bwla.py --model smollm2-135m --windows 16 [--ladder all]
+    python benchmarks/accuracy_bwla.py --model qwen2.5-coder-1.5b --windows 32 --ladder bwla --device cuda \
+        --rows bwla --json /tmp/psp.json        # one process per row group, in parallel on one GPU
 
 Ladders (W1 = binary codes; A16 = activations unquantized; uniform activation bits, no clip search unless said):
   bwla     RTN binary; binary + GPTQ (E2M-ATQ stage 1 + 2, integer grid); + OKT; + PSP (= BWLA) at A16/A6/A4;
-           `bwla` = BWLA + the per-site clip search at A6 and A4 (what `twla-quantize --method bwla` does);
-           TWLA (ternary, KOTMS) at the same activation bits, for comparison
+           `bwla` = BWLA + the per-site clip search at A6 and A4, then at A6 + block-wise scale tuning (what
+           `twla-quantize --method bwla` does); TWLA (ternary, KOTMS) at the same activation bits, for comparison.
+           `--rows` picks some of them (rtn, gptq, okt, bwla = + PSP and what follows, twla); rows are saved to
+           the JSON as each finishes, so a cut run keeps what it measured
   groups   BWLA at the other weight groups of 32, 64, 192, per row: the bits / accuracy trade-off
   svd      binary + OKT with a rank-16 branch from a truncated SVD of W (`lowrank.fit_svd`) instead of PSP:
            PSP's baseline at equal bits
@@ -82,19 +86,29 @@ def set_bits(q: Quantizer, bits: int) -> None:
         q.set_block_bits(l, bits)
 
 
-def bwla_ladder(h: Harness, cache: OktCache, group_size: int) -> None:
+BWLA_ROWS = ("rtn", "gptq", "okt", "bwla", "twla")
+
+
+def bwla_ladder(h: Harness, cache: OktCache, group_size: int, rows: tuple[str, ...] = BWLA_ROWS) -> None:
     base = dataclasses.replace(preset("bwla"), group_size=group_size)
-    for name, kw in [("RTN binary", dict(weight_method="rtn", rotation="none", **NO_BRANCH)),
-                     ("binary + GPTQ (E2M-ATQ stages, integer grid)", dict(rotation="none", **NO_BRANCH)),
-                     ("+ OKT", NO_BRANCH)]:
-        run_row(h, cache, name, dataclasses.replace(base, **kw), 1, (16, 6))
-    q, bits, secs = run_row(h, cache, "+ PSP rank 16 (= BWLA)", base, 1, (16, 6, 4))
-    for a in (6, 4):  # the full mode: per-site activation clip search on held-out text at the served bits
-        set_bits(q, a)
-        q.search_clips()
-        h.record("bwla", 1, a, h.ppl(q.model), bits, secs + q.seconds["clip"], group_size=q.gs)
-    run_row(h, cache, "TWLA (ternary, KOTMS)", dataclasses.replace(preset("twla"), group_size=group_size), 1.58,
-            (16, 6))
+    for key, name, kw in [("rtn", "RTN binary", dict(weight_method="rtn", rotation="none", **NO_BRANCH)),
+                          ("gptq", "binary + GPTQ (E2M-ATQ stages, integer grid)", dict(rotation="none", **NO_BRANCH)),
+                          ("okt", "+ OKT", NO_BRANCH)]:
+        if key in rows:
+            run_row(h, cache, name, dataclasses.replace(base, **kw), 1, (16, 6))
+    if "bwla" in rows:
+        q, bits, secs = run_row(h, cache, "+ PSP rank 16 (= BWLA)", base, 1, (16, 6, 4))
+        for a in (4, 6):  # the full mode: per-site activation clip search on held-out text at the served bits
+            set_bits(q, a)
+            q.search_clips()
+            secs_a = secs + q.seconds["clip"]
+            h.record("bwla", 1, a, h.ppl(q.model), bits, secs_a, group_size=q.gs)
+        q.tune(h.path)  # last, at A6 (the preset's bits): what `twla-quantize --method bwla` ships
+        h.record("bwla + block-wise scale tuning (= twla-quantize --method bwla)", 1, 6, h.ppl(q.model), bits,
+                 secs_a + q.seconds["tune"], group_size=q.gs)
+    if "twla" in rows:
+        run_row(h, cache, "TWLA (ternary, KOTMS)", dataclasses.replace(preset("twla"), group_size=group_size),
+                1.58, (16, 6))
 
 
 def group_ladder(h: Harness, cache: OktCache, group_size: int) -> None:
@@ -115,21 +129,26 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16, help="512-token test windows for PPL")
     ap.add_argument("--group-size", type=int, default=preset("bwla").group_size,
                     help="weight group of the bwla and svd ladders (the groups ladder sweeps its own)")
+    ap.add_argument("--rows", default=",".join(BWLA_ROWS),
+                    help=f"rows of the bwla ladder, comma-separated from {', '.join(BWLA_ROWS)}")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", help="results file (default benchmarks/results/accuracy_<model>.json)")
     a = ap.parse_args()
     torch.manual_seed(0)
     cache = OktCache()
     okt.learn_okt = cache  # pipeline.transform_learner("okt") imports it from the module at each call
-    h = Harness(a.model, a.windows, a.device)
+    rows = tuple(a.rows.split(","))
+    if set(rows) - set(BWLA_ROWS):
+        ap.error(f"--rows: unknown {', '.join(sorted(set(rows) - set(BWLA_ROWS)))} (allowed: {', '.join(BWLA_ROWS)})")
+    h = Harness(a.model, a.windows, a.device, json_path=a.json, save_each_row=True)
     if a.ladder in ("bwla", "all"):
-        bwla_ladder(h, cache, a.group_size)
+        bwla_ladder(h, cache, a.group_size, rows)
     if a.ladder in ("groups", "all"):
         group_ladder(h, cache, a.group_size)
     if a.ladder in ("svd", "all"):
         svd_ladder(h, cache, a.group_size)
     print("\n" + h.table())
-    print(f"rows merged into {h.save(a.json)}")
+    print(f"rows merged into {h.save()}")
 
 
 if __name__ == "__main__":
