@@ -1,0 +1,24 @@
+#!/bin/bash
+# Device, after setup.sh: bash benchmarks/device/kernel_tables.sh check|ternary|branch  (tables + logs -> $OUT)
+#   check    GPU check of every Triton kernel against its torch reference (1 seed), the BWLA cost probe beside it
+#   ternary  the op table at decode and prefill sizes with the switch columns (PDL, late sums, SWAR)
+#   branch   binary r16 and int4 r32 op tables with the branch columns, then the act_quant sweep
+cd /tmp/repo && export PYTHONPATH=/tmp/twsite PYTHONUNBUFFERED=1
+T0=$(date +%s)
+k() { local name=$1 limit=$2; shift 2
+  timeout $limit python3 benchmarks/kernels.py "$@" --json $OUT/kernels_$name.json > /tmp/k_$name.log 2>&1
+  echo "== $name rc $? at $(( $(date +%s) - T0 )) s"; cp /tmp/k_$name.log $OUT/; tail -30 /tmp/k_$name.log; }
+case $1 in
+  check)
+    python3 -m tests.triton_check --gpu --seeds 1 > /tmp/tc.log 2>&1 & tc=$!
+    OMP_NUM_THREADS=4 python3 benchmarks/device/bwla_cost_probe.py > /tmp/probe.log 2>&1
+    wait $tc; echo "tc rc $?" >> /tmp/tc.log; cp /tmp/tc.log /tmp/probe.log $OUT/
+    tail -12 /tmp/probe.log; echo "== GPU check at $(( $(date +%s) - T0 )) s"
+    grep -a -E "^FAIL|passed,|Traceback|Error|tc rc" /tmp/tc.log | tail -8 ;;
+  ternary) k ternary 300 --ms 1,4,8,16,64,256 ;;
+  branch)
+    k binary_g128_r16 200 --code binary --group-size 128 --lowrank 16 --ms 1,8,16,64
+    k int4_g128_r32 160 --code int4 --group-size 128 --lowrank 32 --ms 1,4,8,64
+    k act_quant_sweep 200 --act-quant-sweep --ms 1,64,2048,8192 ;;
+  *) echo "usage: $0 check|ternary|branch" >&2; exit 2 ;;
+esac
