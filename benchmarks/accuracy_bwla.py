@@ -107,7 +107,8 @@ def bwla_ladder(h: Harness, cache: OktCache, group_size: int, rows: tuple[str, .
         h.record("bwla + block-wise scale tuning (= twla-quantize --method bwla)", 1, 6, h.ppl(q.model), bits,
                  secs_a + q.seconds["tune"], group_size=q.gs)
     if "twla" in rows:
-        run_row(h, cache, "TWLA (ternary, KOTMS)", dataclasses.replace(preset("twla"), group_size=group_size),
+        run_row(h, cache, f"TWLA (ternary, KOTMS, group {group_size})",
+                dataclasses.replace(preset("twla"), group_size=group_size),
                 1.58, (16, 6))
 
 
