@@ -44,7 +44,7 @@ NO_BRANCH = dict(R=0, NSH=1, RP=16, CP=16)
 GEMV = dict(BITS=2, STEP=1, OFF=1, G=128, GW=2, KB=1, LRKB=1, HAS_BIAS=True, BM=1, BN=8, BP=64, SPLIT=1, ASM=True,
             GDC=True, LATE_SUM=False, CPC=16)  # CPC: branch columns per multiply-add step
 GEMM = dict(BITS=2, STEP=1, OFF=1, G=128, GS=32, KB=1, LRKB=1, HAS_BIAS=True, SCRATCH=False, SPLIT=1, BM=64,
-            BN=64, BK=32, GROUP_N=8, ASM=True, PRECISION="tf32x3", GDC=True, SWAR=False)
+            BN=64, BK=32, GROUP_N=8, ASM=True, PRECISION="tf32", GDC=True, SWAR=False, CPC=8)
 VARIANTS = [
     ("act_quant", _act_quant_kernel, "act_quant", ACT, 4),
     ("act_quant + branch x·Bᵀ", _act_quant_kernel, "act_quant", {**ACT, "SR": 32, "JB": 32, "BTL": 64}, 4),
@@ -85,10 +85,10 @@ VARIANTS = [
     ("gemm scratch int4 + branch", _gemm_kernel, "matmul",
      {**GEMM, **BRANCH, "SCRATCH": True, "BITS": 4, "OFF": 8, "BM": 128, "BN": 128, "BK": 128}, 8),
     ("epilogue int32 partials + branch", _epilogue_kernel, "matmul",
-     dict(KB=1, SPLIT=4, LRKB=8, HAS_BIAS=True, BM=32, BN=64, DOT=True, PRECISION="tf32x3", GDC=True, CPC=128,
+     dict(KB=1, SPLIT=4, LRKB=8, HAS_BIAS=True, BM=32, BN=64, DOT=True, PRECISION="tf32", GDC=True, CPC=8,
           **BRANCH), 4),
     ("epilogue fp32 partials", _epilogue_kernel, "fp32 partials",
-     dict(KB=8, SPLIT=8, LRKB=1, HAS_BIAS=False, BM=32, BN=64, DOT=True, PRECISION="tf32x3", GDC=True, CPC=16,
+     dict(KB=8, SPLIT=8, LRKB=1, HAS_BIAS=False, BM=32, BN=64, DOT=True, PRECISION="tf32", GDC=True, CPC=8,
           **NO_BRANCH), 4),
     ("epilogue M=1, 8 blocks + branch (16 partials, multiply-adds)", _epilogue_kernel, "fp32 partials",
      dict(KB=8, SPLIT=8, LRKB=16, HAS_BIAS=False, BM=1, BN=64, DOT=False, PRECISION="tf32x3", GDC=True, R=16, NSH=1,

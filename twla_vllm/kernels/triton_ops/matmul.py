@@ -9,8 +9,8 @@ from .epilogue import _epilogue
 from .gemm import _gemm_kernel
 from .gemv import _gemv_kernel
 from .pdl import gdc, launch_options
-from .tiles import (GEMM_CONFIGS, GEMV_CONFIGS, GEMV_LOWRANK_SUM, GEMV_MAX_M, GEMV_SPLIT_CTAS, block_k, gemm_split,
-                    lowrank_chunk, uses_scratch)
+from .tiles import (GEMM_CONFIGS, GEMV_CONFIGS, GEMV_LOWRANK_SUM, GEMV_MAX_M, GEMV_SPLIT_CTAS, LOWRANK_DOT_CHUNK,
+                    LOWRANK_DOT_PRECISION, block_k, gemm_split, lowrank_chunk, uses_scratch)
 from .unpack import unpack_weights
 
 
@@ -26,9 +26,9 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
     """y [M, N] = s_n * Σ_b s_b (q·W_intᵀ - z_b rowsum_b) (+ lowrank_a @ lrᵀ per shard, + bias).
 
     q/s/z from `act_quant` (lane order iff `uses_scratch(M)`, or `swar` past the GEMV); packed [N, K*bits/32]
-    int32; row_scale [N] fp16/fp32; qa/qm [N, G] int8; rowsum [N, KB] int32; lr fp32 = x @ lowrank_bᵀ of the S shards, [M, S*R] or
-    as partial sums [P, M, S*R] (what `act_quant` returns), whose rows end at shard_bounds (two ascending row
-    indices; (N, N) for one shard). `scratch`, `tile` (BM, BN, BK cap, warps, stages), `split`: override the
+    int32; row_scale [N] fp16/fp32; qa/qm [N, G] int8; rowsum [N, KB] int32; lr fp32 = x @ lowrank_bᵀ of the S
+    shards, [M, S*R] or as partial sums [P, M, S*R] (what `act_quant` returns), whose rows end at shard_bounds
+    (two ascending row indices; (N, N) for one shard). `scratch`, `tile` (BM, BN, BK cap, warps, stages), `split`: override the
     tensor-core path's table and split rule (benchmarks, tests);
     gemv_split=False keeps the GEMV's K unsplit (tests); branch_dot: the split epilogue's branch form (`_epilogue`);
     pdl: launch the kernels with programmatic dependent launch (default TWLA_PDL=1; `pdl.launch_options`);
@@ -105,7 +105,8 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
     _gemm_kernel[(tiles, split)](q, s, z, w, *args, acc, m, n, k, q.stride(0), w.stride(0), y.stride(0),
                                  stride_lr, sb1, sb2, GS=gs, SCRATCH=use_scratch, SPLIT=split, BM=bm, BN=bn, BK=bk,
                                  GROUP_N=8, ASM=asm, SWAR=swar and not use_scratch,
-                                 PRECISION="ieee" if q.device.type == "cpu" else "tf32x3", num_warps=warps,
+                                 CPC=min(meta["CP"], LOWRANK_DOT_CHUNK),
+                                 PRECISION="ieee" if q.device.type == "cpu" else LOWRANK_DOT_PRECISION, num_warps=warps,
                                  num_stages=stages, **launch, **meta)
     if split > 1:
         _epilogue(acc, s, z, args, m, n, y, stride_lr, sb1, sb2, meta, split, launch, branch_dot)

@@ -20,6 +20,14 @@ GEMV_SPLIT_CTAS = 528  # split K (int32 partials) while the grid has fewer CTAs 
 GEMV_LOWRANK_SUM = 4096  # largest [BM, BN, branch columns] multiply-add tile of an epilogue's low-rank branch
 
 
+# branch columns per tensor-core dot in an epilogue, in TF32 (one pass): the epilogue sets the whole kernel's registers,
+# and the packed 64x64 GEMM (80 without a branch) took 173 with int4's rank-32 dot at once in 3xTF32 (2 CTAs per SM
+# in an issue-bound loop); 8-column TF32 chunks take 92 (bwla's 3 x rank 16: 197 -> 90; ptxas sm_90a, session 23).
+# TF32 rounds lr and A to 2^-11: an error of ~1e-3 of the branch, below the bf16 output's rounding (2^-9).
+LOWRANK_DOT_CHUNK = 8
+LOWRANK_DOT_PRECISION = "tf32"
+
+
 def lowrank_chunk(bm: int, bn: int, cp: int) -> int:
     """Branch columns per multiply-add step of an epilogue tile [bm, bn]: all cp of them while the [bm, bn, cp]
     product stays within GEMV_LOWRANK_SUM (past it the broadcast sum spilled registers: KERNEL_NOTES v9), else the
