@@ -2,7 +2,8 @@
 # Device, after setup.sh: bash benchmarks/device/kernel_tables.sh check|ternary|branch  (tables + logs -> $OUT)
 #   check    GPU check of every Triton kernel against its torch reference (1 seed), the BWLA cost probe beside it
 #   ternary  the op table at decode and prefill sizes with the switch columns (PDL, late sums, SWAR)
-#   branch   binary r16 and int4 r32 op tables with the branch columns, then the act_quant sweep
+#   branch   int4 r32 and binary r16 op tables with the branch columns, then the act_quant sweep
+#   all      the three in that order (one background chain: bash kernel_tables.sh all > /tmp/chain.log &)
 cd /tmp/repo && export PYTHONPATH=/tmp/twsite PYTHONUNBUFFERED=1
 T0=$(date +%s)
 k() { local name=$1 limit=$2; shift 2
@@ -17,8 +18,9 @@ case $1 in
     grep -a -E "^FAIL|passed,|Traceback|Error|tc rc" /tmp/tc.log | tail -8 ;;
   ternary) k ternary 300 --ms 1,4,8,16,64,256 ;;
   branch)
+    k int4_g128_r32 200 --code int4 --group-size 128 --lowrank 32 --ms 1,8,64,2048
     k binary_g128_r16 200 --code binary --group-size 128 --lowrank 16 --ms 1,8,16,64
-    k int4_g128_r32 160 --code int4 --group-size 128 --lowrank 32 --ms 1,4,8,64
     k act_quant_sweep 200 --act-quant-sweep --ms 1,64,2048,8192 ;;
-  *) echo "usage: $0 check|ternary|branch" >&2; exit 2 ;;
+  all) for t in check ternary branch; do bash "$0" $t; done ;;
+  *) echo "usage: $0 check|ternary|branch|all" >&2; exit 2 ;;
 esac
