@@ -18,13 +18,10 @@ Columns: quant = fused transform+quantize alone; gemm = the matmul alone; twla =
 the measured copy bandwidth) / twla for M <= 64, else the int8 tensor-core floor (1.1 POPS, kernels.md) / twla.
 With --lowrank R: + branch = the whole op with a rank-R 16-bit branch as served; fused / unfused = the same with
 x·Bᵀ computed in act_quant's launch (what the op does) / as its own fp32 GEMM (A·(·) in the matmul's epilogue
-either way); epilogue dot = fused, with the split epilogue's A·(·) as session 20's padded tensor-core dot (shapes
-with several K-blocks at M <= 8, where the op now uses multiply-adds); in the GEMV = fused, with the GEMV finishing
-a branch wider than one epilogue tile itself in chunks instead of splitting K for `_epilogue` (M = 2..8, v18).
-With PDL (sm_90+): the whole op with programmatic dependent launch (twla_vllm/kernels/triton_ops/pdl.py; served
-only with TWLA_PDL=1 until measured). SWAR (M = 9..255): the whole op with the packed GEMM's lane-order SWAR unpack
-(`quant_matmul(swar=True)`, activations in lane order), K tiles of 4 words (its minimum) and of 8 words. GEMV
-late sums (M = 2..8): the GEMV summing over its words once after the K loop (`quant_matmul(late_sum=True)`).
+either way).
+The launch rules flipped, each checked bit for bit against the op: PDL on / off (sm_90+): the whole op with
+programmatic dependent launch the other way from `tiles.use_pdl` (on at M <= 8); late sums on / off (M = 2..8):
+the GEMV summing its words after the K loop the other way from `tiles.gemv_late_sum` (groups of >= 4 words).
 With --act-group-size G: + ranges = the whole op with activation ranges of about G channels (twla-quantize
 --act-group-size G picks the same count: offline.layout.pick_act_blocks) instead of one per transform block.
 """
@@ -120,9 +117,7 @@ def act_quant_table() -> None:
 
 def act_quant_sweep(ms: list[int]) -> None:
     """act_quant's tokens per program: the launch rule (`tiles.tokens_per_program`) against fixed values, TF32
-    transform, default warps ("/8w": 8); codes compared with one token per program. "2k".."8k": the same with the
-    left factor as one block-diagonal dot over the stacked tokens (`act_quant(left_kron=True)`) instead of
-    permuting the tile."""
+    transform, default warps ("/8w": 8); codes compared with one token per program."""
     print("\n| factors | K-blocks | M | µs by tokens per program (!: a code differs from bt=1) |\n|---|---|---|---|")
     for k, kb in ((14336, 8), (4096, 1)):
         n1, n2, left, right = transform_factors(k, kb)
@@ -130,14 +125,12 @@ def act_quant_sweep(ms: list[int]) -> None:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             want = T.act_quant(x, left, right, 4, 0.9, kb, bt=1)[0]
             cells = []
-            for bt, kron, warps in ((None, False, None), (1, False, None), (1, False, 8), (2, False, None),
-                                    (4, False, None), (8, False, None), (8, False, 8), (2, True, None),
-                                    (4, True, None), (8, True, None), (8, True, 8)):
-                kw = dict(bt=bt, left_kron=kron, warps=warps)
+            for bt, warps in ((None, None), (1, None), (1, 8), (2, None), (4, None), (8, None), (8, 8)):
+                kw = dict(bt=bt, warps=warps)
                 try:
                     same = torch.equal(T.act_quant(x, left, right, 4, 0.9, kb, **kw)[0], want)
                     us = bench(lambda i: T.act_quant(x, left, right, 4, 0.9, kb, **kw))
-                    label = f"{'rule' if bt is None else bt}{'k' if kron else ''}{f'/{warps}w' if warps else ''}"
+                    label = f"{'rule' if bt is None else bt}{f'/{warps}w' if warps else ''}"
                     cells.append(f"{label}: {us:.1f}{'' if same else '!'}")
                 except Exception as e:  # noqa: BLE001 - a setting that does not compile is a result too
                     cells.append(f"{bt}: {type(e).__name__}")
@@ -150,25 +143,19 @@ def random_branches(n: int, k: int, rank: int, copies: int) -> list[tuple[torch.
             for _ in range(copies)]
 
 
-def switch_variants(m: int, code, gdc: bool) -> list[tuple[str, dict]]:
-    """(column, options of `op_with`) of the switches timed at this M: PDL (sm_90+), the GEMV's late sums
-    (M = 2..8), the packed GEMM's SWAR unpack with its minimum and twice its K tiles (M = 9..255, lane order)."""
-    out = [("pdl_us", dict(pdl=True, lane_order=T.uses_scratch(m)))] if gdc else []
+def flipped_rules(m: int, words_per_group: int, gdc: bool) -> list[tuple[str, dict]]:
+    """(column, `quant_matmul` options) of the launch rules flipped at this M: PDL (sm_90+) and, at M = 2..8, the
+    GEMV's late sums."""
+    out = [("pdl_flipped_us", dict(pdl=not T.use_pdl(m)))] if gdc else []
     if 1 < m <= T.GEMV_MAX_M:
-        out.append(("late_sum_us", dict(late_sum=True)))
-    if T.GEMV_MAX_M < m and not T.uses_scratch(m):
-        _, bm, bn, _, warps, stages = next(c for c in GEMM_CONFIGS if m <= c[0])
-        out += [("swar_us", dict(swar=True, lane_order=True)),
-                ("swar_bk2x_us", dict(swar=True, lane_order=True, tile=(bm, bn, 256 // code.bits, warps, stages)))]
+        out.append(("late_sum_flipped_us", dict(late_sum=not T.gemv_late_sum(m, words_per_group))))
     return out
 
 
-def branch_op(x, layers, branch_ab, left, right, kb, code, gs, fuse: bool = True, split=None, branch_dot=None,
-              branch_in_gemv=False):
+def branch_op(x, layers, branch_ab, left, right, kb, code, gs, fuse: bool = True, split=None):
     """op(i): the whole op on weight copy i with its low-rank branch, x·Bᵀ computed in act_quant's launch (fuse;
     `split` = (K-chunks, K step) overrides its launch rule) or as its own fp32 GEMM; A·(·) in the matmul's epilogue
-    either way (`branch_dot` overrides the split epilogue's form: tensor-core dot or multiply-adds;
-    branch_in_gemv: the GEMV finishes a branch wider than one epilogue tile in chunks instead of splitting K)."""
+    either way."""
     n = layers[0][0].shape[0]
     lanes = 8 // code.bits if T.uses_scratch(x.shape[0]) else 0
 
@@ -178,8 +165,7 @@ def branch_op(x, layers, branch_ab, left, right, kb, code, gs, fuse: bool = True
         q, s, z, lr = T.act_quant(x, left, right, 4, 0.9, kb, lanes=lanes, lowrank_b=lb if fuse else None,
                                   lowrank_split=split)
         return T.quant_matmul(q, s, z, p, rs, qa, qm, rsum, code.bits, code.step, code.offset, gs, x.dtype, la,
-                              lr if fuse else x.float() @ lb.t(), None, (n, n), branch_dot=branch_dot,
-                              branch_in_gemv=branch_in_gemv)
+                              lr if fuse else x.float() @ lb.t(), None, (n, n))
     return call
 
 
@@ -200,16 +186,6 @@ def branch_times(x, layers, branch_ab, left, right, kb, code, gs, copies) -> dic
             raise AssertionError("the low-rank branch's forms disagree")
     times = {"branch_us": bench(served, copies), "branch_fused_us": bench(fused, copies),
              "branch_unfused_us": bench(unfused, copies)}
-    if kb > 1 and x.shape[0] <= T.GEMV_MAX_M:  # split epilogue: multiply-adds (the rule here) vs v12's padded dot
-        dot = branch_op(x, layers, branch_ab, left, right, kb, code, gs, branch_dot=True)
-        if not torch.allclose(dot(0).float(), want, rtol=1e-2, atol=1e-2 * want.abs().max()):
-            raise AssertionError("the split epilogue's branch forms disagree")
-        times["branch_epilogue_dot_us"] = bench(dot, copies)
-    if kb == 1 and 1 < x.shape[0] <= T.GEMV_MAX_M:  # the GEMV finishing the branch in chunks (v18)
-        in_gemv = branch_op(x, layers, branch_ab, left, right, kb, code, gs, branch_in_gemv=True)
-        if not torch.allclose(in_gemv(0).float(), want, rtol=1e-2, atol=1e-2 * want.abs().max()):
-            raise AssertionError("the GEMV's branch forms disagree")
-        times["branch_in_gemv_us"] = bench(in_gemv, copies)
     return times
 
 
@@ -327,9 +303,9 @@ def main() -> None:
                                                    None, None, None, code.bits, code.step, code.offset, gs, 4, 0.9,
                                                    kb, ab if ranges else kb, n, n)
 
-            def op_with(i, lane_order=False, **options):  # the op's two launches with quant_matmul `options`
+            def op_with(i, **options):  # the op's two launches with quant_matmul `options`
                 p, rs, qa, qm, rsum = layers[i]
-                qi, si, zi, _ = T.act_quant(x, left, right, 4, 0.9, kb, lanes=lanes if lane_order else 0)
+                qi, si, zi, _ = T.act_quant(x, left, right, 4, 0.9, kb, lanes=lanes if T.uses_scratch(m) else 0)
                 return T.quant_matmul(qi, si, zi, p, rs, qa, qm, rsum, code.bits, code.step, code.offset, gs,
                                       torch.bfloat16, **options)
 
@@ -337,8 +313,9 @@ def main() -> None:
             branch = branch_times(x, layers, branch_ab, left, right, kb, code, gs, c) if a.lowrank else {}
             t_gemm = bench(mm, c)
             t_all = bench(op, c)
-            variants = {}  # the same op by the switches being timed (KERNEL_NOTES v14-v17), each checked equal to it
-            for key, options in switch_variants(m, code, T.gdc(x.device)):
+            words = (k if gs == -1 else gs) * code.bits // 32
+            variants = {"words_per_group": words}  # the op with its launch rules flipped, each checked equal to it
+            for key, options in flipped_rules(m, words, T.gdc(x.device)):
                 if not torch.equal(op_with(0, **options), op(0)):
                     raise AssertionError(f"{key}: the op with {options} differs from the served op")
                 variants[key] = bench(lambda i: op_with(i, **options), c)
@@ -379,13 +356,12 @@ def main() -> None:
         f = lambda v: "–" if v is None else f"{v:.1f}"  # noqa: E731
         extra = (f" + branch {r['branch_us']:.1f} µs (fused {r['branch_fused_us']:.1f}, unfused "
                  f"{r['branch_unfused_us']:.1f}"
-                 + (f", epilogue dot {r['branch_epilogue_dot_us']:.1f}" if "branch_epilogue_dot_us" in r else "")
-                 + (f", in the GEMV {r['branch_in_gemv_us']:.1f}" if "branch_in_gemv_us" in r else "")
                  + ") |" if "branch_fused_us" in r else "")
         extra += f" + {r['act_blocks']} ranges {r['act_ranges_us']:.1f} µs |" if "act_ranges_us" in r else ""
-        extra += f" with PDL {r['pdl_us']:.1f} µs |" if "pdl_us" in r else ""
-        extra += (f" SWAR {r['swar_us']:.1f} / 2x K tiles {r['swar_bk2x_us']:.1f} µs |" if "swar_us" in r else "")
-        extra += f" GEMV late sums {r['late_sum_us']:.1f} µs |" if "late_sum_us" in r else ""
+        on_off = lambda rule: "off" if rule else "on"  # noqa: E731
+        extra += f" PDL {on_off(T.use_pdl(r['m']))} {r['pdl_flipped_us']:.1f} µs |" if "pdl_flipped_us" in r else ""
+        extra += (f" late sums {on_off(T.gemv_late_sum(r['m'], r['words_per_group']))} {r['late_sum_flipped_us']:.1f}"
+                  f" µs |" if "late_sum_flipped_us" in r else "")
         print(f"| {r['k']}->{r['n']} | {r['m']} | {r['quant_us']:.1f} | {r['gemm_us']:.1f} | {r['twla_us']:.1f} | "
               f"{r['bf16_us']:.1f} | {f(r['fp8_us'])} | {f(r['int_mm_us'])} | {r['bf16_us'] / r['twla_us']:.2f}x | "
               f"{r['floor_pct']:.0f}% |{extra}")

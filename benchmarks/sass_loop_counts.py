@@ -31,8 +31,6 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"
 TERNARY_G32 = dict(GS=32, G=128)
 INT4_G128 = dict(BITS=4, OFF=8, GS=128, G=32)
 BINARY_G128 = dict(BITS=1, GS=128, G=32)
-INT4_R32 = dict(R=32, NSH=1, RP=32, CP=32, LRKB=8)  # twinquant's branch, partials of 8 K-blocks
-BWLA_R16 = dict(R=16, NSH=3, RP=16, CP=64, LRKB=8)  # bwla's q/k/v: 3 shards x rank 16
 # (name, kernel, pointer kind, constexprs, warps); GEMM tiles are (BM tokens, BN rows, BK codes)
 VARIANTS = [
     ("GEMV M=1 ternary, 64-word chunks", _gemv_kernel, "gemv", {**GEMV, **NO_BRANCH}, 2),
@@ -40,21 +38,9 @@ VARIANTS = [
     ("GEMV M=8 ternary, late sums", _gemv_kernel, "gemv",
      {**GEMV, **NO_BRANCH, "BM": 8, "BN": 32, "BP": 32, "LATE_SUM": True}, 4),
     ("GEMM ternary 64x64x32", _gemm_kernel, "matmul", {**GEMM, **NO_BRANCH, **TERNARY_G32}, 4),
-    ("GEMM ternary 64x64x64, SWAR", _gemm_kernel, "matmul",
-     {**GEMM, **NO_BRANCH, **TERNARY_G32, "BK": 64, "SWAR": True}, 4),
     ("GEMM ternary 16x64x32", _gemm_kernel, "matmul", {**GEMM, **NO_BRANCH, **TERNARY_G32, "BM": 16}, 4),
-    ("GEMM ternary 16x64x64, SWAR", _gemm_kernel, "matmul",
-     {**GEMM, **NO_BRANCH, **TERNARY_G32, "BM": 16, "BK": 64, "SWAR": True}, 4),
     ("GEMM binary 16x64x32", _gemm_kernel, "matmul", {**GEMM, **NO_BRANCH, **BINARY_G128, "BM": 16}, 4),
-    ("GEMM binary 16x64x128, SWAR", _gemm_kernel, "matmul",
-     {**GEMM, **NO_BRANCH, **BINARY_G128, "BM": 16, "BK": 128, "SWAR": True}, 4),
     ("GEMM int4 64x64x32", _gemm_kernel, "matmul", {**GEMM, **NO_BRANCH, **INT4_G128}, 4),
-    ("GEMM int4 64x64x32, SWAR", _gemm_kernel, "matmul", {**GEMM, **NO_BRANCH, **INT4_G128, "SWAR": True}, 4),
-    # the epilogue's branch dot sets the kernel's registers (KERNEL_NOTES v19): as served, then all columns in 3xTF32
-    ("GEMM int4 64x64x32 + rank-32 branch", _gemm_kernel, "matmul", {**GEMM, **INT4_G128, **INT4_R32}, 4),
-    ("GEMM int4 64x64x32 + rank-32 branch, one 3xTF32 dot", _gemm_kernel, "matmul",
-     {**GEMM, **INT4_G128, **INT4_R32, "CPC": 32, "PRECISION": "tf32x3"}, 4),
-    ("GEMM binary 64x64x32 + 3 x rank-16 branch", _gemm_kernel, "matmul", {**GEMM, **BINARY_G128, **BWLA_R16}, 4),
     ("GEMM scratch int4 128x128x128", _gemm_kernel, "matmul",
      {**GEMM, **NO_BRANCH, **INT4_G128, "SCRATCH": True, "BM": 128, "BN": 128, "BK": 128}, 8),
 ]

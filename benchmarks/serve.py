@@ -7,9 +7,8 @@ weights (load_format="dummy"), CUDA graphs and torch.compile on.
 twla = ternary W1.58A4 (group 32, 64x64 transforms, 112x128 for down_proj in 8 K-blocks), bwla = binary W1A6 +
 rank-16 low-rank branch, twinquant = int4 W4A4 (group 128) + rank-32 branch; all with format v2 integer scales.
 A "+kv<dtype>" suffix (twla+kvfp8) runs the method with vLLM's --kv-cache-dtype <dtype>; "+ag<G>" (twla+ag128) with
-activation ranges of G channels per token (format key act_blocks, `twla-quantize --act-group-size`); "+pdl"
-(twla+pdl) with programmatic dependent launch (TWLA_PDL=1); "+swar" with the packed GEMM's SWAR unpack
-(TWLA_SWAR=1); both together: twla+pdl+swar.
+activation ranges of G channels per token (format key act_blocks, `twla-quantize --act-group-size`); "+nopdl"
+(twla+nopdl) without programmatic dependent launch (TWLA_PDL=0; `tiles.use_pdl` turns it on at decode sizes).
 
 Prints decode tok/s at batch 1 and 64 (128-token prompts, 256 generated), prefill tok/s (32 prompts ×
 2048 tokens, 1 output token) and GPU memory of the weights, with ratios to bf16 from the same run.
@@ -113,14 +112,12 @@ def run_one(method: str, workdir: str, out: str, profile_step: bool = False) -> 
     import torch
     from vllm import LLM, SamplingParams
 
-    # e.g. twla+kvfp8: the mode with an fp8 KV cache; twla+ag128: activation ranges of 128 channels; +pdl, +swar
+    # e.g. twla+kvfp8: the mode with an fp8 KV cache; twla+ag128: activation ranges of 128 channels; +nopdl
     base, *opts = method.split("+")
     kv = next((o[2:] for o in opts if o.startswith("kv")), "")
     act_group = next((int(o[2:]) for o in opts if o.startswith("ag")), 0)
-    if "pdl" in opts:  # twla+pdl: the mode with programmatic dependent launch (twla_vllm/kernels/triton_ops/pdl.py)
-        os.environ["TWLA_PDL"] = "1"
-    if "swar" in opts:  # twla+swar: the packed GEMM's SWAR unpack (tiles.swar_gemm)
-        os.environ["TWLA_SWAR"] = "1"
+    if "nopdl" in opts:  # read when the plugin's kernels are imported, in the engine's processes started below
+        os.environ["TWLA_PDL"] = "0"
     model_dir = os.path.join(workdir, method)
     os.makedirs(model_dir, exist_ok=True)
     cfg = dict(LLAMA3_8B)

@@ -24,7 +24,7 @@ def test_triton_kernels_match_reference_in_interpreter():
     proc = subprocess.run([sys.executable, "-m", "tests.triton_check"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    assert f"{len(CPU_CASES) + 1} passed, 0 failed" in proc.stdout  # + the served op's switch check
+    assert f"{len(CPU_CASES) + 1} passed, 0 failed" in proc.stdout  # + the launch rules overridden
 
 
 def test_triton_kernels_compile_for_the_h100():
@@ -78,10 +78,9 @@ def test_lowrank_branch_launch_rules_follow_the_h100_table():
                 assert ks == 1 or programs * ks // 2 < LOWRANK_MIN_PROGRAMS  # never split past the target
 
 
-def test_programmatic_dependent_launch_never_reaches_cpu_tensors(monkeypatch):
+def test_programmatic_dependent_launch_never_reaches_cpu_tensors():
     """The interpreter has no grid-dependency instructions: CPU launches get neither them nor the launch flag, even
-    with TWLA_PDL=1 or pdl=True (pdl.py)."""
-    monkeypatch.setenv("TWLA_PDL", "1")
+    with pdl=True (pdl.py)."""
     cpu = torch.device("cpu")
     assert not gdc(cpu)
-    assert launch_options(cpu) == {} and launch_options(cpu, pdl=True) == {}
+    assert launch_options(cpu, pdl=True) == {} and launch_options(cpu, pdl=False) == {}

@@ -53,19 +53,16 @@ class Case:
     split: bool = True  # allow split-K in the GEMV
     precision: str | None = None  # act_quant's transform dots (None: the op's default)
     bt: int | None = None  # act_quant's tokens per program (None: its launch rule)
-    pdl: bool = False  # launch the matmul with programmatic dependent launch (sm_90+; pdl.py)
-    left_kron: bool = False  # act_quant's left factor as one block-diagonal dot over the stacked tokens
-    swar: bool = False  # the packed GEMM's lane-order SWAR unpack (activations in lane order)
-    late_sum: bool = False  # the GEMV sums over its words once after the K loop
-    branch_in_gemv: bool = False  # the GEMV finishes a branch too wide for one epilogue tile itself, in chunks
+    pdl: bool | None = None  # programmatic dependent launch of the matmul (sm_90+; None: `tiles.use_pdl`)
+    late_sum: bool | None = None  # the GEMV's sums over words after its K loop (None: `tiles.gemv_late_sum`)
 
     def __str__(self) -> str:
         return (f"m={self.m} n={self.n} k={self.k} {self.code} g={self.gs} kb={self.kb}"
                 f"{f' ab={self.ab}' if self.ab else ''} a{self.bits} rot={self.rot} "
                 f"r={self.rank}x{self.shards} bias={self.bias} {str(self.dtype)[6:]}"
-                f"{' scratch' if self.scratch else ''}{'' if self.split else ' nosplit'}{' pdl' if self.pdl else ''}"
-                f"{' left-kron' if self.left_kron else ''}{' swar' if self.swar else ''}"
-                f"{' late-sum' if self.late_sum else ''}{' branch-in-gemv' if self.branch_in_gemv else ''}")
+                f"{' scratch' if self.scratch else ''}{'' if self.split else ' nosplit'}"
+                f"{'' if self.pdl is None else f' pdl={self.pdl}'}"
+                f"{'' if self.late_sum is None else f' late-sum={self.late_sum}'}")
 
 
 def random_layer(c: Case, gen, dev):
@@ -100,14 +97,13 @@ def check_case(c: Case, dev, gen) -> list[str]:
         n1 = {128: 8, 192: 8, 256: 16, 384: 16, 512: 16, 2048: 32, 4096: 64, 14336: 112}[c.k]
         left, right = block_orth(n1, c.kb, gen, dev), orth(c.k // n1, gen, dev)
     scratch = c.scratch or (c.m > T.GEMV_MAX_M and T.uses_scratch(c.m))
-    lanes = 8 // code.bits if scratch or (c.swar and c.m > T.GEMV_MAX_M) else 0
+    lanes = 8 // code.bits if scratch else 0
     perm = T.lane_perm(c.k, lanes).to(dev) if lanes else torch.arange(c.k, device=dev)
     # act_quant vs reference (poisoned outputs), in the order the matmul reads
     q = torch.full((c.m, c.k), -128, dtype=torch.int8, device=dev)
     s = torch.full((c.m, ab), float("nan"), device=dev)
     z = torch.full((c.m, ab), float("nan"), device=dev)
-    T.act_quant(x, left, right, c.bits, 0.9, c.kb, c.precision, lanes, out=(q, s, z), act_blocks=ab, bt=c.bt,
-                left_kron=c.left_kron)
+    T.act_quant(x, left, right, c.bits, 0.9, c.kb, c.precision, lanes, out=(q, s, z), act_blocks=ab, bt=c.bt)
     q = torch.empty_like(q).index_copy_(1, perm, q)  # back to natural order
     q_ref, s_ref, z_ref = quantize_per_token(kron_rotate(x.float(), left, right), c.bits, 0.9, ab)
     if torch.isnan(s).any() or torch.isnan(z).any():
@@ -141,7 +137,7 @@ def check_case(c: Case, dev, gen) -> list[str]:
     y = torch.full((c.m, c.n), float("nan"), device=dev)
     T.quant_matmul(q8, s_ref.to(dev), z_ref.to(dev), packed, row_scale, qa, qm, rowsum, code.bits,
                    code.step, code.offset, c.gs, torch.float32, scratch=scratch, out=y, gemv_split=c.split,
-                   pdl=c.pdl, swar=c.swar, late_sum=c.late_sum, branch_in_gemv=c.branch_in_gemv)
+                   pdl=c.pdl, late_sum=c.late_sum)
     want = exact_gemm(q_ref, s_ref, z_ref, w_int, row_scale, ab)
     if torch.isnan(y).any():
         fails.append("matmul left outputs unwritten")
@@ -168,7 +164,7 @@ def check_case(c: Case, dev, gen) -> list[str]:
             fails.append(f"act_quant lowrank x·Bᵀ: shape {tuple(lr.shape)}, rel err {lr_err:.2e}")
     y2 = T.quant_matmul(q2, s2, z2, packed, row_scale, qa, qm, rowsum, code.bits, code.step, code.offset, c.gs,
                         c.dtype, la, lr, bias, bounds, scratch=scratch, gemv_split=c.split, pdl=c.pdl,
-                        swar=c.swar, late_sum=c.late_sum, branch_in_gemv=c.branch_in_gemv)
+                        late_sum=c.late_sum)
     ref = quant_linear(x, w_int.to(dev), row_scale, rowsum, left, right, c.bits, 0.9, bias=bias)
     if la is not None:  # each row reads its own shard's slice of lr
         shard = (torch.arange(c.n, device=dev) >= bounds[0]).long() + (torch.arange(c.n, device=dev) >= bounds[1]).long()
@@ -197,16 +193,13 @@ CPU_CASES = [
     Case(3, 40, 2048, gs=-1, rot=False), Case(1, 16, 2048, gs=128, rot=False, code="int4", bias=True, rank=4),
     Case(12, 130, 256, gs=32, kb=2, rank=8, shards=2),
     Case(40, 33, 256, gs=64, kb=4, bt=4),  # several tokens per program
-    Case(40, 33, 256, gs=64, kb=4, bt=4, left_kron=True),  # ... left factor as one block-diagonal dot
-    # the GEMV's sums over words after the loop: odd N, groups of 2 words, several K-blocks, a branch, int4
+    # the GEMV's sums over words after the loop forced on / off: odd N, groups of 2 words, several K-blocks, a
+    # branch, int4 (the rule takes it for groups of >= 4 words: int4 g96 = 12, binary g128 = 4)
     Case(5, 24, 256, gs=32, kb=4, bits=6, late_sum=True), Case(3, 24, 2048, gs=64, kb=2, rank=8, shards=2,
                                                                 late_sum=True),
-    Case(8, 19, 192, gs=96, rot=False, code="int4", late_sum=True), Case(1, 33, 128, gs=64, rank=4, bias=True,
-                                                                         late_sum=True),
-    # the packed GEMM's SWAR unpack in lane order: each code, odd N, several K-blocks, a branch
-    Case(20, 37, 384, gs=128, code="int4", bias=True, swar=True), Case(24, 40, 512, gs=-1, rot=False, code="binary",
-                                                                       swar=True),
-    Case(33, 70, 256, gs=32, kb=2, swar=True), Case(17, 72, 128, gs=-1, kb=2, bits=8, rank=4, shards=3, swar=True),
+    Case(8, 19, 192, gs=96, rot=False, code="int4", late_sum=False), Case(1, 33, 128, gs=64, rank=4, bias=True,
+                                                                          late_sum=True),
+    Case(4, 24, 256, gs=128, code="binary", rank=4, shards=2),  # binary g128 at M = 4: late sums by the rule
     Case(37, 50, 512, gs=-1, rot=False, code="int4"),
     Case(300, 40, 256, gs=64, bt=2),  # lane order permuted in registers
     Case(260, 40, 384, gs=64, kb=2, bt=2),  # 16 x 24 view: words cross rows, permuted store
@@ -218,10 +211,8 @@ CPU_CASES = [
     Case(20, 24, 2048, gs=64, rank=8, shards=2),  # tensor-core branch dot in 4 K-chunks
     Case(1, 24, 2048, gs=64, kb=2, rank=16, lr_split=(8, 256)),  # override: 8 chunks of 128 per block, step 256
     Case(8, 40, 512, gs=64, kb=2, rank=16, shards=3),  # split epilogue's multiply-adds on a narrowed [8, 16, 64] tile
-    # a branch too wide for one GEMV epilogue tile: split K + `_epilogue`, or the GEMV itself in chunks of branch
-    # columns (4 x 16 of 64)
-    Case(8, 40, 512, gs=64, rank=16, shards=3), Case(8, 40, 512, gs=64, rank=16, shards=3, branch_in_gemv=True),
-    Case(6, 40, 512, gs=64, rank=16, shards=3, late_sum=True, branch_in_gemv=True),
+    # a branch too wide for one GEMV epilogue tile: split K, `_epilogue` adds it
+    Case(8, 40, 512, gs=64, rank=16, shards=3), Case(6, 40, 512, gs=64, rank=16, shards=3, late_sum=True),
     # activation ranges finer than the transform blocks (act_blocks): 4 rows of 16 per range, 2 ranges per block
     Case(5, 24, 256, gs=32, ab=4), Case(40, 33, 256, gs=64, kb=2, ab=4, rank=4),
     Case(3, 40, 512, gs=32, rot=False, ab=4), Case(260, 40, 384, gs=32, kb=2, ab=4),
@@ -252,27 +243,19 @@ def gpu_cases() -> list[Case]:
             # tiny K (a TP-sharded small model): fewer than 4 packed words per unpack tile
             Case(300, 48, 64, gs=32, rot=False, code="binary", scratch=True),
             Case(300, 48, 64, gs=32, rot=False, code="ternary", scratch=True)]
-    # the GEMV finishing a wide branch in chunks of branch columns
-    out += [Case(8, 6144, 4096, gs=128, rank=16, shards=3, dtype=bf16, code="binary", branch_in_gemv=True),
-            Case(4, 14336, 4096, gs=128, rank=32, dtype=bf16, code="int4", branch_in_gemv=True),
-            Case(8, 6144, 4096, gs=128, rank=32, shards=3, dtype=bf16, code="int4", late_sum=True,
-                 branch_in_gemv=True)]
-    # the GEMV's sums over words after the loop
-    out += [Case(m, 4096, 4096, gs=32, dtype=bf16, code=code, late_sum=True) for m in (1, 4, 8)
-            for code in ("ternary", "binary", "int4")]
-    out += [Case(8, 4096, 14336, gs=128, kb=8, rank=16, dtype=bf16, code="binary", late_sum=True)]
-    # the packed GEMM's SWAR unpack in lane order
-    out += [Case(m, 4096, 4096, gs=32, dtype=bf16, code=code, swar=True) for m in (16, 64) for code in ("ternary",
-                                                                                                         "binary")]
-    out += [Case(64, 4096, 14336, gs=32, kb=8, dtype=bf16, swar=True),
-            Case(100, 4096, 4096, gs=128, dtype=bf16, code="int4", rank=32, shards=3, swar=True)]
-    # act_quant's left factor as one block-diagonal dot over 8 / 2 stacked tokens
-    out += [Case(2048, 4096, 14336, gs=32, kb=8, dtype=bf16, left_kron=True),
-            Case(600, 4096, 4096, gs=32, dtype=bf16, left_kron=True)]
-    # programmatic dependent launch: GEMV (+ split epilogue with the branch), GEMM, scratch GEMM
-    out += [Case(1, 4096, 4096, gs=32, dtype=bf16, pdl=True), Case(1, 4096, 14336, gs=128, kb=8, rank=16, dtype=bf16,
-                                                                   code="binary", pdl=True),
-            Case(8, 4096, 4096, gs=32, dtype=bf16, pdl=True), Case(64, 4096, 14336, gs=32, kb=8, dtype=bf16, pdl=True),
+    # a branch too wide for the GEMV's epilogue tile (split K + `_epilogue`), with and without late sums
+    out += [Case(8, 6144, 4096, gs=128, rank=16, shards=3, dtype=bf16, code="binary"),
+            Case(4, 14336, 4096, gs=128, rank=32, dtype=bf16, code="int4"),
+            Case(8, 6144, 4096, gs=128, rank=32, shards=3, dtype=bf16, code="int4", late_sum=False)]
+    # the GEMV's sums over words after the loop, forced against the rule (`tiles.gemv_late_sum`)
+    out += [Case(m, 4096, 4096, gs=gs, dtype=bf16, code=code, late_sum=gs == 32) for m in (1, 4, 8)
+            for code, gs in (("ternary", 32), ("binary", 128), ("int4", 128))]
+    out += [Case(8, 4096, 14336, gs=128, kb=8, rank=16, dtype=bf16, code="binary")]
+    # programmatic dependent launch against the rule (`tiles.use_pdl`: on at M <= 8): GEMV (+ split epilogue with
+    # the branch) without it, GEMM and scratch GEMM with it
+    out += [Case(1, 4096, 4096, gs=32, dtype=bf16, pdl=False), Case(1, 4096, 14336, gs=128, kb=8, rank=16,
+                                                                    dtype=bf16, code="binary", pdl=False),
+            Case(8, 4096, 4096, gs=32, dtype=bf16, pdl=False), Case(64, 4096, 14336, gs=32, kb=8, dtype=bf16, pdl=True),
             Case(300, 4096, 4096, gs=32, dtype=bf16, scratch=True, pdl=True)]
     out += [Case(64, 4096, 14336, gs=32, kb=8, rot=False, dtype=bf16),
             Case(100, 4096, 4096, gs=128, dtype=bf16, code="int4", rank=32, shards=3)]
@@ -291,36 +274,24 @@ def opcheck(dev, gen) -> None:
     torch.library.opcheck(torch.ops.twla.quant_linear.default, args)
 
 
-def switch_check(dev, gen) -> list[str]:
-    """The served op (`twla_vllm.ops._quant_linear`) with TWLA_SWAR=1 and TWLA_PDL=1 against the op without them,
-    at the sizes each switch changes (mid M: lane-order activations and the SWAR GEMM; M = 1: the GEMV): equal
-    bit for bit, since the integer sums are exact and only the order and the launch differ."""
-    import twla_vllm.ops as ops
-
+def rule_check(dev, gen) -> list[str]:
+    """`quant_matmul` with each launch rule overridden the other way (`pdl`, `late_sum`) against the rules, at sizes
+    where the rule is on and where it is off: equal bit for bit, since the integer sums are exact and only their
+    order and the launch differ."""
     fails = []
-    for code_name, m, k, kb in (("ternary", 20, 256, 2), ("binary", 24, 512, 1), ("ternary", 1, 256, 1)):
-        c = Case(m, 40, k, gs=64, kb=kb, code=code_name)
+    for code_name, gs, m in (("binary", 128, 4), ("ternary", 32, 8), ("int4", 128, 1), ("ternary", 32, 24)):
+        c = Case(m, 40, 512, gs=gs, code=code_name, rot=False)
         code, codes, qa, qm, row_scale = random_layer(c, gen, dev)
         w_int = fmt.int_weights(codes, qa, qm, code)
-        x = torch.randn(m, k, generator=gen).to(dev, torch.bfloat16)
-        n1 = {256: 16, 512: 16}[k]
-        args = (x, fmt.pack_codes(codes, code).to(dev), row_scale.to(dev), qa.to(dev), qm.to(dev),
-                block_row_sums(w_int, kb).to(dev), block_orth(n1, kb, gen, dev), orth(k // n1, gen, dev), None, None,
-                None, code.bits, code.step, code.offset, 64, 4, 0.9, kb, kb, 40, 40)
-        saved = {key: os.environ.get(key) for key in ("TWLA_SWAR", "TWLA_PDL")}
-        try:
-            os.environ.update(TWLA_SWAR="0", TWLA_PDL="0")
-            plain = ops._quant_linear(*args)
-            os.environ.update(TWLA_SWAR="1", TWLA_PDL="1")
-            switched = ops._quant_linear(*args)
-        finally:
-            for key, v in saved.items():
-                if v is None:
-                    del os.environ[key]
-                else:
-                    os.environ[key] = v
-        if not torch.equal(plain, switched):
-            fails.append(f"{code_name} M={m}: TWLA_SWAR/TWLA_PDL change the op's output")
+        q = torch.randint(-8, 8, (m, c.k), generator=gen, dtype=torch.int8).to(dev)
+        s, z = torch.rand(m, 1, generator=gen).to(dev), torch.randint(-8, 8, (m, 1), generator=gen).float().to(dev)
+        args = (q, s, z, fmt.pack_codes(codes, code).to(dev), row_scale.to(dev), qa.to(dev), qm.to(dev),
+                block_row_sums(w_int, 1).to(dev), code.bits, code.step, code.offset, gs, torch.bfloat16)
+        ruled = T.quant_matmul(*args)
+        words = gs // (32 // code.bits)
+        for key, flipped in (("pdl", not T.use_pdl(m)), ("late_sum", not T.gemv_late_sum(m, words))):
+            if not torch.equal(T.quant_matmul(*args, **{key: flipped}), ruled):
+                fails.append(f"{code_name} g{gs} M={m}: {key}={flipped} changes the output")
     return fails
 
 
@@ -340,10 +311,10 @@ def main() -> int:
             bad += bool(fails)
             total += 1
             print(f"{'FAIL' if fails else 'ok  '} seed={seed} {c} {'; '.join(fails)}", flush=True)
-        fails = switch_check(dev, gen)
+        fails = rule_check(dev, gen)
         bad += bool(fails)
         total += 1
-        print(f"{'FAIL' if fails else 'ok  '} seed={seed} TWLA_SWAR / TWLA_PDL switches {'; '.join(fails)}", flush=True)
+        print(f"{'FAIL' if fails else 'ok  '} seed={seed} launch rules overridden {'; '.join(fails)}", flush=True)
         if a.gpu:
             opcheck(dev, gen)
             print("ok   opcheck quant_linear")

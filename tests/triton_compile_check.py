@@ -38,24 +38,19 @@ POINTERS["fp32 partials"] = {**POINTERS["matmul"], "acc_ptr": "*fp32"}  # severa
 POINTERS["gemv fp32 partials"] = {**POINTERS["gemv"], "acc_ptr": "*fp32"}
 ACT = dict(ROWS=64, COLS=64, RBP=64, CP=64, BT=2, HAS_ROT=True, KB=1, AB=1, QR=64, BITS=4, CLIP=0.9, LANES=0,
            PRECISION="tf32", ASM=True, GDC=True, SR=0, JB=16, BTL=16, BKL=128, KS=1, LR_DOT=True,
-           LR_PRECISION="tf32x3", LEFT_KRON=False)
+           LR_PRECISION="tf32x3")
 BRANCH = dict(R=32, NSH=3, RP=32, CP=128)  # rank 32 x 3 fused shards
 NO_BRANCH = dict(R=0, NSH=1, RP=16, CP=16)
 GEMV = dict(BITS=2, STEP=1, OFF=1, G=128, GW=2, KB=1, LRKB=1, HAS_BIAS=True, BM=1, BN=8, BP=64, SPLIT=1, ASM=True,
             GDC=True, LATE_SUM=False, CPC=16)  # CPC: branch columns per multiply-add step
 GEMM = dict(BITS=2, STEP=1, OFF=1, G=128, GS=32, KB=1, LRKB=1, HAS_BIAS=True, SCRATCH=False, SPLIT=1, BM=64,
-            BN=64, BK=32, GROUP_N=8, ASM=True, PRECISION="tf32", GDC=True, SWAR=False, CPC=8)
+            BN=64, BK=32, GROUP_N=8, PRECISION="tf32x3", GDC=True)
 VARIANTS = [
     ("act_quant", _act_quant_kernel, "act_quant", ACT, 4),
     ("act_quant + branch x·Bᵀ", _act_quant_kernel, "act_quant", {**ACT, "SR": 32, "JB": 32, "BTL": 64}, 4),
     ("act_quant, 32 ranges", _act_quant_kernel, "act_quant", {**ACT, "AB": 32, "QR": 2}, 4),
     ("act_quant down_proj 8 blocks, 112 ranges", _act_quant_kernel, "act_quant",
      {**ACT, "ROWS": 112, "COLS": 128, "RBP": 16, "CP": 128, "KB": 8, "AB": 112, "QR": 1, "BT": 8}, 8),
-    ("act_quant down_proj 8 blocks, 8 tokens, block-diagonal left dot", _act_quant_kernel, "act_quant",
-     {**ACT, "ROWS": 112, "COLS": 128, "RBP": 16, "CP": 128, "KB": 8, "AB": 8, "QR": 16, "BT": 8,
-      "LEFT_KRON": True}, 4),
-    ("act_quant 64x64, 2 tokens, block-diagonal left dot", _act_quant_kernel, "act_quant",
-     {**ACT, "LEFT_KRON": True}, 4),
     ("act_quant M=1, ranges + branch", _act_quant_kernel, "act_quant",
      {**ACT, "BT": 1, "AB": 32, "QR": 2, "SR": 48, "JB": 32, "BTL": 16}, 4),
     ("act_quant M=1 + branch in 8 K-chunks (fp32 FMA, 512-wide steps)", _act_quant_kernel, "act_quant",
@@ -76,19 +71,15 @@ VARIANTS = [
      {**GEMV, **NO_BRANCH, "BITS": 4, "OFF": 8, "KB": 8, "SPLIT": 8}, 4),
     ("gemm packed ternary", _gemm_kernel, "matmul", {**GEMM, **NO_BRANCH}, 4),
     ("gemm packed binary", _gemm_kernel, "matmul", {**GEMM, **NO_BRANCH, "BITS": 1}, 4),
-    ("gemm packed ternary, SWAR lane-order unpack", _gemm_kernel, "matmul",
-     {**GEMM, **NO_BRANCH, "SWAR": True, "BK": 64}, 4),
-    ("gemm packed binary, SWAR, 128-wide K tiles", _gemm_kernel, "matmul",
-     {**GEMM, **NO_BRANCH, "BITS": 1, "SWAR": True, "BK": 128}, 4),
     ("gemm packed + branch (8 partials)", _gemm_kernel, "matmul", {**GEMM, **BRANCH, "LRKB": 8}, 4),
     ("gemm packed, 32 ranges, split", _gemm_kernel, "fp32 partials", {**GEMM, **NO_BRANCH, "KB": 32, "SPLIT": 32}, 4),
     ("gemm scratch int4 + branch", _gemm_kernel, "matmul",
      {**GEMM, **BRANCH, "SCRATCH": True, "BITS": 4, "OFF": 8, "BM": 128, "BN": 128, "BK": 128}, 8),
     ("epilogue int32 partials + branch", _epilogue_kernel, "matmul",
-     dict(KB=1, SPLIT=4, LRKB=8, HAS_BIAS=True, BM=32, BN=64, DOT=True, PRECISION="tf32", GDC=True, CPC=8,
+     dict(KB=1, SPLIT=4, LRKB=8, HAS_BIAS=True, BM=32, BN=64, DOT=True, PRECISION="tf32x3", GDC=True, CPC=128,
           **BRANCH), 4),
     ("epilogue fp32 partials", _epilogue_kernel, "fp32 partials",
-     dict(KB=8, SPLIT=8, LRKB=1, HAS_BIAS=False, BM=32, BN=64, DOT=True, PRECISION="tf32", GDC=True, CPC=8,
+     dict(KB=8, SPLIT=8, LRKB=1, HAS_BIAS=False, BM=32, BN=64, DOT=True, PRECISION="tf32x3", GDC=True, CPC=16,
           **NO_BRANCH), 4),
     ("epilogue M=1, 8 blocks + branch (16 partials, multiply-adds)", _epilogue_kernel, "fp32 partials",
      dict(KB=8, SPLIT=8, LRKB=16, HAS_BIAS=False, BM=1, BN=64, DOT=False, PRECISION="tf32x3", GDC=True, R=16, NSH=1,

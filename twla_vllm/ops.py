@@ -50,16 +50,14 @@ if triton_ops is not None:
     def _quant_linear(x, packed, row_scale, qa, qm, rowsum, left, right, lowrank_a, lowrank_b, bias, code_bits,
                       code_step, code_offset, group_size, act_bits, act_clip, k_blocks, act_blocks, shard_end0,
                       shard_end1):
-        m = x.shape[0]
-        swar = triton_ops.swar_gemm(code_bits, x.shape[1] // (act_blocks or k_blocks))
-        # lane order for the scratch GEMM and for the SWAR-unpacking packed GEMM; natural order for the GEMV
-        lanes = 8 // code_bits if triton_ops.uses_scratch(m) or (swar and m > triton_ops.GEMV_MAX_M) else 0
+        # lane order for the scratch GEMM (the order `unpack_weights` writes); natural order otherwise
+        lanes = 8 // code_bits if triton_ops.uses_scratch(x.shape[0]) else 0
         # B is fp32 already when served (TritonKernel.process_weights); x·Bᵀ runs in act_quant's launch
         q, s, z, lr = triton_ops.act_quant(x, left, right, act_bits, act_clip, k_blocks, lanes=lanes,
                                            lowrank_b=lowrank_b, act_blocks=act_blocks)
         return triton_ops.quant_matmul(q, s, z, packed, row_scale, qa, qm, rowsum, code_bits, code_step,
                                        code_offset, group_size, x.dtype, lowrank_a, lr, bias,
-                                       (shard_end0, shard_end1), swar=swar)
+                                       (shard_end0, shard_end1))
 
     _lib.impl("quant_linear", _quant_linear, "CUDA")
 

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Device, after setup.sh: bash benchmarks/device/kernel_tables.sh check|ternary|branch  (tables + logs -> $OUT)
 #   check    GPU check of every Triton kernel against its torch reference (1 seed), the BWLA cost probe beside it
-#   ternary  the op table at decode and prefill sizes with the switch columns (PDL, late sums, SWAR)
+#   ternary  the op table at decode and prefill sizes with the launch rules flipped (PDL, late sums)
 #   branch   int4 r32 and binary r16 op tables with the branch columns, then the act_quant sweep
 #   all      the three in that order (one background chain: bash kernel_tables.sh all > /tmp/chain.log &)
 cd /tmp/repo && export PYTHONPATH=/tmp/twsite PYTHONUNBUFFERED=1

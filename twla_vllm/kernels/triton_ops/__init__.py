@@ -5,15 +5,16 @@ act_quant:  per token and K-block: Kronecker transform L·X·R, asymmetric quant
             containers, step s and zero point z per block; several tokens per program for large M.
 gemv:       M <= 8 on CUDA cores. Byte-lane SWAR: (w >> B*i) & mask gives four codes per op, `dp4a` multiplies
             them by four int8 activations; per weight group the integer sums are promoted with the group's
-            integers: acc += a*(step*Σc·x - offset*Σx) + m*Σx. Everything stays int32 and exact. Each chunk's
-            weight words are loaded one chunk ahead.
+            integers: acc += a*(step*Σc·x - offset*Σx) + m*Σx (per chunk, or per word and summed after the loop
+            for groups of >= 4 words at M = 2..8: `tiles.gemv_late_sum`). Everything stays int32 and exact. Each
+            chunk's weight words are loaded one chunk ahead.
 gemm:       M > 8 on int8 tensor cores, tokens as the MMA's M. The weight tile is unpacked in registers to
             w_int = a*v(c) + m (int8) from 2-D byte loads issued one tile ahead; the K loop is a plain int8 dot
             into int32, split over K into int32 partials when the tile grid is small; s_n, the activation step
             and the zero-point term z*rowsum go to the epilogue (epilogue.py), together with the low-rank branch
             lowrank_a @ (x @ lowrank_bᵀ) (one tensor-core dot per tile past decode sizes) and the bias;
             x @ lowrank_bᵀ comes from act_quant's launch (K-chunked partials, `lowrank_splits`).
-pdl:        programmatic dependent launch: the matmul may start while act_quant runs (TWLA_PDL=1).
+pdl:        programmatic dependent launch: at decode sizes the matmul starts while act_quant runs (`tiles.use_pdl`).
 matmul:     `quant_matmul` picks the path by M (tiles.py).
 unpack:     large M unpacks the weights once into an int8 scratch and runs the same GEMM on it (SCRATCH). The
             unpack builds four int8 weights per instruction pair from one packed word: ((w >> B*i) & mask) *
@@ -28,8 +29,8 @@ y = s_n * Σ_b s_b * float32(acc_b - z_b * rowsum_b) (+ low-rank, bias). Roundin
 from .act_quant import act_quant, act_ranges_supported, lane_perm
 from .matmul import quant_matmul
 from .pdl import gdc
-from .tiles import GEMV_MAX_M, lowrank_splits, swar_gemm, uses_scratch
+from .tiles import GEMV_MAX_M, gemv_late_sum, lowrank_splits, use_pdl, uses_scratch
 from .unpack import unpack_weights
 
-__all__ = ["GEMV_MAX_M", "act_quant", "act_ranges_supported", "gdc", "lane_perm", "lowrank_splits", "quant_matmul",
-           "swar_gemm", "unpack_weights", "uses_scratch"]
+__all__ = ["GEMV_MAX_M", "act_quant", "act_ranges_supported", "gdc", "gemv_late_sum", "lane_perm", "lowrank_splits",
+           "quant_matmul", "unpack_weights", "use_pdl", "uses_scratch"]

@@ -65,7 +65,7 @@ def _quantize_tokens(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, M, stride_x, stri
                      COLS: tl.constexpr, RBP: tl.constexpr, CP: tl.constexpr, BT: tl.constexpr,
                      HAS_ROT: tl.constexpr, KB: tl.constexpr, AB: tl.constexpr, QR: tl.constexpr,
                      BITS: tl.constexpr, CLIP: tl.constexpr, LANES: tl.constexpr, PRECISION: tl.constexpr,
-                     ASM: tl.constexpr, LEFT_KRON: tl.constexpr):
+                     ASM: tl.constexpr):
     # One program per (BT tokens, K-block). A token row is viewed as [ROWS, COLS] (= [n1, n2] when transformed);
     # K-block b owns rows [b*RB, (b+1)*RB), and the left factor is block-diagonal along those blocks (checked at
     # load), so blocks transform and quantize independently. The BT tokens are stacked as [BT*RBP, CP]: one dot
@@ -83,30 +83,22 @@ def _quantize_tokens(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, M, stride_x, stri
     offs = (b * RB + ri[:, None]) * COLS + ci[None, :]  # position within a token
     x = tl.load(x_ptr + ti[:, None] * stride_x + offs, mask=valid, other=0.0).to(tl.float32)
     if HAS_ROT:
-        if BT > 1 and LEFT_KRON:
-            # the BT tokens' left transforms as one block-diagonal dot (I_BT ⊗ L_b) [BT*RBP, BT*RBP] on the stacked
-            # tile: BT times the left factor's multiply-adds, but no permute of the tile and back
-            si = tl.arange(0, BT * RBP)
-            lm = tl.load(l_ptr + (b * RB + si[:, None] % RBP) * ROWS + b * RB + si[None, :] % RBP,
-                         mask=(si[:, None] // RBP == si[None, :] // RBP) & (si[:, None] % RBP < RB)
-                         & (si[None, :] % RBP < RB), other=0.0)
-        else:
-            rr = tl.arange(0, RBP)
-            lm = tl.load(l_ptr + (b * RB + rr[:, None]) * ROWS + b * RB + rr[None, :],
-                         mask=(rr[:, None] < RB) & (rr[None, :] < RB), other=0.0)
+        rr = tl.arange(0, RBP)
+        lm = tl.load(l_ptr + (b * RB + rr[:, None]) * ROWS + b * RB + rr[None, :],
+                     mask=(rr[:, None] < RB) & (rr[None, :] < RB), other=0.0)
         rm = tl.load(r_ptr + ci[:, None] * COLS + ci[None, :],
                      mask=(ci[:, None] < COLS) & (ci[None, :] < COLS), other=0.0)
         if PRECISION == "bf16":  # single-pass bf16 operands, fp32 accumulation
             x = tl.dot(x.to(tl.bfloat16), rm.to(tl.bfloat16))
         else:
             x = tl.dot(x, rm, input_precision=PRECISION)
-        if BT > 1 and not LEFT_KRON:
+        if BT > 1:
             x = tl.reshape(tl.permute(tl.reshape(x, (BT, RBP, CP)), (1, 0, 2)), (RBP, BT * CP))
         if PRECISION == "bf16":
             x = tl.dot(lm.to(tl.bfloat16), x.to(tl.bfloat16))
         else:
             x = tl.dot(lm, x, input_precision=PRECISION)
-        if BT > 1 and not LEFT_KRON:
+        if BT > 1:
             x = tl.reshape(tl.permute(tl.reshape(x, (RBP, BT, CP)), (1, 0, 2)), (BT * RBP, CP))
     qmax = 2.0 ** BITS - 1.0
     half = 2.0 ** (BITS - 1)
@@ -144,7 +136,7 @@ def _act_quant_kernel(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, b_ptr, lr_ptr, M
                       QR: tl.constexpr, BITS: tl.constexpr, CLIP: tl.constexpr, LANES: tl.constexpr,
                       PRECISION: tl.constexpr, ASM: tl.constexpr, SR: tl.constexpr, JB: tl.constexpr,
                       BTL: tl.constexpr, BKL: tl.constexpr, KS: tl.constexpr, LR_DOT: tl.constexpr,
-                      LR_PRECISION: tl.constexpr, GDC: tl.constexpr, LEFT_KRON: tl.constexpr):
+                      LR_PRECISION: tl.constexpr, GDC: tl.constexpr):
     # Programs [0, NQ) along axis 0 transform and quantize BT tokens each; with a low-rank branch (SR > 0) the
     # programs after them compute its down-projection x @ lowrank_bᵀ from the same unrotated x, in the same
     # launch (horizontal fusion: no separate GEMM, no fp32 copy of x). Axis 1 is the K-block either way.
@@ -153,7 +145,7 @@ def _act_quant_kernel(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, b_ptr, lr_ptr, M
     pid = tl.program_id(0)
     if pid < NQ:
         _quantize_tokens(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, M, stride_x, stride_q, pid, ROWS, COLS, RBP, CP,
-                         BT, HAS_ROT, KB, AB, QR, BITS, CLIP, LANES, PRECISION, ASM, LEFT_KRON)
+                         BT, HAS_ROT, KB, AB, QR, BITS, CLIP, LANES, PRECISION, ASM)
     if SR > 0:  # compile-time: kernels without a branch have no such programs
         if pid >= NQ:
             _lowrank_down(x_ptr, b_ptr, lr_ptr, M, stride_x, pid - NQ, ROWS * COLS, KB, KS, SR, JB, BTL, BKL,
@@ -164,7 +156,7 @@ def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | 
               k_blocks: int, precision: str | None = None, lanes: int = 0,
               out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, bt: int | None = None,
               warps: int | None = None, lowrank_b: torch.Tensor | None = None, act_blocks: int = 0,
-              lowrank_split: tuple[int, int] | None = None, left_kron: bool = False,
+              lowrank_split: tuple[int, int] | None = None,
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """x [M, K] -> (q int8 [M, K], s fp32 [M, AB], z fp32 [M, AB], lr) as `reference.quantize_per_token` of
     `reference.kron_rotate(x, left, right)` with AB = act_blocks (0: k_blocks) ranges per token. A left factor
@@ -177,9 +169,7 @@ def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | 
     returned as lr [P, M, SR] partial sums, P = k_blocks * `lowrank_splits`, for `quant_matmul` (None without
     lowrank_b).
     `out`: preallocated outputs (tests poison them). `bt` (tokens per program), `warps`, `lowrank_split` (the
-    branch's K-chunks per K-block and K step per program): override the launch heuristics (benchmarks, tests).
-    left_kron: with several tokens per program, apply the left factor as one block-diagonal dot over the stacked
-    tokens instead of permuting the tile (being timed: KERNEL_NOTES v14)."""
+    branch's K-chunks per K-block and K step per program): override the launch heuristics (benchmarks, tests)."""
     m, k = x.shape
     x = x.contiguous()
     ab = act_blocks or k_blocks
@@ -214,7 +204,7 @@ def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | 
             QR=rbp if ab == k_blocks else rows // ab, BITS=bits,
             CLIP=float(clip),
             LANES=lanes, PRECISION=precision, ASM=cuda, SR=sr, JB=jb, BTL=btl, BKL=bkl, KS=ks, LR_DOT=lr_dot,
-            LR_PRECISION="tf32x3" if cuda else "ieee", GDC=gdc(x.device), LEFT_KRON=left_kron, num_warps=warps)
+            LR_PRECISION="tf32x3" if cuda else "ieee", GDC=gdc(x.device), num_warps=warps)
     return q, s, z, lr
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tiles import GEMV_LOWRANK_SUM, GEMV_MAX_M, LOWRANK_DOT_CHUNK, LOWRANK_DOT_PRECISION, lowrank_chunk
+from .tiles import GEMV_LOWRANK_SUM, GEMV_MAX_M, lowrank_chunk
 
 
 @triton.jit
@@ -24,14 +24,15 @@ def _finish(y, rm, rn, M, N, ws_ptr, la_ptr, lr_ptr, bias_ptr, stride_lr, SB1, S
             HAS_BIAS: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
     """y [BM, BN] (tokens x rows): * row scale, + low-rank branch, + bias. The rows of a fused module belong
     to NSH shards (row bounds SB1 <= SB2), each with its own R columns of lr = x @ lowrank_bᵀ, given as LRKB
-    partial sums [LRKB, M, NSH*R] (act_quant's per-K-block partials; summed here in order). The CP branch columns
-    go in CP / CPC chunks (bounded registers at any rank): DOT, a tensor-core dot [BM, CPC] x [CPC, BN] per chunk;
-    else fp32 multiply-adds over [BM, BN, CPC]."""
+    partial sums [LRKB, M, NSH*R] (act_quant's per-K-block partials; summed here in order). DOT: one tensor-core
+    dot over the CP branch columns; else fp32 multiply-adds over [BM, BN, CPC] in CP / CPC chunks (bounded
+    registers at any rank)."""
     y = y * tl.load(ws_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     if R > 0:
         shard = (rn >= SB1).to(tl.int32) + (rn >= SB2).to(tl.int32)
-        for ch in tl.static_range(CP // CPC):
-            c = ch * CPC + tl.arange(0, CPC)
+        W: tl.constexpr = CP if DOT else CPC
+        for ch in tl.static_range(CP // W):
+            c = ch * W + tl.arange(0, W)
             sh, j = c // RP, c % RP
             ok_c = (j < R) & (sh < NSH)
             a = tl.load(la_ptr + rn[:, None] * R + j[None, :],
@@ -78,21 +79,20 @@ def _epilogue_kernel(acc_ptr, s_ptr, z_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_p
     tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _epilogue(acc, s, z, args, m, n, y, stride_lr, sb1, sb2, meta, split, launch: dict,
-              branch_dot: bool | None = None) -> None:
+def _epilogue(acc, s, z, args, m, n, y, stride_lr, sb1, sb2, meta, split, launch: dict) -> None:
     meta = {key: v for key, v in meta.items() if key not in ("BITS", "STEP", "OFF", "G")}
     # the low-rank branch: at decode sizes (M <= GEMV_MAX_M) fp32 multiply-adds over [BM, BN, CP] with BM = M
     # rounded up and BN narrowed to keep GEMV_LOWRANK_SUM products (a dot pads M to 16 rows); past that one
     # tensor-core dot per tile (padding rows masked): the broadcast-and-sum form on large tiles spilled registers,
-    # 300-700 µs at M=64 on the H200 (KERNEL_NOTES.md v9). `branch_dot` overrides the choice (benchmarks, tests).
-    dot = m > GEMV_MAX_M if branch_dot is None else branch_dot
+    # 300-700 µs at M=64 on the H200 (KERNEL_NOTES.md v9); the dot at decode sizes was 1.2-1.9x slower (v13).
+    dot = m > GEMV_MAX_M
     bm = triton.next_power_of_2(m)
     if dot:
         bm, bn = max(16, min(32, bm)), 64
     else:
         bm = min(bm, 32)
         bn = max(16, min(64, GEMV_LOWRANK_SUM // (bm * meta["CP"])))
-    cpc = min(meta["CP"], LOWRANK_DOT_CHUNK) if dot else lowrank_chunk(bm, bn, meta["CP"])
+    cpc = lowrank_chunk(bm, bn, meta["CP"])
     _epilogue_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
         acc, s, z, *args, m, n, y.stride(0), stride_lr, sb1, sb2, SPLIT=split, BM=bm, BN=bn, CPC=cpc, DOT=dot,
-        PRECISION=LOWRANK_DOT_PRECISION if acc.is_cuda else "ieee", num_warps=4, **launch, **meta)
+        PRECISION="tf32x3" if acc.is_cuda else "ieee", num_warps=4, **launch, **meta)

@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from .epilogue import _finish, _promote
-from .unpack import _int_tile, _lanes_tile, _load_rep, _load_words
+from .unpack import _int_tile, _load_rep
 
 
 @triton.jit
@@ -14,9 +14,9 @@ def _gemm_kernel(q_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
                  acc_ptr, M, N, K, stride_q, stride_w, stride_y, stride_lr, SB1, SB2,
                  BITS: tl.constexpr, STEP: tl.constexpr, OFF: tl.constexpr, G: tl.constexpr, GS: tl.constexpr,
                  KB: tl.constexpr, R: tl.constexpr, NSH: tl.constexpr, RP: tl.constexpr,
-                 CP: tl.constexpr, CPC: tl.constexpr, LRKB: tl.constexpr, HAS_BIAS: tl.constexpr, SCRATCH: tl.constexpr,
+                 CP: tl.constexpr, LRKB: tl.constexpr, HAS_BIAS: tl.constexpr, SCRATCH: tl.constexpr,
                  SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_N: tl.constexpr,
-                 ASM: tl.constexpr, PRECISION: tl.constexpr, GDC: tl.constexpr, SWAR: tl.constexpr):
+                 PRECISION: tl.constexpr, GDC: tl.constexpr):
     # acc [BM tokens, BN rows] = x [BM, BK] . w_intᵀ, int8 x int8 -> int32 on tensor cores.
     # SCRATCH 0: w_ptr = the packed words viewed as bytes, unpacked per tile (`_load_rep` + `_int_tile`), q in
     # natural order; the next tile's loads are issued before this tile's dot so their latency overlaps it (byte
@@ -49,10 +49,7 @@ def _gemm_kernel(q_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
     acc = tl.zeros([BM, BN], dtype=tl.int32)
     y = tl.zeros([BM, BN], dtype=tl.float32)
     if not SCRATCH:
-        if SWAR:
-            ahead = _load_words(w_ptr, qa_ptr, qm_ptr, rn_in, k_lo, stride_w, G, GS, BITS, BK)
-        else:
-            ahead = _load_rep(w_ptr, qa_ptr, qm_ptr, rn_in, k_lo, stride_w, G, GS, BITS, BK)
+        ahead = _load_rep(w_ptr, qa_ptr, qm_ptr, rn_in, k_lo, stride_w, G, GS, BITS, BK)
     if GDC:  # the scratch and the activations come from the kernels before this one (pdl.py)
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
@@ -62,12 +59,8 @@ def _gemm_kernel(q_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
         else:
             cur = ahead
             k_next = tl.minimum(k0 + BK, k_hi - BK)  # the last tile re-reads itself: a cache hit, and no mask
-            if SWAR:
-                ahead = _load_words(w_ptr, qa_ptr, qm_ptr, rn_in, k_next, stride_w, G, GS, BITS, BK)
-                w = _lanes_tile(cur[0], cur[1], cur[2], BITS, STEP, OFF, BN, BK, ASM)
-            else:
-                ahead = _load_rep(w_ptr, qa_ptr, qm_ptr, rn_in, k_next, stride_w, G, GS, BITS, BK)
-                w = _int_tile(cur[0], cur[1], cur[2], BITS, STEP, OFF, BK)
+            ahead = _load_rep(w_ptr, qa_ptr, qm_ptr, rn_in, k_next, stride_w, G, GS, BITS, BK)
+            w = _int_tile(cur[0], cur[1], cur[2], BITS, STEP, OFF, BK)
         x = tl.load(q_ptr + rm_in[:, None] * stride_q + k0 + rk[None, :])
         acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)
         if KB > 1:
@@ -85,5 +78,5 @@ def _gemm_kernel(q_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
         if KB == 1:
             y = _promote(acc, s_ptr, z_ptr, rs_ptr, rm, rm < M, rn, rn < N, 0, 1)
         y = _finish(y, rm, rn, M, N, ws_ptr, la_ptr, lr_ptr, bias_ptr, stride_lr, SB1, SB2, R, NSH,
-                    RP, CP, CPC, LRKB, HAS_BIAS, True, PRECISION)
+                    RP, CP, CP, LRKB, HAS_BIAS, True, PRECISION)
         tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)

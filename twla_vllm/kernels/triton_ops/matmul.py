@@ -9,8 +9,8 @@ from .epilogue import _epilogue
 from .gemm import _gemm_kernel
 from .gemv import _gemv_kernel
 from .pdl import gdc, launch_options
-from .tiles import (GEMM_CONFIGS, GEMV_CONFIGS, GEMV_LOWRANK_SUM, GEMV_MAX_M, GEMV_SPLIT_CTAS, LOWRANK_DOT_CHUNK,
-                    LOWRANK_DOT_PRECISION, block_k, gemm_split, lowrank_chunk, uses_scratch)
+from .tiles import (GEMM_CONFIGS, GEMV_CONFIGS, GEMV_LOWRANK_SUM, GEMV_MAX_M, GEMV_SPLIT_CTAS, block_k, gemm_split,
+                    gemv_late_sum, lowrank_chunk, use_pdl, uses_scratch)
 from .unpack import unpack_weights
 
 
@@ -20,22 +20,17 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
                  lr: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                  shard_bounds: tuple[int, int] | None = None, scratch: bool | None = None,
                  tile: tuple[int, int, int, int, int] | None = None, out: torch.Tensor | None = None,
-                 split: int | None = None, gemv_split: bool = True, branch_dot: bool | None = None,
-                 pdl: bool | None = None, swar: bool = False, late_sum: bool = False,
-                 branch_in_gemv: bool = False) -> torch.Tensor:
+                 split: int | None = None, gemv_split: bool = True, pdl: bool | None = None,
+                 late_sum: bool | None = None) -> torch.Tensor:
     """y [M, N] = s_n * Σ_b s_b (q·W_intᵀ - z_b rowsum_b) (+ lowrank_a @ lrᵀ per shard, + bias).
 
-    q/s/z from `act_quant` (lane order iff `uses_scratch(M)`, or `swar` past the GEMV); packed [N, K*bits/32]
-    int32; row_scale [N] fp16/fp32; qa/qm [N, G] int8; rowsum [N, KB] int32; lr fp32 = x @ lowrank_bᵀ of the S
-    shards, [M, S*R] or as partial sums [P, M, S*R] (what `act_quant` returns), whose rows end at shard_bounds
-    (two ascending row indices; (N, N) for one shard). `scratch`, `tile` (BM, BN, BK cap, warps, stages), `split`: override the
+    q/s/z from `act_quant` (lane order iff `uses_scratch(M)`); packed [N, K*bits/32] int32; row_scale [N]
+    fp16/fp32; qa/qm [N, G] int8; rowsum [N, KB] int32; lr fp32 = x @ lowrank_bᵀ of the S shards, [M, S*R] or as
+    partial sums [P, M, S*R] (what `act_quant` returns), whose rows end at shard_bounds (two ascending row indices;
+    (N, N) for one shard). `scratch`, `tile` (BM, BN, BK cap, warps, stages), `split`: override the
     tensor-core path's table and split rule (benchmarks, tests);
-    gemv_split=False keeps the GEMV's K unsplit (tests); branch_dot: the split epilogue's branch form (`_epilogue`);
-    pdl: launch the kernels with programmatic dependent launch (default TWLA_PDL=1; `pdl.launch_options`);
-    swar: the packed-word GEMM unpacks four codes per multiply-add in lane order (`unpack._lanes_tile`; being
-    timed, KERNEL_NOTES v16); late_sum: the GEMV sums over its words once after the K loop (v17, being timed);
-    branch_in_gemv: the GEMV finishes a branch too wide for its epilogue tile itself, in chunks, instead of
-    splitting K for `_epilogue` (v18, being timed)."""
+    gemv_split=False keeps the GEMV's K unsplit (tests); pdl, late_sum: override the rules `tiles.use_pdl`
+    (programmatic dependent launch) and `tiles.gemv_late_sum` (the GEMV's sums over words after its K loop)."""
     m, k = q.shape
     n = packed.shape[0]
     kb, g = s.shape[1], qa.shape[1]
@@ -55,7 +50,7 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
                 CP=triton.next_power_of_2(nsh * rp), LRKB=lr.shape[0] if r else 1, HAS_BIAS=bias is not None)
     stride_lr = lr.stride(1) if r else 0
     asm = q.device.type == "cuda"
-    launch = dict(GDC=gdc(q.device), **launch_options(q.device, pdl))
+    launch = dict(GDC=gdc(q.device), **launch_options(q.device, use_pdl(m) if pdl is None else pdl))
     if m <= GEMV_MAX_M and tile is None:
         _, bn, bp, warps = next(c for c in GEMV_CONFIGS if m <= c[0])
         lanes = 8 // bits
@@ -68,18 +63,19 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
         bm = triton.next_power_of_2(m)
         # the GEMV's own epilogue adds a low-rank branch by multiply-adds over [BM, BN, CPC] in chunks of branch
         # columns (`lowrank_chunk`); a branch wider than one GEMV_LOWRANK_SUM tile makes it split K and leave the
-        # branch to `_epilogue` unless branch_in_gemv (v18: one launch; the split's extra programs may matter more)
-        big_branch = not branch_in_gemv and r and bm * bn * meta["CP"] > GEMV_LOWRANK_SUM
+        # branch to `_epilogue` (finishing it in the GEMV in more chunks measured no faster: KERNEL_NOTES v18)
+        big_branch = r and bm * bn * meta["CP"] > GEMV_LOWRANK_SUM
         while (gemv_split and kb == 1 and (n_ctas * split * 2 <= GEMV_SPLIT_CTAS or big_branch and split == 1)
                and words % (2 * split * bp) == 0):
             split *= 2
         acc = _partials(split, kb, y)
         _gemv_kernel[(n_ctas, split)](q.view(torch.int32), s, z, packed, *args, acc, m, n, k, q.stride(0) // 4,
                                       packed.stride(0), y.stride(0), stride_lr, sb1, sb2, GW=gw, BM=bm, BN=bn, BP=bp,
-                                      SPLIT=split, ASM=asm, LATE_SUM=late_sum, CPC=lowrank_chunk(bm, bn, meta["CP"]),
+                                      SPLIT=split, ASM=asm, CPC=lowrank_chunk(bm, bn, meta["CP"]),
+                                      LATE_SUM=gemv_late_sum(m, gw) if late_sum is None else late_sum,
                                       num_warps=warps, **launch, **meta)
         if split > 1:
-            _epilogue(acc, s, z, args, m, n, y, stride_lr, sb1, sb2, meta, split, launch, branch_dot)
+            _epilogue(acc, s, z, args, m, n, y, stride_lr, sb1, sb2, meta, split, launch)
         return y
     bm, bn, bkc, warps, stages = tile or next(c for c in GEMM_CONFIGS if m <= c[0])[1:]
     if tile is None and kb > 1 and not uses_scratch(m):
@@ -89,12 +85,7 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
         w = unpack_weights(packed, qa, qm, bits, step, offset, group_size)
     else:
         w = packed.view(torch.int8)
-    if swar and not use_scratch:  # the packed-PTX unpack needs >= 4 words of a row per tile (`unpack_weights`)
-        bkc = max(bkc, 128 // bits)
     bk = block_k(k // kb, bkc)
-    if swar and not use_scratch and bk * bits < 128:
-        raise ValueError(f"swar: K tiles of {bk} {bits}-bit codes hold fewer than 4 packed words per row (K-block of "
-                         f"{k // kb}); the packed-PTX unpack needs 4")
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     if split is None:  # enough programs to hide the unpack loop's latency (benchmarks/KERNEL_NOTES.md v7)
         split = 1 if use_scratch else gemm_split(tiles, k, kb, bk)
@@ -104,12 +95,10 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
     acc = _partials(split, kb, y)
     _gemm_kernel[(tiles, split)](q, s, z, w, *args, acc, m, n, k, q.stride(0), w.stride(0), y.stride(0),
                                  stride_lr, sb1, sb2, GS=gs, SCRATCH=use_scratch, SPLIT=split, BM=bm, BN=bn, BK=bk,
-                                 GROUP_N=8, ASM=asm, SWAR=swar and not use_scratch,
-                                 CPC=min(meta["CP"], LOWRANK_DOT_CHUNK),
-                                 PRECISION="ieee" if q.device.type == "cpu" else LOWRANK_DOT_PRECISION, num_warps=warps,
+                                 GROUP_N=8, PRECISION="ieee" if q.device.type == "cpu" else "tf32x3", num_warps=warps,
                                  num_stages=stages, **launch, **meta)
     if split > 1:
-        _epilogue(acc, s, z, args, m, n, y, stride_lr, sb1, sb2, meta, split, launch, branch_dot)
+        _epilogue(acc, s, z, args, m, n, y, stride_lr, sb1, sb2, meta, split, launch)
     return y
 
 

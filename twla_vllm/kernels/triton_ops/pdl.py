@@ -3,7 +3,8 @@ in the stream still runs, so its prologue (weights are constants) overlaps that 
 the earlier kernel is done and its writes are visible. Every kernel here issues the wait before its first read of
 another kernel's output, and act_quant / the matmuls signal `gdc_launch_dependents` early so the next one can start.
 The instructions are no-ops for kernels launched without the attribute, so they are compiled in wherever the GPU
-has them; the launch attribute itself is on only with TWLA_PDL=1 until measured (benchmarks/KERNEL_NOTES.md v14)."""
+has them; the launch attribute is set where it measured faster (`tiles.use_pdl`: decode sizes; KERNEL_NOTES v20),
+and never with TWLA_PDL=0 in the environment (read at import): a switch for a CUDA graph capture that rejects it."""
 
 from __future__ import annotations
 
@@ -31,8 +32,10 @@ def gdc(device: torch.device) -> bool:
     return device.type == "cuda" and _TRITON_HAS_PDL and _sm90(device.index or 0)
 
 
-def launch_options(device: torch.device, pdl: bool | None = None) -> dict:
+_PDL_OFF = os.environ.get("TWLA_PDL") == "0"
+
+
+def launch_options(device: torch.device, pdl: bool) -> dict:
     """Launch keywords of a kernel that waits on the one before it: {"launch_pdl": True} where it may overlap it
-    (`pdl`, default TWLA_PDL=1, and `gdc(device)`), else none."""
-    pdl = os.environ.get("TWLA_PDL", "0") == "1" if pdl is None else pdl
-    return {"launch_pdl": True} if pdl and gdc(device) else {}
+    (`pdl`, `gdc(device)` and not TWLA_PDL=0), else none."""
+    return {"launch_pdl": True} if pdl and not _PDL_OFF and gdc(device) else {}

@@ -20,14 +20,6 @@ GEMV_SPLIT_CTAS = 528  # split K (int32 partials) while the grid has fewer CTAs 
 GEMV_LOWRANK_SUM = 4096  # largest [BM, BN, branch columns] multiply-add tile of an epilogue's low-rank branch
 
 
-# branch columns per tensor-core dot in an epilogue, in TF32 (one pass): the epilogue sets the whole kernel's registers,
-# and the packed 64x64 GEMM (80 without a branch) took 173 with int4's rank-32 dot at once in 3xTF32 (2 CTAs per SM
-# in an issue-bound loop); 8-column TF32 chunks take 92 (bwla's 3 x rank 16: 197 -> 90; ptxas sm_90a, session 23).
-# TF32 rounds lr and A to 2^-11: an error of ~1e-3 of the branch, below the bf16 output's rounding (2^-9).
-LOWRANK_DOT_CHUNK = 8
-LOWRANK_DOT_PRECISION = "tf32"
-
-
 def lowrank_chunk(bm: int, bn: int, cp: int) -> int:
     """Branch columns per multiply-add step of an epilogue tile [bm, bn]: all cp of them while the [bm, bn, cp]
     product stays within GEMV_LOWRANK_SUM (past it the broadcast sum spilled registers: KERNEL_NOTES v9), else the
@@ -109,8 +101,18 @@ def tokens_per_program(m: int, k_blocks: int, rbp: int, cp: int, rotated: bool) 
     return max(bt for bt in {1, min(2, widest), widest} if bt == 1 or m * k_blocks // bt >= MIN_PROGRAMS)
 
 
-def swar_gemm(bits: int, k_block: int) -> bool:
-    """Whether the packed GEMM (M = 9..255) unpacks four codes per multiply-add in lane order (`quant_matmul(swar=)`,
-    KERNEL_NOTES v16): 1- and 2-bit codes whose K-blocks hold whole 4-word tiles, with TWLA_SWAR=1 until timed (int4
-    unpacks per element either way: its SASS count favours that)."""
-    return bits < 4 and k_block % (128 // bits) == 0 and os.environ.get("TWLA_SWAR", "0") == "1"
+def use_pdl(m: int) -> bool:
+    """Programmatic dependent launch for the matmul after act_quant (pdl.py): at decode sizes (the GEMV path) only.
+    H100, whole op µs without / with it (session 23, `benchmarks/kernels.py`, KERNEL_NOTES v20): M = 1 ternary
+    4096->4096 11.1 / 10.1, 14336->4096 20.0 / 18.4; M = 4 14.4 / 12.0; past the GEMV it lost where the GEMM
+    splits per K-block (14336->4096, M = 16: 66.9 / 86.7, M = 64: 101.4 / 134.4)."""
+    return m <= GEMV_MAX_M
+
+
+def gemv_late_sum(m: int, words_per_group: int) -> bool:
+    """Whether the GEMV sums each weight group's words once after its K loop instead of per chunk (v17): for
+    M = 2..8 with groups of >= 4 words, where the per-chunk sums span lanes. H100, M = 8, µs per chunk sum / late
+    sum (session 23, KERNEL_NOTES v20): int4 g128 (16 words) 4096->14336 87.1 / 53.2, 14336->4096 66.0 / 54.6;
+    binary g128 (4 words) 14336->4096 47.3 / 34.4, 4096->4096 15.9 / 16.2; ternary g32 (2 words) lost at M = 4 and
+    8 on every shape (4096->14336, M = 8: 47.9 / 57.3). M = 1 keeps its group sums in-thread (SASS: 237 vs 252)."""
+    return 1 < m <= GEMV_MAX_M and words_per_group >= 4
