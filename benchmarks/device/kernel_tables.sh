@@ -3,7 +3,9 @@
 #   check    GPU check of every Triton kernel against its torch reference (1 seed), the BWLA cost probe beside it
 #   ternary  the op table at decode and prefill sizes with the launch rules flipped (PDL, late sums)
 #   branch   int4 r32 and binary r16 op tables with the branch columns, then the act_quant sweep
-#   all      the three in that order (one background chain: bash kernel_tables.sh all > /tmp/chain.log &)
+#   all      the three in that order, as one background chain that outlives the call (a plain `&` job does not):
+#            OUT=/tmp/outk setsid nohup bash /tmp/repo/benchmarks/device/kernel_tables.sh all > /tmp/chain.log \
+#              2>&1 < /dev/null & disown        ... then copy /tmp/outk/* to $OUT in later calls
 cd /tmp/repo && export PYTHONPATH=/tmp/twsite PYTHONUNBUFFERED=1
 T0=$(date +%s)
 k() { local name=$1 limit=$2; shift 2
