@@ -18,7 +18,8 @@ Columns: quant = fused transform+quantize alone; gemm = the matmul alone; twla =
 the measured copy bandwidth) / twla for M <= 64, else the int8 tensor-core floor (1.1 POPS, kernels.md) / twla.
 With --lowrank R: + branch = the whole op with a rank-R 16-bit branch as served; fused / unfused = the same with
 x·Bᵀ computed in act_quant's launch (what the op does) / as its own fp32 GEMM (A·(·) in the matmul's epilogue
-either way).
+either way); GEMM unsplit (M = 9..255, one K-block) = the op without / with the branch, the packed GEMM forced to
+one K-split so that the branch is added in its own epilogue.
 The launch rules flipped, each checked bit for bit against the op: PDL on / off (sm_90+): the whole op with
 programmatic dependent launch the other way from `tiles.use_pdl` (on at M <= 8); late sums on / off (M = 2..8):
 the GEMV summing its words after the K loop the other way from `tiles.gemv_late_sum` (groups of >= 4 words).
@@ -152,20 +153,23 @@ def flipped_rules(m: int, words_per_group: int, gdc: bool) -> list[tuple[str, di
     return out
 
 
-def branch_op(x, layers, branch_ab, left, right, kb, code, gs, fuse: bool = True, split=None):
+def branch_op(x, layers, branch_ab, left, right, kb, code, gs, fuse: bool = True, split=None, gemm_split=None,
+              branch: bool = True):
     """op(i): the whole op on weight copy i with its low-rank branch, x·Bᵀ computed in act_quant's launch (fuse;
     `split` = (K-chunks, K step) overrides its launch rule) or as its own fp32 GEMM; A·(·) in the matmul's epilogue
-    either way."""
+    either way. `gemm_split` overrides the GEMM's K-splits; branch=False: the same op without the branch."""
     n = layers[0][0].shape[0]
     lanes = 8 // code.bits if T.uses_scratch(x.shape[0]) else 0
 
     def call(i):
         p, rs, qa, qm, rsum = layers[i]
-        la, lb = branch_ab[i]
+        la, lb = branch_ab[i] if branch else (None, None)
         q, s, z, lr = T.act_quant(x, left, right, 4, 0.9, kb, lanes=lanes, lowrank_b=lb if fuse else None,
                                   lowrank_split=split)
-        return T.quant_matmul(q, s, z, p, rs, qa, qm, rsum, code.bits, code.step, code.offset, gs, x.dtype, la,
-                              lr if fuse else x.float() @ lb.t(), None, (n, n))
+        if branch and not fuse:
+            lr = x.float() @ lb.t()
+        return T.quant_matmul(q, s, z, p, rs, qa, qm, rsum, code.bits, code.step, code.offset, gs, x.dtype, la, lr,
+                              None, (n, n), split=gemm_split)
     return call
 
 
@@ -186,6 +190,16 @@ def branch_times(x, layers, branch_ab, left, right, kb, code, gs, copies) -> dic
             raise AssertionError("the low-rank branch's forms disagree")
     times = {"branch_us": bench(served, copies), "branch_fused_us": bench(fused, copies),
              "branch_unfused_us": bench(unfused, copies)}
+    m = x.shape[0]
+    if T.GEMV_MAX_M < m and not T.uses_scratch(m) and kb == 1:
+        # the packed GEMM unsplit, so the branch is added in its own epilogue instead of `_epilogue_kernel`'s
+        # (where the branch's cost sits at M = 16..255: KERNEL_NOTES v19)
+        unsplit = branch_op(x, layers, branch_ab, left, right, kb, code, gs, gemm_split=1)
+        if not torch.allclose(unsplit(0).float(), want, rtol=1e-2, atol=1e-2 * want.abs().max()):
+            raise AssertionError("the unsplit GEMM's branch disagrees")
+        times["unsplit_us"] = bench(branch_op(x, layers, branch_ab, left, right, kb, code, gs, gemm_split=1,
+                                              branch=False), copies)
+        times["branch_unsplit_us"] = bench(unsplit, copies)
     return times
 
 
@@ -356,6 +370,8 @@ def main() -> None:
         f = lambda v: "–" if v is None else f"{v:.1f}"  # noqa: E731
         extra = (f" + branch {r['branch_us']:.1f} µs (fused {r['branch_fused_us']:.1f}, unfused "
                  f"{r['branch_unfused_us']:.1f}"
+                 + (f"; GEMM unsplit {r['unsplit_us']:.1f} / + branch {r['branch_unsplit_us']:.1f}"
+                    if "unsplit_us" in r else "")
                  + ") |" if "branch_fused_us" in r else "")
         extra += f" + {r['act_blocks']} ranges {r['act_ranges_us']:.1f} µs |" if "act_ranges_us" in r else ""
         on_off = lambda rule: "off" if rule else "on"  # noqa: E731
