@@ -43,8 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import twla_vllm.ops  # noqa: E402,F401
 from twla_vllm import format as fmt  # noqa: E402
 from twla_vllm.kernels import triton_ops as T  # noqa: E402
-from twla_vllm.kernels.triton_ops.tiles import (GEMM_CONFIGS, LOWRANK_FMA_PRODUCTS, lowrank_splits,  # noqa: E402
-                                                lowrank_tile)
+from twla_vllm.kernels.triton_ops.tiles import LOWRANK_FMA_PRODUCTS, lowrank_splits, lowrank_tile  # noqa: E402
 from twla_vllm.reference import block_row_sums, kron_rotate, quantize_per_token  # noqa: E402
 from twla_offline.layout import pick_act_blocks  # noqa: E402
 

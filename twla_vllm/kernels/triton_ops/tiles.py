@@ -3,8 +3,6 @@ act_quant's tokens per program."""
 
 from __future__ import annotations
 
-import os
-
 
 def block_k(unit: int, cap: int, floor: int = 32) -> int:
     """Largest power of two in [floor, cap] dividing `unit` (K, or a K-block)."""
