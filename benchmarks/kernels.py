@@ -18,7 +18,8 @@ Columns: quant = fused transform+quantize alone; gemm = the matmul alone; twla =
 the measured copy bandwidth) / twla for M <= 64, else the int8 tensor-core floor (1.1 POPS, kernels.md) / twla.
 With --lowrank R: + branch = the whole op with a rank-R 16-bit branch as served; fused / unfused = the same with
 x·Bᵀ computed in act_quant's launch (what the op does) / as its own fp32 GEMM (A·(·) in the matmul's epilogue
-either way); GEMM unsplit (M = 9..255, one K-block) = the op without / with the branch, the packed GEMM forced to
+either way); quant = act_quant with the branch's x·Bᵀ programs in its launch (against the quant column: what
+the branch adds before the matmul); GEMM unsplit (M = 9..255, one K-block) = the op without / with the branch, the packed GEMM forced to
 one K-split so that the branch is added in its own epilogue.
 The launch rules flipped, each checked bit for bit against the op: PDL on / off (sm_90+): the whole op with
 programmatic dependent launch the other way from `tiles.use_pdl` (on at M <= 8); late sums on / off (M = 2..8):
@@ -173,7 +174,8 @@ def branch_op(x, layers, branch_ab, left, right, kb, code, gs, fuse: bool = True
 
 
 def branch_times(x, layers, branch_ab, left, right, kb, code, gs, copies) -> dict[str, float]:
-    """The whole op with a low-rank branch as served, and its two forms (`branch_op`, fused and not)."""
+    """The whole op with a low-rank branch as served, its two forms (`branch_op`, fused and not), act_quant with
+    the branch's programs, and at M = 9..255 the op with the packed GEMM unsplit, without and with the branch."""
     n = layers[0][0].shape[0]
     fused, unfused = (branch_op(x, layers, branch_ab, left, right, kb, code, gs, fuse) for fuse in (True, False))
 
@@ -187,9 +189,13 @@ def branch_times(x, layers, branch_ab, left, right, kb, code, gs, copies) -> dic
     for f in (fused, served):
         if not torch.allclose(f(0).float(), want, rtol=1e-2, atol=1e-2 * want.abs().max()):
             raise AssertionError("the low-rank branch's forms disagree")
-    times = {"branch_us": bench(served, copies), "branch_fused_us": bench(fused, copies),
-             "branch_unfused_us": bench(unfused, copies)}
     m = x.shape[0]
+    lanes = 8 // code.bits if T.uses_scratch(m) else 0
+    times = {"branch_us": bench(served, copies), "branch_fused_us": bench(fused, copies),
+             "branch_unfused_us": bench(unfused, copies),
+             # act_quant with the branch's x·Bᵀ programs in its launch: the quant column's op plus the branch
+             "quant_branch_us": bench(lambda i: T.act_quant(x, left, right, 4, 0.9, kb, lanes=lanes,
+                                                            lowrank_b=branch_ab[i][1]), copies)}
     if T.GEMV_MAX_M < m and not T.uses_scratch(m) and kb == 1:
         # the packed GEMM unsplit, so the branch is added in its own epilogue instead of `_epilogue_kernel`'s
         # (where the branch's cost sits at M = 16..255: KERNEL_NOTES v19)
@@ -367,8 +373,8 @@ def main() -> None:
           f"| bf16/twla | floor % |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         f = lambda v: "–" if v is None else f"{v:.1f}"  # noqa: E731
-        extra = (f" + branch {r['branch_us']:.1f} µs (fused {r['branch_fused_us']:.1f}, unfused "
-                 f"{r['branch_unfused_us']:.1f}"
+        extra = (f" + branch {r['branch_us']:.1f} µs (quant {r['quant_branch_us']:.1f}, fused "
+                 f"{r['branch_fused_us']:.1f}, unfused {r['branch_unfused_us']:.1f}"
                  + (f"; GEMM unsplit {r['unsplit_us']:.1f} / + branch {r['branch_unsplit_us']:.1f}"
                     if "unsplit_us" in r else "")
                  + ") |" if "branch_fused_us" in r else "")
