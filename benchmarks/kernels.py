@@ -19,8 +19,8 @@ the measured copy bandwidth) / twla for M <= 64, else the int8 tensor-core floor
 With --lowrank R: + branch = the whole op with a rank-R 16-bit branch as served; fused / unfused = the same with
 x·Bᵀ computed in act_quant's launch (what the op does) / as its own fp32 GEMM (A·(·) in the matmul's epilogue
 either way); quant = act_quant with the branch's x·Bᵀ programs in its launch (against the quant column: what
-the branch adds before the matmul); GEMM unsplit (M = 9..255, one K-block) = the op without / with the branch, the packed GEMM forced to
-one K-split so that the branch is added in its own epilogue.
+the branch adds before the matmul); GEMM unsplit (M = 9..255, one K-block) = the op without / with the branch, the
+packed GEMM forced to one K-split so that the branch is added in its own epilogue.
 The launch rules flipped, each checked bit for bit against the op: PDL on / off (sm_90+): the whole op with
 programmatic dependent launch the other way from `tiles.use_pdl` (on at M <= 8); late sums on / off (M = 2..8):
 the GEMV summing its words after the K loop the other way from `tiles.gemv_late_sum` (groups of >= 4 words).
@@ -159,7 +159,7 @@ def branch_op(x, layers, branch_ab, left, right, kb, code, gs, fuse: bool = True
     `split` = (K-chunks, K step) overrides its launch rule) or as its own fp32 GEMM; A·(·) in the matmul's epilogue
     either way. `gemm_split` overrides the GEMM's K-splits; branch=False: the same op without the branch."""
     n = layers[0][0].shape[0]
-    lanes = 8 // code.bits if T.uses_scratch(x.shape[0]) else 0
+    lanes = T.act_lanes(x.shape[0], code.bits)
 
     def call(i):
         p, rs, qa, qm, rsum = layers[i]
@@ -190,11 +190,11 @@ def branch_times(x, layers, branch_ab, left, right, kb, code, gs, copies) -> dic
         if not torch.allclose(f(0).float(), want, rtol=1e-2, atol=1e-2 * want.abs().max()):
             raise AssertionError("the low-rank branch's forms disagree")
     m = x.shape[0]
-    lanes = 8 // code.bits if T.uses_scratch(m) else 0
     times = {"branch_us": bench(served, copies), "branch_fused_us": bench(fused, copies),
              "branch_unfused_us": bench(unfused, copies),
              # act_quant with the branch's x·Bᵀ programs in its launch: the quant column's op plus the branch
-             "quant_branch_us": bench(lambda i: T.act_quant(x, left, right, 4, 0.9, kb, lanes=lanes,
+             "quant_branch_us": bench(lambda i: T.act_quant(x, left, right, 4, 0.9, kb,
+                                                            lanes=T.act_lanes(m, code.bits),
                                                             lowrank_b=branch_ab[i][1]), copies)}
     if T.GEMV_MAX_M < m and not T.uses_scratch(m) and kb == 1:
         # the packed GEMM unsplit, so the branch is added in its own epilogue instead of `_epilogue_kernel`'s
@@ -324,11 +324,11 @@ def main() -> None:
 
             def op_with(i, **options):  # the op's two launches with quant_matmul `options`
                 p, rs, qa, qm, rsum = layers[i]
-                qi, si, zi, _ = T.act_quant(x, left, right, 4, 0.9, kb, lanes=lanes if T.uses_scratch(m) else 0)
+                qi, si, zi, _ = T.act_quant(x, left, right, 4, 0.9, kb, lanes=T.act_lanes(m, code.bits))
                 return T.quant_matmul(qi, si, zi, p, rs, qa, qm, rsum, code.bits, code.step, code.offset, gs,
                                       torch.bfloat16, **options)
 
-            t_quant = bench(lambda i: T.act_quant(x, left, right, 4, 0.9, kb, lanes=lanes if T.uses_scratch(m) else 0))
+            t_quant = bench(lambda i: T.act_quant(x, left, right, 4, 0.9, kb, lanes=T.act_lanes(m, code.bits)))
             branch = branch_times(x, layers, branch_ab, left, right, kb, code, gs, c) if a.lowrank else {}
             t_gemm = bench(mm, c)
             t_all = bench(op, c)

@@ -50,8 +50,7 @@ if triton_ops is not None:
     def _quant_linear(x, packed, row_scale, qa, qm, rowsum, left, right, lowrank_a, lowrank_b, bias, code_bits,
                       code_step, code_offset, group_size, act_bits, act_clip, k_blocks, act_blocks, shard_end0,
                       shard_end1):
-        # lane order for the scratch GEMM (the order `unpack_weights` writes); natural order otherwise
-        lanes = 8 // code_bits if triton_ops.uses_scratch(x.shape[0]) else 0
+        lanes = triton_ops.act_lanes(x.shape[0], code_bits)
         # B is fp32 already when served (TritonKernel.process_weights); x·Bᵀ runs in act_quant's launch
         q, s, z, lr = triton_ops.act_quant(x, left, right, act_bits, act_clip, k_blocks, lanes=lanes,
                                            lowrank_b=lowrank_b, act_blocks=act_blocks)
