@@ -1,9 +1,10 @@
 #!/bin/bash
-# Device, after setup.sh: bash benchmarks/device/kernel_tables.sh check|ternary|branch  (tables + logs -> $OUT)
-#   check    GPU check of every Triton kernel against its torch reference (1 seed), the BWLA cost probe beside it
+# Device, after setup.sh: bash benchmarks/device/kernel_tables.sh check|ternary|g64|branch  (tables + logs -> $OUT)
+#   check    GPU check of every Triton kernel against its torch reference (1 seed)
 #   ternary  the op table at decode and prefill sizes with the launch rules flipped (PDL, late sums)
+#   g64      ternary group 64 (the Qwen preset's gate/up) at M = 2..8, where the late-sum rule applies unmeasured
 #   branch   int4 r32 and binary r16 op tables with the branch columns, then the act_quant sweep
-#   all      the three in that order, as one background chain that outlives the call (a plain `&` job does not):
+#   all      the four in that order, as one background chain that outlives the call (a plain `&` job does not):
 #            OUT=/tmp/outk setsid nohup bash /tmp/repo/benchmarks/device/kernel_tables.sh all > /tmp/chain.log \
 #              2>&1 < /dev/null & disown        ... then copy /tmp/outk/* to $OUT in later calls
 cd /tmp/repo && export PYTHONPATH=/tmp/twsite PYTHONUNBUFFERED=1
@@ -13,16 +14,15 @@ k() { local name=$1 limit=$2; shift 2
   echo "== $name rc $? at $(( $(date +%s) - T0 )) s"; cp /tmp/k_$name.log $OUT/; tail -30 /tmp/k_$name.log; }
 case $1 in
   check)
-    python3 -m tests.triton_check --gpu --seeds 1 > /tmp/tc.log 2>&1 & tc=$!
-    OMP_NUM_THREADS=4 python3 benchmarks/device/bwla_cost_probe.py > /tmp/probe.log 2>&1
-    wait $tc; echo "tc rc $?" >> /tmp/tc.log; cp /tmp/tc.log /tmp/probe.log $OUT/
-    tail -12 /tmp/probe.log; echo "== GPU check at $(( $(date +%s) - T0 )) s"
+    python3 -m tests.triton_check --gpu --seeds 1 > /tmp/tc.log 2>&1
+    echo "tc rc $?" >> /tmp/tc.log; cp /tmp/tc.log $OUT/; echo "== GPU check at $(( $(date +%s) - T0 )) s"
     grep -a -E "^FAIL|passed,|Traceback|Error|tc rc" /tmp/tc.log | tail -8 ;;
   ternary) k ternary 300 --ms 1,4,8,16,64,256 ;;
+  g64) k ternary_g64 200 --group-size 64 --ms 2,4,8 ;;
   branch)
     k int4_g128_r32 200 --code int4 --group-size 128 --lowrank 32 --ms 1,8,64,2048
     k binary_g128_r16 200 --code binary --group-size 128 --lowrank 16 --ms 1,8,16,64
     k act_quant_sweep 200 --act-quant-sweep --ms 1,64,2048,8192 ;;
-  all) for t in check ternary branch; do bash "$0" $t; done ;;
-  *) echo "usage: $0 check|ternary|branch|all" >&2; exit 2 ;;
+  all) for t in check ternary g64 branch; do bash "$0" $t; done ;;
+  *) echo "usage: $0 check|ternary|g64|branch|all" >&2; exit 2 ;;
 esac
