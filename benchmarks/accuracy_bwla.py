@@ -53,7 +53,7 @@ class OktCache:
         self.reused_seconds = 0.0
 
     def __call__(self, w, n1, n2, group_size, left_blocks, learn_left, recipe, site_inputs=None):
-        digest = hashlib.sha1(w.detach().float().contiguous().numpy().tobytes()).hexdigest()
+        digest = hashlib.sha1(w.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
         key = (digest, tuple(w.shape), n1, n2, group_size, left_blocks, learn_left, recipe.okt_iters)
         if key in self.table:
             (left, right, hist), secs = self.table[key]
