@@ -23,7 +23,8 @@ the branch adds before the matmul); GEMM unsplit (M = 9..255, one K-block) = the
 packed GEMM forced to one K-split so that the branch is added in its own epilogue.
 The launch rules flipped, each checked bit for bit against the op: PDL on / off (sm_90+): the whole op with
 programmatic dependent launch the other way from `tiles.use_pdl` (on at M <= 8); late sums on / off (M = 2..8):
-the GEMV summing its words after the K loop the other way from `tiles.gemv_late_sum` (groups of >= 4 words).
+the GEMV summing its words after the K loop the other way from `tiles.gemv_late_sum` (on at M = 5..8 for groups of
+>= 128 weights).
 With --act-group-size G: + ranges = the whole op with activation ranges of about G channels (twla-quantize
 --act-group-size G picks the same count: offline.layout.pick_act_blocks) instead of one per transform block.
 """
@@ -144,12 +145,12 @@ def random_branches(n: int, k: int, rank: int, copies: int) -> list[tuple[torch.
             for _ in range(copies)]
 
 
-def flipped_rules(m: int, words_per_group: int, gdc: bool) -> list[tuple[str, dict]]:
+def flipped_rules(m: int, group_weights: int, gdc: bool) -> list[tuple[str, dict]]:
     """(column, `quant_matmul` options) of the launch rules flipped at this M: PDL (sm_90+) and, at M = 2..8, the
     GEMV's late sums."""
     out = [("pdl_flipped_us", dict(pdl=not T.use_pdl(m)))] if gdc else []
     if 1 < m <= T.GEMV_MAX_M:
-        out.append(("late_sum_flipped_us", dict(late_sum=not T.gemv_late_sum(m, words_per_group))))
+        out.append(("late_sum_flipped_us", dict(late_sum=not T.gemv_late_sum(m, group_weights))))
     return out
 
 
@@ -332,9 +333,9 @@ def main() -> None:
             branch = branch_times(x, layers, branch_ab, left, right, kb, code, gs, c) if a.lowrank else {}
             t_gemm = bench(mm, c)
             t_all = bench(op, c)
-            words = (k if gs == -1 else gs) * code.bits // 32
-            variants = {"words_per_group": words}  # the op with its launch rules flipped, each checked equal to it
-            for key, options in flipped_rules(m, words, T.gdc(x.device)):
+            group = k if gs == -1 else gs
+            variants = {"group_weights": group}  # the op with its launch rules flipped, each checked equal to it
+            for key, options in flipped_rules(m, group, T.gdc(x.device)):
                 if not torch.equal(op_with(0, **options), op(0)):
                     raise AssertionError(f"{key}: the op with {options} differs from the served op")
                 variants[key] = bench(lambda i: op_with(i, **options), c)
@@ -381,7 +382,7 @@ def main() -> None:
         extra += f" + {r['act_blocks']} ranges {r['act_ranges_us']:.1f} µs |" if "act_ranges_us" in r else ""
         on_off = lambda rule: "off" if rule else "on"  # noqa: E731
         extra += f" PDL {on_off(T.use_pdl(r['m']))} {r['pdl_flipped_us']:.1f} µs |" if "pdl_flipped_us" in r else ""
-        extra += (f" late sums {on_off(T.gemv_late_sum(r['m'], r['words_per_group']))} {r['late_sum_flipped_us']:.1f}"
+        extra += (f" late sums {on_off(T.gemv_late_sum(r['m'], r['group_weights']))} {r['late_sum_flipped_us']:.1f}"
                   f" µs |" if "late_sum_flipped_us" in r else "")
         print(f"| {r['k']}->{r['n']} | {r['m']} | {r['quant_us']:.1f} | {r['gemm_us']:.1f} | {r['twla_us']:.1f} | "
               f"{r['bf16_us']:.1f} | {f(r['fp8_us'])} | {f(r['int_mm_us'])} | {r['bf16_us'] / r['twla_us']:.2f}x | "

@@ -194,12 +194,12 @@ CPU_CASES = [
     Case(12, 130, 256, gs=32, kb=2, rank=8, shards=2),
     Case(40, 33, 256, gs=64, kb=4, bt=4),  # several tokens per program
     # the GEMV's sums over words after the loop forced on / off: odd N, groups of 2 words, several K-blocks, a
-    # branch, int4 (the rule takes it for groups of >= 4 words: int4 g96 = 12, binary g128 = 4)
+    # branch, int4 (the rule takes it at M = 5..8 for groups of >= 128 weights)
     Case(5, 24, 256, gs=32, kb=4, bits=6, late_sum=True), Case(3, 24, 2048, gs=64, kb=2, rank=8, shards=2,
                                                                 late_sum=True),
-    Case(8, 19, 192, gs=96, rot=False, code="int4", late_sum=False), Case(1, 33, 128, gs=64, rank=4, bias=True,
+    Case(8, 19, 256, gs=128, rot=False, code="int4", late_sum=False), Case(1, 33, 128, gs=64, rank=4, bias=True,
                                                                           late_sum=True),
-    Case(4, 24, 256, gs=128, code="binary", rank=4, shards=2),  # binary g128 at M = 4: late sums by the rule
+    Case(8, 24, 256, gs=128, code="binary", rank=4, shards=2),  # binary g128 at M = 8: late sums by the rule
     Case(37, 50, 512, gs=-1, rot=False, code="int4"),
     Case(300, 40, 256, gs=64, bt=2),  # lane order permuted in registers
     Case(260, 40, 384, gs=64, kb=2, bt=2),  # 16 x 24 view: words cross rows, permuted store
@@ -248,7 +248,7 @@ def gpu_cases() -> list[Case]:
             Case(4, 14336, 4096, gs=128, rank=32, dtype=bf16, code="int4"),
             Case(8, 6144, 4096, gs=128, rank=32, shards=3, dtype=bf16, code="int4", late_sum=False)]
     # the GEMV's sums over words after the loop, forced against the rule (`tiles.gemv_late_sum`)
-    out += [Case(m, 4096, 4096, gs=gs, dtype=bf16, code=code, late_sum=gs == 32) for m in (1, 4, 8)
+    out += [Case(m, 4096, 4096, gs=gs, dtype=bf16, code=code, late_sum=not T.gemv_late_sum(m, gs)) for m in (1, 4, 8)
             for code, gs in (("ternary", 32), ("binary", 128), ("int4", 128))]
     out += [Case(8, 4096, 14336, gs=128, kb=8, rank=16, dtype=bf16, code="binary")]
     # programmatic dependent launch against the rule (`tiles.use_pdl`: on at M <= 8): GEMV (+ split epilogue with
@@ -288,8 +288,7 @@ def rule_check(dev, gen) -> list[str]:
         args = (q, s, z, fmt.pack_codes(codes, code).to(dev), row_scale.to(dev), qa.to(dev), qm.to(dev),
                 block_row_sums(w_int, 1).to(dev), code.bits, code.step, code.offset, gs, torch.bfloat16)
         ruled = T.quant_matmul(*args)
-        words = gs // (32 // code.bits)
-        for key, flipped in (("pdl", not T.use_pdl(m)), ("late_sum", not T.gemv_late_sum(m, words))):
+        for key, flipped in (("pdl", not T.use_pdl(m)), ("late_sum", not T.gemv_late_sum(m, gs))):
             if not torch.equal(T.quant_matmul(*args, **{key: flipped}), ruled):
                 fails.append(f"{code_name} g{gs} M={m}: {key}={flipped} changes the output")
     return fails

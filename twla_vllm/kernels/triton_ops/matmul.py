@@ -72,7 +72,7 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
         _gemv_kernel[(n_ctas, split)](q.view(torch.int32), s, z, packed, *args, acc, m, n, k, q.stride(0) // 4,
                                       packed.stride(0), y.stride(0), stride_lr, sb1, sb2, GW=gw, BM=bm, BN=bn, BP=bp,
                                       SPLIT=split, ASM=asm, CPC=lowrank_chunk(bm, bn, meta["CP"]),
-                                      LATE_SUM=gemv_late_sum(m, gw) if late_sum is None else late_sum,
+                                      LATE_SUM=gemv_late_sum(m, gs) if late_sum is None else late_sum,
                                       num_warps=warps, **launch, **meta)
         if split > 1:
             _epilogue(acc, s, z, args, m, n, y, stride_lr, sb1, sb2, meta, split, launch)

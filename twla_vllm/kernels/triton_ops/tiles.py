@@ -113,10 +113,12 @@ def use_pdl(m: int) -> bool:
     return m <= GEMV_MAX_M
 
 
-def gemv_late_sum(m: int, words_per_group: int) -> bool:
-    """Whether the GEMV sums each weight group's words once after its K loop instead of per chunk (v17): for
-    M = 2..8 with groups of >= 4 words, where the per-chunk sums span lanes. H100, M = 8, µs per chunk sum / late
-    sum (session 23, KERNEL_NOTES v20): int4 g128 (16 words) 4096->14336 87.1 / 53.2, 14336->4096 66.0 / 54.6;
-    binary g128 (4 words) 14336->4096 47.3 / 34.4, 4096->4096 15.9 / 16.2; ternary g32 (2 words) lost at M = 4 and
-    8 on every shape (4096->14336, M = 8: 47.9 / 57.3). M = 1 keeps its group sums in-thread (SASS: 237 vs 252)."""
-    return 1 < m <= GEMV_MAX_M and words_per_group >= 4
+def gemv_late_sum(m: int, group_weights: int) -> bool:
+    """Whether the GEMV sums each weight group's words once after its K loop instead of per chunk (v17): at
+    M = 5..8 for groups of >= 128 weights. H100 whole op µs per chunk / late (KERNEL_NOTES v21; 4096->4096,
+    4096->14336, 14336->4096): M = 8 int4 g128 25.7 / 22.5, 87.1 / 53.2, 66.0 / 54.6; binary g128 15.9 / 16.2,
+    29.7 / 28.1, 47.3 / 34.4; ternary g128 17.5 / 16.4, 45.0 / 33.2, 42.5 / 37.2; ternary g64 16.7 / 18.2, 42.9 /
+    41.6, 40.2 / 45.1 and g32 lost on every shape. At M = 2 and 4 late sums lost at ternary g32, g64 and g128 on
+    every shape (g128 M = 4: 11.6 / 15.0, 23.2 / 29.8, 28.2 / 29.6); int4 and binary were not timed there. M = 1
+    keeps its group sums in-thread (SASS: 237 vs 252)."""
+    return GEMV_MAX_M // 2 < m <= GEMV_MAX_M and group_weights >= 128
