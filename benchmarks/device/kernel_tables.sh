@@ -1,9 +1,10 @@
 #!/bin/bash
-# Device, after setup.sh: bash benchmarks/device/kernel_tables.sh check|ternary|g64|branch  (tables + logs -> $OUT)
+# Device, after setup.sh: bash benchmarks/device/kernel_tables.sh check|ternary|g64|branch|sweep  (tables + logs -> $OUT)
 #   check    GPU check of every Triton kernel against its torch reference (1 seed)
 #   ternary  the op table at decode and prefill sizes with the launch rules flipped (PDL, late sums)
 #   g64      ternary group 64 (the Qwen preset's gate/up) at M = 2..8, where the late-sum rule applies unmeasured
 #   branch   int4 r32 and binary r16 op tables with the branch columns, then the act_quant sweep
+#   sweep    the branch's x·Bᵀ launch (K-chunks, step) at M = 64 and 2048, never swept on the tensor-core path
 #   all      the four in that order, as one background chain that outlives the call (a plain `&` job does not):
 #            OUT=/tmp/outk setsid nohup bash /tmp/repo/benchmarks/device/kernel_tables.sh all > /tmp/chain.log \
 #              2>&1 < /dev/null & disown        ... then copy /tmp/outk/* to $OUT in later calls
@@ -23,6 +24,7 @@ case $1 in
     k int4_g128_r32 200 --code int4 --group-size 128 --lowrank 32 --ms 1,8,64,2048
     k binary_g128_r16 200 --code binary --group-size 128 --lowrank 16 --ms 1,8,16,64
     k act_quant_sweep 200 --act-quant-sweep --ms 1,64,2048,8192 ;;
+  sweep) k lowrank_sweep_int4_g128_r32_m64 400 --code int4 --group-size 128 --lowrank 32 --lowrank-sweep --ms 64,2048 ;;
   all) for t in check ternary g64 branch; do bash "$0" $t; done ;;
-  *) echo "usage: $0 check|ternary|g64|branch|all" >&2; exit 2 ;;
+  *) echo "usage: $0 check|ternary|g64|branch|sweep|all" >&2; exit 2 ;;
 esac
