@@ -153,8 +153,9 @@ def add_recipe_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--allocation", choices=R.ALLOCATIONS,
                    help="how --act-bits is spread over blocks: ila-amp (by measured sensitivity) or uniform; a "
                         f"fractional --act-bits always uses ila-amp (default: {dev['allocation']})")
-    g.add_argument("--no-clip-search", action="store_true",
-                   help="skip the per-linear activation clip search (clip = 1.0)")
+    g.add_argument("--clip-search", action=argparse.BooleanOptionalAction,
+                   help="the per-linear activation clip search on held-out text; --no-clip-search: clip = 1.0 "
+                        "(default: on, off for --method bwla, where scale tuning made it worth nothing)")
     g.add_argument("--clip-objective", choices=R.CLIP_OBJECTIVES,
                    help="what a clip minimises: block (the decoder block's output error) or layer (the linear's "
                         f"own output error; faster) (default: {d['clip_objective']})")
@@ -193,7 +194,8 @@ def add_recipe_args(ap: argparse.ArgumentParser) -> None:
 _FLAG_FIELDS = ("code", "group_size", "group_size_for", "act_bits", "bit_set", "weight_method", "weight_target",
                 "rotation", "rotation_sharing", "factor_rule", "o_proj_rotation", "lowrank", "lowrank_rank",
                 "kotms_iters", "allocation", "tune_epochs", "tune_lr", "row_parallel_blocks", "act_group_size", "calib",
-                "text_column", "nsamples", "seqlen", "amp_tokens", "clip_objective", "clip_tokens", "seed")
+                "text_column", "nsamples", "seqlen", "amp_tokens", "clip_search", "clip_objective", "clip_tokens",
+                "seed")
 
 
 def recipe_from_args(a: argparse.Namespace, ap: argparse.ArgumentParser | None = None) -> R.Recipe:
@@ -203,8 +205,6 @@ def recipe_from_args(a: argparse.Namespace, ap: argparse.ArgumentParser | None =
     fields = read_recipe_file(a.recipe, ap) if getattr(a, "recipe", None) else {}
     method = a.method or fields.get("method", "twla")
     given: dict[str, Any] = {f: getattr(a, f) for f in _FLAG_FIELDS if getattr(a, f, None) is not None}
-    if a.no_clip_search:
-        given["clip_search"] = False
     return dataclasses.replace(R.preset(method), **{**fields, "method": method, **given})
 
 

@@ -131,7 +131,7 @@ class Recipe:
     # block; 0 = off (None: by device)
     tune_epochs: int | None = None
     # SmolLM2 default run, PPL / dense at 2e-3 / 5e-3 / 1e-2 / 2e-2: 6.83x / 5.81x / 5.42x / 6.07x (same time;
-    # benchmarks/RESULTS.md, session 17); bwla and twinquant keep the 2e-3 and 4 epochs they were measured with
+    # benchmarks/RESULTS.md, session 17); bwla tunes at 2e-2 (its preset), twinquant keeps 2e-3 and 4 epochs
     tune_lr: float = 1e-2
     calib: str = "brown"
     text_column: str = "text"  # the column holding the text when calib is a .jsonl / .json / .csv file
@@ -189,10 +189,12 @@ def preset(method: str) -> Recipe:
         # bits/weight; 192 and per row cost 1.4-1.8x (benchmarks/RESULTS.md "BWLA weight groups"). gate/up and
         # down_proj at 256: Qwen2.5-Coder-1.5B 1.51 -> 1.34 bits/weight (rank 16 included), SmolLM2 24.7x -> 29.1x
         # dense at 2.09 -> 1.96 bits (session 18)
+        # scale tuning at 2e-2 and no clip search: SmolLM2 W1A6 29.1x dense at 2e-3 with the search, 21.8x at 1e-2
+        # with or without it, 18.2x at 2e-2, 21.4x at 4e-2 (session 24); the search is 70 s on 2 cores
         return Recipe(method="bwla", code="binary", group_size=64, group_size_for="gate_up_proj=256,down_proj=256",
                       rotation="okt", lowrank="psp",
-                      lowrank_rank=16, act_bits=6.0, bit_set=(4, 6, 8), allocation="uniform", tune_epochs=4,
-                      tune_lr=2e-3)
+                      lowrank_rank=16, act_bits=6.0, bit_set=(4, 6, 8), allocation="uniform", clip_search=False,
+                      tune_epochs=4, tune_lr=2e-2)
     if method == "twinquant":
         # scale tuning on (the default 4 epochs): SmolLM2 W4A4 1.22x -> 1.17x dense for 416 s on 2 cores
         return Recipe(method="twinquant", code="int4", group_size=128, group_size_for="", rotation="learned",
