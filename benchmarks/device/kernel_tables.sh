@@ -1,8 +1,9 @@
 #!/bin/bash
-# Device, after setup.sh: bash benchmarks/device/kernel_tables.sh check|ternary|g64|branch|sweep  (tables + logs -> $OUT)
+# Device, after setup.sh: bash benchmarks/device/kernel_tables.sh check|ternary|g64|branch|sweep|all
+# (tables + logs -> $OUT)
 #   check    GPU check of every Triton kernel against its torch reference (1 seed)
 #   ternary  the op table at decode and prefill sizes with the launch rules flipped (PDL, late sums)
-#   g64      ternary group 64 (the Qwen preset's gate/up) at M = 2..8, where the late-sum rule applies unmeasured
+#   g64      ternary group 64 (the Qwen preset's gate/up) at M = 2..8 with late sums flipped (KERNEL_NOTES v21)
 #   branch   int4 r32 and binary r16 op tables with the branch columns, then the act_quant sweep
 #   sweep    the branch's x·Bᵀ launch (K-chunks, step) at M = 64 and 2048, never swept on the tensor-core path
 #   all      the four in that order, as one background chain that outlives the call (a plain `&` job does not):
