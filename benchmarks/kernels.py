@@ -140,8 +140,8 @@ def act_quant_sweep(ms: list[int]) -> None:
 
 
 def random_branches(n: int, k: int, rank: int, copies: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """`copies` rank-`rank` branches (A fp16 [n, rank], B fp32 [rank, k], B as served)."""
-    return [((torch.randn(n, rank, device="cuda") * 0.05).half(), (torch.randn(rank, k, device="cuda") * 0.05).float())
+    """`copies` rank-`rank` branches (A fp16 [n, rank], B fp16 [rank, k], as served)."""
+    return [((torch.randn(n, rank, device="cuda") * 0.05).half(), (torch.randn(rank, k, device="cuda") * 0.05).half())
             for _ in range(copies)]
 
 
@@ -155,10 +155,11 @@ def flipped_rules(m: int, group_weights: int, gdc: bool) -> list[tuple[str, dict
 
 
 def branch_op(x, layers, branch_ab, left, right, kb, code, gs, fuse: bool = True, split=None, gemm_split=None,
-              branch: bool = True):
+              branch: bool = True, presum=None):
     """op(i): the whole op on weight copy i with its low-rank branch, x·Bᵀ computed in act_quant's launch (fuse;
     `split` = (K-chunks, K step) overrides its launch rule) or as its own fp32 GEMM; A·(·) in the matmul's epilogue
-    either way. `gemm_split` overrides the GEMM's K-splits; branch=False: the same op without the branch."""
+    either way. `gemm_split`, `presum` override the GEMM's K-splits and the partials' pre-sum; branch=False: the
+    same op without the branch."""
     n = layers[0][0].shape[0]
     lanes = T.act_lanes(x.shape[0], code.bits)
 
@@ -168,31 +169,39 @@ def branch_op(x, layers, branch_ab, left, right, kb, code, gs, fuse: bool = True
         q, s, z, lr = T.act_quant(x, left, right, 4, 0.9, kb, lanes=lanes, lowrank_b=lb if fuse else None,
                                   lowrank_split=split)
         if branch and not fuse:
-            lr = x.float() @ lb.t()
+            lr = x.float() @ lb.float().t()
         return T.quant_matmul(q, s, z, p, rs, qa, qm, rsum, code.bits, code.step, code.offset, gs, x.dtype, la, lr,
-                              None, (n, n), split=gemm_split)
+                              None, (n, n), split=gemm_split, presum=presum)
     return call
 
 
 def branch_times(x, layers, branch_ab, left, right, kb, code, gs, copies) -> dict[str, float]:
     """The whole op with a low-rank branch as served, its two forms (`branch_op`, fused and not), act_quant with
-    the branch's programs, and at M = 9..255 the op with the packed GEMM unsplit, without and with the branch."""
+    the branch's programs, the op with B in fp32 (three TF32 passes: the form before session 25) and with the
+    partials' pre-sum flipped (`tiles.lowrank_presum`), and at M = 9..255 the op with the packed GEMM unsplit,
+    without and with the branch."""
     n = layers[0][0].shape[0]
     fused, unfused = (branch_op(x, layers, branch_ab, left, right, kb, code, gs, fuse) for fuse in (True, False))
+    m = x.shape[0]
+    partials = T.act_quant(x, left, right, 4, 0.9, kb, lowrank_b=branch_ab[0][1])[3].shape[0]
+    presum_flipped = branch_op(x, layers, branch_ab, left, right, kb, code, gs,
+                               presum=not T.lowrank_presum(m, partials))
 
-    def served(i):
+    def served(i, b32=False):
         p, rs, qa, qm, rsum = layers[i]
         la, lb = branch_ab[i]
+        lb = lb.float() if b32 else lb
         return torch.ops.twla.quant_linear(x, p, rs, qa, qm, rsum, left, right, la, lb, None, code.bits, code.step,
                                            code.offset, gs, 4, 0.9, kb, kb, n, n)
 
     want = unfused(0).float()
-    for f in (fused, served):
+    for f in (fused, served, lambda i: served(i, b32=True), presum_flipped):
         if not torch.allclose(f(0).float(), want, rtol=1e-2, atol=1e-2 * want.abs().max()):
             raise AssertionError("the low-rank branch's forms disagree")
-    m = x.shape[0]
     times = {"branch_us": bench(served, copies), "branch_fused_us": bench(fused, copies),
              "branch_unfused_us": bench(unfused, copies),
+             "branch_b32_us": bench(lambda i: served(i, b32=True), copies), "partials": partials,
+             "branch_presum_flipped_us": bench(presum_flipped, copies),
              # act_quant with the branch's x·Bᵀ programs in its launch: the quant column's op plus the branch
              "quant_branch_us": bench(lambda i: T.act_quant(x, left, right, 4, 0.9, kb,
                                                             lanes=T.act_lanes(m, code.bits),
@@ -376,6 +385,8 @@ def main() -> None:
         f = lambda v: "–" if v is None else f"{v:.1f}"  # noqa: E731
         extra = (f" + branch {r['branch_us']:.1f} µs (quant {r['quant_branch_us']:.1f}, fused "
                  f"{r['branch_fused_us']:.1f}, unfused {r['branch_unfused_us']:.1f}"
+                 + f"; B fp32 {r['branch_b32_us']:.1f}; {r['partials']} partials, pre-sum "
+                 f"{'off' if T.lowrank_presum(r['m'], r['partials']) else 'on'} {r['branch_presum_flipped_us']:.1f}"
                  + (f"; GEMM unsplit {r['unsplit_us']:.1f} / + branch {r['branch_unsplit_us']:.1f}"
                     if "unsplit_us" in r else "")
                  + ") |" if "branch_fused_us" in r else "")

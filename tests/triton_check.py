@@ -55,6 +55,7 @@ class Case:
     bt: int | None = None  # act_quant's tokens per program (None: its launch rule)
     pdl: bool | None = None  # programmatic dependent launch of the matmul (sm_90+; None: `tiles.use_pdl`)
     late_sum: bool | None = None  # the GEMV's sums over words after its K loop (None: `tiles.gemv_late_sum`)
+    presum: bool | None = None  # the branch's partials summed before the matmul (None: `tiles.lowrank_presum`)
 
     def __str__(self) -> str:
         return (f"m={self.m} n={self.n} k={self.k} {self.code} g={self.gs} kb={self.kb}"
@@ -62,7 +63,8 @@ class Case:
                 f"r={self.rank}x{self.shards} bias={self.bias} {str(self.dtype)[6:]}"
                 f"{' scratch' if self.scratch else ''}{'' if self.split else ' nosplit'}"
                 f"{'' if self.pdl is None else f' pdl={self.pdl}'}"
-                f"{'' if self.late_sum is None else f' late-sum={self.late_sum}'}")
+                f"{'' if self.late_sum is None else f' late-sum={self.late_sum}'}"
+                f"{'' if self.presum is None else f' presum={self.presum}'}")
 
 
 def random_layer(c: Case, gen, dev):
@@ -164,7 +166,7 @@ def check_case(c: Case, dev, gen) -> list[str]:
             fails.append(f"act_quant lowrank x·Bᵀ: shape {tuple(lr.shape)}, rel err {lr_err:.2e}")
     y2 = T.quant_matmul(q2, s2, z2, packed, row_scale, qa, qm, rowsum, code.bits, code.step, code.offset, c.gs,
                         c.dtype, la, lr, bias, bounds, scratch=scratch, gemv_split=c.split, pdl=c.pdl,
-                        late_sum=c.late_sum)
+                        late_sum=c.late_sum, presum=c.presum)
     ref = quant_linear(x, w_int.to(dev), row_scale, rowsum, left, right, c.bits, 0.9, bias=bias)
     if la is not None:  # each row reads its own shard's slice of lr
         shard = (torch.arange(c.n, device=dev) >= bounds[0]).long() + (torch.arange(c.n, device=dev) >= bounds[1]).long()
@@ -211,6 +213,9 @@ CPU_CASES = [
     Case(20, 24, 2048, gs=64, rank=8, shards=2),  # tensor-core branch dot in 4 K-chunks
     Case(1, 24, 2048, gs=64, kb=2, rank=16, lr_split=(8, 256)),  # override: 8 chunks of 128 per block, step 256
     Case(8, 40, 512, gs=64, kb=2, rank=16, shards=3),  # split epilogue's multiply-adds on a narrowed [8, 16, 64] tile
+    # the branch's partials summed before the matmul: by the rule (scratch path) and forced at the GEMM and GEMV
+    Case(260, 40, 256, gs=64, kb=2, rank=8, shards=2), Case(20, 24, 2048, gs=64, rank=8, shards=2, presum=True),
+    Case(3, 24, 2048, gs=64, kb=2, rank=8, shards=2, presum=True),
     # a branch too wide for one GEMV epilogue tile: split K, `_epilogue` adds it
     Case(8, 40, 512, gs=64, rank=16, shards=3), Case(6, 40, 512, gs=64, rank=16, shards=3, late_sum=True),
     # activation ranges finer than the transform blocks (act_blocks): 4 rows of 16 per range, 2 ranges per block
@@ -259,6 +264,9 @@ def gpu_cases() -> list[Case]:
             Case(300, 4096, 4096, gs=32, dtype=bf16, scratch=True, pdl=True)]
     out += [Case(64, 4096, 14336, gs=32, kb=8, rot=False, dtype=bf16),
             Case(100, 4096, 4096, gs=128, dtype=bf16, code="int4", rank=32, shards=3)]
+    # the branch's partials summed before the matmul, against the rule (`tiles.lowrank_presum`: scratch path)
+    out += [Case(64, 4096, 14336, gs=128, kb=8, rank=32, dtype=bf16, code="int4", presum=True),
+            Case(600, 4096, 4096, gs=32, kb=8, rank=32, shards=3, dtype=bf16, code="int4", presum=False)]
     return out
 
 

@@ -1,12 +1,13 @@
 #!/bin/bash
-# Device, after setup.sh: bash benchmarks/device/kernel_tables.sh check|ternary|g64|branch|sweep|all
+# Device, after setup.sh: bash benchmarks/device/kernel_tables.sh check|ternary|g64|branch|small|sweep|all
 # (tables + logs -> $OUT)
 #   check    GPU check of every Triton kernel against its torch reference (1 seed)
 #   ternary  the op table at decode and prefill sizes with the launch rules flipped (PDL, late sums)
 #   g64      ternary group 64 (the Qwen preset's gate/up) at M = 2..8 with late sums flipped (KERNEL_NOTES v21)
 #   branch   int4 r32 and binary r16 op tables with the branch columns, then the act_quant sweep
+#   small    int4 and binary group 128 at M = 2, 4 with late sums flipped (never timed there: KERNEL_NOTES v21)
 #   sweep    the branch's x·Bᵀ launch (K-chunks, step) at M = 64 and 2048, never swept on the tensor-core path
-#   all      the four in that order, as one background chain that outlives the call (a plain `&` job does not):
+#   all      check, branch, small, sweep in that order, as one background chain that outlives the call (a plain `&` job does not):
 #            OUT=/tmp/outk setsid nohup bash /tmp/repo/benchmarks/device/kernel_tables.sh all > /tmp/chain.log \
 #              2>&1 < /dev/null & disown        ... then copy /tmp/outk/* to $OUT in later calls
 cd /tmp/repo && export PYTHONPATH=/tmp/twsite PYTHONUNBUFFERED=1
@@ -25,7 +26,10 @@ case $1 in
     k int4_g128_r32 200 --code int4 --group-size 128 --lowrank 32 --ms 1,8,64,2048
     k binary_g128_r16 200 --code binary --group-size 128 --lowrank 16 --ms 1,8,16,64
     k act_quant_sweep 200 --act-quant-sweep --ms 1,64,2048,8192 ;;
+  small)
+    k int4_g128_m2_4 150 --code int4 --group-size 128 --ms 2,4
+    k binary_g128_m2_4 150 --code binary --group-size 128 --ms 2,4 ;;
   sweep) k lowrank_sweep_int4_g128_r32_m64 400 --code int4 --group-size 128 --lowrank 32 --lowrank-sweep --ms 64,2048 ;;
-  all) for t in check ternary g64 branch; do bash "$0" $t; done ;;
-  *) echo "usage: $0 check|ternary|g64|branch|sweep|all" >&2; exit 2 ;;
+  all) for t in check branch small sweep; do bash "$0" $t; done ;;
+  *) echo "usage: $0 check|ternary|g64|branch|small|sweep|all" >&2; exit 2 ;;
 esac

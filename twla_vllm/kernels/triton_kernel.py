@@ -56,9 +56,9 @@ class TritonKernel(TwlaKernel):
         register(layer, "twla_left", w.left)
         register(layer, "twla_right", w.right)
         register(layer, "twla_lowrank_a", w.lowrank_a)
-        # the branch's down-projection x·Bᵀ runs in fp32 (as the reference): keep B resident in fp32 (exact from
-        # fp16) rather than converting it on every call
-        register(layer, "twla_lowrank_b", None if w.lowrank_b is None else w.lowrank_b.float())
+        # B stays fp16 as stored: act_quant converts it in registers, its products with 16-bit x are fp32-exact in
+        # one TF32 pass (`lowrank_dot_precision`), and half the bytes of an fp32 copy are read per call
+        register(layer, "twla_lowrank_b", w.lowrank_b)
         ends = [sl.stop for sl in self.shard_slices()] + [self.spec.out_features] * 2
         self.shard_ends = (ends[0], ends[1])
 

@@ -13,7 +13,8 @@ gemm:       M > 8 on int8 tensor cores, tokens as the MMA's M. The weight tile i
             into int32, split over K into int32 partials when the tile grid is small; s_n, the activation step
             and the zero-point term z*rowsum go to the epilogue (epilogue.py), together with the low-rank branch
             lowrank_a @ (x @ lowrank_bᵀ) (one tensor-core dot per tile past decode sizes) and the bias;
-            x @ lowrank_bᵀ comes from act_quant's launch (K-chunked partials, `lowrank_splits`).
+            x @ lowrank_bᵀ comes from act_quant's launch (K-chunked partials, `lowrank_splits`; one TF32 pass on
+            16-bit x and B, exact products; summed before the matmul on the scratch path, `lowrank_presum`).
 pdl:        programmatic dependent launch: at decode sizes the matmul starts while act_quant runs (`tiles.use_pdl`).
 matmul:     `quant_matmul` picks the path by M (tiles.py).
 unpack:     large M unpacks the weights once into an int8 scratch and runs the same GEMM on it (SCRATCH). The
@@ -29,8 +30,8 @@ y = s_n * Σ_b s_b * float32(acc_b - z_b * rowsum_b) (+ low-rank, bias). Roundin
 from .act_quant import act_quant, act_ranges_supported, lane_perm
 from .matmul import quant_matmul
 from .pdl import gdc
-from .tiles import GEMV_MAX_M, act_lanes, gemv_late_sum, lowrank_splits, use_pdl, uses_scratch
+from .tiles import GEMV_MAX_M, act_lanes, gemv_late_sum, lowrank_presum, lowrank_splits, use_pdl, uses_scratch
 from .unpack import unpack_weights
 
 __all__ = ["GEMV_MAX_M", "act_lanes", "act_quant", "act_ranges_supported", "gdc", "gemv_late_sum", "lane_perm",
-           "lowrank_splits", "quant_matmul", "unpack_weights", "use_pdl", "uses_scratch"]
+           "lowrank_presum", "lowrank_splits", "quant_matmul", "unpack_weights", "use_pdl", "uses_scratch"]

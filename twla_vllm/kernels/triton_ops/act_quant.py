@@ -51,7 +51,8 @@ def _lowrank_down(x_ptr, b_ptr, lr_ptr, M, stride_x, lid, K: tl.constexpr, KB: t
         col = (b * KS + c) * CW + kk
         xt = tl.load(x_ptr + tok[:, None] * stride_x + col[None, :], mask=(tok[:, None] < M) & (kk[None, :] < CW),
                      other=0.0).to(tl.float32)
-        bt = tl.load(b_ptr + j[:, None] * K + col[None, :], mask=(j[:, None] < SR) & (kk[None, :] < CW), other=0.0)
+        bt = tl.load(b_ptr + j[:, None] * K + col[None, :], mask=(j[:, None] < SR) & (kk[None, :] < CW),
+                     other=0.0).to(tl.float32)
         if DOT:
             acc += tl.dot(xt, tl.trans(bt), input_precision=PRECISION)
         else:
@@ -156,7 +157,7 @@ def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | 
               k_blocks: int, precision: str | None = None, lanes: int = 0,
               out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, bt: int | None = None,
               warps: int | None = None, lowrank_b: torch.Tensor | None = None, act_blocks: int = 0,
-              lowrank_split: tuple[int, int] | None = None,
+              lowrank_split: tuple[int, int] | None = None, lowrank_precision: str | None = None,
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """x [M, K] -> (q int8 [M, K], s fp32 [M, AB], z fp32 [M, AB], lr) as `reference.quantize_per_token` of
     `reference.kron_rotate(x, left, right)` with AB = act_blocks (0: k_blocks) ranges per token. A left factor
@@ -165,11 +166,12 @@ def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | 
     (fp32-accurate), "tf32" (the CUDA default: single pass, ~0.1% of 4-bit codes one step off, see
     benchmarks/RESULTS.md) or "bf16".
     lanes > 0 stores q in the lane order of a code with that many lanes (what `unpack_weights` writes).
-    lowrank_b [SR, K] fp32: the same launch also computes the low-rank branch's x @ lowrank_bᵀ (fp32-accurate),
-    returned as lr [P, M, SR] partial sums, P = k_blocks * `lowrank_splits`, for `quant_matmul` (None without
-    lowrank_b).
+    lowrank_b [SR, K] (fp16 as stored, or fp32): the same launch also computes the low-rank branch's x @ lowrank_bᵀ
+    with fp32-exact products (`lowrank_precision`), returned as lr [P, M, SR] partial sums, P = k_blocks *
+    `lowrank_splits`, for `quant_matmul` (None without lowrank_b).
     `out`: preallocated outputs (tests poison them). `bt` (tokens per program), `warps`, `lowrank_split` (the
-    branch's K-chunks per K-block and K step per program): override the launch heuristics (benchmarks, tests)."""
+    branch's K-chunks per K-block and K step per program), `lowrank_precision` (of its tensor-core dot): override
+    the launch rules (benchmarks, tests)."""
     m, k = x.shape
     x = x.contiguous()
     ab = act_blocks or k_blocks
@@ -199,13 +201,24 @@ def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | 
     if m:
         _act_quant_kernel[(nq + nl, k_blocks)](
             x, left if left is not None else x, right if right is not None else x, q, s, z,
-            lowrank_b.float().contiguous() if sr else x, lr if sr else s, m, nq, x.stride(0), q.stride(0), ROWS=rows,
+            lowrank_b.contiguous() if sr else x, lr if sr else s, m, nq, x.stride(0), q.stride(0), ROWS=rows,
             COLS=cols, RBP=rbp, CP=cp, BT=bt, HAS_ROT=left is not None, KB=k_blocks, AB=ab,
             QR=rbp if ab == k_blocks else rows // ab, BITS=bits,
             CLIP=float(clip),
             LANES=lanes, PRECISION=precision, ASM=cuda, SR=sr, JB=jb, BTL=btl, BKL=bkl, KS=ks, LR_DOT=lr_dot,
-            LR_PRECISION="tf32x3" if cuda else "ieee", GDC=gdc(x.device), num_warps=warps)
+            LR_PRECISION=lowrank_precision or lowrank_dot_precision(x.dtype, lowrank_b.dtype if sr else x.dtype, cuda),
+            GDC=gdc(x.device), num_warps=warps)
     return q, s, z, lr
+
+
+def lowrank_dot_precision(x_dtype: torch.dtype, b_dtype: torch.dtype, cuda: bool) -> str:
+    """The branch dot's input precision: one TF32 pass where both operands are 16-bit (bf16's 8 and fp16's 11
+    significant bits fit TF32's 11, so every product is exact in fp32, as with three passes); "tf32x3" for fp32
+    operands; "ieee" off CUDA (the interpreter)."""
+    if not cuda:
+        return "ieee"
+    sixteen = (torch.bfloat16, torch.float16)
+    return "tf32" if x_dtype in sixteen and b_dtype in sixteen else "tf32x3"
 
 
 def token_view(k: int, k_blocks: int, act_blocks: int, rotation: tuple[int, int] | None) -> tuple[int, int]:

@@ -10,7 +10,7 @@ from .gemm import _gemm_kernel
 from .gemv import _gemv_kernel
 from .pdl import gdc, launch_options
 from .tiles import (GEMM_CONFIGS, GEMV_CONFIGS, GEMV_LOWRANK_SUM, GEMV_MAX_M, GEMV_SPLIT_CTAS, block_k, gemm_split,
-                    gemv_late_sum, lowrank_chunk, use_pdl, uses_scratch)
+                    gemv_late_sum, lowrank_chunk, lowrank_presum, use_pdl, uses_scratch)
 from .unpack import unpack_weights
 
 
@@ -21,7 +21,7 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
                  shard_bounds: tuple[int, int] | None = None, scratch: bool | None = None,
                  tile: tuple[int, int, int, int, int] | None = None, out: torch.Tensor | None = None,
                  split: int | None = None, gemv_split: bool = True, pdl: bool | None = None,
-                 late_sum: bool | None = None) -> torch.Tensor:
+                 late_sum: bool | None = None, presum: bool | None = None) -> torch.Tensor:
     """y [M, N] = s_n * Σ_b s_b (q·W_intᵀ - z_b rowsum_b) (+ lowrank_a @ lrᵀ per shard, + bias).
 
     q/s/z from `act_quant` (lane order iff `uses_scratch(M)`); packed [N, K*bits/32] int32; row_scale [N]
@@ -29,8 +29,9 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
     partial sums [P, M, S*R] (what `act_quant` returns), whose rows end at shard_bounds (two ascending row indices;
     (N, N) for one shard). `scratch`, `tile` (BM, BN, BK cap, warps, stages), `split`: override the
     tensor-core path's table and split rule (benchmarks, tests);
-    gemv_split=False keeps the GEMV's K unsplit (tests); pdl, late_sum: override the rules `tiles.use_pdl`
-    (programmatic dependent launch) and `tiles.gemv_late_sum` (the GEMV's sums over words after its K loop)."""
+    gemv_split=False keeps the GEMV's K unsplit (tests); pdl, late_sum, presum: override the rules `tiles.use_pdl`
+    (programmatic dependent launch), `tiles.gemv_late_sum` (the GEMV's sums over words after its K loop) and
+    `tiles.lowrank_presum` (the branch's partials summed before the matmul)."""
     m, k = q.shape
     n = packed.shape[0]
     kb, g = s.shape[1], qa.shape[1]
@@ -41,6 +42,8 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
     r = 0 if lowrank_a is None else lowrank_a.shape[1]
     if r:
         lr = (lr if lr.dim() == 3 else lr.unsqueeze(0)).contiguous()
+        if lr.shape[0] > 1 and (lowrank_presum(m, lr.shape[0]) if presum is None else presum):
+            lr = lr.sum(0, keepdim=True)
     nsh = lr.shape[2] // r if r else 1
     rp = max(16, triton.next_power_of_2(r))
     sb1, sb2 = shard_bounds or (n, n)

@@ -78,6 +78,13 @@ def lowrank_splits(m: int, k: int, k_blocks: int, sr: int) -> int:
     return ks
 
 
+def lowrank_presum(m: int, partials: int) -> bool:
+    """Whether quant_matmul sums act_quant's branch partials into one [M, R] before the GEMM (one small reduction
+    launch) instead of each output tile reading all of them: on the scratch path (M >= SCRATCH_MIN_M), where its
+    many tiles re-read the partials (the branch's GEMM share at M = 2048 was +42..94 µs: KERNEL_NOTES v21)."""
+    return partials > 1 and uses_scratch(m)
+
+
 def gemm_split(tiles: int, k: int, kb: int, bk: int) -> int:
     """K-splits of the packed-weight GEMM: up to 4 while the grid stays <= 1024 programs; with several
     activation K-blocks one split per block (two or four per block measured 3.5x slower: 14336->4096, M = 64,
