@@ -319,6 +319,8 @@ def main() -> None:
             lanes = 8 // code.bits
             q, s, z, _ = T.act_quant(x, left, right, 4, 0.9, kb)
             q_lanes = T.act_quant(x, left, right, 4, 0.9, kb, lanes=lanes)[0]  # for the scratch path
+            group = k if gs == -1 else gs
+            variants = {"group_weights": group}  # the op with its launch rules flipped, each checked equal to it
 
             def mm(i, **kw):
                 p, rs, qa, qm, rsum = layers[i]
@@ -338,12 +340,19 @@ def main() -> None:
                 return T.quant_matmul(qi, si, zi, p, rs, qa, qm, rsum, code.bits, code.step, code.offset, gs,
                                       torch.bfloat16, **options)
 
+            if m > T.GEMV_MAX_M:  # the scratch GEMM on a resident int8 copy: what keeping one would buy
+                resident = [T.unpack_weights(p, qa, qm, code.bits, code.step, code.offset, gs)
+                            for p, _, qa, qm, _ in layers]
+                if not torch.allclose(mm(0, scratch=True, unpacked=resident[0]).float(), mm(0).float(), rtol=1e-2,
+                                      atol=1e-3 * mm(0).float().abs().max().item()):
+                    raise AssertionError("the scratch GEMM on resident int8 weights differs")
+                variants["resident_int8_gemm_us"] = bench(lambda i: mm(i, scratch=True, unpacked=resident[i]), c)
+                del resident
             t_quant = bench(lambda i: T.act_quant(x, left, right, 4, 0.9, kb, lanes=T.act_lanes(m, code.bits)))
             branch = branch_times(x, layers, branch_ab, left, right, kb, code, gs, c) if a.lowrank else {}
             t_gemm = bench(mm, c)
             t_all = bench(op, c)
-            group = k if gs == -1 else gs
-            variants = {"group_weights": group}  # the op with its launch rules flipped, each checked equal to it
+
             for key, options in flipped_rules(m, group, T.gdc(x.device)):
                 if not torch.equal(op_with(0, **options), op(0)):
                     raise AssertionError(f"{key}: the op with {options} differs from the served op")
@@ -392,6 +401,7 @@ def main() -> None:
                  + ") |" if "branch_fused_us" in r else "")
         extra += f" + {r['act_blocks']} ranges {r['act_ranges_us']:.1f} µs |" if "act_ranges_us" in r else ""
         on_off = lambda rule: "off" if rule else "on"  # noqa: E731
+        extra += f" GEMM on resident int8 {r['resident_int8_gemm_us']:.1f} µs |" if "resident_int8_gemm_us" in r else ""
         extra += f" PDL {on_off(T.use_pdl(r['m']))} {r['pdl_flipped_us']:.1f} µs |" if "pdl_flipped_us" in r else ""
         extra += (f" late sums {on_off(T.gemv_late_sum(r['m'], r['group_weights']))} {r['late_sum_flipped_us']:.1f}"
                   f" µs |" if "late_sum_flipped_us" in r else "")

@@ -21,7 +21,8 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
                  shard_bounds: tuple[int, int] | None = None, scratch: bool | None = None,
                  tile: tuple[int, int, int, int, int] | None = None, out: torch.Tensor | None = None,
                  split: int | None = None, gemv_split: bool = True, pdl: bool | None = None,
-                 late_sum: bool | None = None, presum: bool | None = None) -> torch.Tensor:
+                 late_sum: bool | None = None, presum: bool | None = None,
+                 unpacked: torch.Tensor | None = None) -> torch.Tensor:
     """y [M, N] = s_n * Σ_b s_b (q·W_intᵀ - z_b rowsum_b) (+ lowrank_a @ lrᵀ per shard, + bias).
 
     q/s/z from `act_quant` (lane order iff `uses_scratch(M)`); packed [N, K*bits/32] int32; row_scale [N]
@@ -31,7 +32,9 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
     tensor-core path's table and split rule (benchmarks, tests);
     gemv_split=False keeps the GEMV's K unsplit (tests); pdl, late_sum, presum: override the rules `tiles.use_pdl`
     (programmatic dependent launch), `tiles.gemv_late_sum` (the GEMV's sums over words after its K loop) and
-    `tiles.lowrank_presum` (the branch's partials summed before the matmul)."""
+    `tiles.lowrank_presum` (the branch's partials summed before the matmul); `unpacked`: these weights' int8
+    scratch from `unpack_weights`, kept resident, for the scratch path to use instead of unpacking (benchmarks:
+    what a resident int8 copy would buy)."""
     m, k = q.shape
     n = packed.shape[0]
     kb, g = s.shape[1], qa.shape[1]
@@ -85,7 +88,7 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
         bm = min(bm, 64)  # 128-token tiles with the per-block fp32 promotion: 439 vs 188 µs (14336->4096, M=128)
     use_scratch = uses_scratch(m) if scratch is None else scratch
     if use_scratch:
-        w = unpack_weights(packed, qa, qm, bits, step, offset, group_size)
+        w = unpacked if unpacked is not None else unpack_weights(packed, qa, qm, bits, step, offset, group_size)
     else:
         w = packed.view(torch.int8)
     bk = block_k(k // kb, bkc)
