@@ -240,9 +240,9 @@ def lowrank_sweep(code, gs: int, rank: int, ms: list[int]) -> list[dict]:
             row = dict(k=k, n=n, k_blocks=kb, m=m, rule_splits=list(lowrank_split_rule(m, k, kb, rank)),
                        rule_us=bench(branch_op(*args), c), gemm_us=bench(branch_op(*args, fuse=False), c), splits={})
             cells = [f"rule {row['rule_us']:.1f}", f"gemm {row['gemm_us']:.1f}"]
+            btl, jb, _, dot = lowrank_tile(m, rank)
             for ks in (1, 2, 4, 8, 16, 32):
                 for step in (64, 128, 256, 512):
-                    btl, jb, _, dot = lowrank_tile(m, rank)
                     if ((k // kb) % ks or step > 2 * (k // kb // ks)
                             or (not dot and btl * jb * step > LOWRANK_FMA_PRODUCTS)):
                         continue  # chunks must tile the block; a larger multiply-add tile would spill
