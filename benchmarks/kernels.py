@@ -20,11 +20,15 @@ With --lowrank R: + branch = the whole op with a rank-R 16-bit branch as served;
 x·Bᵀ computed in act_quant's launch (what the op does) / as its own fp32 GEMM (A·(·) in the matmul's epilogue
 either way); quant = act_quant with the branch's x·Bᵀ programs in its launch (against the quant column: what
 the branch adds before the matmul); GEMM unsplit (M = 9..255, one K-block) = the op without / with the branch, the
-packed GEMM forced to one K-split so that the branch is added in its own epilogue.
+packed GEMM forced to one K-split so that the branch is added in its own epilogue; B fp32 = the op with the branch's
+B in fp32 (three TF32 passes: the form before session 25); pre-sum on / off = the op with the branch's partials
+summed before the matmul the other way from `tiles.lowrank_presum`.
+GEMM on resident int8 (M > 8) = the scratch GEMM on an int8 copy of the weights unpacked beforehand: what keeping
+one resident (1 byte/weight more) would buy against the gemm column.
 The launch rules flipped, each checked bit for bit against the op: PDL on / off (sm_90+): the whole op with
-programmatic dependent launch the other way from `tiles.use_pdl` (on at M <= 8); late sums on / off (M = 2..8):
-the GEMV summing its words after the K loop the other way from `tiles.gemv_late_sum` (on at M = 5..8 for groups of
->= 128 weights).
+programmatic dependent launch the other way from `tiles.use_pdl` (on at M <= 8, and at M = 9..255 with one
+K-block); late sums on / off (M = 2..8): the GEMV summing its words after the K loop the other way from
+`tiles.gemv_late_sum` (on at M = 5..8 for groups of >= 128 weights).
 With --act-group-size G: + ranges = the whole op with activation ranges of about G channels (twla-quantize
 --act-group-size G picks the same count: offline.layout.pick_act_blocks) instead of one per transform block.
 """
@@ -145,10 +149,10 @@ def random_branches(n: int, k: int, rank: int, copies: int) -> list[tuple[torch.
             for _ in range(copies)]
 
 
-def flipped_rules(m: int, group_weights: int, gdc: bool) -> list[tuple[str, dict]]:
-    """(column, `quant_matmul` options) of the launch rules flipped at this M: PDL (sm_90+) and, at M = 2..8, the
-    GEMV's late sums."""
-    out = [("pdl_flipped_us", dict(pdl=not T.use_pdl(m)))] if gdc else []
+def flipped_rules(m: int, kb: int, group_weights: int, gdc: bool) -> list[tuple[str, dict]]:
+    """(column, `quant_matmul` options) of the launch rules flipped at this M and K-block count: PDL (sm_90+) and,
+    at M = 2..8, the GEMV's late sums."""
+    out = [("pdl_flipped_us", dict(pdl=not T.use_pdl(m, kb)))] if gdc else []
     if 1 < m <= T.GEMV_MAX_M:
         out.append(("late_sum_flipped_us", dict(late_sum=not T.gemv_late_sum(m, group_weights))))
     return out
@@ -353,7 +357,7 @@ def main() -> None:
             t_gemm = bench(mm, c)
             t_all = bench(op, c)
 
-            for key, options in flipped_rules(m, group, T.gdc(x.device)):
+            for key, options in flipped_rules(m, kb, group, T.gdc(x.device)):
                 if not torch.equal(op_with(0, **options), op(0)):
                     raise AssertionError(f"{key}: the op with {options} differs from the served op")
                 variants[key] = bench(lambda i: op_with(i, **options), c)
@@ -402,7 +406,8 @@ def main() -> None:
         extra += f" + {r['act_blocks']} ranges {r['act_ranges_us']:.1f} µs |" if "act_ranges_us" in r else ""
         on_off = lambda rule: "off" if rule else "on"  # noqa: E731
         extra += f" GEMM on resident int8 {r['resident_int8_gemm_us']:.1f} µs |" if "resident_int8_gemm_us" in r else ""
-        extra += f" PDL {on_off(T.use_pdl(r['m']))} {r['pdl_flipped_us']:.1f} µs |" if "pdl_flipped_us" in r else ""
+        extra += (f" PDL {on_off(T.use_pdl(r['m'], K_BLOCKS[r['k']]))} {r['pdl_flipped_us']:.1f} µs |"
+                  if "pdl_flipped_us" in r else "")
         extra += (f" late sums {on_off(T.gemv_late_sum(r['m'], r['group_weights']))} {r['late_sum_flipped_us']:.1f}"
                   f" µs |" if "late_sum_flipped_us" in r else "")
         print(f"| {r['k']}->{r['n']} | {r['m']} | {r['quant_us']:.1f} | {r['gemm_us']:.1f} | {r['twla_us']:.1f} | "

@@ -256,12 +256,13 @@ def gpu_cases() -> list[Case]:
     out += [Case(m, 4096, 4096, gs=gs, dtype=bf16, code=code, late_sum=not T.gemv_late_sum(m, gs)) for m in (1, 4, 8)
             for code, gs in (("ternary", 32), ("binary", 128), ("int4", 128))]
     out += [Case(8, 4096, 14336, gs=128, kb=8, rank=16, dtype=bf16, code="binary")]
-    # programmatic dependent launch against the rule (`tiles.use_pdl`: on at M <= 8): GEMV (+ split epilogue with
-    # the branch) without it, GEMM and scratch GEMM with it
+    # programmatic dependent launch against the rule (`tiles.use_pdl`: on at M <= 8 and on one-block GEMMs): GEMV
+    # (+ split epilogue with the branch) and one-block GEMM without it, 8-block GEMM and scratch GEMM with it
     out += [Case(1, 4096, 4096, gs=32, dtype=bf16, pdl=False), Case(1, 4096, 14336, gs=128, kb=8, rank=16,
                                                                     dtype=bf16, code="binary", pdl=False),
             Case(8, 4096, 4096, gs=32, dtype=bf16, pdl=False), Case(64, 4096, 14336, gs=32, kb=8, dtype=bf16, pdl=True),
-            Case(300, 4096, 4096, gs=32, dtype=bf16, scratch=True, pdl=True)]
+            Case(300, 4096, 4096, gs=32, dtype=bf16, scratch=True, pdl=True),
+            Case(64, 4096, 4096, gs=128, rank=32, dtype=bf16, code="int4", pdl=False)]
     out += [Case(64, 4096, 14336, gs=32, kb=8, rot=False, dtype=bf16),
             Case(100, 4096, 4096, gs=128, dtype=bf16, code="int4", rank=32, shards=3)]
     # the branch's partials summed before the matmul, against the rule (`tiles.lowrank_presum`: scratch path)
@@ -296,7 +297,7 @@ def rule_check(dev, gen) -> list[str]:
         args = (q, s, z, fmt.pack_codes(codes, code).to(dev), row_scale.to(dev), qa.to(dev), qm.to(dev),
                 block_row_sums(w_int, 1).to(dev), code.bits, code.step, code.offset, gs, torch.bfloat16)
         ruled = T.quant_matmul(*args)
-        for key, flipped in (("pdl", not T.use_pdl(m)), ("late_sum", not T.gemv_late_sum(m, gs))):
+        for key, flipped in (("pdl", not T.use_pdl(m, 1)), ("late_sum", not T.gemv_late_sum(m, gs))):
             if not torch.equal(T.quant_matmul(*args, **{key: flipped}), ruled):
                 fails.append(f"{code_name} g{gs} M={m}: {key}={flipped} changes the output")
     return fails

@@ -56,7 +56,7 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
                 CP=triton.next_power_of_2(nsh * rp), LRKB=lr.shape[0] if r else 1, HAS_BIAS=bias is not None)
     stride_lr = lr.stride(1) if r else 0
     asm = q.device.type == "cuda"
-    launch = dict(GDC=gdc(q.device), **launch_options(q.device, use_pdl(m) if pdl is None else pdl))
+    launch = dict(GDC=gdc(q.device), **launch_options(q.device, use_pdl(m, kb) if pdl is None else pdl))
     if m <= GEMV_MAX_M and tile is None:
         _, bn, bp, warps = next(c for c in GEMV_CONFIGS if m <= c[0])
         lanes = 8 // bits

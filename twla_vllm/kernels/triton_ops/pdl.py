@@ -3,8 +3,9 @@ in the stream still runs, so its prologue (weights are constants) overlaps that 
 the earlier kernel is done and its writes are visible. Every kernel here issues the wait before its first read of
 another kernel's output, and act_quant / the matmuls signal `gdc_launch_dependents` early so the next one can start.
 The instructions are no-ops for kernels launched without the attribute, so they are compiled in wherever the GPU
-has them; the launch attribute is set where it measured faster (`tiles.use_pdl`: decode sizes; KERNEL_NOTES v20),
-and never with TWLA_PDL=0 in the environment (read at import): a switch for a CUDA graph capture that rejects it."""
+has them; the launch attribute is set where it measured faster (`tiles.use_pdl`: decode sizes and GEMMs with one
+activation K-block; KERNEL_NOTES v20, v22), and never with TWLA_PDL=0 in the environment (read at import): a switch
+for a CUDA graph capture that rejects it."""
 
 from __future__ import annotations
 

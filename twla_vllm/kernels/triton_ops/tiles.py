@@ -78,11 +78,18 @@ def lowrank_splits(m: int, k: int, k_blocks: int, sr: int) -> int:
     return ks
 
 
+LOWRANK_PRESUM_PARTIALS = 64  # past the scratch path, pre-sum from this many partials (measured at 8..128)
+
+
 def lowrank_presum(m: int, partials: int) -> bool:
-    """Whether quant_matmul sums act_quant's branch partials into one [M, R] before the GEMM (one small reduction
-    launch) instead of each output tile reading all of them: on the scratch path (M >= SCRATCH_MIN_M), where its
-    many tiles re-read the partials (the branch's GEMM share at M = 2048 was +42..94 µs: KERNEL_NOTES v21)."""
-    return partials > 1 and uses_scratch(m)
+    """Whether quant_matmul sums act_quant's branch partials into one [M, R] with a torch reduction before the
+    matmul instead of each output tile reading all of them: on the scratch path (M >= SCRATCH_MIN_M) and from
+    LOWRANK_PRESUM_PARTIALS partials. H100, int4 g128 rank 32, whole op µs with the rule / flipped (session 25,
+    KERNEL_NOTES v22): M = 2048 (4 / 4 / 8 partials; 4096->4096, 4096->14336, 14336->4096) 144.5 / 145.8,
+    372.0 / 392.9, 667.8 / 675.8; M = 8 14336->4096 (128 partials) 69.4 / 78.0, but with 32 partials (4096-wide)
+    32.3 / 33.9 and 67.5 / 69.4; M = 64 (8 / 8 / 16) 35.4 / 36.6, 80.7 / 79.6, 128.2 / 125.4; M = 1 (8 / 8 / 16)
+    14.2 / 18.3, 21.9 / 27.0, 26.7 / 29.7."""
+    return partials > 1 and (uses_scratch(m) or partials >= LOWRANK_PRESUM_PARTIALS)
 
 
 def gemm_split(tiles: int, k: int, kb: int, bk: int) -> int:
@@ -112,12 +119,14 @@ def tokens_per_program(m: int, k_blocks: int, rbp: int, cp: int, rotated: bool) 
     return max(bt for bt in {1, min(2, widest), widest} if bt == 1 or m * k_blocks // bt >= MIN_PROGRAMS)
 
 
-def use_pdl(m: int) -> bool:
-    """Programmatic dependent launch for the matmul after act_quant (pdl.py): at decode sizes (the GEMV path) only.
-    H100, whole op µs without / with it (session 23, `benchmarks/kernels.py`, KERNEL_NOTES v20): M = 1 ternary
-    4096->4096 11.1 / 10.1, 14336->4096 20.0 / 18.4; M = 4 14.4 / 12.0; past the GEMV it lost where the GEMM
-    splits per K-block (14336->4096, M = 16: 66.9 / 86.7, M = 64: 101.4 / 134.4)."""
-    return m <= GEMV_MAX_M
+def use_pdl(m: int, k_blocks: int) -> bool:
+    """Programmatic dependent launch for the matmul after act_quant (pdl.py): on the GEMV path (M <= 8), and on the
+    packed GEMM (M = 9..255) with one activation K-block. H100, whole op µs without / with it: M = 1 ternary
+    4096->4096 11.1 / 10.1, 14336->4096 20.0 / 18.4; M = 4 14.4 / 12.0 (session 23, KERNEL_NOTES v20); int4 g128
+    M = 64 4096->4096 30.5 / 28.4 and 30.3 / 28.5, 4096->14336 67.5 / 66.2 and 68.0 / 66.4 (sessions 24 and 25,
+    v22). Off where the GEMM splits per K-block (14336->4096 in 8 blocks: ternary M = 16 66.9 / 86.7, M = 64
+    101.4 / 134.4; int4 M = 64 109.5 / 129.0) and on the scratch path (M = 2048: 103.7 / 103.6, 290.6 / 290.6)."""
+    return m <= GEMV_MAX_M or (k_blocks == 1 and not uses_scratch(m))
 
 
 def gemv_late_sum(m: int, group_weights: int) -> bool:
