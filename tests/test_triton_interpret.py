@@ -9,10 +9,11 @@ import sys
 
 import torch
 
+from twla_vllm.kernels.triton_ops.act_quant import lowrank_dot_precision
 from twla_vllm.kernels.triton_ops.pdl import gdc, launch_options
 from twla_vllm.kernels.triton_ops.tiles import (LOWRANK_DOT_MIN_CHUNK, LOWRANK_FMA_PRODUCTS, LOWRANK_MAX_SPLITS,
-                                                LOWRANK_MIN_PROGRAMS, MIN_PROGRAMS, lowrank_splits, lowrank_tile,
-                                                tokens_per_program)
+                                                LOWRANK_MIN_PROGRAMS, MIN_PROGRAMS, lowrank_presum, lowrank_splits,
+                                                lowrank_tile, tokens_per_program, use_pdl)
 
 from .helpers import REPO
 from .triton_check import CPU_CASES
@@ -76,6 +77,36 @@ def test_lowrank_branch_launch_rules_follow_the_h100_table():
                 assert dot or btl * jb * bkl <= LOWRANK_FMA_PRODUCTS
                 programs = -(-m // btl) * -(-sr // jb) * kb
                 assert ks == 1 or programs * ks // 2 < LOWRANK_MIN_PROGRAMS  # never split past the target
+
+
+def test_one_tf32_pass_is_exact_for_16bit_branch_operands():
+    """The branch's x·Bᵀ runs one TF32 pass where x and B are 16-bit (`lowrank_dot_precision`): TF32 keeps 10 of
+    fp32's 23 mantissa bits, so a value is exact in it iff its low 13 bits are zero, which holds for every fp16 and
+    bf16 value (subnormals and the largest included), and their products (<= 22 significant bits) are exact in
+    fp32."""
+    bits = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16)
+    for dtype in (torch.float16, torch.bfloat16):
+        v = bits.view(dtype).float()
+        v = v[torch.isfinite(v)]
+        assert not (v.view(torch.int32) & 0x1FFF).any(), dtype
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(4096, generator=gen) * 30).to(torch.bfloat16).double()
+    b = (torch.randn(4096, generator=gen) * 0.05).half().double()
+    assert torch.equal((x * b).float().double(), x * b)  # every product exact in fp32
+    assert lowrank_dot_precision(torch.bfloat16, torch.float16, cuda=True) == "tf32"
+    assert lowrank_dot_precision(torch.float16, torch.float16, cuda=True) == "tf32"
+    assert lowrank_dot_precision(torch.float32, torch.float16, cuda=True) == "tf32x3"  # fp32 x needs three passes
+    assert lowrank_dot_precision(torch.bfloat16, torch.float16, cuda=False) == "ieee"
+
+
+def test_pdl_and_presum_rules_follow_the_h100_tables():
+    """`use_pdl`: GEMV sizes, and GEMMs of 9..255 tokens with one activation K-block (off with 8 blocks and on the
+    scratch path); `lowrank_presum`: the scratch path, or from 64 partials (KERNEL_NOTES v22)."""
+    assert use_pdl(1, 8) and use_pdl(8, 1) and use_pdl(64, 1) and use_pdl(255, 1)
+    assert not use_pdl(64, 8) and not use_pdl(16, 2) and not use_pdl(2048, 1)
+    assert lowrank_presum(2048, 4) and lowrank_presum(8, 128) and lowrank_presum(256, 2)
+    assert not lowrank_presum(1, 16) and not lowrank_presum(8, 32) and not lowrank_presum(64, 16)
+    assert not lowrank_presum(2048, 1)
 
 
 def test_programmatic_dependent_launch_never_reaches_cpu_tensors():

@@ -27,18 +27,19 @@ H100 = GPUTarget("cuda", 90, 32)
 # pointer element types as the launchers pass them (matmul.py, act_quant.py); other non-constexpr args are i32
 POINTERS = {
     "act_quant": dict(x_ptr="*bf16", l_ptr="*fp32", r_ptr="*fp32", q_ptr="*i8", s_ptr="*fp32", z_ptr="*fp32",
-                      b_ptr="*fp32", lr_ptr="*fp32"),
+                      b_ptr="*fp16", lr_ptr="*fp32"),
     "matmul": dict(x_ptr="*i32", q_ptr="*i8", s_ptr="*fp32", z_ptr="*fp32", w_ptr="*i8", ws_ptr="*fp16",
                    qa_ptr="*i8", qm_ptr="*i8", rs_ptr="*i32", la_ptr="*fp16", lr_ptr="*fp32", bias_ptr="*bf16",
                    y_ptr="*bf16", acc_ptr="*i32"),
     "unpack": dict(w_ptr="*i8", qa_ptr="*i8", qm_ptr="*i8", out_ptr="*i8"),
 }
+POINTERS["act_quant fp32"] = {**POINTERS["act_quant"], "x_ptr": "*fp32"}  # a float32 model's activations
 POINTERS["gemv"] = {**POINTERS["matmul"], "w_ptr": "*i32"}  # the GEMV reads packed int32 words
 POINTERS["fp32 partials"] = {**POINTERS["matmul"], "acc_ptr": "*fp32"}  # several K-blocks: promoted partials
 POINTERS["gemv fp32 partials"] = {**POINTERS["gemv"], "acc_ptr": "*fp32"}
 ACT = dict(ROWS=64, COLS=64, RBP=64, CP=64, BT=2, HAS_ROT=True, KB=1, AB=1, QR=64, BITS=4, CLIP=0.9, LANES=0,
            PRECISION="tf32", ASM=True, GDC=True, SR=0, JB=16, BTL=16, BKL=128, KS=1, LR_DOT=True,
-           LR_PRECISION="tf32x3")
+           LR_PRECISION="tf32")  # the branch's dot on bf16 x and fp16 B: one exact TF32 pass
 BRANCH = dict(R=32, NSH=3, RP=32, CP=128)  # rank 32 x 3 fused shards
 NO_BRANCH = dict(R=0, NSH=1, RP=16, CP=16)
 GEMV = dict(BITS=2, STEP=1, OFF=1, G=128, GW=2, KB=1, LRKB=1, HAS_BIAS=True, BM=1, BN=8, BP=64, SPLIT=1, ASM=True,
@@ -48,6 +49,8 @@ GEMM = dict(BITS=2, STEP=1, OFF=1, G=128, GS=32, KB=1, LRKB=1, HAS_BIAS=True, SC
 VARIANTS = [
     ("act_quant", _act_quant_kernel, "act_quant", ACT, 4),
     ("act_quant + branch x·Bᵀ", _act_quant_kernel, "act_quant", {**ACT, "SR": 32, "JB": 32, "BTL": 64}, 4),
+    ("act_quant fp32 x + branch x·Bᵀ (three TF32 passes)", _act_quant_kernel, "act_quant fp32",
+     {**ACT, "SR": 32, "JB": 32, "BTL": 64, "LR_PRECISION": "tf32x3"}, 4),
     ("act_quant, 32 ranges", _act_quant_kernel, "act_quant", {**ACT, "AB": 32, "QR": 2}, 4),
     ("act_quant down_proj 8 blocks, 112 ranges", _act_quant_kernel, "act_quant",
      {**ACT, "ROWS": 112, "COLS": 128, "RBP": 16, "CP": 128, "KB": 8, "AB": 112, "QR": 1, "BT": 8}, 8),
