@@ -157,7 +157,7 @@ def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | 
               k_blocks: int, precision: str | None = None, lanes: int = 0,
               out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, bt: int | None = None,
               warps: int | None = None, lowrank_b: torch.Tensor | None = None, act_blocks: int = 0,
-              lowrank_split: tuple[int, int] | None = None, lowrank_precision: str | None = None,
+              lowrank_split: tuple[int, int] | None = None,
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """x [M, K] -> (q int8 [M, K], s fp32 [M, AB], z fp32 [M, AB], lr) as `reference.quantize_per_token` of
     `reference.kron_rotate(x, left, right)` with AB = act_blocks (0: k_blocks) ranges per token. A left factor
@@ -167,11 +167,10 @@ def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | 
     benchmarks/RESULTS.md) or "bf16".
     lanes > 0 stores q in the lane order of a code with that many lanes (what `unpack_weights` writes).
     lowrank_b [SR, K] (fp16 as stored, or fp32): the same launch also computes the low-rank branch's x @ lowrank_bᵀ
-    with fp32-exact products (`lowrank_precision`), returned as lr [P, M, SR] partial sums, P = k_blocks *
+    with fp32-exact products (`lowrank_dot_precision`), returned as lr [P, M, SR] partial sums, P = k_blocks *
     `lowrank_splits`, for `quant_matmul` (None without lowrank_b).
     `out`: preallocated outputs (tests poison them). `bt` (tokens per program), `warps`, `lowrank_split` (the
-    branch's K-chunks per K-block and K step per program), `lowrank_precision` (of its tensor-core dot): override
-    the launch rules (benchmarks, tests)."""
+    branch's K-chunks per K-block and K step per program): override the launch heuristics (benchmarks, tests)."""
     m, k = x.shape
     x = x.contiguous()
     ab = act_blocks or k_blocks
@@ -206,8 +205,8 @@ def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | 
             QR=rbp if ab == k_blocks else rows // ab, BITS=bits,
             CLIP=float(clip),
             LANES=lanes, PRECISION=precision, ASM=cuda, SR=sr, JB=jb, BTL=btl, BKL=bkl, KS=ks, LR_DOT=lr_dot,
-            LR_PRECISION=lowrank_precision or lowrank_dot_precision(x.dtype, lowrank_b.dtype if sr else x.dtype, cuda),
-            GDC=gdc(x.device), num_warps=warps)
+            LR_PRECISION=lowrank_dot_precision(x.dtype, lowrank_b.dtype if sr else x.dtype, cuda), GDC=gdc(x.device),
+            num_warps=warps)
     return q, s, z, lr
 
 
