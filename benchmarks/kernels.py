@@ -347,8 +347,9 @@ def main() -> None:
             if m > T.GEMV_MAX_M:  # the scratch GEMM on a resident int8 copy: what keeping one would buy
                 resident = [T.unpack_weights(p, qa, qm, code.bits, code.step, code.offset, gs)
                             for p, _, qa, qm, _ in layers]
-                if not torch.allclose(mm(0, scratch=True, unpacked=resident[0]).float(), mm(0).float(), rtol=1e-2,
-                                      atol=1e-3 * mm(0).float().abs().max().item()):
+                base = mm(0).float()
+                if not torch.allclose(mm(0, scratch=True, unpacked=resident[0]).float(), base, rtol=1e-2,
+                                      atol=1e-3 * base.abs().max().item()):
                     raise AssertionError("the scratch GEMM on resident int8 weights differs")
                 variants["resident_int8_gemm_us"] = bench(lambda i: mm(i, scratch=True, unpacked=resident[i]), c)
                 del resident
