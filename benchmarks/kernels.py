@@ -187,7 +187,7 @@ def branch_times(x, layers, branch_ab, left, right, kb, code, gs, copies) -> dic
     n = layers[0][0].shape[0]
     fused, unfused = (branch_op(x, layers, branch_ab, left, right, kb, code, gs, fuse) for fuse in (True, False))
     m = x.shape[0]
-    partials = T.act_quant(x, left, right, 4, 0.9, kb, lowrank_b=branch_ab[0][1])[3].shape[0]
+    partials = kb * lowrank_split_rule(m, x.shape[1], kb, branch_ab[0][1].shape[0])[0]
     presum_flipped = branch_op(x, layers, branch_ab, left, right, kb, code, gs,
                                presum=not T.lowrank_presum(m, partials))
 
@@ -357,7 +357,6 @@ def main() -> None:
             branch = branch_times(x, layers, branch_ab, left, right, kb, code, gs, c) if a.lowrank else {}
             t_gemm = bench(mm, c)
             t_all = bench(op, c)
-
             for key, options in flipped_rules(m, kb, group, T.gdc(x.device)):
                 if not torch.equal(op_with(0, **options), op(0)):
                     raise AssertionError(f"{key}: the op with {options} differs from the served op")
