@@ -51,7 +51,7 @@ if triton_ops is not None:
                       code_step, code_offset, group_size, act_bits, act_clip, k_blocks, act_blocks, shard_end0,
                       shard_end1):
         lanes = triton_ops.act_lanes(x.shape[0], code_bits)
-        # B is fp32 already when served (TritonKernel.process_weights); x·Bᵀ runs in act_quant's launch
+        # x·Bᵀ runs in act_quant's launch (B fp16 as stored, converted in registers)
         q, s, z, lr = triton_ops.act_quant(x, left, right, act_bits, act_clip, k_blocks, lanes=lanes,
                                            lowrank_b=lowrank_b, act_blocks=act_blocks)
         return triton_ops.quant_matmul(q, s, z, packed, row_scale, qa, qm, rowsum, code_bits, code_step,
