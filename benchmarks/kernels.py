@@ -165,12 +165,11 @@ def branch_op(x, layers, branch_ab, left, right, kb, code, gs, fuse: bool = True
     either way. `gemm_split`, `presum` override the GEMM's K-splits and the partials' pre-sum; branch=False: the
     same op without the branch."""
     n = layers[0][0].shape[0]
-    lanes = T.act_lanes(x.shape[0], code.bits)
 
     def call(i):
         p, rs, qa, qm, rsum = layers[i]
         la, lb = branch_ab[i] if branch else (None, None)
-        q, s, z, lr = T.act_quant(x, left, right, 4, 0.9, kb, lanes=lanes, lowrank_b=lb if fuse else None,
+        q, s, z, lr = T.act_quant(x, left, right, 4, 0.9, kb, lowrank_b=lb if fuse else None,
                                   lowrank_split=split)
         if branch and not fuse:
             lr = x.float() @ lb.float().t()
@@ -207,9 +206,8 @@ def branch_times(x, layers, branch_ab, left, right, kb, code, gs, copies) -> dic
              "branch_b32_us": bench(lambda i: served(i, b32=True), copies), "partials": partials,
              "branch_presum_flipped_us": bench(presum_flipped, copies),
              # act_quant with the branch's x·Bᵀ programs in its launch: the quant column's op plus the branch
-             "quant_branch_us": bench(lambda i: T.act_quant(x, left, right, 4, 0.9, kb,
-                                                            lanes=T.act_lanes(m, code.bits),
-                                                            lowrank_b=branch_ab[i][1]), copies)}
+             "quant_branch_us": bench(lambda i: T.act_quant(x, left, right, 4, 0.9, kb, lowrank_b=branch_ab[i][1]),
+                                      copies)}
     if T.GEMV_MAX_M < m and not T.uses_scratch(m) and kb == 1:
         # the packed GEMM unsplit, so the branch is added in its own epilogue instead of `_epilogue_kernel`'s
         # (where the branch's cost sits at M = 16..255: KERNEL_NOTES v19)
@@ -320,16 +318,13 @@ def main() -> None:
         one = torch.ones((), device="cuda")
         for m in map(int, a.ms.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            lanes = 8 // code.bits
             q, s, z, _ = T.act_quant(x, left, right, 4, 0.9, kb)
-            q_lanes = T.act_quant(x, left, right, 4, 0.9, kb, lanes=lanes)[0]  # for the scratch path
             group = k if gs == -1 else gs
             variants = {"group_weights": group}  # the op with its launch rules flipped, each checked equal to it
 
             def mm(i, **kw):
                 p, rs, qa, qm, rsum = layers[i]
-                q_in = q_lanes if kw.get("scratch", T.uses_scratch(m)) else q
-                return T.quant_matmul(q_in, s, z, p, rs, qa, qm, rsum, code.bits, code.step, code.offset, gs,
+                return T.quant_matmul(q, s, z, p, rs, qa, qm, rsum, code.bits, code.step, code.offset, gs,
                                       torch.bfloat16, **kw)
 
             def op(i, ranges=False):
@@ -340,7 +335,7 @@ def main() -> None:
 
             def op_with(i, **options):  # the op's two launches with quant_matmul `options`
                 p, rs, qa, qm, rsum = layers[i]
-                qi, si, zi, _ = T.act_quant(x, left, right, 4, 0.9, kb, lanes=T.act_lanes(m, code.bits))
+                qi, si, zi, _ = T.act_quant(x, left, right, 4, 0.9, kb)
                 return T.quant_matmul(qi, si, zi, p, rs, qa, qm, rsum, code.bits, code.step, code.offset, gs,
                                       torch.bfloat16, **options)
 
@@ -353,7 +348,7 @@ def main() -> None:
                     raise AssertionError("the scratch GEMM on resident int8 weights differs")
                 variants["resident_int8_gemm_us"] = bench(lambda i: mm(i, scratch=True, unpacked=resident[i]), c)
                 del resident
-            t_quant = bench(lambda i: T.act_quant(x, left, right, 4, 0.9, kb, lanes=T.act_lanes(m, code.bits)))
+            t_quant = bench(lambda i: T.act_quant(x, left, right, 4, 0.9, kb))
             branch = branch_times(x, layers, branch_ab, left, right, kb, code, gs, c) if a.lowrank else {}
             t_gemm = bench(mm, c)
             t_all = bench(op, c)

@@ -31,19 +31,20 @@ POINTERS = {
     "matmul": dict(x_ptr="*i32", q_ptr="*i8", s_ptr="*fp32", z_ptr="*fp32", w_ptr="*i8", ws_ptr="*fp16",
                    qa_ptr="*i8", qm_ptr="*i8", rs_ptr="*i32", la_ptr="*fp16", lr_ptr="*fp32", bias_ptr="*bf16",
                    y_ptr="*bf16", acc_ptr="*i32"),
-    "unpack": dict(w_ptr="*i8", qa_ptr="*i8", qm_ptr="*i8", out_ptr="*i8"),
+    "unpack": dict(w_ptr="*i32", qa_ptr="*i8", qm_ptr="*i8", out_ptr="*i32"),
 }
 POINTERS["act_quant fp32"] = {**POINTERS["act_quant"], "x_ptr": "*fp32"}  # a float32 model's activations
 POINTERS["gemv"] = {**POINTERS["matmul"], "w_ptr": "*i32"}  # the GEMV reads packed int32 words
 POINTERS["fp32 partials"] = {**POINTERS["matmul"], "acc_ptr": "*fp32"}  # several K-blocks: promoted partials
 POINTERS["gemv fp32 partials"] = {**POINTERS["gemv"], "acc_ptr": "*fp32"}
-ACT = dict(ROWS=64, COLS=64, RBP=64, CP=64, BT=2, HAS_ROT=True, KB=1, AB=1, QR=64, BITS=4, CLIP=0.9, LANES=0,
+ACT = dict(ROWS=64, COLS=64, RBP=64, CP=64, BT=2, HAS_ROT=True, KB=1, AB=1, QR=64, BITS=4, CLIP=0.9,
            PRECISION="tf32", ASM=True, GDC=True, SR=0, JB=16, BTL=16, BKL=128, KS=1, LR_DOT=True,
            LR_PRECISION="tf32")  # the branch's dot on bf16 x and fp16 B: one exact TF32 pass
 BRANCH = dict(R=32, NSH=3, RP=32, CP=128)  # rank 32 x 3 fused shards
 NO_BRANCH = dict(R=0, NSH=1, RP=16, CP=16)
 GEMV = dict(BITS=2, STEP=1, OFF=1, G=128, GW=2, KB=1, LRKB=1, HAS_BIAS=True, BM=1, BN=8, BP=64, SPLIT=1, ASM=True,
             GDC=True, LATE_SUM=False, CPC=16)  # CPC: branch columns per multiply-add step
+UNPACK = dict(G=128, GS=32, BITS=2, STEP=1, OFF=1, BN=32, BW=64)
 GEMM = dict(BITS=2, STEP=1, OFF=1, G=128, GS=32, KB=1, LRKB=1, HAS_BIAS=True, SCRATCH=False, SPLIT=1, BM=64,
             BN=64, BK=32, GROUP_N=8, PRECISION="tf32x3", GDC=True)
 VARIANTS = [
@@ -87,7 +88,9 @@ VARIANTS = [
     ("epilogue M=1, 8 blocks + branch (16 partials, multiply-adds)", _epilogue_kernel, "fp32 partials",
      dict(KB=8, SPLIT=8, LRKB=16, HAS_BIAS=False, BM=1, BN=64, DOT=False, PRECISION="tf32x3", GDC=True, R=16, NSH=1,
           RP=16, CP=16, CPC=16), 4),
-    ("unpack ternary", _unpack_kernel, "unpack", None, 4),
+    ("unpack ternary", _unpack_kernel, "unpack", UNPACK, 4),
+    ("unpack binary", _unpack_kernel, "unpack", {**UNPACK, "BITS": 1, "STEP": 2, "BW": 32}, 4),
+    ("unpack int4, per-row groups", _unpack_kernel, "unpack", {**UNPACK, "BITS": 4, "OFF": 8, "G": 1, "GS": 4096}, 4),
 ]
 
 
@@ -103,16 +106,9 @@ def compile_variant(kernel, pointers: dict[str, str], consts: dict, warps: int):
     return triton.compile(src, target=H100, options={"num_warps": warps})
 
 
-def unpack_consts() -> dict:
-    names = [_unpack_kernel.arg_names[i] for i in _unpack_kernel.constexprs]
-    known = dict(G=128, GS=32, BITS=2, STEP=1, OFF=1, BN=64, BK=128, ASM=True)
-    return {n: known[n] for n in names}
-
-
 def main() -> int:
     bad = 0
     for name, kernel, kind, consts, warps in VARIANTS:
-        consts = unpack_consts() if consts is None else consts
         try:
             k = compile_variant(kernel, POINTERS[kind], consts, warps)
             print(f"ok   {name} ({len(k.asm['ptx']) // 1000} kB PTX)", flush=True)

@@ -50,10 +50,9 @@ if triton_ops is not None:
     def _quant_linear(x, packed, row_scale, qa, qm, rowsum, left, right, lowrank_a, lowrank_b, bias, code_bits,
                       code_step, code_offset, group_size, act_bits, act_clip, k_blocks, act_blocks, shard_end0,
                       shard_end1):
-        lanes = triton_ops.act_lanes(x.shape[0], code_bits)
         # x·Bᵀ runs in act_quant's launch (B fp16 as stored, converted in registers)
-        q, s, z, lr = triton_ops.act_quant(x, left, right, act_bits, act_clip, k_blocks, lanes=lanes,
-                                           lowrank_b=lowrank_b, act_blocks=act_blocks)
+        q, s, z, lr = triton_ops.act_quant(x, left, right, act_bits, act_clip, k_blocks, lowrank_b=lowrank_b,
+                                           act_blocks=act_blocks)
         return triton_ops.quant_matmul(q, s, z, packed, row_scale, qa, qm, rowsum, code_bits, code_step,
                                        code_offset, group_size, x.dtype, lowrank_a, lr, bias,
                                        (shard_end0, shard_end1))

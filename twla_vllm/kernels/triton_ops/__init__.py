@@ -18,20 +18,19 @@ gemm:       M > 8 on int8 tensor cores, tokens as the MMA's M. The weight tile i
 pdl:        programmatic dependent launch: at decode sizes the matmul starts while act_quant runs (`tiles.use_pdl`).
 matmul:     `quant_matmul` picks the path by M (tiles.py).
 unpack:     large M unpacks the weights once into an int8 scratch and runs the same GEMM on it (SCRATCH). The
-            unpack builds four int8 weights per instruction pair from one packed word: ((w >> B*i) & mask) *
-            (a*step) + (m - a*offset + 128), then XOR 0x80 per byte (inline PTX; a pure-`tl` twin for the
-            interpreter gives the same bytes), in "lane order" (`lane_perm`); act_quant then writes the activations
-            in the same order.
+            unpack builds four int8 weights per multiply-add from one packed word (SWAR on uint32): lane i,
+            ((w >> B*i) & mask) * (a*step) + (m - a*offset + 128), XOR 0x80 per byte, holds four consecutive codes,
+            so the scratch is in natural order and stored as whole words.
 
 Every kernel evaluates `twla_vllm.reference.quant_linear`: exact integer dots, then
 y = s_n * Σ_b s_b * float32(acc_b - z_b * rowsum_b) (+ low-rank, bias). Rounding is half-to-even everywhere.
 """
 
-from .act_quant import act_quant, act_ranges_supported, lane_perm
+from .act_quant import act_quant, act_ranges_supported
 from .matmul import quant_matmul
 from .pdl import gdc
-from .tiles import GEMV_MAX_M, act_lanes, gemv_late_sum, lowrank_presum, lowrank_splits, use_pdl, uses_scratch
+from .tiles import GEMV_MAX_M, gemv_late_sum, lowrank_presum, lowrank_splits, use_pdl, uses_scratch
 from .unpack import unpack_weights
 
-__all__ = ["GEMV_MAX_M", "act_lanes", "act_quant", "act_ranges_supported", "gdc", "gemv_late_sum", "lane_perm",
-           "lowrank_presum", "lowrank_splits", "quant_matmul", "unpack_weights", "use_pdl", "uses_scratch"]
+__all__ = ["GEMV_MAX_M", "act_quant", "act_ranges_supported", "gdc", "gemv_late_sum", "lowrank_presum",
+           "lowrank_splits", "quant_matmul", "unpack_weights", "use_pdl", "uses_scratch"]

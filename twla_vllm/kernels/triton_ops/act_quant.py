@@ -1,5 +1,5 @@
 """Activations: Kronecker transform L·X·R + asymmetric per-token quantization, and the low-rank branch's
-down-projection x·Bᵀ in the same launch; and lane order."""
+down-projection x·Bᵀ in the same launch."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from .tiles import block_k, lowrank_splits, lowrank_tile, tokens_per_program
 
 
 @triton.jit
-def _round_half_even(v):
+def _round_half_even(v, ASM: tl.constexpr):
+    if ASM:  # one cvt.rni (round to nearest even)
+        return libdevice.rint(v)
     r = tl.floor(v + 0.5)
     tie = (r - v) == 0.5
     odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
@@ -65,8 +67,7 @@ def _lowrank_down(x_ptr, b_ptr, lr_ptr, M, stride_x, lid, K: tl.constexpr, KB: t
 def _quantize_tokens(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, M, stride_x, stride_q, pid, ROWS: tl.constexpr,
                      COLS: tl.constexpr, RBP: tl.constexpr, CP: tl.constexpr, BT: tl.constexpr,
                      HAS_ROT: tl.constexpr, KB: tl.constexpr, AB: tl.constexpr, QR: tl.constexpr,
-                     BITS: tl.constexpr, CLIP: tl.constexpr, LANES: tl.constexpr, PRECISION: tl.constexpr,
-                     ASM: tl.constexpr):
+                     BITS: tl.constexpr, CLIP: tl.constexpr, PRECISION: tl.constexpr, ASM: tl.constexpr):
     # One program per (BT tokens, K-block). A token row is viewed as [ROWS, COLS] (= [n1, n2] when transformed);
     # K-block b owns rows [b*RB, (b+1)*RB), and the left factor is block-diagonal along those blocks (checked at
     # load), so blocks transform and quantize independently. The BT tokens are stacked as [BT*RBP, CP]: one dot
@@ -112,21 +113,17 @@ def _quantize_tokens(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, M, stride_x, stri
     # IEEE-rounded divisions (div_rn): the default fast fp32 division differs from torch's in the last bit,
     # which flips a rounding decision now and then
     s = tl.maximum(tl.math.div_rn(hi - lo, qmax), 1e-8)  # [NR]
-    z = _round_half_even(tl.math.div_rn(-lo, s))
+    z = _round_half_even(tl.math.div_rn(-lo, s), ASM)
     tok = pid * BT + tl.arange(0, NR) // (RBP // QR)
     rng = tl.arange(0, NR) % (RBP // QR)  # range within the block
     ok = (tok < M) & (rng < QB)
     tl.store(s_ptr + tok * AB + b * QB + rng, s, mask=ok)
     tl.store(z_ptr + tok * AB + b * QB + rng, z - half, mask=ok)
-    q = _round_half_even(tl.math.div_rn(xt, s[:, None])) + z[:, None]
+    # padding (rows past the block, columns past the view) divides s by itself: IEEE division of a zero takes the
+    # slow-path subroutine (FCHK), which down_proj's 2 padded rows of 16 made a quarter of the kernel's instructions
+    # (Nsight Compute, session 26)
+    q = _round_half_even(tl.math.div_rn(tl.where(vt, xt, s[:, None]), s[:, None]), ASM) + z[:, None]
     q = tl.reshape(tl.minimum(tl.maximum(q, 0.0), qmax) - half, (BT * RBP, CP))
-    if LANES > 0:  # lane order (the int8 scratch's order): k = CPW*p + 4*i + b is stored at CPW*p + LANES*b + i
-        CPW: tl.constexpr = 4 * LANES
-        if COLS % CPW == 0:  # words never cross a row of the view: permute in registers, store contiguously
-            q = tl.reshape(tl.permute(tl.reshape(q, (BT * RBP, CP // CPW, LANES, 4)), (0, 1, 3, 2)), (BT * RBP, CP))
-        else:
-            r = offs % CPW
-            offs = offs - r + LANES * (r % 4) + r // 4
     tl.store(q_ptr + ti[:, None] * stride_q + offs, q.to(tl.int8), mask=valid)
 
 
@@ -134,8 +131,7 @@ def _quantize_tokens(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, M, stride_x, stri
 def _act_quant_kernel(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, b_ptr, lr_ptr, M, NQ, stride_x, stride_q,
                       ROWS: tl.constexpr, COLS: tl.constexpr, RBP: tl.constexpr, CP: tl.constexpr,
                       BT: tl.constexpr, HAS_ROT: tl.constexpr, KB: tl.constexpr, AB: tl.constexpr,
-                      QR: tl.constexpr, BITS: tl.constexpr, CLIP: tl.constexpr, LANES: tl.constexpr,
-                      PRECISION: tl.constexpr, ASM: tl.constexpr, SR: tl.constexpr, JB: tl.constexpr,
+                      QR: tl.constexpr, BITS: tl.constexpr, CLIP: tl.constexpr, PRECISION: tl.constexpr, ASM: tl.constexpr, SR: tl.constexpr, JB: tl.constexpr,
                       BTL: tl.constexpr, BKL: tl.constexpr, KS: tl.constexpr, LR_DOT: tl.constexpr,
                       LR_PRECISION: tl.constexpr, GDC: tl.constexpr):
     # Programs [0, NQ) along axis 0 transform and quantize BT tokens each; with a low-rank branch (SR > 0) the
@@ -146,7 +142,7 @@ def _act_quant_kernel(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, b_ptr, lr_ptr, M
     pid = tl.program_id(0)
     if pid < NQ:
         _quantize_tokens(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, M, stride_x, stride_q, pid, ROWS, COLS, RBP, CP,
-                         BT, HAS_ROT, KB, AB, QR, BITS, CLIP, LANES, PRECISION, ASM)
+                         BT, HAS_ROT, KB, AB, QR, BITS, CLIP, PRECISION, ASM)
     if SR > 0:  # compile-time: kernels without a branch have no such programs
         if pid >= NQ:
             _lowrank_down(x_ptr, b_ptr, lr_ptr, M, stride_x, pid - NQ, ROWS * COLS, KB, KS, SR, JB, BTL, BKL,
@@ -154,7 +150,7 @@ def _act_quant_kernel(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, b_ptr, lr_ptr, M
 
 
 def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None, bits: int, clip: float,
-              k_blocks: int, precision: str | None = None, lanes: int = 0,
+              k_blocks: int, precision: str | None = None,
               out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, bt: int | None = None,
               warps: int | None = None, lowrank_b: torch.Tensor | None = None, act_blocks: int = 0,
               lowrank_split: tuple[int, int] | None = None,
@@ -165,7 +161,6 @@ def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | 
     into a power of two of whole view rows (`token_view`). `precision` of the transform dots: "tf32x3"
     (fp32-accurate), "tf32" (the CUDA default: single pass, ~0.1% of 4-bit codes one step off, see
     benchmarks/RESULTS.md) or "bf16".
-    lanes > 0 stores q in the lane order of a code with that many lanes (what `unpack_weights` writes).
     lowrank_b [SR, K] (fp16 as stored, or fp32): the same launch also computes the low-rank branch's x @ lowrank_bᵀ
     with fp32-exact products (`lowrank_dot_precision`), returned as lr [P, M, SR] partial sums, P = k_blocks *
     `lowrank_splits`, for `quant_matmul` (None without lowrank_b).
@@ -204,7 +199,7 @@ def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | 
             COLS=cols, RBP=rbp, CP=cp, BT=bt, HAS_ROT=left is not None, KB=k_blocks, AB=ab,
             QR=rbp if ab == k_blocks else rows // ab, BITS=bits,
             CLIP=float(clip),
-            LANES=lanes, PRECISION=precision, ASM=cuda, SR=sr, JB=jb, BTL=btl, BKL=bkl, KS=ks, LR_DOT=lr_dot,
+            PRECISION=precision, ASM=cuda, SR=sr, JB=jb, BTL=btl, BKL=bkl, KS=ks, LR_DOT=lr_dot,
             LR_PRECISION=lowrank_dot_precision(x.dtype, lowrank_b.dtype if sr else x.dtype, cuda), GDC=gdc(x.device),
             num_warps=warps)
     return q, s, z, lr
@@ -243,11 +238,3 @@ def act_ranges_supported(k: int, k_blocks: int, act_blocks: int, rotation_rows: 
     except ValueError:
         return False
     return True
-
-
-def lane_perm(k: int, lanes: int) -> torch.Tensor:
-    """Index map of lane order: position j holds natural k = perm[j] (CPW = 4*lanes codes per word)."""
-    j = torch.arange(k)
-    cpw = 4 * lanes
-    r = j % cpw
-    return j - r + 4 * (r % lanes) + r // lanes

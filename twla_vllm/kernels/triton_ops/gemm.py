@@ -21,8 +21,7 @@ def _gemm_kernel(q_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
     # SCRATCH 0: w_ptr = the packed words viewed as bytes, unpacked per tile (`_load_rep` + `_int_tile`), q in
     # natural order; the next tile's loads are issued before this tile's dot so their latency overlaps it (byte
     # loads are not pipelined by Triton, and without this the loop waits on every tile: 1.2-1.5x slower).
-    # SCRATCH 1: w_ptr = the int8 scratch [N, K] and q, both in lane order (the dot is order-agnostic as long as
-    # both agree).
+    # SCRATCH 1: w_ptr = the int8 scratch [N, K] (`unpack_weights`), q in natural order.
     # SPLIT > 1: program (tile, s) covers K-range s and leaves a partial in acc_ptr [SPLIT, M, N] for
     # `_epilogue_kernel`: int32 sums (KB == 1) or, with several activation K-blocks (then one split per block),
     # fp32 values already promoted with the block's step and zero point.

@@ -35,12 +35,6 @@ def uses_scratch(m: int) -> bool:
     return m >= SCRATCH_MIN_M
 
 
-def act_lanes(m: int, bits: int) -> int:
-    """`act_quant(lanes=)` for a matmul of M tokens on `bits`-bit codes: the scratch GEMM reads the activations in
-    the lane order `unpack_weights` writes (8 // bits lanes); every other path reads natural order (0)."""
-    return 8 // bits if uses_scratch(m) else 0
-
-
 LOWRANK_DOT_MIN_CHUNK = 512  # K per branch program on the tensor-core path: 512 x rank 16-32 fp32 = 32-64 KB of B
 LOWRANK_MAX_SPLITS = 32  # chunks per K-block at most (the H100 sweep went up to 32)
 LOWRANK_FMA_PRODUCTS = 16384  # largest [BTL, JB, BKL] multiply-add tile of a decode-size branch program
