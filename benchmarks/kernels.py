@@ -64,7 +64,11 @@ SWEEP = {m: [dict(tile=(bm, bn, 32, w, st)) for bn, w in ((64, 4), (128, 8)) for
          + [dict(tile=(bm, 64, 32, 4, 3), split=sp) for sp in (1, 2, 8)]
          for m, bm in ((16, 16), (64, 64), (128, 128))}
 SWEEP[256] = [dict(scratch=sc, tile=(bm, 128, bk, 8, 3)) for sc in (True, False) for bm, bk in ((128, 128), (256, 64))]
-SWEEP[8192] = [dict(scratch=True, tile=(bm, 128, 128, 8, 3)) for bm in (128, 256)]
+# prefill: the scratch tile (the rule's last row is 128x128x128, 8 warps, 3 stages) against halved tiles, which
+# leave more registers for the fp32 sums of several activation K-blocks (down_proj: 255 registers, ncu session 26)
+SWEEP[2048] = SWEEP[8192] = [dict(scratch=True, tile=t) for t in ((128, 128, 128, 8, 3), (256, 128, 128, 8, 3),
+                                                                  (128, 64, 128, 4, 3), (64, 128, 128, 4, 3),
+                                                                  (128, 128, 64, 8, 4), (128, 64, 128, 8, 4))]
 SWEEP[64] += [dict(tile=(64, 64, 32, 4, 3), split=sp) for sp in (16, 32)]
 L2_BEATING_BYTES = 128 << 20
 
@@ -281,6 +285,7 @@ def main() -> None:
     ap.add_argument("--act-group-size", type=int, default=0,
                     help="also time the op with activation ranges of about this many channels")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--shapes", default=",".join(f"{k}:{n}" for k, n in SHAPES), help="K:N,... (default: all three)")
     ap.add_argument("--json", help="write the rows here (benchmarks/results schema)")
     a = ap.parse_args()
     gs, code = a.group_size, fmt.CODES[a.code]
@@ -297,7 +302,7 @@ def main() -> None:
     if a.act_quant_sweep:
         act_quant_sweep(list(map(int, a.ms.split(","))))
     rows, sweep = [], []
-    for k, n in SHAPES:
+    for k, n in (tuple(map(int, sh.split(":"))) for sh in a.shapes.split(",")):
         kb = K_BLOCKS[k]
         ab = pick_act_blocks(k, FACTORS[k][0], kb, gs, a.act_group_size)  # 0: this shape has no finer ranges
         g = fmt.num_groups(k, gs)
@@ -362,7 +367,7 @@ def main() -> None:
             t_fp8 = bench(lambda i: torch._scaled_mm(xq, w_f8[i].t(), one, one, out_dtype=torch.bfloat16), c8) \
                 if m >= 16 else float("nan")
             t_int = bench(lambda i: torch._int_mm(q, w_i8[i].t()), c8) if m > 16 else float("nan")
-            if a.sweep and m in SWEEP and ((k, n) == (4096, 14336) or m == 64):
+            if a.sweep and m in SWEEP and ((k, n) == (4096, 14336) or m == 64 or kb > 1):
                 base = mm(0)
                 for kw in SWEEP[m]:
                     if kb > 1 and kw.get("split", kb) not in (1, kb):  # one split per K-block (tiles.gemm_split)
