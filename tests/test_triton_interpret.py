@@ -101,11 +101,11 @@ def test_one_tf32_pass_is_exact_for_16bit_branch_operands():
 
 def test_pdl_and_presum_rules_follow_the_h100_tables():
     """`use_pdl`: GEMV sizes, and GEMMs of 9..255 tokens with one activation K-block (off with 8 blocks and on the
-    scratch path); `lowrank_presum`: the scratch path, or from 64 partials (KERNEL_NOTES v22)."""
+    scratch path); `lowrank_presum`: the tensor-core paths (M > 8), or from 64 partials (KERNEL_NOTES v22-v23)."""
     assert use_pdl(1, 8) and use_pdl(8, 1) and use_pdl(64, 1) and use_pdl(255, 1)
     assert not use_pdl(64, 8) and not use_pdl(16, 2) and not use_pdl(2048, 1)
-    assert lowrank_presum(2048, 4) and lowrank_presum(8, 128) and lowrank_presum(256, 2)
-    assert not lowrank_presum(1, 16) and not lowrank_presum(8, 32) and not lowrank_presum(64, 16)
+    assert lowrank_presum(2048, 4) and lowrank_presum(8, 128) and lowrank_presum(256, 2) and lowrank_presum(64, 16)
+    assert lowrank_presum(9, 2) and not lowrank_presum(1, 16) and not lowrank_presum(8, 32)
     assert not lowrank_presum(2048, 1)
 
 

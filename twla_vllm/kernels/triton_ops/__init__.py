@@ -14,7 +14,7 @@ gemm:       M > 8 on int8 tensor cores, tokens as the MMA's M. The weight tile i
             and the zero-point term z*rowsum go to the epilogue (epilogue.py), together with the low-rank branch
             lowrank_a @ (x @ lowrank_bᵀ) (one tensor-core dot per tile past decode sizes) and the bias;
             x @ lowrank_bᵀ comes from act_quant's launch (K-chunked partials, `lowrank_splits`; one TF32 pass on
-            16-bit x and B, exact products; summed before the matmul on the scratch path, `lowrank_presum`).
+            16-bit x and B, exact products; summed before the tensor-core matmuls, `lowrank_presum`).
 pdl:        programmatic dependent launch: at decode sizes the matmul starts while act_quant runs (`tiles.use_pdl`).
 matmul:     `quant_matmul` picks the path by M (tiles.py).
 unpack:     large M unpacks the weights once into an int8 scratch and runs the same GEMM on it (SCRATCH). The

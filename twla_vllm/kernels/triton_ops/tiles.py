@@ -72,18 +72,19 @@ def lowrank_splits(m: int, k: int, k_blocks: int, sr: int) -> int:
     return ks
 
 
-LOWRANK_PRESUM_PARTIALS = 64  # past the scratch path, pre-sum from this many partials (measured at 8..128)
+LOWRANK_PRESUM_PARTIALS = 64  # on the GEMV path, pre-sum from this many partials (measured at 8..128)
 
 
 def lowrank_presum(m: int, partials: int) -> bool:
     """Whether quant_matmul sums act_quant's branch partials into one [M, R] with a torch reduction before the
-    matmul instead of each output tile reading all of them: on the scratch path (M >= SCRATCH_MIN_M) and from
-    LOWRANK_PRESUM_PARTIALS partials. H100, int4 g128 rank 32, whole op µs with the rule / flipped (session 25,
-    KERNEL_NOTES v22): M = 2048 (4 / 4 / 8 partials; 4096->4096, 4096->14336, 14336->4096) 144.5 / 145.8,
-    372.0 / 392.9, 667.8 / 675.8; M = 8 14336->4096 (128 partials) 69.4 / 78.0, but with 32 partials (4096-wide)
-    32.3 / 33.9 and 67.5 / 69.4; M = 64 (8 / 8 / 16) 35.4 / 36.6, 80.7 / 79.6, 128.2 / 125.4; M = 1 (8 / 8 / 16)
-    14.2 / 18.3, 21.9 / 27.0, 26.7 / 29.7."""
-    return partials > 1 and (uses_scratch(m) or partials >= LOWRANK_PRESUM_PARTIALS)
+    matmul instead of each output tile reading all of them: on the tensor-core paths (M > GEMV_MAX_M) and on the
+    GEMV from LOWRANK_PRESUM_PARTIALS partials. H100, int4 g128 rank 32, whole op µs pre-summed / not (4096->4096,
+    4096->14336, 14336->4096): M = 2048 (4 / 4 / 8 partials) 144.5 / 145.8, 372.0 / 392.9, 667.8 / 675.8 (session
+    25); M = 64 (8 / 8 / 16) 34.8 / 40.0, 78.5 / 82.2, 122.8 / 125.4 (session 26, the first run with PDL on one-block
+    GEMMs; session 25 without it: 36.6 / 35.4, 79.6 / 80.7, 125.4 / 128.2); M = 8 14336->4096 (128 partials) 69.4 /
+    78.0, but with 32 partials (4096-wide) 33.9 / 32.3 and 69.4 / 67.5; M = 1 (8 / 8 / 16) 18.3 / 14.2, 27.0 /
+    21.9, 29.7 / 26.7 (session 25, KERNEL_NOTES v22-v23)."""
+    return partials > 1 and (m > GEMV_MAX_M or partials >= LOWRANK_PRESUM_PARTIALS)
 
 
 def gemm_split(tiles: int, k: int, kb: int, bk: int) -> int:
