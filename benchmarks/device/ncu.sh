@@ -18,5 +18,5 @@ for kc in _gemm_kernel:ternary:4096:14336:64 _act_quant_kernel:ternary:14336:409
     python3 benchmarks/profile_kernels.py --cases ${kc#*:} > $OUT/ncu_sass$k.csv 2>&1
   echo "== sass $k rc $? at $(( $(date +%s) - T0 )) s, $(wc -l < $OUT/ncu_sass$k.csv) lines"
 done
-grep -a -E "==PROF==|== case|Duration|Registers Per|Achieved Occupancy|Warp Cycles Per Issued|Compute \(SM\) Thr|Memory Thr" \
-  $OUT/ncu_details.txt | head -150
+KEYS="==PROF==|== case|Duration|Registers Per|Achieved Occupancy|Warp Cycles Per Issued|Compute \(SM\) Thr|Memory Thr"
+grep -a -E "$KEYS" $OUT/ncu_details.txt | head -150

@@ -131,9 +131,9 @@ def _quantize_tokens(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, M, stride_x, stri
 def _act_quant_kernel(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, b_ptr, lr_ptr, M, NQ, stride_x, stride_q,
                       ROWS: tl.constexpr, COLS: tl.constexpr, RBP: tl.constexpr, CP: tl.constexpr,
                       BT: tl.constexpr, HAS_ROT: tl.constexpr, KB: tl.constexpr, AB: tl.constexpr,
-                      QR: tl.constexpr, BITS: tl.constexpr, CLIP: tl.constexpr, PRECISION: tl.constexpr, ASM: tl.constexpr, SR: tl.constexpr, JB: tl.constexpr,
-                      BTL: tl.constexpr, BKL: tl.constexpr, KS: tl.constexpr, LR_DOT: tl.constexpr,
-                      LR_PRECISION: tl.constexpr, GDC: tl.constexpr):
+                      QR: tl.constexpr, BITS: tl.constexpr, CLIP: tl.constexpr, PRECISION: tl.constexpr,
+                      ASM: tl.constexpr, SR: tl.constexpr, JB: tl.constexpr, BTL: tl.constexpr, BKL: tl.constexpr,
+                      KS: tl.constexpr, LR_DOT: tl.constexpr, LR_PRECISION: tl.constexpr, GDC: tl.constexpr):
     # Programs [0, NQ) along axis 0 transform and quantize BT tokens each; with a low-rank branch (SR > 0) the
     # programs after them compute its down-projection x @ lowrank_bᵀ from the same unrotated x, in the same
     # launch (horizontal fusion: no separate GEMM, no fp32 copy of x). Axis 1 is the K-block either way.
