@@ -13,8 +13,8 @@ activation ranges of G channels per token (format key act_blocks, `twla-quantize
 Prints decode tok/s at batch 1 and 64 (128-token prompts, 256 generated), prefill tok/s (32 prompts ×
 2048 tokens, 1 output token) and GPU memory of the weights, with ratios to bf16 from the same run.
 Each method runs in its own process (one engine per process). --profile adds, per method, where the GPU
-time of one bs=1 decode step goes (torch profiler, CUDA graphs on, overlapping kernels counted once; needs the in-process engine core,
-VLLM_ENABLE_V1_MULTIPROCESSING=0, as the staged GPU vLLM uses).
+time of one bs=1 decode step goes (torch profiler, CUDA graphs on, overlapping kernels counted once; needs the
+in-process engine core, VLLM_ENABLE_V1_MULTIPROCESSING=0, as the staged GPU vLLM uses).
 """
 
 from __future__ import annotations
