@@ -286,8 +286,11 @@ def main() -> None:
                     help="also time the op with activation ranges of about this many channels")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--shapes", default=",".join(f"{k}:{n}" for k, n in SHAPES), help="K:N,... (default: all three)")
+    ap.add_argument("--row-blocks", type=int, default=K_BLOCKS[14336],
+                    help="activation K-blocks of the 14336-wide input (1: a TP-1-only checkpoint, serve.py's +tp1)")
     ap.add_argument("--json", help="write the rows here (benchmarks/results schema)")
     a = ap.parse_args()
+    K_BLOCKS[14336] = a.row_blocks  # read by every table below
     gs, code = a.group_size, fmt.CODES[a.code]
     torch.manual_seed(0)
     bw = copy_bandwidth()

@@ -7,8 +7,10 @@ weights (load_format="dummy"), CUDA graphs and torch.compile on.
 twla = ternary W1.58A4 (group 32, 64x64 transforms, 112x128 for down_proj in 8 K-blocks), bwla = binary W1A6 +
 rank-16 low-rank branch, twinquant = int4 W4A4 (group 128) + rank-32 branch; all with format v2 integer scales.
 A "+kv<dtype>" suffix (twla+kvfp8) runs the method with vLLM's --kv-cache-dtype <dtype>; "+ag<G>" (twla+ag128) with
-activation ranges of G channels per token (format key act_blocks, `twla-quantize --act-group-size`); "+nopdl"
-(twla+nopdl) without programmatic dependent launch (TWLA_PDL=0; `tiles.use_pdl` turns it on at decode sizes).
+activation ranges of G channels per token (format key act_blocks, `twla-quantize --act-group-size`); "+tp1"
+(twla+tp1) with one activation K-block for o_proj and down_proj instead of 8 (`twla-quantize --row-parallel-blocks
+1`: no shard-local ranges, servable at TP 1 only); "+nopdl" (twla+nopdl) without programmatic dependent launch
+(TWLA_PDL=0; `tiles.use_pdl` turns it on at decode sizes).
 
 Prints decode tok/s at batch 1 and 64 (128-token prompts, 256 generated), prefill tok/s (32 prompts ×
 2048 tokens, 1 output token) and GPU memory of the weights, with ratios to bf16 from the same run.
@@ -40,10 +42,11 @@ MODES = {  # method -> (weight code, group size, activation bits, low-rank rank)
 }
 
 
-def quant_config(method: str, n_layers: int, act_group: int = 0) -> dict:
+def quant_config(method: str, n_layers: int, act_group: int = 0, row_blocks: int = 8) -> dict:
     """quantization_config of one mode for this shape: balanced transforms (64x64 for 4096; 112x128 for
     down_proj's 14336, k_blocks 8 = shard-local up to TP 8), o_proj's head factor folded (no online transform);
-    act_group > 0: activation ranges of that many channels per token (format key act_blocks)."""
+    act_group > 0: activation ranges of that many channels per token (format key act_blocks); row_blocks: the
+    K-blocks of o_proj/down_proj (1: what `twla-quantize --row-parallel-blocks 1` writes for TP 1 only)."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from twla_vllm import format as fmt
 
@@ -54,9 +57,10 @@ def quant_config(method: str, n_layers: int, act_group: int = 0) -> dict:
         for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
             layers[f"model.layers.{i}.{m}"] = fmt.LayerSpec(bits, 0.9, (64, 64), lowrank_rank=rank,
                                                             act_blocks=ranges(4096))
-        layers[f"model.layers.{i}.self_attn.o_proj"] = fmt.LayerSpec(bits, 0.9, None, k_blocks=8, lowrank_rank=rank,
+        layers[f"model.layers.{i}.self_attn.o_proj"] = fmt.LayerSpec(bits, 0.9, None, k_blocks=row_blocks,
+                                                                     lowrank_rank=rank,
                                                                      act_blocks=ranges(4096))
-        layers[f"model.layers.{i}.mlp.down_proj"] = fmt.LayerSpec(bits, 0.9, (112, 128), k_blocks=8,
+        layers[f"model.layers.{i}.mlp.down_proj"] = fmt.LayerSpec(bits, 0.9, (112, 128), k_blocks=row_blocks,
                                                                   lowrank_rank=rank, act_blocks=ranges(14336))
     return fmt.CheckpointConfig(group_size=gs, default=fmt.LayerSpec(bits, 0.9), layers=layers,
                                 weight_code=code).to_dict()
@@ -121,17 +125,19 @@ def run_one(method: str, workdir: str, out: str, profile_step: bool = False) -> 
     import torch
     from vllm import LLM, SamplingParams
 
-    # e.g. twla+kvfp8: the mode with an fp8 KV cache; twla+ag128: activation ranges of 128 channels; +nopdl
+    # e.g. twla+kvfp8: the mode with an fp8 KV cache; twla+ag128: activation ranges of 128 channels; +tp1: one
+    # K-block for o_proj/down_proj (no shard-local activation ranges: a TP-1-only checkpoint); +nopdl
     base, *opts = method.split("+")
     kv = next((o[2:] for o in opts if o.startswith("kv")), "")
     act_group = next((int(o[2:]) for o in opts if o.startswith("ag")), 0)
+    row_blocks = 1 if "tp1" in opts else 8
     if "nopdl" in opts:  # read when the plugin's kernels are imported, in the engine's processes started below
         os.environ["TWLA_PDL"] = "0"
     model_dir = os.path.join(workdir, method)
     os.makedirs(model_dir, exist_ok=True)
     cfg = dict(LLAMA3_8B)
     if base in MODES:
-        cfg["quantization_config"] = quant_config(base, cfg["num_hidden_layers"], act_group)
+        cfg["quantization_config"] = quant_config(base, cfg["num_hidden_layers"], act_group, row_blocks)
     with open(os.path.join(model_dir, "config.json"), "w") as f:
         json.dump(cfg, f)
     kw = dict(model=model_dir, load_format="dummy", skip_tokenizer_init=True, max_model_len=4096,

@@ -96,7 +96,7 @@ def check_case(c: Case, dev, gen) -> list[str]:
     x = (torch.randn(c.m, c.k, generator=gen) * 2 + torch.randn(1, c.k, generator=gen)).to(dev, c.dtype)
     left = right = None
     if c.rot:
-        n1 = {128: 8, 192: 8, 256: 16, 384: 16, 512: 16, 2048: 32, 4096: 64, 14336: 112}[c.k]
+        n1 = {128: 8, 192: 8, 256: 16, 384: 16, 448: 28, 512: 16, 2048: 32, 4096: 64, 14336: 112}[c.k]
         left, right = block_orth(n1, c.kb, gen, dev), orth(c.k // n1, gen, dev)
     scratch = c.scratch or (c.m > T.GEMV_MAX_M and T.uses_scratch(c.m))
     # act_quant vs reference (poisoned outputs), in the order the matmul reads
@@ -183,6 +183,8 @@ def check_case(c: Case, dev, gen) -> list[str]:
 
 
 CPU_CASES = [
+    # a view whose rows are no power of two (28 x 16, down_proj's 14 rows a block at 2 K-blocks): padded rows
+    Case(20, 24, 448, gs=32), Case(300, 24, 448, gs=32, kb=2), Case(1, 24, 448, gs=32, kb=2, code="int4"),
     Case(1, 33, 128, gs=64, rank=4, bias=True), Case(3, 40, 512, gs=-1, rot=False, bits=2),
     Case(5, 24, 256, gs=32, kb=4, bits=6), Case(2, 16, 512, gs=128, kb=2, bits=3, rot=False),
     Case(8, 19, 192, gs=96, rot=False, code="int4"), Case(4, 24, 256, code="binary", rank=4, shards=2),
@@ -225,6 +227,7 @@ def gpu_cases() -> list[Case]:
     bf16 = torch.bfloat16
     out = [Case(m, 4096, 4096, gs=32, dtype=bf16, code=code) for m in (1, 7, 16, 64, 300)
            for code in ("ternary", "binary", "int4")]
+    out += [Case(300, 512, 14336, gs=32, dtype=bf16), Case(64, 512, 14336, gs=32, dtype=bf16)]  # 112x112 left (tp1)
     out += [Case(1, 4096, 4096, gs=32, dtype=bf16, split=False), Case(300, 4096, 4096, gs=32, dtype=bf16, scratch=True),
             Case(33, 1000, 4096, gs=-1, kb=8, bits=6, dtype=bf16),
             Case(600, 4096, 4096, gs=32, kb=8, rank=32, shards=3, dtype=bf16, code="int4"),
