@@ -37,12 +37,12 @@ VARIANTS = [
     ("GEMV M=8 ternary, 32-word chunks", _gemv_kernel, "gemv", {**GEMV, **NO_BRANCH, "BM": 8, "BN": 32, "BP": 32}, 4),
     ("GEMV M=8 ternary, late sums", _gemv_kernel, "gemv",
      {**GEMV, **NO_BRANCH, "BM": 8, "BN": 32, "BP": 32, "LATE_SUM": True}, 4),
-    ("GEMM ternary 64x64x32", _gemm_kernel, "matmul", {**GEMM, **NO_BRANCH, **TERNARY_G32}, 4),
-    ("GEMM ternary 16x64x32", _gemm_kernel, "matmul", {**GEMM, **NO_BRANCH, **TERNARY_G32, "BM": 16}, 4),
-    ("GEMM binary 16x64x32", _gemm_kernel, "matmul", {**GEMM, **NO_BRANCH, **BINARY_G128, "BM": 16}, 4),
-    ("GEMM int4 64x64x32", _gemm_kernel, "matmul", {**GEMM, **NO_BRANCH, **INT4_G128}, 4),
+    *[(f"GEMM {code} {bm}x64x32{'' if words else ', bytes'}", _gemm_kernel, "words" if words else "matmul",
+       {**GEMM, **NO_BRANCH, **consts, "BM": bm, "WORDS": words}, 4)
+      for code, consts in (("ternary", TERNARY_G32), ("binary", BINARY_G128), ("int4", INT4_G128))
+      for bm in (16, 64) for words in (True, False)],
     ("GEMM scratch int4 128x128x128", _gemm_kernel, "matmul",
-     {**GEMM, **NO_BRANCH, **INT4_G128, "SCRATCH": True, "BM": 128, "BN": 128, "BK": 128}, 8),
+     {**GEMM, **NO_BRANCH, **INT4_G128, "SCRATCH": True, "WORDS": False, "BM": 128, "BN": 128, "BK": 128}, 8),
 ]
 SASS_LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 BRANCH = re.compile(r"BRA (?:`\(\.L_x_\d+\) )?0x([0-9a-f]+)")

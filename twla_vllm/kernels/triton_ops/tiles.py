@@ -35,6 +35,15 @@ def uses_scratch(m: int) -> bool:
     return m >= SCRATCH_MIN_M
 
 
+def packed_words(m: int, bits: int) -> bool:
+    """Whether the packed GEMM (M = 9..255) unpacks its weight tile on whole int32 words (SWAR, four weights a
+    multiply-add: `unpack._words_tile`) instead of per element from byte loads (`unpack._int_tile`). From sm_90a
+    SASS, K-loop instructions per 32 codes words / bytes (`benchmarks/sass_loop_counts.py`, KERNEL_NOTES v24):
+    ternary 16x64 tiles 79 / 216, 64x64 80 / 145; int4 78 / 224, 81 / 125; binary 137 / 195, but 197 / 171 at
+    64x64 (one word a row per tile: its eight lanes' joins go through shared memory). Not yet timed."""
+    return bits != 1 or m <= 16
+
+
 LOWRANK_DOT_MIN_CHUNK = 512  # K per branch program on the tensor-core path: 512 x rank 16-32 fp32 = 32-64 KB of B
 LOWRANK_MAX_SPLITS = 32  # chunks per K-block at most (the H100 sweep went up to 32)
 LOWRANK_FMA_PRODUCTS = 16384  # largest [BTL, JB, BKL] multiply-add tile of a decode-size branch program
