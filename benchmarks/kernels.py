@@ -61,7 +61,7 @@ K_BLOCKS = {4096: 1, 14336: 8}  # as benchmarks/serve.py: down_proj's input in 8
 # --sweep: candidate quant_matmul settings per M, timed on 4096->14336 (and at M = 64 on every shape):
 # tile = (BM, BN, BK cap, warps, stages), split = K-splits (None: `triton_ops.gemm_split`), scratch = unpack
 # once into an int8 scratch first (triton_ops._gemm_kernel)
-SWEEP = {m: [dict(tile=(bm, bn, 32, w, st)) for bn, w in ((64, 4), (128, 8)) for st in (2, 3)]
+SWEEP = {m: [dict(tile=(bm, bn, bk, w, st)) for bn, w in ((64, 4), (128, 8)) for st in (2, 3) for bk in (32, 64)]
          + [dict(tile=(bm, 64, 32, 4, 3), split=sp) for sp in (1, 2, 8)]
          for m, bm in ((16, 16), (64, 64), (128, 128))}
 SWEEP[256] = [dict(scratch=sc, tile=(bm, 128, bk, 8, 3)) for sc in (True, False) for bm, bk in ((128, 128), (256, 64))]

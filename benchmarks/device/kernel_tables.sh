@@ -33,6 +33,7 @@ case $1 in
   sweep) k lowrank_sweep_int4_g128_r32_m64 400 --code int4 --group-size 128 --lowrank 32 --lowrank-sweep --ms 64,2048 ;;
   words)
     k words_ternary_g32 200 --ms 16,32,64,128,192
+    k words_sweep_ternary_g32 300 --ms 16,64,128,256 --sweep
     k words_int4_g128 200 --code int4 --group-size 128 --ms 16,64,128
     k words_binary_g128 200 --code binary --group-size 128 --ms 16,64,128 ;;
   all) for t in check branch small sweep; do bash "$0" $t; done ;;
