@@ -48,7 +48,7 @@ GEMV = dict(BITS=2, STEP=1, OFF=1, G=128, GW=2, KB=1, LRKB=1, HAS_BIAS=True, BM=
             GDC=True, LATE_SUM=False, CPC=16)  # CPC: branch columns per multiply-add step
 UNPACK = dict(G=128, GS=32, BITS=2, STEP=1, OFF=1, BN=32, BW=64)
 GEMM = dict(BITS=2, STEP=1, OFF=1, G=128, GS=32, KB=1, LRKB=1, HAS_BIAS=True, SCRATCH=False, SPLIT=1, BM=64,
-            BN=64, BK=32, GROUP_N=8, PRECISION="tf32x3", GDC=True, WORDS=True)
+            BN=64, BK=64, GROUP_N=8, PRECISION="tf32x3", GDC=True, WORDS=True)
 VARIANTS = [
     ("act_quant", _act_quant_kernel, "act_quant", ACT, 4),
     ("act_quant + branch x·Bᵀ", _act_quant_kernel, "act_quant", {**ACT, "SR": 32, "JB": 32, "BTL": 64}, 4),

@@ -24,9 +24,11 @@ def lowrank_chunk(bm: int, bn: int, cp: int) -> int:
     largest power of two that keeps it there."""
     return max(1, min(cp, GEMV_LOWRANK_SUM // (bm * bn)))
 # tensor-core tiles by M bucket: (max M, BM tokens, BN rows, BK cap, warps, stages), from `benchmarks/kernels.py
-# --sweep` on the H100 (benchmarks/KERNEL_NOTES.md v7). BK 32 = one weight group of the default group size, so a
-# tile's group scales are one column; the scratch path (M >= SCRATCH_MIN_M) takes the last row.
-GEMM_CONFIGS = ((16, 16, 64, 32, 4, 2), (64, 64, 64, 32, 4, 3), (255, 128, 64, 32, 4, 3),
+# --sweep` on the H100 (benchmarks/KERNEL_NOTES.md v7); the scratch path (M >= SCRATCH_MIN_M) takes the last row.
+# BK 64 on the packed path since the whole-word unpack (v24): K-loop instructions per 32 codes at 64x64 tiles,
+# BK 32 / 64: ternary 80 / 65, int4 81 / 63.5, binary 197 / 51.5 (one word a row per tile at BK 32 sends binary's
+# lane joins through shared memory). Not yet timed.
+GEMM_CONFIGS = ((16, 16, 64, 64, 4, 2), (64, 64, 64, 64, 4, 3), (255, 128, 64, 64, 4, 3),
                 (1 << 62, 128, 128, 128, 8, 3))
 SCRATCH_MIN_M = 256  # from here on: unpack once to an int8 scratch, then the GEMM on int8 weights
 
@@ -38,10 +40,10 @@ def uses_scratch(m: int) -> bool:
 def packed_words(m: int, bits: int) -> bool:
     """Whether the packed GEMM (M = 9..255) unpacks its weight tile on whole int32 words (SWAR, four weights a
     multiply-add: `unpack._words_tile`) instead of per element from byte loads (`unpack._int_tile`). From sm_90a
-    SASS, K-loop instructions per 32 codes words / bytes (`benchmarks/sass_loop_counts.py`, KERNEL_NOTES v24):
-    ternary 16x64 tiles 79 / 216, 64x64 80 / 145; int4 78 / 224, 81 / 125; binary 137 / 195, but 197 / 171 at
-    64x64 (one word a row per tile: its eight lanes' joins go through shared memory). Not yet timed."""
-    return bits != 1 or m <= 16
+    SASS, K-loop instructions per 32 codes words / bytes (`benchmarks/sass_loop_counts.py`, KERNEL_NOTES v24), BK
+    32: ternary 16x64 tiles 79 / 216, 64x64 80 / 145; int4 78 / 224, 81 / 125; binary 137 / 195, 197 / 171; BK 64
+    (GEMM_CONFIGS): binary 64x64 51.5 / 170. Not yet timed."""
+    return True
 
 
 LOWRANK_DOT_MIN_CHUNK = 512  # K per branch program on the tensor-core path: 512 x rank 16-32 fp32 = 32-64 KB of B
