@@ -1,5 +1,5 @@
 #!/bin/bash
-# Device, after setup.sh: bash benchmarks/device/kernel_tables.sh check|ternary|g64|branch|small|sweep|words|all
+# Device, after setup.sh: bash benchmarks/device/kernel_tables.sh check|ternary|g64|branch|small|sweep|words|words-sweep|all
 # (tables + logs -> $OUT)
 #   check    GPU check of every Triton kernel against its torch reference (1 seed)
 #   ternary  the op table at decode and prefill sizes with the launch rules flipped (PDL, late sums)
@@ -7,8 +7,8 @@
 #   branch   int4 r32 and binary r16 op tables with the branch columns, then the act_quant sweep
 #   small    int4 and binary group 128 at M = 2, 4 with late sums flipped (never timed there: KERNEL_NOTES v21)
 #   sweep    the branch's x·Bᵀ launch (K-chunks, step) at M = 64 and 2048, never swept on the tensor-core path
-#   words    the packed GEMM's whole-word unpack against per-element bytes (M = 16..128) for each code, and the
-#            M = 64 tile sweep with 64-code K tiles (KERNEL_NOTES v24)
+#   words    the packed GEMM's whole-word unpack against per-element bytes (M = 16..128) for each code
+#   words-sweep  the M = 64 tile sweep with 64-code K tiles (KERNEL_NOTES v24)
 #   all      check, branch, small, sweep in that order, as one background chain that outlives the call (a plain `&` job does not):
 #            OUT=/tmp/outk setsid nohup bash /tmp/repo/benchmarks/device/kernel_tables.sh all > /tmp/chain.log \
 #              2>&1 < /dev/null & disown        ... then copy /tmp/outk/* to $OUT in later calls
@@ -34,9 +34,9 @@ case $1 in
   sweep) k lowrank_sweep_int4_g128_r32_m64 400 --code int4 --group-size 128 --lowrank 32 --lowrank-sweep --ms 64,2048 ;;
   words)
     k words_ternary_g32 200 --ms 16,64,128
-    k words_int4_g128 150 --code int4 --group-size 128 --ms 16,64
-    k words_binary_g128 150 --code binary --group-size 128 --ms 16,64
-    k words_sweep_ternary_g32 200 --ms 64 --sweep ;;
+    k words_int4_g128 150 --code int4 --group-size 128 --ms 64
+    k words_binary_g128 150 --code binary --group-size 128 --ms 64 ;;
+  words-sweep) k words_sweep_ternary_g32 200 --ms 64 --sweep ;;
   all) for t in check branch small sweep; do bash "$0" $t; done ;;
-  *) echo "usage: $0 check|ternary|g64|branch|small|sweep|words|all" >&2; exit 2 ;;
+  *) echo "usage: $0 check|ternary|g64|branch|small|sweep|words|words-sweep|all" >&2; exit 2 ;;
 esac
