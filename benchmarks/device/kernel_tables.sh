@@ -1,6 +1,5 @@
 #!/bin/bash
-# Device, after setup.sh: bash benchmarks/device/kernel_tables.sh check|ternary|g64|branch|small|sweep|words|words-sweep|all
-# (tables + logs -> $OUT)
+# Device, after setup.sh: bash benchmarks/device/kernel_tables.sh MODE (tables + logs -> $OUT); MODE is one of
 #   check    GPU check of every Triton kernel against its torch reference (1 seed)
 #   ternary  the op table at decode and prefill sizes with the launch rules flipped (PDL, late sums)
 #   g64      ternary group 64 (the Qwen preset's gate/up) at M = 2..8 with late sums flipped (KERNEL_NOTES v21)
