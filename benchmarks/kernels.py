@@ -28,8 +28,7 @@ one resident (1 byte/weight more) would buy against the gemm column.
 The launch rules flipped, each checked bit for bit against the op: PDL on / off (sm_90+): the whole op with
 programmatic dependent launch the other way from `tiles.use_pdl` (on at M <= 8, and at M = 9..255 with one
 K-block); late sums on / off (M = 2..8): the GEMV summing its words after the K loop the other way from
-`tiles.gemv_late_sum` (on at M = 5..8 for groups of >= 128 weights); words / bytes (M = 9..255): the packed GEMM's
-weight tile unpacked the other way from `tiles.packed_words` (whole int32 words by SWAR, or per element from bytes).
+`tiles.gemv_late_sum` (on at M = 5..8 for groups of >= 128 weights).
 With --act-group-size G: + ranges = the whole op with activation ranges of about G channels (twla-quantize
 --act-group-size G picks the same count: offline.layout.pick_act_blocks) instead of one per transform block.
 """
@@ -154,14 +153,12 @@ def random_branches(n: int, k: int, rank: int, copies: int) -> list[tuple[torch.
             for _ in range(copies)]
 
 
-def flipped_rules(m: int, kb: int, group_weights: int, bits: int, gdc: bool) -> list[tuple[str, dict]]:
-    """(column, `quant_matmul` options) of the launch rules flipped at this M and K-block count: PDL (sm_90+), at
-    M = 2..8 the GEMV's late sums, at M = 9..255 the packed GEMM's whole-word unpack."""
+def flipped_rules(m: int, kb: int, group_weights: int, gdc: bool) -> list[tuple[str, dict]]:
+    """(column, `quant_matmul` options) of the launch rules flipped at this M and K-block count: PDL (sm_90+) and,
+    at M = 2..8, the GEMV's late sums."""
     out = [("pdl_flipped_us", dict(pdl=not T.use_pdl(m, kb)))] if gdc else []
     if 1 < m <= T.GEMV_MAX_M:
         out.append(("late_sum_flipped_us", dict(late_sum=not T.gemv_late_sum(m, group_weights))))
-    if T.GEMV_MAX_M < m and not T.uses_scratch(m):
-        out.append(("words_flipped_us", dict(words=not T.packed_words(m, bits))))
     return out
 
 
@@ -363,7 +360,7 @@ def main() -> None:
             branch = branch_times(x, layers, branch_ab, left, right, kb, code, gs, c) if a.lowrank else {}
             t_gemm = bench(mm, c)
             t_all = bench(op, c)
-            for key, options in flipped_rules(m, kb, group, code.bits, T.gdc(x.device)):
+            for key, options in flipped_rules(m, kb, group, T.gdc(x.device)):
                 if not torch.equal(op_with(0, **options), op(0)):
                     raise AssertionError(f"{key}: the op with {options} differs from the served op")
                 variants[key] = bench(lambda i: op_with(i, **options), c)
@@ -416,8 +413,6 @@ def main() -> None:
                   if "pdl_flipped_us" in r else "")
         extra += (f" late sums {on_off(T.gemv_late_sum(r['m'], r['group_weights']))} {r['late_sum_flipped_us']:.1f}"
                   f" µs |" if "late_sum_flipped_us" in r else "")
-        extra += (f" {'bytes' if T.packed_words(r['m'], code.bits) else 'words'} {r['words_flipped_us']:.1f} µs |"
-                  if "words_flipped_us" in r else "")
         print(f"| {r['k']}->{r['n']} | {r['m']} | {r['quant_us']:.1f} | {r['gemm_us']:.1f} | {r['twla_us']:.1f} | "
               f"{r['bf16_us']:.1f} | {f(r['fp8_us'])} | {f(r['int_mm_us'])} | {r['bf16_us'] / r['twla_us']:.2f}x | "
               f"{r['floor_pct']:.0f}% |{extra}")

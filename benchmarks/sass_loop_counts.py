@@ -37,12 +37,11 @@ VARIANTS = [
     ("GEMV M=8 ternary, 32-word chunks", _gemv_kernel, "gemv", {**GEMV, **NO_BRANCH, "BM": 8, "BN": 32, "BP": 32}, 4),
     ("GEMV M=8 ternary, late sums", _gemv_kernel, "gemv",
      {**GEMV, **NO_BRANCH, "BM": 8, "BN": 32, "BP": 32, "LATE_SUM": True}, 4),
-    *[(f"GEMM {code} {bm}x64x{bk}{'' if words else ', bytes'}", _gemm_kernel, "words" if words else "matmul",
-       {**GEMM, **NO_BRANCH, **consts, "BM": bm, "BK": bk, "WORDS": words}, 4)
+    *[(f"GEMM {code} {bm}x64x{bk}", _gemm_kernel, "packed", {**GEMM, **NO_BRANCH, **consts, "BM": bm, "BK": bk}, 4)
       for code, consts in (("ternary", TERNARY_G32), ("binary", BINARY_G128), ("int4", INT4_G128))
-      for bm in (16, 64) for bk, words in ((64, True), (32, True), (32, False))],
+      for bm in (16, 64) for bk in (32, 64)],
     ("GEMM scratch int4 128x128x128", _gemm_kernel, "matmul",
-     {**GEMM, **NO_BRANCH, **INT4_G128, "SCRATCH": True, "WORDS": False, "BM": 128, "BN": 128, "BK": 128}, 8),
+     {**GEMM, **NO_BRANCH, **INT4_G128, "SCRATCH": True, "BM": 128, "BN": 128, "BK": 128}, 8),
 ]
 SASS_LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 BRANCH = re.compile(r"BRA (?:`\(\.L_x_\d+\) )?0x([0-9a-f]+)")

@@ -56,7 +56,6 @@ class Case:
     pdl: bool | None = None  # programmatic dependent launch of the matmul (sm_90+; None: `tiles.use_pdl`)
     late_sum: bool | None = None  # the GEMV's sums over words after its K loop (None: `tiles.gemv_late_sum`)
     presum: bool | None = None  # the branch's partials summed before the matmul (None: `tiles.lowrank_presum`)
-    words: bool | None = None  # the packed GEMM's whole-word unpack (None: `tiles.packed_words`)
 
     def __str__(self) -> str:
         return (f"m={self.m} n={self.n} k={self.k} {self.code} g={self.gs} kb={self.kb}"
@@ -65,8 +64,7 @@ class Case:
                 f"{' scratch' if self.scratch else ''}{'' if self.split else ' nosplit'}"
                 f"{'' if self.pdl is None else f' pdl={self.pdl}'}"
                 f"{'' if self.late_sum is None else f' late-sum={self.late_sum}'}"
-                f"{'' if self.presum is None else f' presum={self.presum}'}"
-                f"{'' if self.words is None else f' words={self.words}'}")
+                f"{'' if self.presum is None else f' presum={self.presum}'}")
 
 
 def random_layer(c: Case, gen, dev):
@@ -138,7 +136,7 @@ def check_case(c: Case, dev, gen) -> list[str]:
     y = torch.full((c.m, c.n), float("nan"), device=dev)
     T.quant_matmul(q8, s_ref.to(dev), z_ref.to(dev), packed, row_scale, qa, qm, rowsum, code.bits,
                    code.step, code.offset, c.gs, torch.float32, scratch=scratch, out=y, gemv_split=c.split,
-                   pdl=c.pdl, late_sum=c.late_sum, words=c.words)
+                   pdl=c.pdl, late_sum=c.late_sum)
     want = exact_gemm(q_ref, s_ref, z_ref, w_int, row_scale, ab)
     if torch.isnan(y).any():
         fails.append("matmul left outputs unwritten")
@@ -165,7 +163,7 @@ def check_case(c: Case, dev, gen) -> list[str]:
             fails.append(f"act_quant lowrank x·Bᵀ: shape {tuple(lr.shape)}, rel err {lr_err:.2e}")
     y2 = T.quant_matmul(q2, s2, z2, packed, row_scale, qa, qm, rowsum, code.bits, code.step, code.offset, c.gs,
                         c.dtype, la, lr, bias, bounds, scratch=scratch, gemv_split=c.split, pdl=c.pdl,
-                        late_sum=c.late_sum, presum=c.presum, words=c.words)
+                        late_sum=c.late_sum, presum=c.presum)
     ref = quant_linear(x, w_int.to(dev), row_scale, rowsum, left, right, c.bits, 0.9, bias=bias)
     if la is not None:  # each row reads its own shard's slice of lr
         shard = (torch.arange(c.n, device=dev) >= bounds[0]).long() + (torch.arange(c.n, device=dev) >= bounds[1]).long()
@@ -222,12 +220,9 @@ CPU_CASES = [
     # activation ranges finer than the transform blocks (act_blocks): 4 rows of 16 per range, 2 ranges per block
     Case(5, 24, 256, gs=32, ab=4), Case(40, 33, 256, gs=64, kb=2, ab=4, rank=4),
     Case(3, 40, 512, gs=32, rot=False, ab=4), Case(260, 40, 384, gs=32, kb=2, ab=4),
-    # the packed GEMM's per-element unpack from bytes, against the rule (`tiles.packed_words`): each code, groups
-    # smaller than a tile (binary g32 at BK 32 is one word), several K-blocks, a branch
-    Case(20, 24, 448, gs=32, words=False), Case(17, 72, 128, gs=-1, kb=2, rank=4, shards=3, words=False),
-    Case(20, 37, 384, gs=128, code="int4", bias=True, words=False), Case(24, 40, 512, gs=32, code="binary",
-                                                                        words=False),
-    Case(20, 24, 256, gs=16),  # groups of one word in a 32-code tile: per-word group scales in the whole-word unpack
+    # the packed GEMM's whole-word unpack: groups of one word in a 32-code tile (per-word scales), binary groups of
+    # one word, int4 groups of 16
+    Case(20, 24, 256, gs=16), Case(24, 40, 512, gs=32, code="binary"), Case(20, 24, 256, gs=16, code="int4"),
 ]
 
 
@@ -277,13 +272,9 @@ def gpu_cases() -> list[Case]:
     # or >= 64 partials)
     out += [Case(64, 4096, 14336, gs=128, kb=8, rank=32, dtype=bf16, code="int4", presum=False),
             Case(600, 4096, 4096, gs=32, kb=8, rank=32, shards=3, dtype=bf16, code="int4", presum=False)]
-    # the packed GEMM's unpack against the rule (`tiles.packed_words`): each code, 8 K-blocks, a branch, groups of
-    # 64 (two words of ternary codes a group, BK 32 = one group)
-    out += [Case(m, 4096, 4096, gs=32, dtype=bf16, code=code, words=not T.packed_words(m, fmt.CODES[code].bits))
-            for m in (16, 64) for code in ("ternary", "binary", "int4")]
-    out += [Case(64, 4096, 14336, gs=32, kb=8, dtype=bf16, words=not T.packed_words(64, 2)),
-            Case(64, 4096, 4096, gs=64, dtype=bf16, words=not T.packed_words(64, 2)),
-            Case(100, 4096, 4096, gs=128, dtype=bf16, code="int4", rank=32, shards=3, words=not T.packed_words(100, 4))]
+    # the packed GEMM's whole-word unpack with 64-code K tiles (groups of >= 64) and with per-word scales (g16)
+    out += [Case(m, 4096, 4096, gs=gs, dtype=bf16, code=code) for m in (16, 64)
+            for code, gs in (("ternary", 64), ("binary", 128), ("int4", 128), ("ternary", 16))]
     return out
 
 
@@ -300,8 +291,8 @@ def opcheck(dev, gen) -> None:
 
 
 def rule_check(dev, gen) -> list[str]:
-    """`quant_matmul` with each launch rule overridden the other way (`pdl`, `late_sum`, `words`) against the rules,
-    at sizes where the rule is on and where it is off: equal bit for bit, since the integer sums are exact and only
+    """`quant_matmul` with each launch rule overridden the other way (`pdl`, `late_sum`) against the rules, at
+    sizes where the rule is on and where it is off: equal bit for bit, since the integer sums are exact and only
     their order and the launch differ."""
     fails = []
     for code_name, gs, m in (("binary", 128, 4), ("ternary", 32, 8), ("int4", 128, 1), ("ternary", 32, 24),
@@ -314,8 +305,7 @@ def rule_check(dev, gen) -> list[str]:
         args = (q, s, z, fmt.pack_codes(codes, code).to(dev), row_scale.to(dev), qa.to(dev), qm.to(dev),
                 block_row_sums(w_int, 1).to(dev), code.bits, code.step, code.offset, gs, torch.bfloat16)
         ruled = T.quant_matmul(*args)
-        for key, flipped in (("pdl", not T.use_pdl(m, 1)), ("late_sum", not T.gemv_late_sum(m, gs)),
-                             ("words", not T.packed_words(m, code.bits))):
+        for key, flipped in (("pdl", not T.use_pdl(m, 1)), ("late_sum", not T.gemv_late_sum(m, gs))):
             if not torch.equal(T.quant_matmul(*args, **{key: flipped}), ruled):
                 fails.append(f"{code_name} g{gs} M={m}: {key}={flipped} changes the output")
     return fails

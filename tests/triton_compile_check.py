@@ -36,8 +36,8 @@ POINTERS = {
 POINTERS["act_quant fp32"] = {**POINTERS["act_quant"], "x_ptr": "*fp32"}  # a float32 model's activations
 POINTERS["gemv"] = {**POINTERS["matmul"], "w_ptr": "*i32"}  # the GEMV reads packed int32 words
 POINTERS["fp32 partials"] = {**POINTERS["matmul"], "acc_ptr": "*fp32"}  # several K-blocks: promoted partials
-POINTERS["words"] = {**POINTERS["matmul"], "w_ptr": "*i32"}  # the packed GEMM's whole-word unpack
-POINTERS["words fp32 partials"] = {**POINTERS["fp32 partials"], "w_ptr": "*i32"}
+POINTERS["packed"] = {**POINTERS["matmul"], "w_ptr": "*i32"}  # the packed GEMM reads int32 words
+POINTERS["packed fp32 partials"] = {**POINTERS["fp32 partials"], "w_ptr": "*i32"}
 POINTERS["gemv fp32 partials"] = {**POINTERS["gemv"], "acc_ptr": "*fp32"}
 ACT = dict(ROWS=64, COLS=64, RBP=64, CP=64, BT=2, HAS_ROT=True, KB=1, AB=1, QR=64, BITS=4, CLIP=0.9,
            PRECISION="tf32", ASM=True, GDC=True, SR=0, JB=16, BTL=16, BKL=128, KS=1, LR_DOT=True,
@@ -48,7 +48,7 @@ GEMV = dict(BITS=2, STEP=1, OFF=1, G=128, GW=2, KB=1, LRKB=1, HAS_BIAS=True, BM=
             GDC=True, LATE_SUM=False, CPC=16)  # CPC: branch columns per multiply-add step
 UNPACK = dict(G=128, GS=32, BITS=2, STEP=1, OFF=1, BN=32, BW=64)
 GEMM = dict(BITS=2, STEP=1, OFF=1, G=128, GS=32, KB=1, LRKB=1, HAS_BIAS=True, SCRATCH=False, SPLIT=1, BM=64,
-            BN=64, BK=64, GROUP_N=8, PRECISION="tf32x3", GDC=True, WORDS=True)
+            BN=64, BK=64, GROUP_N=8, PRECISION="tf32x3", GDC=True)
 VARIANTS = [
     ("act_quant", _act_quant_kernel, "act_quant", ACT, 4),
     ("act_quant + branch x·Bᵀ", _act_quant_kernel, "act_quant", {**ACT, "SR": 32, "JB": 32, "BTL": 64}, 4),
@@ -75,19 +75,16 @@ VARIANTS = [
      {**GEMV, **NO_BRANCH, "BM": 8, "BN": 32, "BP": 32, "LATE_SUM": True}, 4),
     ("gemv int4, 8 blocks", _gemv_kernel, "gemv fp32 partials",
      {**GEMV, **NO_BRANCH, "BITS": 4, "OFF": 8, "KB": 8, "SPLIT": 8}, 4),
-    ("gemm packed ternary", _gemm_kernel, "words", {**GEMM, **NO_BRANCH}, 4),
-    ("gemm packed binary", _gemm_kernel, "words", {**GEMM, **NO_BRANCH, "BITS": 1}, 4),
-    ("gemm packed int4, groups of 16 in 32-wide tiles", _gemm_kernel, "words",
+    ("gemm packed ternary", _gemm_kernel, "packed", {**GEMM, **NO_BRANCH}, 4),
+    ("gemm packed binary", _gemm_kernel, "packed", {**GEMM, **NO_BRANCH, "BITS": 1}, 4),
+    ("gemm packed int4, groups of 16 in 64-wide tiles (per-word scales)", _gemm_kernel, "packed",
      {**GEMM, **NO_BRANCH, "BITS": 4, "OFF": 8, "GS": 16, "G": 256}, 4),
-    ("gemm packed + branch (8 partials)", _gemm_kernel, "words", {**GEMM, **BRANCH, "LRKB": 8}, 4),
-    ("gemm packed, 32 ranges, split", _gemm_kernel, "words fp32 partials",
+    ("gemm packed + branch (8 partials)", _gemm_kernel, "packed", {**GEMM, **BRANCH, "LRKB": 8}, 4),
+    ("gemm packed, 32 ranges, split", _gemm_kernel, "packed fp32 partials",
      {**GEMM, **NO_BRANCH, "KB": 32, "SPLIT": 32}, 4),
-    ("gemm packed ternary, per-element unpack from bytes", _gemm_kernel, "matmul",
-     {**GEMM, **NO_BRANCH, "WORDS": False}, 4),
-    ("gemm packed binary, per-element unpack from bytes", _gemm_kernel, "matmul",
-     {**GEMM, **NO_BRANCH, "BITS": 1, "WORDS": False}, 4),
+    ("gemm packed ternary, 32-code K tiles", _gemm_kernel, "packed", {**GEMM, **NO_BRANCH, "BK": 32}, 4),
     ("gemm scratch int4 + branch", _gemm_kernel, "matmul",
-     {**GEMM, **BRANCH, "SCRATCH": True, "WORDS": False, "BITS": 4, "OFF": 8, "BM": 128, "BN": 128, "BK": 128}, 8),
+     {**GEMM, **BRANCH, "SCRATCH": True, "BITS": 4, "OFF": 8, "BM": 128, "BN": 128, "BK": 128}, 8),
     ("epilogue int32 partials + branch", _epilogue_kernel, "matmul",
      dict(KB=1, SPLIT=4, LRKB=8, HAS_BIAS=True, BM=32, BN=64, DOT=True, PRECISION="tf32x3", GDC=True, CPC=128,
           **BRANCH), 4),

@@ -29,9 +29,8 @@ y = s_n * Σ_b s_b * float32(acc_b - z_b * rowsum_b) (+ low-rank, bias). Roundin
 from .act_quant import act_quant, act_ranges_supported
 from .matmul import quant_matmul
 from .pdl import gdc
-from .tiles import (GEMV_MAX_M, gemv_late_sum, lowrank_presum, lowrank_splits, packed_words, use_pdl,
-                    uses_scratch)
+from .tiles import GEMV_MAX_M, gemv_late_sum, lowrank_presum, lowrank_splits, use_pdl, uses_scratch
 from .unpack import unpack_weights
 
 __all__ = ["GEMV_MAX_M", "act_quant", "act_ranges_supported", "gdc", "gemv_late_sum", "lowrank_presum",
-           "lowrank_splits", "packed_words", "quant_matmul", "unpack_weights", "use_pdl", "uses_scratch"]
+           "lowrank_splits", "quant_matmul", "unpack_weights", "use_pdl", "uses_scratch"]

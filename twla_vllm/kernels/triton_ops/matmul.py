@@ -10,7 +10,7 @@ from .gemm import _gemm_kernel
 from .gemv import _gemv_kernel
 from .pdl import gdc, launch_options
 from .tiles import (GEMM_CONFIGS, GEMV_CONFIGS, GEMV_LOWRANK_SUM, GEMV_MAX_M, GEMV_SPLIT_CTAS, block_k, gemm_split,
-                    gemv_late_sum, lowrank_chunk, lowrank_presum, packed_words, use_pdl, uses_scratch)
+                    gemv_late_sum, lowrank_chunk, lowrank_presum, use_pdl, uses_scratch)
 from .unpack import unpack_weights
 
 
@@ -21,7 +21,7 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
                  shard_bounds: tuple[int, int] | None = None, scratch: bool | None = None,
                  tile: tuple[int, int, int, int, int] | None = None, out: torch.Tensor | None = None,
                  split: int | None = None, gemv_split: bool = True, pdl: bool | None = None,
-                 late_sum: bool | None = None, presum: bool | None = None, words: bool | None = None,
+                 late_sum: bool | None = None, presum: bool | None = None,
                  unpacked: torch.Tensor | None = None) -> torch.Tensor:
     """y [M, N] = s_n * Σ_b s_b (q·W_intᵀ - z_b rowsum_b) (+ lowrank_a @ lrᵀ per shard, + bias).
 
@@ -31,8 +31,7 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
     tensor-core path's table and split rule (benchmarks, tests);
     gemv_split=False keeps the GEMV's K unsplit (tests); pdl, late_sum, presum: override the rules `tiles.use_pdl`
     (programmatic dependent launch), `tiles.gemv_late_sum` (the GEMV's sums over words after its K loop) and
-    `tiles.lowrank_presum` (the branch's partials summed before the matmul), `tiles.packed_words` (the packed GEMM's
-    tile unpacked on whole words); `unpacked`: these weights' int8
+    `tiles.lowrank_presum` (the branch's partials summed before the matmul); `unpacked`: these weights' int8
     scratch from `unpack_weights`, kept resident, for the scratch path to use instead of unpacking (benchmarks:
     what a resident int8 copy would buy)."""
     m, k = q.shape
@@ -87,13 +86,12 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
     if tile is None and kb > 1 and not uses_scratch(m):
         bm = min(bm, 64)  # 128-token tiles with the per-block fp32 promotion: 439 vs 188 µs (14336->4096, M=128)
     use_scratch = uses_scratch(m) if scratch is None else scratch
-    # the packed GEMM reads the words as int32 (whole-word unpack) or as bytes (per-element unpack)
-    use_words = not use_scratch and (packed_words(m, bits) if words is None else words)
     if use_scratch:
         w = unpacked if unpacked is not None else unpack_weights(packed, qa, qm, bits, step, offset, group_size)
     else:
-        w = packed if use_words else packed.view(torch.int8)
-    bk = block_k(k // kb, bkc)
+        w = packed
+    # the packed path's K tile spans at most one weight group (tiles.GEMM_CONFIGS)
+    bk = block_k(k // kb, bkc if use_scratch else min(bkc, max(32, gs)))
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     if split is None:  # enough programs to hide the unpack loop's latency (benchmarks/KERNEL_NOTES.md v7)
         split = 1 if use_scratch else gemm_split(tiles, k, kb, bk)
@@ -102,8 +100,8 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
                          f"several blocks, one split per block")
     acc = _partials(split, kb, y)
     _gemm_kernel[(tiles, split)](q, s, z, w, *args, acc, m, n, k, q.stride(0), w.stride(0), y.stride(0),
-                                 stride_lr, sb1, sb2, GS=gs, SCRATCH=use_scratch, WORDS=use_words, SPLIT=split, BM=bm,
-                                 BN=bn, BK=bk, GROUP_N=8, PRECISION="ieee" if q.device.type == "cpu" else "tf32x3", num_warps=warps,
+                                 stride_lr, sb1, sb2, GS=gs, SCRATCH=use_scratch, SPLIT=split, BM=bm, BN=bn, BK=bk,
+                                 GROUP_N=8, PRECISION="ieee" if q.device.type == "cpu" else "tf32x3", num_warps=warps,
                                  num_stages=stages, **launch, **meta)
     if split > 1:
         _epilogue(acc, s, z, args, m, n, y, stride_lr, sb1, sb2, meta, split, launch)

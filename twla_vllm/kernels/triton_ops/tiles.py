@@ -25,9 +25,10 @@ def lowrank_chunk(bm: int, bn: int, cp: int) -> int:
     return max(1, min(cp, GEMV_LOWRANK_SUM // (bm * bn)))
 # tensor-core tiles by M bucket: (max M, BM tokens, BN rows, BK cap, warps, stages), from `benchmarks/kernels.py
 # --sweep` on the H100 (benchmarks/KERNEL_NOTES.md v7); the scratch path (M >= SCRATCH_MIN_M) takes the last row.
-# BK 64 on the packed path since the whole-word unpack (v24): K-loop instructions per 32 codes at 64x64 tiles,
-# BK 32 / 64: ternary 80 / 65, int4 81 / 63.5, binary 197 / 51.5 (one word a row per tile at BK 32 sends binary's
-# lane joins through shared memory). Not yet timed.
+# The packed path's K tile is at most one weight group (matmul.py): BK 32 for ternary g32 (BK 64 was slower at
+# 7 of 9 shapes on the H100, up to 1.8x: two groups' scales per row), 64 for groups of >= 64 (int4 and binary g128: K-loop
+# instructions per 32 codes at 64x64 tiles, BK 32 / 64: int4 81 / 63.5, binary 197 / 51.5 in sm_90a SASS; one word
+# a row per tile at BK 32 sends binary's lane joins through shared memory). KERNEL_NOTES v24.
 GEMM_CONFIGS = ((16, 16, 64, 64, 4, 2), (64, 64, 64, 64, 4, 3), (255, 128, 64, 64, 4, 3),
                 (1 << 62, 128, 128, 128, 8, 3))
 SCRATCH_MIN_M = 256  # from here on: unpack once to an int8 scratch, then the GEMM on int8 weights
@@ -35,15 +36,6 @@ SCRATCH_MIN_M = 256  # from here on: unpack once to an int8 scratch, then the GE
 
 def uses_scratch(m: int) -> bool:
     return m >= SCRATCH_MIN_M
-
-
-def packed_words(m: int, bits: int) -> bool:
-    """Whether the packed GEMM (M = 9..255) unpacks its weight tile on whole int32 words (SWAR, four weights a
-    multiply-add: `unpack._words_tile`) instead of per element from byte loads (`unpack._int_tile`). From sm_90a
-    SASS, K-loop instructions per 32 codes words / bytes (`benchmarks/sass_loop_counts.py`, KERNEL_NOTES v24), BK
-    32: ternary 16x64 tiles 79 / 216, 64x64 80 / 145; int4 78 / 224, 81 / 125; binary 137 / 195, 197 / 171; BK 64
-    (GEMM_CONFIGS): binary 64x64 51.5 / 170. Not yet timed."""
-    return True
 
 
 LOWRANK_DOT_MIN_CHUNK = 512  # K per branch program on the tensor-core path: 512 x rank 16-32 fp32 = 32-64 KB of B

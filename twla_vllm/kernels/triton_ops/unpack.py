@@ -1,46 +1,11 @@
-"""Packed B-bit codes -> int8 weights a*v(c) + m: per tile in registers (the GEMM) or once into an int8 scratch."""
+"""Packed B-bit codes -> int8 weights a*v(c) + m on whole words (SWAR): per tile in registers (the GEMM) or once
+into an int8 scratch."""
 
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
-
-
-@triton.jit
-def _load_rep(w_ptr, qa_ptr, qm_ptr, rn, k0, stride_w, G: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr,
-              BK: tl.constexpr):
-    """Raw loads for `_int_tile` (codes k0..k0+BK-1 of rows rn) and their groups' a, m. Unmasked: the caller
-    passes rows that exist (clamped) and a k0 inside the row, a multiple of BK. Every element loads the byte that
-    holds its code (byte-lane layout: byte 4*(k // CPW) + k % 4 of the row), w_ptr = the packed words viewed as
-    bytes, stride_w in bytes; a plain 2-D tile, so no reshape sits between the loads and the dot. Triton does not
-    pipeline byte loads through shared memory, so the GEMM issues the next tile's loads by hand (KERNEL_NOTES v7:
-    1.4-2.2x); int32 word loads, which it would pipeline, measured slower (v8: 4096->14336, M=64 on the H200:
-    108-1726 vs 70.5 µs)."""
-    CPW: tl.constexpr = 32 // BITS
-    j = tl.arange(0, BK)
-    # k0 is a multiple of BK and BK of CPW, so code k0 + j sits (k0 // CPW) * 4 bytes after where code j does: the
-    # per-element part of the address is the same every tile (KERNEL_NOTES v15)
-    byts = tl.load(w_ptr + rn[:, None] * stride_w + (k0 // CPW) * 4 + ((j // CPW) * 4 + j % 4)[None, :])
-    if BK <= GS:  # one group per row of the tile: a and m are a column
-        pq = rn * G + k0 // GS
-    else:
-        pq = rn[:, None] * G + ((k0 + j) // GS)[None, :]
-    qa = tl.load(qa_ptr + pq)
-    qm = tl.load(qm_ptr + pq)
-    if BK <= GS:
-        qa, qm = qa[:, None], qm[:, None]
-    return byts, qa, qm
-
-
-@triton.jit
-def _int_tile(byts, qa, qm, BITS: tl.constexpr, STEP: tl.constexpr, OFF: tl.constexpr, BK: tl.constexpr):
-    """int8 weights a*v(c) + m [BN, BK] in natural order from `_load_rep`'s tiles (shift, mask, multiply-add)."""
-    CPW: tl.constexpr = 32 // BITS
-    j = tl.arange(0, BK)
-    codes = (byts.to(tl.int32) >> (BITS * ((j % CPW) // 4))[None, :]) & (2**BITS - 1)
-    qa = qa.to(tl.int32)
-    return (codes * (qa * STEP) + (qm.to(tl.int32) - qa * OFF)).to(tl.int8)
 
 
 @triton.jit
@@ -76,7 +41,8 @@ def _swar_words(words, mul, add, BITS: tl.constexpr):
 def _load_words(w_ptr, qa_ptr, qm_ptr, rn, k0, stride_w, G: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr,
                 STEP: tl.constexpr, OFF: tl.constexpr, BK: tl.constexpr):
     """The packed words of codes k0..k0+BK-1 of rows rn (w_ptr int32, stride_w in words) and their groups' SWAR
-    multiplier and bias (`_swar_words`); unmasked as `_load_rep`. Groups hold whole words (format: GS % CPW == 0)."""
+    multiplier and bias (`_swar_words`). Unmasked: the caller passes rows that exist (clamped) and a k0 inside the
+    row, a multiple of BK. Groups hold whole words (format: GS % CPW == 0)."""
     CPW: tl.constexpr = 32 // BITS
     BW: tl.constexpr = BK // CPW
     pw = k0 // CPW + tl.arange(0, BW)
@@ -95,7 +61,8 @@ def _load_words(w_ptr, qa_ptr, qm_ptr, rn, k0, stride_w, G: tl.constexpr, GS: tl
 def _words_tile(words, mul, add, BITS: tl.constexpr):
     """int8 weights [BN, BK] in natural order from `_load_words`: SWAR on whole words (`_swar_words`), then each
     int32 split into its four bytes. The truncations re-pack into the same registers, so the split costs no
-    instructions (sm_90a SASS of the 64x64x32 ternary tile: 89 loop instructions vs 145 for `_int_tile`)."""
+    instructions (sm_90a SASS of the 64x64x32 ternary tile: 80 K-loop instructions vs 145 for the per-element
+    unpack from byte loads it replaced, KERNEL_NOTES v24)."""
     t = _swar_words(words, mul, add, BITS)
     b = tl.join(tl.join(t.to(tl.int8), (t >> 16).to(tl.int8)), tl.join((t >> 8).to(tl.int8), (t >> 24).to(tl.int8)))
     return tl.reshape(b, (t.shape[0], t.shape[1] * 4))
