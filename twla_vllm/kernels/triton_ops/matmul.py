@@ -27,8 +27,9 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
 
     q/s/z from `act_quant`; packed [N, K*bits/32] int32; row_scale [N] fp16/fp32; qa/qm [N, G] int8; rowsum
     [N, KB] int32; lr fp32 = x @ lowrank_bᵀ of the S shards, [M, S*R] or as partial sums [P, M, S*R] (what
-    `act_quant` returns), whose rows end at shard_bounds (two ascending row indices; (N, N) for one shard). `scratch`, `tile` (BM, BN, BK cap, warps, stages), `split`: override the
-    tensor-core path's table and split rule (benchmarks, tests);
+    `act_quant` returns), whose rows end at shard_bounds (two ascending row indices; (N, N) for one shard).
+    `scratch`, `tile` (BM, BN, BK cap, warps, stages), `split`: override the tensor-core path's table and split
+    rule (benchmarks, tests);
     gemv_split=False keeps the GEMV's K unsplit (tests); pdl, late_sum, presum: override the rules `tiles.use_pdl`
     (programmatic dependent launch), `tiles.gemv_late_sum` (the GEMV's sums over words after its K loop) and
     `tiles.lowrank_presum` (the branch's partials summed before the matmul); `unpacked`: these weights' int8

@@ -25,10 +25,10 @@ def lowrank_chunk(bm: int, bn: int, cp: int) -> int:
     return max(1, min(cp, GEMV_LOWRANK_SUM // (bm * bn)))
 # tensor-core tiles by M bucket: (max M, BM tokens, BN rows, BK cap, warps, stages), from `benchmarks/kernels.py
 # --sweep` on the H100 (benchmarks/KERNEL_NOTES.md v7); the scratch path (M >= SCRATCH_MIN_M) takes the last row.
-# The packed path's K tile is at most one weight group (matmul.py): BK 32 for ternary g32 (BK 64 was slower at
-# 7 of 9 shapes on the H100, up to 1.8x: two groups' scales per row), 64 for groups of >= 64 (int4 and binary g128: K-loop
-# instructions per 32 codes at 64x64 tiles, BK 32 / 64: int4 81 / 63.5, binary 197 / 51.5 in sm_90a SASS; one word
-# a row per tile at BK 32 sends binary's lane joins through shared memory). KERNEL_NOTES v24.
+# The packed path's K tile is at most one weight group (matmul.py): BK 32 for ternary g32 (BK 64 was slower at 7
+# of 9 shapes on the H100, up to 1.8x: two groups' scales per row), 64 for groups of >= 64 (int4 and binary g128:
+# K-loop instructions per 32 codes at 64x64 tiles, BK 32 / 64: int4 81 / 63.5, binary 197 / 53.5 in sm_90a SASS;
+# one word a row per tile at BK 32 sends binary's lane joins through shared memory). KERNEL_NOTES v24.
 GEMM_CONFIGS = ((16, 16, 64, 64, 4, 2), (64, 64, 64, 64, 4, 3), (255, 128, 64, 64, 4, 3),
                 (1 << 62, 128, 128, 128, 8, 3))
 SCRATCH_MIN_M = 256  # from here on: unpack once to an int8 scratch, then the GEMM on int8 weights
