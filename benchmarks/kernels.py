@@ -28,7 +28,8 @@ one resident (1 byte/weight more) would buy against the gemm column.
 The launch rules flipped, each checked bit for bit against the op: PDL on / off (sm_90+): the whole op with
 programmatic dependent launch the other way from `tiles.use_pdl` (on at M <= 8, and at M = 9..255 with one
 K-block); late sums on / off (M = 2..8): the GEMV summing its words after the K loop the other way from
-`tiles.gemv_late_sum` (on at M = 5..8 for groups of >= 128 weights).
+`tiles.gemv_late_sum` (on at M = 5..8 for groups of >= 128 weights); words in loop (M = 9..255): the packed GEMM
+with its words loaded inside the K loop, pipelined by Triton (`quant_matmul(words_in_loop=True)`, not yet the rule).
 With --act-group-size G: + ranges = the whole op with activation ranges of about G channels (twla-quantize
 --act-group-size G picks the same count: offline.layout.pick_act_blocks) instead of one per transform block.
 """
@@ -154,11 +155,13 @@ def random_branches(n: int, k: int, rank: int, copies: int) -> list[tuple[torch.
 
 
 def flipped_rules(m: int, kb: int, group_weights: int, gdc: bool) -> list[tuple[str, dict]]:
-    """(column, `quant_matmul` options) of the launch rules flipped at this M and K-block count: PDL (sm_90+) and,
-    at M = 2..8, the GEMV's late sums."""
+    """(column, `quant_matmul` options) of the launch rules flipped at this M and K-block count: PDL (sm_90+), at
+    M = 2..8 the GEMV's late sums, and at M = 9..255 the packed GEMM's words loaded inside its K loop."""
     out = [("pdl_flipped_us", dict(pdl=not T.use_pdl(m, kb)))] if gdc else []
     if 1 < m <= T.GEMV_MAX_M:
         out.append(("late_sum_flipped_us", dict(late_sum=not T.gemv_late_sum(m, group_weights))))
+    if T.GEMV_MAX_M < m and not T.uses_scratch(m):
+        out.append(("words_in_loop_us", dict(words_in_loop=True)))
     return out
 
 
@@ -413,6 +416,7 @@ def main() -> None:
                   if "pdl_flipped_us" in r else "")
         extra += (f" late sums {on_off(T.gemv_late_sum(r['m'], r['group_weights']))} {r['late_sum_flipped_us']:.1f}"
                   f" µs |" if "late_sum_flipped_us" in r else "")
+        extra += f" words in loop {r['words_in_loop_us']:.1f} µs |" if "words_in_loop_us" in r else ""
         print(f"| {r['k']}->{r['n']} | {r['m']} | {r['quant_us']:.1f} | {r['gemm_us']:.1f} | {r['twla_us']:.1f} | "
               f"{r['bf16_us']:.1f} | {f(r['fp8_us'])} | {f(r['int_mm_us'])} | {r['bf16_us'] / r['twla_us']:.2f}x | "
               f"{r['floor_pct']:.0f}% |{extra}")

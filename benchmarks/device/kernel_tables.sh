@@ -6,7 +6,8 @@
 #   branch   int4 r32 and binary r16 op tables with the branch columns, then the act_quant sweep
 #   small    int4 and binary group 128 at M = 2, 4 with late sums flipped (never timed there: KERNEL_NOTES v21)
 #   sweep    the branch's x·Bᵀ launch (K-chunks, step) at M = 64 and 2048, never swept on the tensor-core path
-#   words    the packed GEMM's whole-word unpack against per-element bytes (M = 16..128) for each code
+#   words    the packed GEMM (whole-word unpack) at M = 16..128 for each code and gate_up's 4096->28672, with
+#            its words loaded in the K loop as a column (KERNEL_NOTES v24)
 #   words-sweep  the M = 64 tile sweep with 64-code K tiles (KERNEL_NOTES v24)
 #   all      check, branch, small, sweep in that order, as one background chain that outlives the call (a plain `&` job does not):
 #            OUT=/tmp/outk setsid nohup bash /tmp/repo/benchmarks/device/kernel_tables.sh all > /tmp/chain.log \
@@ -33,8 +34,9 @@ case $1 in
   sweep) k lowrank_sweep_int4_g128_r32_m64 400 --code int4 --group-size 128 --lowrank 32 --lowrank-sweep --ms 64,2048 ;;
   words)
     k words_ternary_g32 200 --ms 16,64,128
-    k words_int4_g128 150 --code int4 --group-size 128 --ms 64
-    k words_binary_g128 150 --code binary --group-size 128 --ms 64 ;;
+    k words_gate_up_ternary_g32 150 --shapes 4096:28672 --ms 16,64,128
+    k words_int4_g128 150 --code int4 --group-size 128 --ms 16,64,128
+    k words_binary_g128 150 --code binary --group-size 128 --ms 16,64,128 ;;
   words-sweep) k words_sweep_ternary_g32 200 --ms 64 --sweep ;;
   all) for t in check branch small sweep; do bash "$0" $t; done ;;
   *) echo "usage: $0 check|ternary|g64|branch|small|sweep|words|words-sweep|all" >&2; exit 2 ;;

@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from .epilogue import _finish, _promote
-from .unpack import _load_words, _words_tile
+from .unpack import _load_packed, _load_swar_scales, _load_words, _words_tile
 
 
 @triton.jit
@@ -16,11 +16,12 @@ def _gemm_kernel(q_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
                  KB: tl.constexpr, R: tl.constexpr, NSH: tl.constexpr, RP: tl.constexpr,
                  CP: tl.constexpr, LRKB: tl.constexpr, HAS_BIAS: tl.constexpr, SCRATCH: tl.constexpr,
                  SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_N: tl.constexpr,
-                 PRECISION: tl.constexpr, GDC: tl.constexpr):
+                 PRECISION: tl.constexpr, GDC: tl.constexpr, IN_LOOP: tl.constexpr):
     # acc [BM tokens, BN rows] = x [BM, BK] . w_intᵀ, int8 x int8 -> int32 on tensor cores.
     # SCRATCH 0: w_ptr = the packed int32 words, unpacked per tile on whole words (`_load_words` + `_words_tile`:
     # SWAR as the scratch unpack), q in natural order; the next tile's loads are issued before this tile's dot so
-    # their latency overlaps it (KERNEL_NOTES v7, v24).
+    # their latency overlaps it (KERNEL_NOTES v7, v24). IN_LOOP (not yet timed, off): the words loaded in the loop
+    # instead, so Triton pipelines them with cp.async over num_stages tiles; the group scales stay a tile ahead.
     # SCRATCH 1: w_ptr = the int8 scratch [N, K] (`unpack_weights`), q in natural order.
     # SPLIT > 1: program (tile, s) covers K-range s and leaves a partial in acc_ptr [SPLIT, M, N] for
     # `_epilogue_kernel`: int32 sums (KB == 1) or, with several activation K-blocks (then one split per block),
@@ -47,7 +48,9 @@ def _gemm_kernel(q_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
     k_hi = k_lo + K // SPLIT
     acc = tl.zeros([BM, BN], dtype=tl.int32)
     y = tl.zeros([BM, BN], dtype=tl.float32)
-    if not SCRATCH:
+    if IN_LOOP:
+        ahead = _load_swar_scales(qa_ptr, qm_ptr, rn_in, k_lo, G, GS, BITS, STEP, OFF, BK)
+    elif not SCRATCH:
         ahead = _load_words(w_ptr, qa_ptr, qm_ptr, rn_in, k_lo, stride_w, G, GS, BITS, STEP, OFF, BK)
     if GDC:  # the scratch and the activations come from the kernels before this one (pdl.py)
         tl.extra.cuda.gdc_launch_dependents()
@@ -55,6 +58,11 @@ def _gemm_kernel(q_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
     for k0 in range(k_lo, k_hi, BK):
         if SCRATCH:
             w = tl.load(w_ptr + rn_in[:, None] * stride_w + k0 + rk[None, :])
+        elif IN_LOOP:
+            cur = ahead
+            ahead = _load_swar_scales(qa_ptr, qm_ptr, rn_in, tl.minimum(k0 + BK, k_hi - BK), G, GS, BITS, STEP, OFF,
+                                      BK)
+            w = _words_tile(_load_packed(w_ptr, rn_in, k0, stride_w, BITS, BK), cur[0], cur[1], BITS)
         else:
             cur = ahead
             k_next = tl.minimum(k0 + BK, k_hi - BK)  # the last tile re-reads itself: a cache hit, and no mask

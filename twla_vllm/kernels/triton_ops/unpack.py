@@ -43,18 +43,32 @@ def _load_words(w_ptr, qa_ptr, qm_ptr, rn, k0, stride_w, G: tl.constexpr, GS: tl
     """The packed words of codes k0..k0+BK-1 of rows rn (w_ptr int32, stride_w in words) and their groups' SWAR
     multiplier and bias (`_swar_words`). Unmasked: the caller passes rows that exist (clamped) and a k0 inside the
     row, a multiple of BK. Groups hold whole words (format: GS % CPW == 0)."""
+    mul, add = _load_swar_scales(qa_ptr, qm_ptr, rn, k0, G, GS, BITS, STEP, OFF, BK)
+    return _load_packed(w_ptr, rn, k0, stride_w, BITS, BK), mul, add
+
+
+@triton.jit
+def _load_packed(w_ptr, rn, k0, stride_w, BITS: tl.constexpr, BK: tl.constexpr):
+    """The packed words of codes k0..k0+BK-1 of rows rn as uint32 [BN, BK/CPW]."""
     CPW: tl.constexpr = 32 // BITS
-    BW: tl.constexpr = BK // CPW
-    pw = k0 // CPW + tl.arange(0, BW)
-    words = tl.load(w_ptr + rn[:, None] * stride_w + pw[None, :]).to(tl.uint32, bitcast=True)
+    pw = k0 // CPW + tl.arange(0, BK // CPW)
+    return tl.load(w_ptr + rn[:, None] * stride_w + pw[None, :]).to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _load_swar_scales(qa_ptr, qm_ptr, rn, k0, G: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr,
+                      STEP: tl.constexpr, OFF: tl.constexpr, BK: tl.constexpr):
+    """`_swar_words`' multiplier a*step and bias (m - a*offset + 128) * 0x01010101 for codes k0..k0+BK-1 of rows
+    rn: [BN, 1] when the tile lies in one group, else one per word [BN, BK/CPW]."""
+    CPW: tl.constexpr = 32 // BITS
     if BK <= GS:  # one group per row of the tile
         pq = (rn * G + k0 // GS)[:, None]
     else:
-        pq = rn[:, None] * G + (pw * CPW // GS)[None, :]
+        pq = rn[:, None] * G + ((k0 + CPW * tl.arange(0, BK // CPW)) // GS)[None, :]
     qa = tl.load(qa_ptr + pq).to(tl.int32)
     mul = (qa * STEP).to(tl.uint32, bitcast=True)
     add = ((tl.load(qm_ptr + pq).to(tl.int32) - qa * OFF + 128) & 255).to(tl.uint32, bitcast=True) * 0x01010101
-    return words, mul, add
+    return mul, add
 
 
 @triton.jit
