@@ -1,11 +1,16 @@
 #!/bin/bash
-# Device, after setup.sh (session 27's one-lease plan): GPU check, the whole-word unpack tables, then, once the
-# third carried call has put vllm.txz.part01 in /tmp/chunks (and touched part01.done), the serving table.
-#   OUT=/tmp/outk setsid nohup bash benchmarks/device/words_chain.sh bf16,twla,twinquant > /tmp/chain.log 2>&1 \
-#     < /dev/null & disown
+# Device, after setup.sh: one lease's plan (~20 min): GPU check, the packed-GEMM tables (`kernel_tables.sh words`),
+# then, once the third carried call has put vllm.txz.part01 in /tmp/chunks (and touched part01.done), the serving
+# table for [methods] (default: every mode).
+#   call 1 (carry .gpu-carry/whl, deps.tar, device-install.sh, env.sh): mkdir -p /tmp/chunks /tmp/outk && cp
+#     .gpu-carry/{deps.tar,device-install.sh,env.sh} /tmp/chunks/ && bash benchmarks/device/setup.sh && (OUT=/tmp/outk
+#     setsid nohup bash /tmp/repo/benchmarks/device/words_chain.sh > /tmp/chain.log 2>&1 < /dev/null & disown)
+#   call 2 (carry vllm.txz.part00): cp it to /tmp/chunks;  call 3 (part01): cp it, touch /tmp/chunks/part01.done
+#   then poll back to back (the machine goes after 30 s idle): tail /tmp/chain.log; cp /tmp/outk/* $OUT/;
+#   cp /tmp/serve-bench/*.json $OUT/
 cd /tmp/repo
 bash benchmarks/device/kernel_tables.sh check
 bash benchmarks/device/kernel_tables.sh words
 while [ ! -f /tmp/chunks/part01.done ]; do sleep 5; done
-bash benchmarks/device/serve_table.sh "$1" > /tmp/serve.log 2>&1
+bash benchmarks/device/serve_table.sh "${1:-bf16,fp8,twla,bwla,twinquant}" > /tmp/serve.log 2>&1
 echo "== serve rc $?"; tail -25 /tmp/serve.log
