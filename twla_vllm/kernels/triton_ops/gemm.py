@@ -58,16 +58,15 @@ def _gemm_kernel(q_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
     for k0 in range(k_lo, k_hi, BK):
         if SCRATCH:
             w = tl.load(w_ptr + rn_in[:, None] * stride_w + k0 + rk[None, :])
-        elif IN_LOOP:
-            cur = ahead
-            ahead = _load_swar_scales(qa_ptr, qm_ptr, rn_in, tl.minimum(k0 + BK, k_hi - BK), G, GS, BITS, STEP, OFF,
-                                      BK)
-            w = _words_tile(_load_packed(w_ptr, rn_in, k0, stride_w, BITS, BK), cur[0], cur[1], BITS)
         else:
             cur = ahead
             k_next = tl.minimum(k0 + BK, k_hi - BK)  # the last tile re-reads itself: a cache hit, and no mask
-            ahead = _load_words(w_ptr, qa_ptr, qm_ptr, rn_in, k_next, stride_w, G, GS, BITS, STEP, OFF, BK)
-            w = _words_tile(cur[0], cur[1], cur[2], BITS)
+            if IN_LOOP:  # (mul, add) a tile ahead, this tile's words loaded here
+                ahead = _load_swar_scales(qa_ptr, qm_ptr, rn_in, k_next, G, GS, BITS, STEP, OFF, BK)
+                w = _words_tile(_load_packed(w_ptr, rn_in, k0, stride_w, BITS, BK), cur[0], cur[1], BITS)
+            else:  # (words, mul, add) a tile ahead
+                ahead = _load_words(w_ptr, qa_ptr, qm_ptr, rn_in, k_next, stride_w, G, GS, BITS, STEP, OFF, BK)
+                w = _words_tile(cur[0], cur[1], cur[2], BITS)
         x = tl.load(q_ptr + rm_in[:, None] * stride_q + k0 + rk[None, :])
         acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)
         if KB > 1:

@@ -73,7 +73,7 @@ def _load_swar_scales(qa_ptr, qm_ptr, rn, k0, G: tl.constexpr, GS: tl.constexpr,
 
 @triton.jit
 def _words_tile(words, mul, add, BITS: tl.constexpr):
-    """int8 weights [BN, BK] in natural order from `_load_words`: SWAR on whole words (`_swar_words`), then each
+    """int8 weights [BN, BK] in natural order from packed words and their scales (`_load_words`): SWAR on whole words (`_swar_words`), then each
     int32 split into its four bytes. The truncations re-pack into the same registers, so the split costs no
     instructions (sm_90a SASS of the 64x64x32 ternary tile: 80 K-loop instructions vs 145 for the per-element
     unpack from byte loads it replaced, KERNEL_NOTES v24)."""
