@@ -9,6 +9,7 @@
 #   words    the packed GEMM (whole-word unpack) at M = 16..128 for each code and gate_up's 4096->28672, with
 #            its words loaded in the K loop as a column (KERNEL_NOTES v24)
 #   words-sweep  the M = 64 tile sweep with 64-code K tiles (KERNEL_NOTES v24)
+#   words-branch int4 r32 (TwinQuant's shape) with the branch columns at decode, M = 64 and prefill
 #   all      check, branch, small, sweep in that order, as one background chain that outlives the call (a plain `&` job does not):
 #            OUT=/tmp/outk setsid nohup bash /tmp/repo/benchmarks/device/kernel_tables.sh all > /tmp/chain.log \
 #              2>&1 < /dev/null & disown        ... then copy /tmp/outk/* to $OUT in later calls
@@ -37,7 +38,8 @@ case $1 in
     k words_gate_up_ternary_g32 150 --shapes 4096:28672 --ms 16,64,128
     k words_int4_g128 150 --code int4 --group-size 128 --ms 16,64,128
     k words_binary_g128 150 --code binary --group-size 128 --ms 16,64,128 ;;
+  words-branch) k words_int4_g128_r32 200 --code int4 --group-size 128 --lowrank 32 --ms 8,64,2048 ;;
   words-sweep) k words_sweep_ternary_g32 200 --ms 64 --sweep ;;
   all) for t in check branch small sweep; do bash "$0" $t; done ;;
-  *) echo "usage: $0 check|ternary|g64|branch|small|sweep|words|words-sweep|all" >&2; exit 2 ;;
+  *) echo "usage: $0 check|ternary|g64|branch|small|sweep|words|words-branch|words-sweep|all" >&2; exit 2 ;;
 esac
