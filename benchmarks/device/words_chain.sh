@@ -9,8 +9,11 @@
 #   then poll back to back (the machine goes after 30 s idle): tail /tmp/chain.log; cp /tmp/outk/* $OUT/;
 #   cp /tmp/serve-bench/*.json $OUT/
 cd /tmp/repo
+# vLLM installs (CPU only) while the GPU check runs
+( while [ ! -f /tmp/chunks/part01.done ]; do sleep 5; done
+  bash /tmp/chunks/device-install.sh > /tmp/install.log 2>&1 && touch /tmp/chunks/installed ) &
 bash benchmarks/device/kernel_tables.sh check
-while [ ! -f /tmp/chunks/part01.done ]; do sleep 5; done
+wait
 bash benchmarks/device/serve_table.sh "${1:-bf16,fp8,twla,bwla,twinquant}" > /tmp/serve.log 2>&1
 echo "== serve rc $?"; tail -25 /tmp/serve.log
 bash benchmarks/device/kernel_tables.sh words
