@@ -71,6 +71,10 @@ SWEEP[2048] = SWEEP[8192] = [dict(scratch=True, tile=t) for t in ((128, 128, 128
                                                                   (128, 64, 128, 4, 3), (64, 128, 128, 4, 3),
                                                                   (128, 128, 64, 8, 4), (128, 64, 128, 8, 4))]
 SWEEP[64] += [dict(tile=(64, 64, 32, 4, 3), split=sp) for sp in (16, 32)]
+# words in the K loop (Triton's cp.async pipeline): deeper stages and wider tiles put more bytes in flight per SM,
+# what a latency-bound M = 64 GEMM lacks (gate_up 4096->28672: 0.26 TB/s with one tile ahead, KERNEL_NOTES v24)
+SWEEP[64] += [dict(tile=t, words_in_loop=True) for t in ((64, 64, 32, 4, 3), (64, 64, 32, 4, 5), (64, 128, 32, 8, 4),
+                                                          (64, 64, 64, 4, 4), (64, 128, 64, 8, 4), (64, 64, 128, 4, 3))]
 L2_BEATING_BYTES = 128 << 20
 
 
@@ -395,9 +399,11 @@ def main() -> None:
             print(f"{k}->{n} M={m}: twla {t_all:.1f} us (quant {t_quant:.1f}, gemm {t_gemm:.1f}), bf16 {t_bf16:.1f} us",
                   flush=True)
     if sweep:
-        print("\n| K->N | M | scratch | tile (BM,BN,BK,warps,stages) | split | equal | µs |\n|---|---|---|---|---|---|---|")
+        print("\n| K->N | M | scratch | tile (BM,BN,BK,warps,stages) | split | words in loop | equal | µs |\n"
+              "|---|---|---|---|---|---|---|---|")
         for k, n, m, kw, ok, us in sweep:
-            print(f"| {k}->{n} | {m} | {kw['scratch']} | {kw['tile']} | {kw.get('split', 'rule')} | {ok} | {us:.1f} |")
+            print(f"| {k}->{n} | {m} | {kw['scratch']} | {kw['tile']} | {kw.get('split', 'rule')} | "
+                  f"{kw.get('words_in_loop', False)} | {ok} | {us:.1f} |")
     print(f"\n{code.name}, group size {gs}\n| K->N | M | quant µs | gemm µs | twla µs | bf16 µs | fp8 µs | _int_mm µs "
           f"| bf16/twla | floor % |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:

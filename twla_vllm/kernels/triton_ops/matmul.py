@@ -29,8 +29,8 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
     q/s/z from `act_quant`; packed [N, K*bits/32] int32; row_scale [N] fp16/fp32; qa/qm [N, G] int8; rowsum
     [N, KB] int32; lr fp32 = x @ lowrank_bᵀ of the S shards, [M, S*R] or as partial sums [P, M, S*R] (what
     `act_quant` returns), whose rows end at shard_bounds (two ascending row indices; (N, N) for one shard).
-    `scratch`, `tile` (BM, BN, BK cap, warps, stages), `split`: override the tensor-core path's table and split
-    rule (benchmarks, tests);
+    `scratch`, `tile` (BM, BN, BK cap, warps, stages; a given cap may span several weight groups), `split`:
+    override the tensor-core path's table and split rule (benchmarks, tests);
     gemv_split=False keeps the GEMV's K unsplit (tests); pdl, late_sum, presum: override the rules `tiles.use_pdl`
     (programmatic dependent launch), `tiles.gemv_late_sum` (the GEMV's sums over words after its K loop) and
     `tiles.lowrank_presum` (the branch's partials summed before the matmul); words_in_loop: the packed GEMM's
@@ -93,8 +93,8 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
         w = unpacked if unpacked is not None else unpack_weights(packed, qa, qm, bits, step, offset, group_size)
     else:
         w = packed
-    # the packed path's K tile spans at most one weight group (tiles.GEMM_CONFIGS)
-    bk = block_k(k // kb, bkc if use_scratch else min(bkc, max(32, gs)))
+    # the packed path's K tile spans at most one weight group (tiles.GEMM_CONFIGS) unless a tile is given
+    bk = block_k(k // kb, bkc if use_scratch or tile is not None else min(bkc, max(32, gs)))
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     if split is None:  # enough programs to hide the unpack loop's latency (benchmarks/KERNEL_NOTES.md v7)
         split = 1 if use_scratch else gemm_split(tiles, k, kb, bk)
