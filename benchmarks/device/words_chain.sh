@@ -1,7 +1,8 @@
 #!/bin/bash
 # Device, after setup.sh: one lease's plan (~20 min): GPU check; once the third carried call has put vllm.txz.part01
 # in /tmp/chunks (and touched part01.done), the serving table for [methods] (default: every mode), the user-visible
-# number, so it runs before the op tables; then the packed-GEMM tables (`kernel_tables.sh words`, `words-branch`, `words-sweep`).
+# number, so it runs before the op tables; then the packed-GEMM tables (`kernel_tables.sh words`, `words-branch`,
+# `words-sweep`).
 #   call 1 (carry .gpu-carry/whl, deps.tar, device-install.sh, env.sh): mkdir -p /tmp/chunks /tmp/outk && cp
 #     .gpu-carry/{deps.tar,device-install.sh,env.sh} /tmp/chunks/ && bash benchmarks/device/setup.sh && (OUT=/tmp/outk
 #     setsid nohup bash /tmp/repo/benchmarks/device/words_chain.sh > /tmp/chain.log 2>&1 < /dev/null & disown)
