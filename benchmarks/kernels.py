@@ -28,8 +28,7 @@ one resident (1 byte/weight more) would buy against the gemm column.
 The launch rules flipped, each checked bit for bit against the op: PDL on / off (sm_90+): the whole op with
 programmatic dependent launch the other way from `tiles.use_pdl` (on at M <= 8, and at M = 9..255 with one
 K-block); late sums on / off (M = 2..8): the GEMV summing its words after the K loop the other way from
-`tiles.gemv_late_sum` (on at M = 5..8 for groups of >= 128 weights); words in loop (M = 9..255): the packed GEMM
-with its words loaded inside the K loop, pipelined by Triton (`quant_matmul(words_in_loop=True)`, not yet the rule).
+`tiles.gemv_late_sum` (on at M = 5..8 for groups of >= 128 weights).
 With --act-group-size G: + ranges = the whole op with activation ranges of about G channels (twla-quantize
 --act-group-size G picks the same count: offline.layout.pick_act_blocks) instead of one per transform block.
 """
@@ -71,10 +70,6 @@ SWEEP[2048] = SWEEP[8192] = [dict(scratch=True, tile=t) for t in ((128, 128, 128
                                                                   (128, 64, 128, 4, 3), (64, 128, 128, 4, 3),
                                                                   (128, 128, 64, 8, 4), (128, 64, 128, 8, 4))]
 SWEEP[64] += [dict(tile=(64, 64, 32, 4, 3), split=sp) for sp in (16, 32)]
-# words in the K loop (Triton's cp.async pipeline): deeper stages and wider tiles put more bytes in flight per SM,
-# what a latency-bound M = 64 GEMM lacks (gate_up 4096->28672: 0.26 TB/s with one tile ahead, KERNEL_NOTES v24)
-SWEEP[64] += [dict(tile=t, words_in_loop=True) for t in ((64, 64, 32, 4, 3), (64, 64, 32, 4, 5), (64, 128, 32, 8, 4),
-                                                          (64, 64, 64, 4, 4), (64, 128, 64, 8, 4), (64, 64, 128, 4, 3))]
 L2_BEATING_BYTES = 128 << 20
 
 
@@ -160,12 +155,10 @@ def random_branches(n: int, k: int, rank: int, copies: int) -> list[tuple[torch.
 
 def flipped_rules(m: int, kb: int, group_weights: int, gdc: bool) -> list[tuple[str, dict]]:
     """(column, `quant_matmul` options) of the launch rules flipped at this M and K-block count: PDL (sm_90+), at
-    M = 2..8 the GEMV's late sums, and at M = 9..255 the packed GEMM's words loaded inside its K loop."""
+    M = 2..8 the GEMV's late sums."""
     out = [("pdl_flipped_us", dict(pdl=not T.use_pdl(m, kb)))] if gdc else []
     if 1 < m <= T.GEMV_MAX_M:
         out.append(("late_sum_flipped_us", dict(late_sum=not T.gemv_late_sum(m, group_weights))))
-    if T.GEMV_MAX_M < m and not T.uses_scratch(m):
-        out.append(("words_in_loop_us", dict(words_in_loop=True)))
     return out
 
 
@@ -399,11 +392,10 @@ def main() -> None:
             print(f"{k}->{n} M={m}: twla {t_all:.1f} us (quant {t_quant:.1f}, gemm {t_gemm:.1f}), bf16 {t_bf16:.1f} us",
                   flush=True)
     if sweep:
-        print("\n| K->N | M | scratch | tile (BM,BN,BK,warps,stages) | split | words in loop | equal | µs |\n"
-              "|---|---|---|---|---|---|---|---|")
+        print("\n| K->N | M | scratch | tile (BM,BN,BK,warps,stages) | split | equal | µs |")
+        print("|---|---|---|---|---|---|---|")
         for k, n, m, kw, ok, us in sweep:
-            print(f"| {k}->{n} | {m} | {kw['scratch']} | {kw['tile']} | {kw.get('split', 'rule')} | "
-                  f"{kw.get('words_in_loop', False)} | {ok} | {us:.1f} |")
+            print(f"| {k}->{n} | {m} | {kw['scratch']} | {kw['tile']} | {kw.get('split', 'rule')} | {ok} | {us:.1f} |")
     print(f"\n{code.name}, group size {gs}\n| K->N | M | quant µs | gemm µs | twla µs | bf16 µs | fp8 µs | _int_mm µs "
           f"| bf16/twla | floor % |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -422,7 +414,6 @@ def main() -> None:
                   if "pdl_flipped_us" in r else "")
         extra += (f" late sums {on_off(T.gemv_late_sum(r['m'], r['group_weights']))} {r['late_sum_flipped_us']:.1f}"
                   f" µs |" if "late_sum_flipped_us" in r else "")
-        extra += f" words in loop {r['words_in_loop_us']:.1f} µs |" if "words_in_loop_us" in r else ""
         print(f"| {r['k']}->{r['n']} | {r['m']} | {r['quant_us']:.1f} | {r['gemm_us']:.1f} | {r['twla_us']:.1f} | "
               f"{r['bf16_us']:.1f} | {f(r['fp8_us'])} | {f(r['int_mm_us'])} | {r['bf16_us'] / r['twla_us']:.2f}x | "
               f"{r['floor_pct']:.0f}% |{extra}")

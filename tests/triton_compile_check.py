@@ -48,7 +48,7 @@ GEMV = dict(BITS=2, STEP=1, OFF=1, G=128, GW=2, KB=1, LRKB=1, HAS_BIAS=True, BM=
             GDC=True, LATE_SUM=False, CPC=16)  # CPC: branch columns per multiply-add step
 UNPACK = dict(G=128, GS=32, BITS=2, STEP=1, OFF=1, BN=32, BW=64)
 GEMM = dict(BITS=2, STEP=1, OFF=1, G=128, GS=32, KB=1, LRKB=1, HAS_BIAS=True, SCRATCH=False, SPLIT=1, BM=64,
-            BN=64, BK=64, GROUP_N=8, PRECISION="tf32x3", GDC=True, IN_LOOP=False)
+            BN=64, BK=64, GROUP_N=8, PRECISION="tf32x3", GDC=True)
 VARIANTS = [
     ("act_quant", _act_quant_kernel, "act_quant", ACT, 4),
     ("act_quant + branch x·Bᵀ", _act_quant_kernel, "act_quant", {**ACT, "SR": 32, "JB": 32, "BTL": 64}, 4),
@@ -83,10 +83,6 @@ VARIANTS = [
     ("gemm packed, 32 ranges, split", _gemm_kernel, "packed fp32 partials",
      {**GEMM, **NO_BRANCH, "KB": 32, "SPLIT": 32}, 4),
     ("gemm packed ternary, 32-code K tiles", _gemm_kernel, "packed", {**GEMM, **NO_BRANCH, "BK": 32}, 4),
-    ("gemm packed ternary, words loaded in the loop (pipelined)", _gemm_kernel, "packed",
-     {**GEMM, **NO_BRANCH, "BK": 32, "IN_LOOP": True}, 4),
-    ("gemm packed int4 + branch, words in the loop, 8 K-blocks", _gemm_kernel, "packed fp32 partials",
-     {**GEMM, **BRANCH, "BITS": 4, "OFF": 8, "GS": 128, "G": 32, "KB": 8, "SPLIT": 8, "IN_LOOP": True}, 4),
     ("gemm scratch int4 + branch", _gemm_kernel, "matmul",
      {**GEMM, **BRANCH, "SCRATCH": True, "BITS": 4, "OFF": 8, "BM": 128, "BN": 128, "BK": 128}, 8),
     ("epilogue int32 partials + branch", _epilogue_kernel, "matmul",

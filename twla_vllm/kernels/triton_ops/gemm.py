@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from .epilogue import _finish, _promote
-from .unpack import _load_packed, _load_swar_scales, _load_words, _words_tile
+from .unpack import _load_words, _words_tile
 
 
 @triton.jit
@@ -16,12 +16,12 @@ def _gemm_kernel(q_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
                  KB: tl.constexpr, R: tl.constexpr, NSH: tl.constexpr, RP: tl.constexpr,
                  CP: tl.constexpr, LRKB: tl.constexpr, HAS_BIAS: tl.constexpr, SCRATCH: tl.constexpr,
                  SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_N: tl.constexpr,
-                 PRECISION: tl.constexpr, GDC: tl.constexpr, IN_LOOP: tl.constexpr):
+                 PRECISION: tl.constexpr, GDC: tl.constexpr):
     # acc [BM tokens, BN rows] = x [BM, BK] . w_intᵀ, int8 x int8 -> int32 on tensor cores.
     # SCRATCH 0: w_ptr = the packed int32 words, unpacked per tile on whole words (`_load_words` + `_words_tile`:
     # SWAR as the scratch unpack), q in natural order; the next tile's loads are issued before this tile's dot so
-    # their latency overlaps it (KERNEL_NOTES v7, v24). IN_LOOP (not yet timed, off): the words loaded in the loop
-    # instead, so Triton pipelines them with cp.async over num_stages tiles; the group scales stay a tile ahead.
+    # their latency overlaps it (KERNEL_NOTES v7, v24; loading them inside the loop for Triton's cp.async pipeline
+    # measured slower at 26 of 27 shapes, v25).
     # SCRATCH 1: w_ptr = the int8 scratch [N, K] (`unpack_weights`), q in natural order.
     # SPLIT > 1: program (tile, s) covers K-range s and leaves a partial in acc_ptr [SPLIT, M, N] for
     # `_epilogue_kernel`: int32 sums (KB == 1) or, with several activation K-blocks (then one split per block),
@@ -48,9 +48,7 @@ def _gemm_kernel(q_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
     k_hi = k_lo + K // SPLIT
     acc = tl.zeros([BM, BN], dtype=tl.int32)
     y = tl.zeros([BM, BN], dtype=tl.float32)
-    if IN_LOOP:
-        ahead = _load_swar_scales(qa_ptr, qm_ptr, rn_in, k_lo, G, GS, BITS, STEP, OFF, BK)
-    elif not SCRATCH:
+    if not SCRATCH:
         ahead = _load_words(w_ptr, qa_ptr, qm_ptr, rn_in, k_lo, stride_w, G, GS, BITS, STEP, OFF, BK)
     if GDC:  # the scratch and the activations come from the kernels before this one (pdl.py)
         tl.extra.cuda.gdc_launch_dependents()
@@ -59,14 +57,10 @@ def _gemm_kernel(q_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
         if SCRATCH:
             w = tl.load(w_ptr + rn_in[:, None] * stride_w + k0 + rk[None, :])
         else:
-            cur = ahead
-            k_next = tl.minimum(k0 + BK, k_hi - BK)  # the last tile re-reads itself: a cache hit, and no mask
-            if IN_LOOP:  # (mul, add) a tile ahead, this tile's words loaded here
-                ahead = _load_swar_scales(qa_ptr, qm_ptr, rn_in, k_next, G, GS, BITS, STEP, OFF, BK)
-                w = _words_tile(_load_packed(w_ptr, rn_in, k0, stride_w, BITS, BK), cur[0], cur[1], BITS)
-            else:  # (words, mul, add) a tile ahead
-                ahead = _load_words(w_ptr, qa_ptr, qm_ptr, rn_in, k_next, stride_w, G, GS, BITS, STEP, OFF, BK)
-                w = _words_tile(cur[0], cur[1], cur[2], BITS)
+            cur = ahead  # (words, mul, add) a tile ahead; the last tile re-reads itself: a cache hit, and no mask
+            ahead = _load_words(w_ptr, qa_ptr, qm_ptr, rn_in, tl.minimum(k0 + BK, k_hi - BK), stride_w, G, GS, BITS,
+                                STEP, OFF, BK)
+            w = _words_tile(cur[0], cur[1], cur[2], BITS)
         x = tl.load(q_ptr + rm_in[:, None] * stride_q + k0 + rk[None, :])
         acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)
         if KB > 1:

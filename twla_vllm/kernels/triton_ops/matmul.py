@@ -22,7 +22,6 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
                  tile: tuple[int, int, int, int, int] | None = None, out: torch.Tensor | None = None,
                  split: int | None = None, gemv_split: bool = True, pdl: bool | None = None,
                  late_sum: bool | None = None, presum: bool | None = None,
-                 words_in_loop: bool = False,
                  unpacked: torch.Tensor | None = None) -> torch.Tensor:
     """y [M, N] = s_n * Σ_b s_b (q·W_intᵀ - z_b rowsum_b) (+ lowrank_a @ lrᵀ per shard, + bias).
 
@@ -33,8 +32,7 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
     override the tensor-core path's table and split rule (benchmarks, tests);
     gemv_split=False keeps the GEMV's K unsplit (tests); pdl, late_sum, presum: override the rules `tiles.use_pdl`
     (programmatic dependent launch), `tiles.gemv_late_sum` (the GEMV's sums over words after its K loop) and
-    `tiles.lowrank_presum` (the branch's partials summed before the matmul); words_in_loop: the packed GEMM's
-    words loaded inside its K loop for Triton to pipeline (not yet timed: KERNEL_NOTES v24); `unpacked`: these
+    `tiles.lowrank_presum` (the branch's partials summed before the matmul); `unpacked`: these
     weights' int8 scratch from `unpack_weights`, kept resident, for the scratch path to use instead of unpacking
     (benchmarks: what a resident int8 copy would buy)."""
     m, k = q.shape
@@ -104,7 +102,7 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
     acc = _partials(split, kb, y)
     _gemm_kernel[(tiles, split)](q, s, z, w, *args, acc, m, n, k, q.stride(0), w.stride(0), y.stride(0),
                                  stride_lr, sb1, sb2, GS=gs, SCRATCH=use_scratch, SPLIT=split, BM=bm, BN=bn, BK=bk,
-                                 IN_LOOP=words_in_loop and not use_scratch, GROUP_N=8,
+                                 GROUP_N=8,
                                  PRECISION="ieee" if q.device.type == "cpu" else "tf32x3", num_warps=warps,
                                  num_stages=stages, **launch, **meta)
     if split > 1:

@@ -42,25 +42,11 @@ def _load_words(w_ptr, qa_ptr, qm_ptr, rn, k0, stride_w, G: tl.constexpr, GS: tl
                 STEP: tl.constexpr, OFF: tl.constexpr, BK: tl.constexpr):
     """The packed words of codes k0..k0+BK-1 of rows rn (w_ptr int32, stride_w in words) and their groups' SWAR
     multiplier and bias (`_swar_words`). Unmasked: the caller passes rows that exist (clamped) and a k0 inside the
-    row, a multiple of BK. Groups hold whole words (format: GS % CPW == 0)."""
-    mul, add = _load_swar_scales(qa_ptr, qm_ptr, rn, k0, G, GS, BITS, STEP, OFF, BK)
-    return _load_packed(w_ptr, rn, k0, stride_w, BITS, BK), mul, add
-
-
-@triton.jit
-def _load_packed(w_ptr, rn, k0, stride_w, BITS: tl.constexpr, BK: tl.constexpr):
-    """The packed words of codes k0..k0+BK-1 of rows rn as uint32 [BN, BK/CPW]."""
+    row, a multiple of BK. Groups hold whole words (format: GS % CPW == 0). The multiplier is a*step, the bias
+    (m - a*offset + 128) * 0x01010101: [BN, 1] when the tile lies in one group, else one per word [BN, BK/CPW]."""
     CPW: tl.constexpr = 32 // BITS
     pw = k0 // CPW + tl.arange(0, BK // CPW)
-    return tl.load(w_ptr + rn[:, None] * stride_w + pw[None, :]).to(tl.uint32, bitcast=True)
-
-
-@triton.jit
-def _load_swar_scales(qa_ptr, qm_ptr, rn, k0, G: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr,
-                      STEP: tl.constexpr, OFF: tl.constexpr, BK: tl.constexpr):
-    """`_swar_words`' multiplier a*step and bias (m - a*offset + 128) * 0x01010101 for codes k0..k0+BK-1 of rows
-    rn: [BN, 1] when the tile lies in one group, else one per word [BN, BK/CPW]."""
-    CPW: tl.constexpr = 32 // BITS
+    words = tl.load(w_ptr + rn[:, None] * stride_w + pw[None, :]).to(tl.uint32, bitcast=True)
     if BK <= GS:  # one group per row of the tile
         pq = (rn * G + k0 // GS)[:, None]
     else:
@@ -68,13 +54,13 @@ def _load_swar_scales(qa_ptr, qm_ptr, rn, k0, G: tl.constexpr, GS: tl.constexpr,
     qa = tl.load(qa_ptr + pq).to(tl.int32)
     mul = (qa * STEP).to(tl.uint32, bitcast=True)
     add = ((tl.load(qm_ptr + pq).to(tl.int32) - qa * OFF + 128) & 255).to(tl.uint32, bitcast=True) * 0x01010101
-    return mul, add
+    return words, mul, add
 
 
 @triton.jit
 def _words_tile(words, mul, add, BITS: tl.constexpr):
-    """int8 weights [BN, BK] in natural order from packed words and their scales (`_load_words`): SWAR on whole words (`_swar_words`), then each
-    int32 split into its four bytes. The truncations re-pack into the same registers, so the split costs no
+    """int8 weights [BN, BK] in natural order from packed words and their scales (`_load_words`): SWAR on whole
+    words (`_swar_words`), then each int32 split into its four bytes. The truncations re-pack into the same registers, so the split costs no
     instructions (sm_90a SASS of the 64x64x32 ternary tile: 80 K-loop instructions vs 145 for the per-element
     unpack from byte loads it replaced, KERNEL_NOTES v24)."""
     t = _swar_words(words, mul, add, BITS)
