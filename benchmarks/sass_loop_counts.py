@@ -40,6 +40,9 @@ VARIANTS = [
     *[(f"GEMM {code} {bm}x64x{bk}", _gemm_kernel, "packed", {**GEMM, **NO_BRANCH, **consts, "BM": bm, "BK": bk}, 4)
       for code, consts in (("ternary", TERNARY_G32), ("binary", BINARY_G128), ("int4", INT4_G128))
       for bm in (16, 64) for bk in (32, 64)],
+    *[(f"GEMM {code} 64x64x{bk}, scale pairs (every load pipelined)", _gemm_kernel, "packed pairs",
+       {**GEMM, **NO_BRANCH, **consts, "BK": bk, "PAIRS": True}, 4)
+      for code, consts in (("ternary", TERNARY_G32), ("int4", INT4_G128)) for bk in (32, 64)],
     ("GEMM scratch int4 128x128x128", _gemm_kernel, "matmul",
      {**GEMM, **NO_BRANCH, **INT4_G128, "SCRATCH": True, "BM": 128, "BN": 128, "BK": 128}, 8),
 ]

@@ -56,6 +56,7 @@ class Case:
     pdl: bool | None = None  # programmatic dependent launch of the matmul (sm_90+; None: `tiles.use_pdl`)
     late_sum: bool | None = None  # the GEMV's sums over words after its K loop (None: `tiles.gemv_late_sum`)
     presum: bool | None = None  # the branch's partials summed before the matmul (None: `tiles.lowrank_presum`)
+    pairs: bool = False  # the packed GEMM reads `scale_pairs` with every load pipelined (not the default)
 
     def __str__(self) -> str:
         return (f"m={self.m} n={self.n} k={self.k} {self.code} g={self.gs} kb={self.kb}"
@@ -64,7 +65,7 @@ class Case:
                 f"{' scratch' if self.scratch else ''}{'' if self.split else ' nosplit'}"
                 f"{'' if self.pdl is None else f' pdl={self.pdl}'}"
                 f"{'' if self.late_sum is None else f' late-sum={self.late_sum}'}"
-                f"{'' if self.presum is None else f' presum={self.presum}'}")
+                f"{'' if self.presum is None else f' presum={self.presum}'}{' pairs' if self.pairs else ''}")
 
 
 def random_layer(c: Case, gen, dev):
@@ -126,6 +127,7 @@ def check_case(c: Case, dev, gen) -> list[str]:
     packed = fmt.pack_codes(codes, code).to(dev)
     w_int = fmt.int_weights(codes, qa, qm, code)
     qa, qm, row_scale = qa.to(dev), qm.to(dev), row_scale.to(dev)
+    pairs = T.scale_pairs(qa, qm, code.offset) if c.pairs else None
     if scratch:
         un = T.unpack_weights(packed, qa, qm, code.bits, code.step, code.offset, c.gs)
         if not torch.equal(un.cpu(), w_int.to(torch.int8)):
@@ -136,7 +138,7 @@ def check_case(c: Case, dev, gen) -> list[str]:
     y = torch.full((c.m, c.n), float("nan"), device=dev)
     T.quant_matmul(q8, s_ref.to(dev), z_ref.to(dev), packed, row_scale, qa, qm, rowsum, code.bits,
                    code.step, code.offset, c.gs, torch.float32, scratch=scratch, out=y, gemv_split=c.split,
-                   pdl=c.pdl, late_sum=c.late_sum)
+                   pdl=c.pdl, late_sum=c.late_sum, scale_pairs=pairs)
     want = exact_gemm(q_ref, s_ref, z_ref, w_int, row_scale, ab)
     if torch.isnan(y).any():
         fails.append("matmul left outputs unwritten")
@@ -163,7 +165,7 @@ def check_case(c: Case, dev, gen) -> list[str]:
             fails.append(f"act_quant lowrank x·Bᵀ: shape {tuple(lr.shape)}, rel err {lr_err:.2e}")
     y2 = T.quant_matmul(q2, s2, z2, packed, row_scale, qa, qm, rowsum, code.bits, code.step, code.offset, c.gs,
                         c.dtype, la, lr, bias, bounds, scratch=scratch, gemv_split=c.split, pdl=c.pdl,
-                        late_sum=c.late_sum, presum=c.presum)
+                        late_sum=c.late_sum, presum=c.presum, scale_pairs=pairs)
     ref = quant_linear(x, w_int.to(dev), row_scale, rowsum, left, right, c.bits, 0.9, bias=bias)
     if la is not None:  # each row reads its own shard's slice of lr
         shard = (torch.arange(c.n, device=dev) >= bounds[0]).long() + (torch.arange(c.n, device=dev) >= bounds[1]).long()
@@ -223,6 +225,11 @@ CPU_CASES = [
     # the packed GEMM's whole-word unpack: groups of one word in a 32-code tile (per-word scales), binary groups of
     # one word, int4 groups of 16
     Case(20, 24, 256, gs=16), Case(24, 40, 512, gs=32, code="binary"), Case(20, 24, 256, gs=16, code="int4"),
+    # every load of the packed GEMM pipelined, scales from `scale_pairs`: one group a tile (odd group count: the
+    # last pair padded), per-word scales, int4 with 2 K-blocks and a branch, binary
+    Case(20, 24, 192, gs=64, pairs=True), Case(20, 24, 256, gs=16, pairs=True),
+    Case(17, 72, 256, gs=128, kb=2, rank=4, shards=3, code="int4", pairs=True),
+    Case(24, 40, 512, gs=128, code="binary", pairs=True),
 ]
 
 
@@ -275,6 +282,11 @@ def gpu_cases() -> list[Case]:
     # the packed GEMM's whole-word unpack with 64-code K tiles (groups of >= 64) and with per-word scales (g16)
     out += [Case(m, 4096, 4096, gs=gs, dtype=bf16, code=code) for m in (16, 64)
             for code, gs in (("ternary", 64), ("binary", 128), ("int4", 128), ("ternary", 16))]
+    # every load pipelined, scales from `scale_pairs` (`quant_matmul(scale_pairs=...)`, not the default)
+    out += [Case(m, 4096, 4096, gs=gs, dtype=bf16, code=code, pairs=True) for m in (16, 64, 128)
+            for code, gs in (("ternary", 32), ("binary", 128), ("int4", 128))]
+    out += [Case(64, 4096, 14336, gs=32, kb=8, dtype=bf16, pairs=True),
+            Case(100, 4096, 4096, gs=128, dtype=bf16, code="int4", rank=32, shards=3, pairs=True)]
     return out
 
 

@@ -39,6 +39,8 @@ POINTERS["fp32 partials"] = {**POINTERS["matmul"], "acc_ptr": "*fp32"}  # severa
 POINTERS["packed"] = {**POINTERS["matmul"], "w_ptr": "*i32"}  # the packed GEMM reads int32 words
 POINTERS["packed fp32 partials"] = {**POINTERS["fp32 partials"], "w_ptr": "*i32"}
 POINTERS["gemv fp32 partials"] = {**POINTERS["gemv"], "acc_ptr": "*fp32"}
+POINTERS["packed pairs"] = {**POINTERS["packed"], "qa_ptr": "*i32"}  # qa_ptr = `scale_pairs` words
+POINTERS["packed pairs fp32 partials"] = {**POINTERS["packed fp32 partials"], "qa_ptr": "*i32"}
 ACT = dict(ROWS=64, COLS=64, RBP=64, CP=64, BT=2, HAS_ROT=True, KB=1, AB=1, QR=64, BITS=4, CLIP=0.9,
            PRECISION="tf32", ASM=True, GDC=True, SR=0, JB=16, BTL=16, BKL=128, KS=1, LR_DOT=True,
            LR_PRECISION="tf32")  # the branch's dot on bf16 x and fp16 B: one exact TF32 pass
@@ -48,7 +50,7 @@ GEMV = dict(BITS=2, STEP=1, OFF=1, G=128, GW=2, KB=1, LRKB=1, HAS_BIAS=True, BM=
             GDC=True, LATE_SUM=False, CPC=16)  # CPC: branch columns per multiply-add step
 UNPACK = dict(G=128, GS=32, BITS=2, STEP=1, OFF=1, BN=32, BW=64)
 GEMM = dict(BITS=2, STEP=1, OFF=1, G=128, GS=32, KB=1, LRKB=1, HAS_BIAS=True, SCRATCH=False, SPLIT=1, BM=64,
-            BN=64, BK=64, GROUP_N=8, PRECISION="tf32x3", GDC=True)
+            BN=64, BK=64, GROUP_N=8, PRECISION="tf32x3", GDC=True, PAIRS=False)
 VARIANTS = [
     ("act_quant", _act_quant_kernel, "act_quant", ACT, 4),
     ("act_quant + branch x·Bᵀ", _act_quant_kernel, "act_quant", {**ACT, "SR": 32, "JB": 32, "BTL": 64}, 4),
@@ -83,6 +85,12 @@ VARIANTS = [
     ("gemm packed, 32 ranges, split", _gemm_kernel, "packed fp32 partials",
      {**GEMM, **NO_BRANCH, "KB": 32, "SPLIT": 32}, 4),
     ("gemm packed ternary, 32-code K tiles", _gemm_kernel, "packed", {**GEMM, **NO_BRANCH, "BK": 32}, 4),
+    ("gemm packed ternary, scale pairs, every load pipelined", _gemm_kernel, "packed pairs",
+     {**GEMM, **NO_BRANCH, "BK": 32, "PAIRS": True}, 4),
+    ("gemm packed ternary, scale pairs, two groups a tile", _gemm_kernel, "packed pairs",
+     {**GEMM, **NO_BRANCH, "PAIRS": True}, 4),
+    ("gemm packed int4 + branch, scale pairs, 8 K-blocks", _gemm_kernel, "packed pairs fp32 partials",
+     {**GEMM, **BRANCH, "BITS": 4, "OFF": 8, "GS": 128, "G": 32, "KB": 8, "SPLIT": 8, "PAIRS": True}, 4),
     ("gemm scratch int4 + branch", _gemm_kernel, "matmul",
      {**GEMM, **BRANCH, "SCRATCH": True, "BITS": 4, "OFF": 8, "BM": 128, "BN": 128, "BK": 128}, 8),
     ("epilogue int32 partials + branch", _epilogue_kernel, "matmul",

@@ -6,9 +6,9 @@
 #   branch   int4 r32 and binary r16 op tables with the branch columns, then the act_quant sweep
 #   small    int4 and binary group 128 at M = 2, 4 with late sums flipped (never timed there: KERNEL_NOTES v21)
 #   sweep    the branch's x·Bᵀ launch (K-chunks, step) at M = 64 and 2048, never swept on the tensor-core path
-#   words    the packed GEMM (whole-word unpack) at M = 16..128 for each code and gate_up's 4096->28672
-#            (KERNEL_NOTES v24, v25)
-#   words-sweep  the M = 64 tile sweep on up and gate_up (KERNEL_NOTES v25)
+#   words    the packed GEMM (whole-word unpack) at M = 16..128 for each code and gate_up's 4096->28672, with
+#            the "GEMM on scale pairs" column (every load pipelined; KERNEL_NOTES v24-v26)
+#   words-sweep  the M = 64 tile sweep on up and gate_up, with scale-pairs tiles (KERNEL_NOTES v25, v26)
 #   words-branch int4 r32 (TwinQuant's shape) with the branch columns at decode, M = 64 and prefill
 #   all      check, branch, small, sweep in that order, as one background chain that outlives the call (a plain `&` job does not):
 #            OUT=/tmp/outk setsid nohup bash /tmp/repo/benchmarks/device/kernel_tables.sh all > /tmp/chain.log \

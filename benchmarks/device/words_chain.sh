@@ -1,22 +1,26 @@
 #!/bin/bash
-# Device, after setup.sh: one lease's plan (~20 min): GPU check; once the third carried call has put vllm.txz.part01
-# in /tmp/chunks (and touched part01.done), the serving table for [methods] (default: every mode), the user-visible
-# number, so it runs before the op tables; then the packed-GEMM tables (`kernel_tables.sh words`, `words-branch`,
-# `words-sweep`).
+# Device, after setup.sh: one lease's plan: GPU check; then the serving table for [methods] (default: every mode;
+# `none`: no serving and no vLLM pieces to carry, ~12 min in all), the user-visible number, so it runs before the
+# op tables, once the third carried call has put vllm.txz.part01 in /tmp/chunks (and touched part01.done); then the
+# packed-GEMM tables (`kernel_tables.sh words`, `words-branch`, `words-sweep`).
 #   call 1 (carry .gpu-carry/whl, deps.tar, device-install.sh, env.sh): mkdir -p /tmp/chunks /tmp/outk && cp
 #     .gpu-carry/{deps.tar,device-install.sh,env.sh} /tmp/chunks/ && bash benchmarks/device/setup.sh && (OUT=/tmp/outk
-#     setsid nohup bash /tmp/repo/benchmarks/device/words_chain.sh > /tmp/chain.log 2>&1 < /dev/null & disown)
+#     setsid nohup bash /tmp/repo/benchmarks/device/words_chain.sh [methods] > /tmp/chain.log 2>&1 < /dev/null &
+#     disown)
 #   call 2 (carry vllm.txz.part00): cp it to /tmp/chunks;  call 3 (part01): cp it, touch /tmp/chunks/part01.done
 #   then poll back to back (the machine goes after 30 s idle): tail /tmp/chain.log; cp /tmp/outk/* $OUT/;
-#   cp /tmp/serve-bench/*.json $OUT/
+#   cp /tmp/serve-bench/*.json $OUT/  (a call returns a limited number of files: copy the logs /tmp/k_*.log too)
 cd /tmp/repo
-# vLLM installs (CPU only) while the GPU check runs
-( while [ ! -f /tmp/chunks/part01.done ]; do sleep 5; done
-  bash /tmp/chunks/device-install.sh > /tmp/install.log 2>&1 && touch /tmp/chunks/installed ) &
+if [ "$1" != none ]; then  # vLLM installs (CPU only) while the GPU check runs
+  ( while [ ! -f /tmp/chunks/part01.done ]; do sleep 5; done
+    bash /tmp/chunks/device-install.sh > /tmp/install.log 2>&1 && touch /tmp/chunks/installed ) &
+fi
 bash benchmarks/device/kernel_tables.sh check
 wait
-bash benchmarks/device/serve_table.sh "${1:-bf16,fp8,twla,bwla,twinquant}" > /tmp/serve.log 2>&1
-echo "== serve rc $?"; tail -25 /tmp/serve.log
+if [ "$1" != none ]; then
+  bash benchmarks/device/serve_table.sh "${1:-bf16,fp8,twla,bwla,twinquant}" > /tmp/serve.log 2>&1
+  echo "== serve rc $?"; tail -25 /tmp/serve.log
+fi
 bash benchmarks/device/kernel_tables.sh words
 bash benchmarks/device/kernel_tables.sh words-branch
 bash benchmarks/device/kernel_tables.sh words-sweep

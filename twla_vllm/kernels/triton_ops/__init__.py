@@ -30,7 +30,7 @@ from .act_quant import act_quant, act_ranges_supported
 from .matmul import quant_matmul
 from .pdl import gdc
 from .tiles import GEMV_MAX_M, gemv_late_sum, lowrank_presum, lowrank_splits, use_pdl, uses_scratch
-from .unpack import unpack_weights
+from .unpack import scale_pairs, unpack_weights
 
 __all__ = ["GEMV_MAX_M", "act_quant", "act_ranges_supported", "gdc", "gemv_late_sum", "lowrank_presum",
-           "lowrank_splits", "quant_matmul", "unpack_weights", "use_pdl", "uses_scratch"]
+           "lowrank_splits", "quant_matmul", "scale_pairs", "unpack_weights", "use_pdl", "uses_scratch"]

@@ -22,7 +22,7 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
                  tile: tuple[int, int, int, int, int] | None = None, out: torch.Tensor | None = None,
                  split: int | None = None, gemv_split: bool = True, pdl: bool | None = None,
                  late_sum: bool | None = None, presum: bool | None = None,
-                 unpacked: torch.Tensor | None = None) -> torch.Tensor:
+                 scale_pairs: torch.Tensor | None = None, unpacked: torch.Tensor | None = None) -> torch.Tensor:
     """y [M, N] = s_n * Σ_b s_b (q·W_intᵀ - z_b rowsum_b) (+ lowrank_a @ lrᵀ per shard, + bias).
 
     q/s/z from `act_quant`; packed [N, K*bits/32] int32; row_scale [N] fp16/fp32; qa/qm [N, G] int8; rowsum
@@ -32,9 +32,10 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
     override the tensor-core path's table and split rule (benchmarks, tests);
     gemv_split=False keeps the GEMV's K unsplit (tests); pdl, late_sum, presum: override the rules `tiles.use_pdl`
     (programmatic dependent launch), `tiles.gemv_late_sum` (the GEMV's sums over words after its K loop) and
-    `tiles.lowrank_presum` (the branch's partials summed before the matmul); `unpacked`: these
-    weights' int8 scratch from `unpack_weights`, kept resident, for the scratch path to use instead of unpacking
-    (benchmarks: what a resident int8 copy would buy)."""
+    `tiles.lowrank_presum` (the branch's partials summed before the matmul); `scale_pairs`: these weights'
+    `unpack.scale_pairs(qa, qm, offset)`, for the packed GEMM to read instead of qa/qm with every load pipelined
+    (not yet timed: KERNEL_NOTES v26); `unpacked`: these weights' int8 scratch from `unpack_weights`, kept
+    resident, for the scratch path to use instead of unpacking (benchmarks: what a resident int8 copy would buy)."""
     m, k = q.shape
     n = packed.shape[0]
     kb, g = s.shape[1], qa.shape[1]
@@ -91,6 +92,7 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
         w = unpacked if unpacked is not None else unpack_weights(packed, qa, qm, bits, step, offset, group_size)
     else:
         w = packed
+    pairs = scale_pairs is not None and not use_scratch
     # the packed path's K tile spans at most one weight group (tiles.GEMM_CONFIGS) unless a tile is given
     bk = block_k(k // kb, bkc if use_scratch or tile is not None else min(bkc, max(32, gs)))
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
@@ -100,9 +102,10 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
         raise ValueError(f"split {split}: K = {k} in {kb} block(s) needs whole {bk}-wide tiles per split and, with "
                          f"several blocks, one split per block")
     acc = _partials(split, kb, y)
-    _gemm_kernel[(tiles, split)](q, s, z, w, *args, acc, m, n, k, q.stride(0), w.stride(0), y.stride(0),
+    gemm_args = (row_scale, scale_pairs, *args[2:]) if pairs else args
+    _gemm_kernel[(tiles, split)](q, s, z, w, *gemm_args, acc, m, n, k, q.stride(0), w.stride(0), y.stride(0),
                                  stride_lr, sb1, sb2, GS=gs, SCRATCH=use_scratch, SPLIT=split, BM=bm, BN=bn, BK=bk,
-                                 GROUP_N=8,
+                                 GROUP_N=8, PAIRS=pairs,
                                  PRECISION="ieee" if q.device.type == "cpu" else "tf32x3", num_warps=warps,
                                  num_stages=stages, **launch, **meta)
     if split > 1:

@@ -58,11 +58,33 @@ def _load_words(w_ptr, qa_ptr, qm_ptr, rn, k0, stride_w, G: tl.constexpr, GS: tl
 
 
 @triton.jit
+def _load_words_pairs(w_ptr, sp_ptr, rn, k0, stride_w, GP: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr,
+                      STEP: tl.constexpr, BK: tl.constexpr):
+    """`_load_words` with the group scales read from `scale_pairs` (sp_ptr int32 [N, GP]): every load is 4 bytes a
+    row or wider, the size Triton's pipeliner turns into cp.async, so a K loop can keep num_stages - 1 tiles of
+    codes and scales in flight (int8 qa/qm are one byte a row: loaded by hand one tile ahead, the latency chain
+    of the M = 64 GEMM, KERNEL_NOTES v25)."""
+    CPW: tl.constexpr = 32 // BITS
+    pw = k0 // CPW + tl.arange(0, BK // CPW)
+    words = tl.load(w_ptr + rn[:, None] * stride_w + pw[None, :]).to(tl.uint32, bitcast=True)
+    if BK <= GS:  # one group per row of the tile
+        g = k0 // GS
+        half = tl.load(sp_ptr + rn * GP + g // 2)[:, None] >> (16 * (g % 2))
+    else:
+        gw = (k0 + CPW * tl.arange(0, BK // CPW)) // GS
+        half = tl.load(sp_ptr + rn[:, None] * GP + (gw // 2)[None, :]) >> (16 * (gw % 2))[None, :]
+    qa = ((half & 255) ^ 128) - 128  # the low byte, sign-extended
+    mul = (qa * STEP).to(tl.uint32, bitcast=True)
+    add = ((half >> 8) & 255).to(tl.uint32, bitcast=True) * 0x01010101
+    return words, mul, add
+
+
+@triton.jit
 def _words_tile(words, mul, add, BITS: tl.constexpr):
     """int8 weights [BN, BK] in natural order from packed words and their scales (`_load_words`): SWAR on whole
-    words (`_swar_words`), then each int32 split into its four bytes. The truncations re-pack into the same registers, so the split costs no
-    instructions (sm_90a SASS of the 64x64x32 ternary tile: 80 K-loop instructions vs 145 for the per-element
-    unpack from byte loads it replaced, KERNEL_NOTES v24)."""
+    words (`_swar_words`), then each int32 split into its four bytes. The truncations re-pack into the same
+    registers, so the split costs no instructions (sm_90a SASS of the 64x64x32 ternary tile: 80 K-loop
+    instructions vs 145 for the per-element unpack from byte loads it replaced, KERNEL_NOTES v24)."""
     t = _swar_words(words, mul, add, BITS)
     b = tl.join(tl.join(t.to(tl.int8), (t >> 16).to(tl.int8)), tl.join((t >> 8).to(tl.int8), (t >> 24).to(tl.int8)))
     return tl.reshape(b, (t.shape[0], t.shape[1] * 4))
@@ -88,6 +110,18 @@ def _unpack_kernel(w_ptr, qa_ptr, qm_ptr, out_ptr, N, stride_w, stride_out, G: t
     # beside the 40 KB it moves to and from global memory)
     cols = tl.program_id(1) * BW * LANES + tl.arange(0, BW * LANES)
     tl.store(out_ptr + rn[:, None] * stride_out + cols[None, :], w, mask=rn[:, None] < N)
+
+
+def scale_pairs(qa: torch.Tensor, qm: torch.Tensor, offset: int) -> torch.Tensor:
+    """int32 [N, ceil(G/2)]: groups 2j and 2j+1 of each row as the bytes (qa, bias, qa', bias') from the low end,
+    bias = (qm - qa*offset + 128) mod 256 (`_swar_words`' per-byte bias): the same two bytes a group as qa and qm,
+    laid out for 4-byte loads (`_load_words_pairs`)."""
+    qa32 = qa.to(torch.int32)
+    bias = (qm.to(torch.int32) - qa32 * offset + 128) & 255
+    half = (qa32 & 255) | (bias << 8)
+    if half.shape[1] % 2:
+        half = torch.cat([half, torch.zeros_like(half[:, :1])], 1)
+    return (half[:, 0::2] | (half[:, 1::2] << 16)).contiguous()
 
 
 def unpack_weights(packed: torch.Tensor, qa: torch.Tensor, qm: torch.Tensor, bits: int, step: int, offset: int,
