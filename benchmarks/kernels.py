@@ -76,6 +76,10 @@ SWEEP[64] += [dict(tile=(64, 64, 32, 4, 3), split=sp) for sp in (16, 32)]
 # every load pipelined (scale pairs): deeper stages hide more of the load latency, wider K tiles need fewer trips
 SWEEP[64] += [dict(tile=(64, bn, bk, w, st), pairs=True) for bn, w in ((64, 4), (128, 8)) for bk in (32, 64, 128)
               for st in (3, 5)]
+# M = 8 on the tensor-core path (a 16-token tile, against the GEMV the rule picks): where scale pairs would move
+# the GEMV / GEMM crossover (tiles.GEMV_MAX_M)
+SWEEP[8] = [dict(tile=(16, bn, 32, w, st), pairs=p) for bn, w in ((64, 4), (128, 8)) for st in (3, 5)
+            for p in (False, True)]
 L2_BEATING_BYTES = 128 << 20
 
 

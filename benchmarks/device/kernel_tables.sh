@@ -8,7 +8,7 @@
 #   sweep    the branch's x·Bᵀ launch (K-chunks, step) at M = 64 and 2048, never swept on the tensor-core path
 #   words    the packed GEMM (whole-word unpack) at M = 16..128 for each code and gate_up's 4096->28672, with
 #            the "GEMM on scale pairs" column (every load pipelined; KERNEL_NOTES v24-v26)
-#   words-sweep  the M = 64 tile sweep on up and gate_up, with scale-pairs tiles (KERNEL_NOTES v25, v26)
+#   words-sweep  the M = 8 and 64 tile sweeps on up and gate_up, with scale-pairs tiles (KERNEL_NOTES v25, v26)
 #   words-branch int4 r32 (TwinQuant's shape) with the branch columns at decode, M = 64 and prefill
 #   all      check, branch, small, sweep in that order, as one background chain that outlives the call (a plain `&` job does not):
 #            OUT=/tmp/outk setsid nohup bash /tmp/repo/benchmarks/device/kernel_tables.sh all > /tmp/chain.log \
@@ -39,7 +39,7 @@ case $1 in
     k words_int4_g128 150 --code int4 --group-size 128 --ms 16,64,128
     k words_binary_g128 150 --code binary --group-size 128 --ms 16,64,128 ;;
   words-branch) k words_int4_g128_r32 200 --code int4 --group-size 128 --lowrank 32 --ms 8,64,2048 ;;
-  words-sweep) k words_sweep_ternary_g32 300 --shapes 4096:14336,4096:28672 --ms 64 --sweep ;;
+  words-sweep) k words_sweep_ternary_g32 400 --shapes 4096:14336,4096:28672 --ms 8,64 --sweep ;;
   all) for t in check branch small sweep; do bash "$0" $t; done ;;
   *) echo "usage: $0 check|ternary|g64|branch|small|sweep|words|words-branch|words-sweep|all" >&2; exit 2 ;;
 esac
