@@ -38,6 +38,14 @@ def _swar_words(words, mul, add, BITS: tl.constexpr):
 
 
 @triton.jit
+def _load_packed(w_ptr, rn, k0, stride_w, BITS: tl.constexpr, BK: tl.constexpr):
+    """The packed words of codes k0..k0+BK-1 of rows rn as uint32 [BN, BK/CPW] (unmasked: see `_load_words`)."""
+    CPW: tl.constexpr = 32 // BITS
+    pw = k0 // CPW + tl.arange(0, BK // CPW)
+    return tl.load(w_ptr + rn[:, None] * stride_w + pw[None, :]).to(tl.uint32, bitcast=True)
+
+
+@triton.jit
 def _load_words(w_ptr, qa_ptr, qm_ptr, rn, k0, stride_w, G: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr,
                 STEP: tl.constexpr, OFF: tl.constexpr, BK: tl.constexpr):
     """The packed words of codes k0..k0+BK-1 of rows rn (w_ptr int32, stride_w in words) and their groups' SWAR
@@ -45,8 +53,7 @@ def _load_words(w_ptr, qa_ptr, qm_ptr, rn, k0, stride_w, G: tl.constexpr, GS: tl
     row, a multiple of BK. Groups hold whole words (format: GS % CPW == 0). The multiplier is a*step, the bias
     (m - a*offset + 128) * 0x01010101: [BN, 1] when the tile lies in one group, else one per word [BN, BK/CPW]."""
     CPW: tl.constexpr = 32 // BITS
-    pw = k0 // CPW + tl.arange(0, BK // CPW)
-    words = tl.load(w_ptr + rn[:, None] * stride_w + pw[None, :]).to(tl.uint32, bitcast=True)
+    words = _load_packed(w_ptr, rn, k0, stride_w, BITS, BK)
     if BK <= GS:  # one group per row of the tile
         pq = (rn * G + k0 // GS)[:, None]
     else:
@@ -65,8 +72,7 @@ def _load_words_pairs(w_ptr, sp_ptr, rn, k0, stride_w, GP: tl.constexpr, GS: tl.
     codes and scales in flight (int8 qa/qm are one byte a row: loaded by hand one tile ahead, the latency chain
     of the M = 64 GEMM, KERNEL_NOTES v25)."""
     CPW: tl.constexpr = 32 // BITS
-    pw = k0 // CPW + tl.arange(0, BK // CPW)
-    words = tl.load(w_ptr + rn[:, None] * stride_w + pw[None, :]).to(tl.uint32, bitcast=True)
+    words = _load_packed(w_ptr, rn, k0, stride_w, BITS, BK)
     if BK <= GS:  # one group per row of the tile
         g = k0 // GS
         half = tl.load(sp_ptr + rn * GP + g // 2)[:, None] >> (16 * (g % 2))
