@@ -1,6 +1,6 @@
 #!/bin/bash
 # Device, after setup.sh: one lease's plan: GPU check; then the serving table for [methods] (default: every mode;
-# `none`: no serving and no vLLM pieces to carry, ~12 min in all), the user-visible number, so it runs before the
+# `none`: no serving and no vLLM pieces to carry, ~15 min in all), the user-visible number, so it runs before the
 # op tables, once the third carried call has put vllm.txz.part01 in /tmp/chunks (and touched part01.done); then the
 # packed-GEMM tables (`kernel_tables.sh words`, `words-branch`, `words-sweep`).
 #   call 1 (carry .gpu-carry/whl, deps.tar, device-install.sh, env.sh): mkdir -p /tmp/chunks /tmp/outk && cp

@@ -102,7 +102,7 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
         raise ValueError(f"split {split}: K = {k} in {kb} block(s) needs whole {bk}-wide tiles per split and, with "
                          f"several blocks, one split per block")
     acc = _partials(split, kb, y)
-    gemm_args = (row_scale, scale_pairs, *args[2:]) if pairs else args
+    gemm_args = (row_scale, scale_pairs, *args[2:]) if pairs else args  # the pairs take qa's slot (qm unread)
     _gemm_kernel[(tiles, split)](q, s, z, w, *gemm_args, acc, m, n, k, q.stride(0), w.stride(0), y.stride(0),
                                  stride_lr, sb1, sb2, GS=gs, SCRATCH=use_scratch, SPLIT=split, BM=bm, BN=bn, BK=bk,
                                  GROUP_N=8, PAIRS=pairs,
