@@ -25,9 +25,10 @@ B in fp32 (three TF32 passes: the form before session 25); pre-sum on / off = th
 summed before the matmul the other way from `tiles.lowrank_presum`.
 GEMM on resident int8 (M > 8) = the scratch GEMM on an int8 copy of the weights unpacked beforehand: what keeping
 one resident (1 byte/weight more) would buy against the gemm column.
-GEMM on scale pairs (M = 9..255) = the packed GEMM reading `scale_pairs` (the group scales as int32 words) with
-every load of its K loop pipelined by Triton, against the gemm column (`quant_matmul(scale_pairs=...)`, not yet the
-rule: KERNEL_NOTES v26).
+Layouts: every column reads the weights as TritonKernel keeps them (`triton_ops.resident`: packed words in 8-row
+chunks, group scales N-major); rows / N-major = the matmul alone (GEMV, GEMM or scratch unpack + GEMM, as the rule
+picks) on the format's row-major tensors / on words and scales stored N-major, checked bit for bit against the gemm
+column (KERNEL_NOTES v27).
 The launch rules flipped, each checked bit for bit against the op: PDL on / off (sm_90+): the whole op with
 programmatic dependent launch the other way from `tiles.use_pdl` (on at M <= 8, and at M = 9..255 with one
 K-block); late sums on / off (M = 2..8): the GEMV summing its words after the K loop the other way from
@@ -73,13 +74,11 @@ SWEEP[2048] = SWEEP[8192] = [dict(scratch=True, tile=t) for t in ((128, 128, 128
                                                                   (128, 64, 128, 4, 3), (64, 128, 128, 4, 3),
                                                                   (128, 128, 64, 8, 4), (128, 64, 128, 8, 4))]
 SWEEP[64] += [dict(tile=(64, 64, 32, 4, 3), split=sp) for sp in (16, 32)]
-# every load pipelined (scale pairs): deeper stages hide more of the load latency, wider K tiles need fewer trips
-SWEEP[64] += [dict(tile=(64, bn, bk, w, st), pairs=True) for bn, w in ((64, 4), (128, 8)) for bk in (32, 64, 128)
-              for st in (3, 5)]
-# M = 8 on the tensor-core path (a 16-token tile, against the GEMV the rule picks): where scale pairs would move
-# the GEMV / GEMM crossover (tiles.GEMV_MAX_M)
-SWEEP[8] = [dict(tile=(16, bn, 32, w, st), pairs=p) for bn, w in ((64, 4), (128, 8)) for st in (3, 5)
-            for p in (False, True)]
+# K tiles over several groups (per-word scales) and deeper stages: with whole-sector loads (row chunks) a wider
+# tile needs fewer trips
+SWEEP[64] += [dict(tile=(64, bn, 128, w, st)) for bn, w in ((64, 4), (128, 8)) for st in (3, 5)]
+# M = 8 on the tensor-core path (a 16-token tile) against the GEMV the rule picks (tiles.GEMV_MAX_M)
+SWEEP[8] = [dict(tile=(16, bn, 32, w, st)) for bn, w in ((64, 4), (128, 8)) for st in (3, 5)]
 L2_BEATING_BYTES = 128 << 20
 
 
@@ -118,6 +117,13 @@ def random_layer(n: int, k: int, gs: int, code: fmt.WeightCode):
     qm = torch.zeros(n, g, dtype=torch.int8)
     w_int = fmt.int_weights(c, qa, qm, code)
     return (fmt.pack_codes(c, code).cuda(), (torch.rand(n) * 1e-3).half().cuda(), qa.cuda(), qm.cuda(), w_int)
+
+
+def laid_out(packed, rs, qa, qm, rsum, layout: str = "served") -> tuple:
+    """One weight copy (packed, row scale, qa, qm, row sums) in a `triton_ops.resident` layout (served: as
+    TritonKernel keeps it)."""
+    packed, qa, qm = T.resident(packed, qa, qm, layout)
+    return packed, rs, qa, qm, rsum
 
 
 def act_quant_table() -> None:
@@ -178,7 +184,7 @@ def branch_op(x, layers, branch_ab, left, right, kb, code, gs, fuse: bool = True
     `split` = (K-chunks, K step) overrides its launch rule) or as its own fp32 GEMM; A·(·) in the matmul's epilogue
     either way. `gemm_split`, `presum` override the GEMM's K-splits and the partials' pre-sum; branch=False: the
     same op without the branch."""
-    n = layers[0][0].shape[0]
+    n = T.packed_rows(layers[0][0])
 
     def call(i):
         p, rs, qa, qm, rsum = layers[i]
@@ -197,7 +203,7 @@ def branch_times(x, layers, branch_ab, left, right, kb, code, gs, copies) -> dic
     the branch's programs, the op with B in fp32 (three TF32 passes: the form before session 25) and with the
     partials' pre-sum flipped (`tiles.lowrank_presum`), and at M = 9..255 the op with the packed GEMM unsplit,
     without and with the branch."""
-    n = layers[0][0].shape[0]
+    n = T.packed_rows(layers[0][0])
     fused, unfused = (branch_op(x, layers, branch_ab, left, right, kb, code, gs, fuse) for fuse in (True, False))
     m = x.shape[0]
     partials = kb * lowrank_split_rule(m, x.shape[1], kb, branch_ab[0][1].shape[0])[0]
@@ -247,7 +253,7 @@ def lowrank_sweep(code, gs: int, rank: int, ms: list[int]) -> list[dict]:
         layers = []
         for _ in range(c):
             packed, rs, qa, qm, w_int = random_layer(n, k, gs, code)
-            layers.append((packed, rs, qa, qm, block_row_sums(w_int, kb).cuda()))
+            layers.append(laid_out(packed, rs, qa, qm, block_row_sums(w_int, kb).cuda()))
         branch_ab = random_branches(n, k, rank, c)
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -323,13 +329,16 @@ def main() -> None:
         c = n_copies(nbytes)
         layers, range_sums = [], []
         branch_ab = random_branches(n, k, a.lowrank, c) if a.lowrank else []
+        layouts = {"rows": [], "n-major": []}  # the same copies in the other layouts
         for _ in range(c):
             packed, rs, qa, qm, w_int = random_layer(n, k, gs, code)
-            layers.append((packed, rs, qa, qm, block_row_sums(w_int, kb).cuda()))
+            rsum = block_row_sums(w_int, kb).cuda()
+            layers.append(laid_out(packed, rs, qa, qm, rsum))
+            for name, copies in layouts.items():
+                copies.append(laid_out(packed, rs, qa, qm, rsum, name))
             if ab:
                 range_sums.append(block_row_sums(w_int, ab).cuda())
         _, _, left, right = transform_factors(k, kb)
-        pair_sets = [T.scale_pairs(qa, qm, code.offset) for _, _, qa, qm, _ in layers]
         c16, c8 = n_copies(2 * n * k), n_copies(n * k)
         w_bf16 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(c16)]
         w_i8 = [torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda") for _ in range(c8)]
@@ -341,10 +350,10 @@ def main() -> None:
             group = k if gs == -1 else gs
             variants = {"group_weights": group}  # the op with its launch rules flipped, each checked equal to it
 
-            def mm(i, pairs=False, **kw):  # pairs: the packed GEMM reading this copy's `scale_pairs`
-                p, rs, qa, qm, rsum = layers[i]
+            def mm(i, layout=None, **kw):  # layout: this copy in `layouts[layout]` instead of the served one
+                p, rs, qa, qm, rsum = layers[i] if layout is None else layouts[layout][i]
                 return T.quant_matmul(q, s, z, p, rs, qa, qm, rsum, code.bits, code.step, code.offset, gs,
-                                      torch.bfloat16, scale_pairs=pair_sets[i] if pairs else None, **kw)
+                                      torch.bfloat16, **kw)
 
             def op(i, ranges=False):
                 p, rs, qa, qm, rsum = layers[i]
@@ -367,10 +376,10 @@ def main() -> None:
                     raise AssertionError("the scratch GEMM on resident int8 weights differs")
                 variants["resident_int8_gemm_us"] = bench(lambda i: mm(i, scratch=True, unpacked=resident[i]), c)
                 del resident
-                if not T.uses_scratch(m):  # every load of the packed GEMM pipelined (scale pairs), the same tile
-                    if not torch.equal(mm(0, pairs=True), mm(0)):
-                        raise AssertionError("the packed GEMM on scale pairs differs")
-                    variants["scale_pairs_gemm_us"] = bench(lambda i: mm(i, pairs=True), c)
+            for name in layouts:  # the matmul on the other layouts, equal bit for bit
+                if not torch.equal(mm(0, name), mm(0)):
+                    raise AssertionError(f"the matmul on the {name} layout differs")
+                variants[f"{name.replace('-', '_')}_layout_gemm_us"] = bench(lambda i: mm(i, name), c)
             t_quant = bench(lambda i: T.act_quant(x, left, right, 4, 0.9, kb))
             branch = branch_times(x, layers, branch_ab, left, right, kb, code, gs, c) if a.lowrank else {}
             t_gemm = bench(mm, c)
@@ -407,10 +416,10 @@ def main() -> None:
             print(f"{k}->{n} M={m}: twla {t_all:.1f} us (quant {t_quant:.1f}, gemm {t_gemm:.1f}), bf16 {t_bf16:.1f} us",
                   flush=True)
     if sweep:
-        print("\n| K->N | M | scratch (pairs: scale pairs) | tile (BM,BN,BK,warps,stages) | split | equal | µs |")
+        print("\n| K->N | M | scratch | tile (BM,BN,BK,warps,stages) | split | equal | µs |")
         print("|---|---|---|---|---|---|---|")
         for k, n, m, kw, ok, us in sweep:
-            print(f"| {k}->{n} | {m} | {kw['scratch']}{' pairs' if kw.get('pairs') else ''} | {kw['tile']} | "
+            print(f"| {k}->{n} | {m} | {kw['scratch']} | {kw['tile']} | "
                   f"{kw.get('split', 'rule')} | {ok} | {us:.1f} |")
     print(f"\n{code.name}, group size {gs}\n| K->N | M | quant µs | gemm µs | twla µs | bf16 µs | fp8 µs | _int_mm µs "
           f"| bf16/twla | floor % |\n|---|---|---|---|---|---|---|---|---|---|")
@@ -426,7 +435,7 @@ def main() -> None:
         extra += f" + {r['act_blocks']} ranges {r['act_ranges_us']:.1f} µs |" if "act_ranges_us" in r else ""
         on_off = lambda rule: "off" if rule else "on"  # noqa: E731
         extra += f" GEMM on resident int8 {r['resident_int8_gemm_us']:.1f} µs |" if "resident_int8_gemm_us" in r else ""
-        extra += f" GEMM on scale pairs {r['scale_pairs_gemm_us']:.1f} µs |" if "scale_pairs_gemm_us" in r else ""
+        extra += f" gemm on rows {r['rows_layout_gemm_us']:.1f} / N-major {r['n_major_layout_gemm_us']:.1f} µs |"
         extra += (f" PDL {on_off(T.use_pdl(r['m'], K_BLOCKS[r['k']]))} {r['pdl_flipped_us']:.1f} µs |"
                   if "pdl_flipped_us" in r else "")
         extra += (f" late sums {on_off(T.gemv_late_sum(r['m'], r['group_weights']))} {r['late_sum_flipped_us']:.1f}"

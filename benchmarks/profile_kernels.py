@@ -15,7 +15,8 @@ import argparse
 
 import torch
 
-from kernels import FACTORS, K_BLOCKS, random_branches, random_layer, transform_factors  # benchmarks/kernels.py
+from kernels import (FACTORS, K_BLOCKS, laid_out, random_branches, random_layer,  # benchmarks/kernels.py
+                     transform_factors)
 from twla_vllm import format as fmt
 from twla_vllm.reference import block_row_sums
 
@@ -33,7 +34,7 @@ def case_op(spec: str, gs: int):
     code, kb = fmt.CODES[code_name], K_BLOCKS[k]
     _, _, left, right = transform_factors(k, kb)
     packed, rs, qa, qm, w_int = random_layer(n, k, gs, code)
-    rowsum = block_row_sums(w_int, kb).cuda()
+    packed, rs, qa, qm, rowsum = laid_out(packed, rs, qa, qm, block_row_sums(w_int, kb).cuda())  # as served
     la, lb = random_branches(n, k, rank, 1)[0] if rank else (None, None)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     return lambda: torch.ops.twla.quant_linear(x, packed, rs, qa, qm, rowsum, left, right, la, lb, None, code.bits,

@@ -56,7 +56,7 @@ class Case:
     pdl: bool | None = None  # programmatic dependent launch of the matmul (sm_90+; None: `tiles.use_pdl`)
     late_sum: bool | None = None  # the GEMV's sums over words after its K loop (None: `tiles.gemv_late_sum`)
     presum: bool | None = None  # the branch's partials summed before the matmul (None: `tiles.lowrank_presum`)
-    pairs: bool = False  # the packed GEMM reads `scale_pairs` with every load pipelined (not the default)
+    layout: str = "served"  # packed words and scales: `triton_ops.resident`'s layouts
 
     def __str__(self) -> str:
         return (f"m={self.m} n={self.n} k={self.k} {self.code} g={self.gs} kb={self.kb}"
@@ -65,7 +65,8 @@ class Case:
                 f"{' scratch' if self.scratch else ''}{'' if self.split else ' nosplit'}"
                 f"{'' if self.pdl is None else f' pdl={self.pdl}'}"
                 f"{'' if self.late_sum is None else f' late-sum={self.late_sum}'}"
-                f"{'' if self.presum is None else f' presum={self.presum}'}{' pairs' if self.pairs else ''}")
+                f"{'' if self.presum is None else f' presum={self.presum}'}"
+                f"{'' if self.layout == 'served' else f' {self.layout}'}")
 
 
 def random_layer(c: Case, gen, dev):
@@ -126,8 +127,8 @@ def check_case(c: Case, dev, gen) -> list[str]:
     # weights: the unpacked int8 scratch equals the format's integer weights
     packed = fmt.pack_codes(codes, code).to(dev)
     w_int = fmt.int_weights(codes, qa, qm, code)
-    qa, qm, row_scale = qa.to(dev), qm.to(dev), row_scale.to(dev)
-    pairs = T.scale_pairs(qa, qm, code.offset) if c.pairs else None
+    row_scale = row_scale.to(dev)
+    packed, qa, qm = T.resident(packed, qa.to(dev), qm.to(dev), c.layout)
     if scratch:
         un = T.unpack_weights(packed, qa, qm, code.bits, code.step, code.offset, c.gs)
         if not torch.equal(un.cpu(), w_int.to(torch.int8)):
@@ -138,7 +139,7 @@ def check_case(c: Case, dev, gen) -> list[str]:
     y = torch.full((c.m, c.n), float("nan"), device=dev)
     T.quant_matmul(q8, s_ref.to(dev), z_ref.to(dev), packed, row_scale, qa, qm, rowsum, code.bits,
                    code.step, code.offset, c.gs, torch.float32, scratch=scratch, out=y, gemv_split=c.split,
-                   pdl=c.pdl, late_sum=c.late_sum, scale_pairs=pairs)
+                   pdl=c.pdl, late_sum=c.late_sum)
     want = exact_gemm(q_ref, s_ref, z_ref, w_int, row_scale, ab)
     if torch.isnan(y).any():
         fails.append("matmul left outputs unwritten")
@@ -165,7 +166,7 @@ def check_case(c: Case, dev, gen) -> list[str]:
             fails.append(f"act_quant lowrank x·Bᵀ: shape {tuple(lr.shape)}, rel err {lr_err:.2e}")
     y2 = T.quant_matmul(q2, s2, z2, packed, row_scale, qa, qm, rowsum, code.bits, code.step, code.offset, c.gs,
                         c.dtype, la, lr, bias, bounds, scratch=scratch, gemv_split=c.split, pdl=c.pdl,
-                        late_sum=c.late_sum, presum=c.presum, scale_pairs=pairs)
+                        late_sum=c.late_sum, presum=c.presum)
     ref = quant_linear(x, w_int.to(dev), row_scale, rowsum, left, right, c.bits, 0.9, bias=bias)
     if la is not None:  # each row reads its own shard's slice of lr
         shard = (torch.arange(c.n, device=dev) >= bounds[0]).long() + (torch.arange(c.n, device=dev) >= bounds[1]).long()
@@ -225,11 +226,13 @@ CPU_CASES = [
     # the packed GEMM's whole-word unpack: groups of one word in a 32-code tile (per-word scales), binary groups of
     # one word, int4 groups of 16
     Case(20, 24, 256, gs=16), Case(24, 40, 512, gs=32, code="binary"), Case(20, 24, 256, gs=16, code="int4"),
-    # every load of the packed GEMM pipelined, scales from `scale_pairs`: one group a tile (odd group count: the
-    # last pair padded), per-word scales, int4 with 2 K-blocks and a branch, binary
-    Case(20, 24, 192, gs=64, pairs=True), Case(20, 24, 256, gs=16, pairs=True),
-    Case(17, 72, 256, gs=128, kb=2, rank=4, shards=3, code="int4", pairs=True),
-    Case(24, 40, 512, gs=128, code="binary", pairs=True),
+    # the format's row-major words and scales, and words and scales stored N-major (the cases above use the
+    # served layout: 8-row chunks where N is a multiple of 8, else row-major words; scales N-major): GEMV, packed
+    # GEMM with one group and with per-word scales, scratch unpack, a branch over 2 K-blocks
+    *[Case(m, 24, 256, gs=gs, code=code, layout=lay) for lay in ("rows", "n-major")
+      for m, gs, code in ((1, 32, "ternary"), (5, 128, "int4"), (20, 32, "ternary"), (20, 16, "int4"),
+                          (300, 64, "binary"))],
+    Case(17, 72, 256, gs=128, kb=2, rank=4, shards=3, code="int4", layout="rows"),
 ]
 
 
@@ -282,24 +285,26 @@ def gpu_cases() -> list[Case]:
     # the packed GEMM's whole-word unpack with 64-code K tiles (groups of >= 64) and with per-word scales (g16)
     out += [Case(m, 4096, 4096, gs=gs, dtype=bf16, code=code) for m in (16, 64)
             for code, gs in (("ternary", 64), ("binary", 128), ("int4", 128), ("ternary", 16))]
-    # every load pipelined, scales from `scale_pairs` (`quant_matmul(scale_pairs=...)`, not the default)
-    out += [Case(m, 4096, 4096, gs=gs, dtype=bf16, code=code, pairs=True) for m in (16, 64, 128)
-            for code, gs in (("ternary", 32), ("binary", 128), ("int4", 128))]
-    out += [Case(64, 4096, 14336, gs=32, kb=8, dtype=bf16, pairs=True),
-            Case(100, 4096, 4096, gs=128, dtype=bf16, code="int4", rank=32, shards=3, pairs=True)]
+    # the format's row-major layout and an N-major one, on the compiled paths (the rest run the served layout)
+    out += [Case(m, 4096, 4096, gs=gs, dtype=bf16, code=code, layout=lay) for m in (1, 8, 64, 300)
+            for code, gs in (("ternary", 32), ("int4", 128)) for lay in ("rows", "n-major")]
+    out += [Case(64, 4096, 14336, gs=32, kb=8, dtype=bf16, layout="rows"),
+            Case(100, 4096, 4096, gs=128, dtype=bf16, code="int4", rank=32, shards=3, layout="n-major")]
     return out
 
 
 def opcheck(dev, gen) -> None:
-    """The registered custom op: schema, fake impl, dynamic-shape AOT dispatch."""
+    """The registered custom op: schema, fake impl, dynamic-shape AOT dispatch, with the format's row-major tensors
+    and with the served layout (3-D row chunks, transposed scale views)."""
     import twla_vllm.ops  # noqa: F401
     code, codes, qa, qm, row_scale = random_layer(Case(5, 48, 128), gen, dev)
     w_int = fmt.int_weights(codes, qa, qm, code)
     x = torch.randn(5, 128, device=dev, dtype=torch.bfloat16)
-    args = (x, fmt.pack_codes(codes, code).to(dev), row_scale.to(dev), qa.to(dev), qm.to(dev),
-            block_row_sums(w_int, 1).to(dev), orth(8, gen, dev), orth(16, gen, dev), None, None, None,
-            code.bits, code.step, code.offset, 32, 4, 0.9, 1, 1, 48, 48)
-    torch.library.opcheck(torch.ops.twla.quant_linear.default, args)
+    for layout in ("rows", "served"):
+        packed, qa_l, qm_l = T.resident(fmt.pack_codes(codes, code).to(dev), qa.to(dev), qm.to(dev), layout)
+        args = (x, packed, row_scale.to(dev), qa_l, qm_l, block_row_sums(w_int, 1).to(dev), orth(8, gen, dev),
+                orth(16, gen, dev), None, None, None, code.bits, code.step, code.offset, 32, 4, 0.9, 1, 1, 48, 48)
+        torch.library.opcheck(torch.ops.twla.quant_linear.default, args)
 
 
 def rule_check(dev, gen) -> list[str]:
@@ -327,9 +332,14 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--seeds", type=int, default=1, help="repeat every case with this many fresh seeds")
+    ap.add_argument("--quick", action="store_true",
+                    help="--gpu: only the serving shapes (M = 1..300, every code) and the layout cases (~1/4 of the "
+                         "time; the whole check stays the bar)")
     a = ap.parse_args()
     dev = "cuda" if a.gpu else "cpu"
     cases = CPU_CASES + (gpu_cases() if a.gpu else [])
+    if a.quick:
+        cases = [c for c in cases if c.n == 4096 and c.k == 4096 and c.layout != "served" or c in gpu_cases()[:15]]
     bad = total = 0
     for _ in range(a.seeds):
         seed = int.from_bytes(os.urandom(4), "little")

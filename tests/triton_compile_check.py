@@ -39,18 +39,22 @@ POINTERS["fp32 partials"] = {**POINTERS["matmul"], "acc_ptr": "*fp32"}  # severa
 POINTERS["packed"] = {**POINTERS["matmul"], "w_ptr": "*i32"}  # the packed GEMM reads int32 words
 POINTERS["packed fp32 partials"] = {**POINTERS["fp32 partials"], "w_ptr": "*i32"}
 POINTERS["gemv fp32 partials"] = {**POINTERS["gemv"], "acc_ptr": "*fp32"}
-POINTERS["packed pairs"] = {**POINTERS["packed"], "qa_ptr": "*i32"}  # qa_ptr = `scale_pairs` words
-POINTERS["packed pairs fp32 partials"] = {**POINTERS["packed fp32 partials"], "qa_ptr": "*i32"}
 ACT = dict(ROWS=64, COLS=64, RBP=64, CP=64, BT=2, HAS_ROT=True, KB=1, AB=1, QR=64, BITS=4, CLIP=0.9,
            PRECISION="tf32", ASM=True, GDC=True, SR=0, JB=16, BTL=16, BKL=128, KS=1, LR_DOT=True,
            LR_PRECISION="tf32")  # the branch's dot on bf16 x and fp16 B: one exact TF32 pass
 BRANCH = dict(R=32, NSH=3, RP=32, CP=128)  # rank 32 x 3 fused shards
 NO_BRANCH = dict(R=0, NSH=1, RP=16, CP=16)
-GEMV = dict(BITS=2, STEP=1, OFF=1, G=128, GW=2, KB=1, LRKB=1, HAS_BIAS=True, BM=1, BN=8, BP=64, SPLIT=1, ASM=True,
+# the served layout (`layout.py`): words in 8-row chunks (row stride 1), scales N-major (row stride 1); the launcher
+# specializes strides equal to 1 as constants
+SERVED = dict(RC=8, stride_wr=1, stride_gn=1, EVEN_N=True)
+GEMV = dict(**SERVED, BITS=2, STEP=1, OFF=1, GW=2, KB=1, LRKB=1, HAS_BIAS=True, BM=1, BN=8, BP=64, SPLIT=1, ASM=True,
             GDC=True, LATE_SUM=False, CPC=16)  # CPC: branch columns per multiply-add step
-UNPACK = dict(G=128, GS=32, BITS=2, STEP=1, OFF=1, BN=32, BW=64)
-GEMM = dict(BITS=2, STEP=1, OFF=1, G=128, GS=32, KB=1, LRKB=1, HAS_BIAS=True, SCRATCH=False, SPLIT=1, BM=64,
-            BN=64, BK=64, GROUP_N=8, PRECISION="tf32x3", GDC=True, PAIRS=False)
+UNPACK = dict(**SERVED, GS=32, BITS=2, STEP=1, OFF=1, BN=32, BW=64)
+GEMM = dict(**SERVED, BITS=2, STEP=1, OFF=1, GS=32, KB=1, LRKB=1, HAS_BIAS=True, SCRATCH=False, SPLIT=1, BM=64,
+            BN=64, BK=64, GROUP_N=8, PRECISION="tf32x3", GDC=True)
+# the format's row-major words and scales (word and group strides 1), N not a multiple of the tile (rows clamped)
+ROWS = dict(RC=1, stride_wk=1, stride_gg=1, EVEN_N=False)
+ROWS_GEMM = {**{k: v for k, v in GEMM.items() if k not in SERVED}, **ROWS}
 VARIANTS = [
     ("act_quant", _act_quant_kernel, "act_quant", ACT, 4),
     ("act_quant + branch x·Bᵀ", _act_quant_kernel, "act_quant", {**ACT, "SR": 32, "JB": 32, "BTL": 64}, 4),
@@ -80,19 +84,15 @@ VARIANTS = [
     ("gemm packed ternary", _gemm_kernel, "packed", {**GEMM, **NO_BRANCH}, 4),
     ("gemm packed binary", _gemm_kernel, "packed", {**GEMM, **NO_BRANCH, "BITS": 1}, 4),
     ("gemm packed int4, groups of 16 in 64-wide tiles (per-word scales)", _gemm_kernel, "packed",
-     {**GEMM, **NO_BRANCH, "BITS": 4, "OFF": 8, "GS": 16, "G": 256}, 4),
+     {**GEMM, **NO_BRANCH, "BITS": 4, "OFF": 8, "GS": 16}, 4),
     ("gemm packed + branch (8 partials)", _gemm_kernel, "packed", {**GEMM, **BRANCH, "LRKB": 8}, 4),
     ("gemm packed, 32 ranges, split", _gemm_kernel, "packed fp32 partials",
      {**GEMM, **NO_BRANCH, "KB": 32, "SPLIT": 32}, 4),
     ("gemm packed ternary, 32-code K tiles", _gemm_kernel, "packed", {**GEMM, **NO_BRANCH, "BK": 32}, 4),
-    ("gemm packed ternary, scale pairs, every load pipelined", _gemm_kernel, "packed pairs",
-     {**GEMM, **NO_BRANCH, "BK": 32, "PAIRS": True}, 4),
-    ("gemm packed ternary, scale pairs, two groups a tile", _gemm_kernel, "packed pairs",
-     {**GEMM, **NO_BRANCH, "PAIRS": True}, 4),
-    ("gemm packed int4 + branch, scale pairs, 8 K-blocks", _gemm_kernel, "packed pairs fp32 partials",
-     {**GEMM, **BRANCH, "BITS": 4, "OFF": 8, "GS": 128, "G": 32, "KB": 8, "SPLIT": 8, "PAIRS": True}, 4),
+    ("gemm packed ternary, row-major words and scales (the format's layout)", _gemm_kernel, "packed",
+     {**ROWS_GEMM, **NO_BRANCH, "BK": 32}, 4),
     ("gemm scratch int4 + branch", _gemm_kernel, "matmul",
-     {**GEMM, **BRANCH, "SCRATCH": True, "BITS": 4, "OFF": 8, "BM": 128, "BN": 128, "BK": 128}, 8),
+     {**ROWS_GEMM, **BRANCH, "SCRATCH": True, "BITS": 4, "OFF": 8, "BM": 128, "BN": 128, "BK": 128}, 8),
     ("epilogue int32 partials + branch", _epilogue_kernel, "matmul",
      dict(KB=1, SPLIT=4, LRKB=8, HAS_BIAS=True, BM=32, BN=64, DOT=True, PRECISION="tf32x3", GDC=True, CPC=128,
           **BRANCH), 4),
@@ -104,7 +104,9 @@ VARIANTS = [
           RP=16, CP=16, CPC=16), 4),
     ("unpack ternary", _unpack_kernel, "unpack", UNPACK, 4),
     ("unpack binary", _unpack_kernel, "unpack", {**UNPACK, "BITS": 1, "STEP": 2, "BW": 32}, 4),
-    ("unpack int4, per-row groups", _unpack_kernel, "unpack", {**UNPACK, "BITS": 4, "OFF": 8, "G": 1, "GS": 4096}, 4),
+    ("unpack int4, per-row groups", _unpack_kernel, "unpack", {**UNPACK, "BITS": 4, "OFF": 8, "GS": 4096}, 4),
+    ("gemv ternary, row-major words and scales", _gemv_kernel, "gemv",
+     {**{k: v for k, v in GEMV.items() if k not in SERVED}, **ROWS, **NO_BRANCH}, 2),
 ]
 
 

@@ -63,4 +63,4 @@ if triton_ops is not None:
     def _quant_linear_fake(x, packed, row_scale, qa, qm, rowsum, left, right, lowrank_a, lowrank_b, bias, code_bits,
                            code_step, code_offset, group_size, act_bits, act_clip, k_blocks, act_blocks, shard_end0,
                            shard_end1):
-        return x.new_empty((x.shape[0], packed.shape[0]))
+        return x.new_empty((x.shape[0], triton_ops.packed_rows(packed)))

@@ -9,12 +9,14 @@ gemv:       M <= 8 on CUDA cores. Byte-lane SWAR: (w >> B*i) & mask gives four c
             for groups of >= 4 words at M = 2..8: `tiles.gemv_late_sum`). Everything stays int32 and exact. Each
             chunk's weight words are loaded one chunk ahead.
 gemm:       M > 8 on int8 tensor cores, tokens as the MMA's M. The weight tile is unpacked in registers to
-            w_int = a*v(c) + m (int8) from 2-D byte loads issued one tile ahead; the K loop is a plain int8 dot
-            into int32, split over K into int32 partials when the tile grid is small; s_n, the activation step
-            and the zero-point term z*rowsum go to the epilogue (epilogue.py), together with the low-rank branch
-            lowrank_a @ (x @ lowrank_bᵀ) (one tensor-core dot per tile past decode sizes) and the bias;
-            x @ lowrank_bᵀ comes from act_quant's launch (K-chunked partials, `lowrank_splits`; one TF32 pass on
-            16-bit x and B, exact products; summed before the tensor-core matmuls, `lowrank_presum`).
+            w_int = a*v(c) + m (int8) from whole packed words (SWAR, as unpack) loaded one tile ahead; the K loop
+            is a plain int8 dot into int32, split over K into int32 partials when the tile grid is small; s_n,
+            the activation step and the zero-point term z*rowsum go to the epilogue (epilogue.py), together with
+            the low-rank branch lowrank_a @ (x @ lowrank_bᵀ) (one tensor-core dot per tile past decode sizes) and
+            the bias; x @ lowrank_bᵀ comes from act_quant's launch (K-chunked partials, `lowrank_splits`; one TF32
+            pass on 16-bit x and B, exact products; summed before the tensor-core matmuls, `lowrank_presum`).
+layout:     where the kernels read packed words (row-major, or RC-row chunks so a tile's loads are whole
+            32-byte sectors) and group scales (any strides; N-major when resident).
 pdl:        programmatic dependent launch: at decode sizes the matmul starts while act_quant runs (`tiles.use_pdl`).
 matmul:     `quant_matmul` picks the path by M (tiles.py).
 unpack:     large M unpacks the weights once into an int8 scratch and runs the same GEMM on it (SCRATCH). The
@@ -27,10 +29,12 @@ y = s_n * Σ_b s_b * float32(acc_b - z_b * rowsum_b) (+ low-rank, bias). Roundin
 """
 
 from .act_quant import act_quant, act_ranges_supported
+from .layout import ROW_CHUNK, chunk_rows, packed_rows, resident
 from .matmul import quant_matmul
 from .pdl import gdc
 from .tiles import GEMV_MAX_M, gemv_late_sum, lowrank_presum, lowrank_splits, use_pdl, uses_scratch
-from .unpack import scale_pairs, unpack_weights
+from .unpack import unpack_weights
 
-__all__ = ["GEMV_MAX_M", "act_quant", "act_ranges_supported", "gdc", "gemv_late_sum", "lowrank_presum",
-           "lowrank_splits", "quant_matmul", "scale_pairs", "unpack_weights", "use_pdl", "uses_scratch"]
+__all__ = ["GEMV_MAX_M", "ROW_CHUNK", "act_quant", "act_ranges_supported", "chunk_rows", "gdc", "gemv_late_sum",
+           "lowrank_presum", "lowrank_splits", "packed_rows", "quant_matmul", "resident", "unpack_weights", "use_pdl",
+           "uses_scratch"]

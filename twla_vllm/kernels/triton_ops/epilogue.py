@@ -80,7 +80,7 @@ def _epilogue_kernel(acc_ptr, s_ptr, z_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_p
 
 
 def _epilogue(acc, s, z, args, m, n, y, stride_lr, sb1, sb2, meta, split, launch: dict) -> None:
-    meta = {key: v for key, v in meta.items() if key not in ("BITS", "STEP", "OFF", "G")}
+    meta = {key: v for key, v in meta.items() if key not in ("BITS", "STEP", "OFF")}
     # the low-rank branch: at decode sizes (M <= GEMV_MAX_M) fp32 multiply-adds over [BM, BN, CP] with BM = M
     # rounded up and BN narrowed to keep GEMV_LOWRANK_SUM products (a dot pads M to 16 rows); past that one
     # tensor-core dot per tile (padding rows masked): the broadcast-and-sum form on large tiles spilled registers,

@@ -6,6 +6,7 @@ import triton
 import triton.language as tl
 
 from .epilogue import _finish, _promote
+from .unpack import _row_offsets, _rows_in
 
 
 @triton.jit
@@ -23,14 +24,16 @@ def _dp4a(a, b, c, ASM: tl.constexpr):
 
 @triton.jit
 def _gemv_kernel(x_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_ptr, lr_ptr, bias_ptr, y_ptr,
-                 acc_ptr, M, N, K, stride_x, stride_w, stride_y, stride_lr, SB1, SB2,
-                 BITS: tl.constexpr, STEP: tl.constexpr, OFF: tl.constexpr, G: tl.constexpr, GW: tl.constexpr,
+                 acc_ptr, M, N, K, stride_x, stride_wc, stride_wk, stride_wr, stride_gn, stride_gg, stride_y,
+                 stride_lr, SB1, SB2, BITS: tl.constexpr, STEP: tl.constexpr, OFF: tl.constexpr, RC: tl.constexpr,
+                 GW: tl.constexpr,
                  KB: tl.constexpr, R: tl.constexpr, NSH: tl.constexpr, RP: tl.constexpr,
                  CP: tl.constexpr, CPC: tl.constexpr, LRKB: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
                  BN: tl.constexpr,
                  BP: tl.constexpr, SPLIT: tl.constexpr, ASM: tl.constexpr, GDC: tl.constexpr,
-                 LATE_SUM: tl.constexpr):
-    # x_ptr: int8 activations (natural order) viewed as int32 words [M, K/4]; w_ptr: packed words [N, K/CPW].
+                 LATE_SUM: tl.constexpr, EVEN_N: tl.constexpr):
+    # x_ptr: int8 activations (natural order) viewed as int32 words [M, K/4]; w_ptr: packed words [N, K/CPW] in
+    # RC-row chunks (`layout.py`).
     # Word p of a row holds codes CPW*p..; (word >> B*i) & mask = codes CPW*p+4i..+3, which meet activation
     # word LANES*p + i in one dp4a. GW = words per weight group. Program (n, s) covers K-split s; with several
     # activation K-blocks (KB > 1) the splits are the blocks, each promoted with its own step and zero point into
@@ -45,7 +48,7 @@ def _gemv_kernel(x_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
     rp = tl.arange(0, BP)
     # rows past N and tokens past M read row N-1 / token M-1 (never stored), chunks lie inside the split: the
     # loop's loads carry no masks (as in the GEMM, KERNEL_NOTES v15)
-    rn_in = tl.minimum(rn, N - 1)
+    rn_in = _rows_in(rn, N, EVEN_N)
     rm_in = tl.minimum(rm, M - 1)
     span = K // (4 * LANES) // SPLIT  # words per split
     UPI: tl.constexpr = BP // GW if BP >= GW else 1  # weight groups touched per chunk
@@ -54,7 +57,9 @@ def _gemv_kernel(x_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
     ones = tl.full([BM, BP], 0x01010101, dtype=tl.int32)
     w_lo = pid_s * span
     w_hi = w_lo + span
-    wt = tl.load(w_ptr + rn_in[:, None] * stride_w + w_lo + rp[None, :])
+    wrow = _row_offsets(rn_in, RC, stride_wc, stride_wr)
+    grow = rn_in * stride_gn
+    wt = tl.load(w_ptr + wrow[:, None] + (w_lo + rp[None, :]) * stride_wk)
     if GDC:  # weights are constants: the first chunk streams in while act_quant may still run (pdl.py)
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
@@ -62,7 +67,7 @@ def _gemv_kernel(x_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
         cur = wt
         # the next chunk's words go out before this chunk's dp4a, so their latency overlaps it (the last chunk
         # re-reads itself)
-        wt = tl.load(w_ptr + rn_in[:, None] * stride_w + tl.minimum(w0 + BP, w_hi - BP) + rp[None, :])
+        wt = tl.load(w_ptr + wrow[:, None] + (tl.minimum(w0 + BP, w_hi - BP) + rp[None, :]) * stride_wk)
         cx = tl.zeros([BM, BN, BP], dtype=tl.int32)
         sx = tl.zeros([BM, BP], dtype=tl.int32)
         for i in tl.static_range(LANES):
@@ -74,7 +79,7 @@ def _gemv_kernel(x_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
         if LATE_SUM:
             # each word with its own group's integers: Σ over the words waits until after the loop, so the loop
             # has no cross-lane reductions (one per chunk and group otherwise)
-            pw = rn_in[:, None] * G + (w0 + rp[None, :]) // GW
+            pw = grow[:, None] + ((w0 + rp[None, :]) // GW) * stride_gg
             qa = tl.load(qa_ptr + pw).to(tl.int32)
             qm = tl.load(qm_ptr + pw).to(tl.int32)
             acc3 += qa[None, :, :] * (STEP * cx) + (qm - OFF * qa)[None, :, :] * sx[:, None, :]
@@ -82,7 +87,7 @@ def _gemv_kernel(x_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
             cx_g = tl.sum(tl.reshape(cx, (BM, BN, UPI, BP // UPI)), axis=3)  # Σ c·x per (token, row, group)
             sx_g = tl.sum(tl.reshape(sx, (BM, UPI, BP // UPI)), axis=2)  # Σ x per (token, group)
             g = w0 // GW + tl.arange(0, UPI)
-            pq = rn_in[:, None] * G + g[None, :]
+            pq = grow[:, None] + g[None, :] * stride_gg
             qa = tl.load(qa_ptr + pq).to(tl.int32)
             qm = tl.load(qm_ptr + pq).to(tl.int32)
             # Σ_k (a*v + m)*x = a*(step*Σ c·x - offset*Σ x) + m*Σ x, exact in int32

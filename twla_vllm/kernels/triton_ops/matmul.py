@@ -11,6 +11,7 @@ from .gemv import _gemv_kernel
 from .pdl import gdc, launch_options
 from .tiles import (GEMM_CONFIGS, GEMV_CONFIGS, GEMV_LOWRANK_SUM, GEMV_MAX_M, GEMV_SPLIT_CTAS, block_k, gemm_split,
                     gemv_late_sum, lowrank_chunk, lowrank_presum, use_pdl, uses_scratch)
+from .layout import as_chunks, packed_rows, scale_strides
 from .unpack import unpack_weights
 
 
@@ -22,23 +23,25 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
                  tile: tuple[int, int, int, int, int] | None = None, out: torch.Tensor | None = None,
                  split: int | None = None, gemv_split: bool = True, pdl: bool | None = None,
                  late_sum: bool | None = None, presum: bool | None = None,
-                 scale_pairs: torch.Tensor | None = None, unpacked: torch.Tensor | None = None) -> torch.Tensor:
+                 unpacked: torch.Tensor | None = None) -> torch.Tensor:
     """y [M, N] = s_n * Σ_b s_b (q·W_intᵀ - z_b rowsum_b) (+ lowrank_a @ lrᵀ per shard, + bias).
 
-    q/s/z from `act_quant`; packed [N, K*bits/32] int32; row_scale [N] fp16/fp32; qa/qm [N, G] int8; rowsum
+    q/s/z from `act_quant`; packed [N, K*bits/32] int32 words, any strides, or in row chunks [N/RC, K*bits/32, RC]
+    (`layout.py`); row_scale [N] fp16/fp32; qa/qm [N, G] int8, any strides (the same for both); rowsum
     [N, KB] int32; lr fp32 = x @ lowrank_bᵀ of the S shards, [M, S*R] or as partial sums [P, M, S*R] (what
     `act_quant` returns), whose rows end at shard_bounds (two ascending row indices; (N, N) for one shard).
     `scratch`, `tile` (BM, BN, BK cap, warps, stages; a given cap may span several weight groups), `split`:
     override the tensor-core path's table and split rule (benchmarks, tests);
     gemv_split=False keeps the GEMV's K unsplit (tests); pdl, late_sum, presum: override the rules `tiles.use_pdl`
     (programmatic dependent launch), `tiles.gemv_late_sum` (the GEMV's sums over words after its K loop) and
-    `tiles.lowrank_presum` (the branch's partials summed before the matmul); `scale_pairs`: these weights'
-    `unpack.scale_pairs(qa, qm, offset)`, for the packed GEMM to read instead of qa/qm with every load pipelined
-    (not yet timed: KERNEL_NOTES v26); `unpacked`: these weights' int8 scratch from `unpack_weights`, kept
-    resident, for the scratch path to use instead of unpacking (benchmarks: what a resident int8 copy would buy)."""
+    `tiles.lowrank_presum` (the branch's partials summed before the matmul); `unpacked`: these weights' int8
+    scratch from `unpack_weights`, kept resident, for the scratch path to use instead of unpacking (benchmarks:
+    what a resident int8 copy would buy)."""
     m, k = q.shape
-    n = packed.shape[0]
-    kb, g = s.shape[1], qa.shape[1]
+    packed = as_chunks(packed)
+    n = packed_rows(packed)
+    strides = (*packed.stride(), *scale_strides(qa, qm))  # (chunk, word, row in chunk), (row, group)
+    kb = s.shape[1]
     gs = k if group_size == -1 else group_size
     y = out if out is not None else torch.empty(m, n, dtype=out_dtype, device=q.device)
     if m == 0:
@@ -53,7 +56,7 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
     sb1, sb2 = shard_bounds or (n, n)
     args = (row_scale, qa, qm, rowsum, lowrank_a if r else row_scale, lr if r else s,
             bias if bias is not None else row_scale, y)
-    meta = dict(BITS=bits, STEP=step, OFF=offset, G=g, KB=kb, R=r, NSH=nsh, RP=rp,
+    meta = dict(BITS=bits, STEP=step, OFF=offset, KB=kb, R=r, NSH=nsh, RP=rp,
                 CP=triton.next_power_of_2(nsh * rp), LRKB=lr.shape[0] if r else 1, HAS_BIAS=bias is not None)
     stride_lr = lr.stride(1) if r else 0
     asm = q.device.type == "cuda"
@@ -77,8 +80,9 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
             split *= 2
         acc = _partials(split, kb, y)
         _gemv_kernel[(n_ctas, split)](q.view(torch.int32), s, z, packed, *args, acc, m, n, k, q.stride(0) // 4,
-                                      packed.stride(0), y.stride(0), stride_lr, sb1, sb2, GW=gw, BM=bm, BN=bn, BP=bp,
-                                      SPLIT=split, ASM=asm, CPC=lowrank_chunk(bm, bn, meta["CP"]),
+                                      *strides, y.stride(0), stride_lr, sb1, sb2, RC=packed.shape[2], GW=gw, BM=bm,
+                                      BN=bn, BP=bp, EVEN_N=n % bn == 0, SPLIT=split, ASM=asm,
+                                      CPC=lowrank_chunk(bm, bn, meta["CP"]),
                                       LATE_SUM=gemv_late_sum(m, gs) if late_sum is None else late_sum,
                                       num_warps=warps, **launch, **meta)
         if split > 1:
@@ -90,9 +94,9 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
     use_scratch = uses_scratch(m) if scratch is None else scratch
     if use_scratch:
         w = unpacked if unpacked is not None else unpack_weights(packed, qa, qm, bits, step, offset, group_size)
+        strides, rc = (w.stride(0), 1, 0, *strides[3:]), 1  # rows of K int8 weights
     else:
-        w = packed
-    pairs = scale_pairs is not None and not use_scratch
+        w, rc = packed, packed.shape[2]
     # the packed path's K tile spans at most one weight group (tiles.GEMM_CONFIGS) unless a tile is given
     bk = block_k(k // kb, bkc if use_scratch or tile is not None else min(bkc, max(32, gs)))
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
@@ -102,12 +106,11 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
         raise ValueError(f"split {split}: K = {k} in {kb} block(s) needs whole {bk}-wide tiles per split and, with "
                          f"several blocks, one split per block")
     acc = _partials(split, kb, y)
-    gemm_args = (row_scale, scale_pairs, *args[2:]) if pairs else args  # the pairs take qa's slot (qm unread)
-    _gemm_kernel[(tiles, split)](q, s, z, w, *gemm_args, acc, m, n, k, q.stride(0), w.stride(0), y.stride(0),
-                                 stride_lr, sb1, sb2, GS=gs, SCRATCH=use_scratch, SPLIT=split, BM=bm, BN=bn, BK=bk,
-                                 GROUP_N=8, PAIRS=pairs,
-                                 PRECISION="ieee" if q.device.type == "cpu" else "tf32x3", num_warps=warps,
-                                 num_stages=stages, **launch, **meta)
+    _gemm_kernel[(tiles, split)](q, s, z, w, *args, acc, m, n, k, q.stride(0), *strides, y.stride(0), stride_lr,
+                                 sb1, sb2, RC=rc, GS=gs, SCRATCH=use_scratch, SPLIT=split, BM=bm, BN=bn, BK=bk,
+                                 GROUP_N=8, EVEN_N=n % bn == 0,
+                                 PRECISION="ieee" if q.device.type == "cpu" else "tf32x3",
+                                 num_warps=warps, num_stages=stages, **launch, **meta)
     if split > 1:
         _epilogue(acc, s, z, args, m, n, y, stride_lr, sb1, sb2, meta, split, launch)
     return y

@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .layout import as_chunks, packed_rows, scale_strides
+
 
 @triton.jit
 def _swar_lane(words, i: tl.constexpr, mul, add, BITS: tl.constexpr):
@@ -38,50 +40,47 @@ def _swar_words(words, mul, add, BITS: tl.constexpr):
 
 
 @triton.jit
-def _load_packed(w_ptr, rn, k0, stride_w, BITS: tl.constexpr, BK: tl.constexpr):
-    """The packed words of codes k0..k0+BK-1 of rows rn as uint32 [BN, BK/CPW] (unmasked: see `_load_words`)."""
-    CPW: tl.constexpr = 32 // BITS
-    pw = k0 // CPW + tl.arange(0, BK // CPW)
-    return tl.load(w_ptr + rn[:, None] * stride_w + pw[None, :]).to(tl.uint32, bitcast=True)
+def _rows_in(rn, N, EVEN_N: tl.constexpr):
+    """Rows rn clamped to N - 1 (rows past N read the last row and are never stored, so loads carry no masks).
+    EVEN_N (the tile width divides N): no clamp, so the compiler still sees runs of consecutive rows and can
+    coalesce loads across a row chunk (`layout.py`)."""
+    if EVEN_N:
+        return rn
+    return tl.minimum(rn, N - 1)
 
 
 @triton.jit
-def _load_words(w_ptr, qa_ptr, qm_ptr, rn, k0, stride_w, G: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr,
-                STEP: tl.constexpr, OFF: tl.constexpr, BK: tl.constexpr):
-    """The packed words of codes k0..k0+BK-1 of rows rn (w_ptr int32, stride_w in words) and their groups' SWAR
-    multiplier and bias (`_swar_words`). Unmasked: the caller passes rows that exist (clamped) and a k0 inside the
-    row, a multiple of BK. Groups hold whole words (format: GS % CPW == 0). The multiplier is a*step, the bias
-    (m - a*offset + 128) * 0x01010101: [BN, 1] when the tile lies in one group, else one per word [BN, BK/CPW]."""
+def _row_offsets(rn, RC: tl.constexpr, stride_wc, stride_wr):
+    """Where rows rn's packed words start (in words): row n is row n % RC of chunk n // RC (`layout.py`)."""
+    return (rn // RC) * stride_wc + (rn % RC) * stride_wr
+
+
+@triton.jit
+def _load_packed(w_ptr, wrow, k0, stride_wk, BITS: tl.constexpr, BK: tl.constexpr):
+    """The packed words of codes k0..k0+BK-1 of the rows starting at wrow (`_row_offsets`) as uint32 [BN, BK/CPW]
+    (unmasked: see `_load_words`)."""
     CPW: tl.constexpr = 32 // BITS
-    words = _load_packed(w_ptr, rn, k0, stride_w, BITS, BK)
+    pw = k0 // CPW + tl.arange(0, BK // CPW)
+    return tl.load(w_ptr + wrow[:, None] + pw[None, :] * stride_wk).to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _load_words(w_ptr, qa_ptr, qm_ptr, wrow, grow, k0, stride_wk, stride_gg, GS: tl.constexpr, BITS: tl.constexpr,
+                STEP: tl.constexpr, OFF: tl.constexpr, BK: tl.constexpr):
+    """The packed words of codes k0..k0+BK-1 of the rows starting at wrow (w_ptr int32, `_row_offsets`) and their
+    groups' SWAR multiplier and bias (`_swar_words`); grow = the rows' offsets into qa/qm (stride_gn * row).
+    Unmasked: the caller passes rows that exist (clamped) and a k0 inside the row, a multiple of BK. Groups hold
+    whole words (format: GS % CPW == 0). The multiplier is a*step, the bias (m - a*offset + 128) * 0x01010101:
+    [BN, 1] when the tile lies in one group, else one per word [BN, BK/CPW]."""
+    CPW: tl.constexpr = 32 // BITS
+    words = _load_packed(w_ptr, wrow, k0, stride_wk, BITS, BK)
     if BK <= GS:  # one group per row of the tile
-        pq = (rn * G + k0 // GS)[:, None]
+        pq = (grow + (k0 // GS) * stride_gg)[:, None]
     else:
-        pq = rn[:, None] * G + ((k0 + CPW * tl.arange(0, BK // CPW)) // GS)[None, :]
+        pq = grow[:, None] + ((k0 + CPW * tl.arange(0, BK // CPW)) // GS)[None, :] * stride_gg
     qa = tl.load(qa_ptr + pq).to(tl.int32)
     mul = (qa * STEP).to(tl.uint32, bitcast=True)
     add = ((tl.load(qm_ptr + pq).to(tl.int32) - qa * OFF + 128) & 255).to(tl.uint32, bitcast=True) * 0x01010101
-    return words, mul, add
-
-
-@triton.jit
-def _load_words_pairs(w_ptr, sp_ptr, rn, k0, stride_w, GP: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr,
-                      STEP: tl.constexpr, BK: tl.constexpr):
-    """`_load_words` with the group scales read from `scale_pairs` (sp_ptr int32 [N, GP]): every load is 4 bytes a
-    row or wider, the size Triton's pipeliner turns into cp.async, so a K loop can keep num_stages - 1 tiles of
-    codes and scales in flight (int8 qa/qm are one byte a row: loaded by hand one tile ahead, the latency chain
-    of the M = 64 GEMM, KERNEL_NOTES v25)."""
-    CPW: tl.constexpr = 32 // BITS
-    words = _load_packed(w_ptr, rn, k0, stride_w, BITS, BK)
-    if BK <= GS:  # one group per row of the tile
-        g = k0 // GS
-        half = tl.load(sp_ptr + rn * GP + g // 2)[:, None] >> (16 * (g % 2))
-    else:
-        gw = (k0 + CPW * tl.arange(0, BK // CPW)) // GS
-        half = tl.load(sp_ptr + rn[:, None] * GP + (gw // 2)[None, :]) >> (16 * (gw % 2))[None, :]
-    qa = ((half & 255) ^ 128) - 128  # the low byte, sign-extended
-    mul = (qa * STEP).to(tl.uint32, bitcast=True)
-    add = ((half >> 8) & 255).to(tl.uint32, bitcast=True) * 0x01010101
     return words, mul, add
 
 
@@ -97,8 +96,9 @@ def _words_tile(words, mul, add, BITS: tl.constexpr):
 
 
 @triton.jit
-def _unpack_kernel(w_ptr, qa_ptr, qm_ptr, out_ptr, N, stride_w, stride_out, G: tl.constexpr, GS: tl.constexpr,
-                   BITS: tl.constexpr, STEP: tl.constexpr, OFF: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr):
+def _unpack_kernel(w_ptr, qa_ptr, qm_ptr, out_ptr, N, stride_wc, stride_wk, stride_wr, stride_gn, stride_gg,
+                   stride_out, RC: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr, STEP: tl.constexpr,
+                   OFF: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, EVEN_N: tl.constexpr):
     # SWAR on whole words: lane i of a packed word, (w >> B*i) & mask, holds codes CPW*p + 4*i .. + 3 in its four
     # bytes, i.e. in natural order, so one multiply-add by a*step with the bias (m - a*offset + 128) per byte gives
     # four int8 weights + 128 (each byte's value is w + 128 in [1, 255]: no carries) and an XOR unbiases them; the
@@ -108,9 +108,11 @@ def _unpack_kernel(w_ptr, qa_ptr, qm_ptr, out_ptr, N, stride_w, stride_out, G: t
     LANES: tl.constexpr = 8 // BITS
     CPW: tl.constexpr = 4 * LANES
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    rn_in = _rows_in(rn, N, EVEN_N)
     # BW divides the words of a row: every tile lies inside it
-    words, mul, add = _load_words(w_ptr, qa_ptr, qm_ptr, tl.minimum(rn, N - 1), tl.program_id(1) * BW * CPW, stride_w,
-                                  G, GS, BITS, STEP, OFF, BW * CPW)
+    words, mul, add = _load_words(w_ptr, qa_ptr, qm_ptr, _row_offsets(rn_in, RC, stride_wc, stride_wr),
+                                  rn_in * stride_gn, tl.program_id(1) * BW * CPW, stride_wk, stride_gg, GS, BITS,
+                                  STEP, OFF, BW * CPW)
     w = _swar_words(words, mul, add, BITS)
     # (the store's layout differs from the joins': Triton converts through shared memory, 32 KB a program, small
     # beside the 40 KB it moves to and from global memory)
@@ -118,26 +120,16 @@ def _unpack_kernel(w_ptr, qa_ptr, qm_ptr, out_ptr, N, stride_w, stride_out, G: t
     tl.store(out_ptr + rn[:, None] * stride_out + cols[None, :], w, mask=rn[:, None] < N)
 
 
-def scale_pairs(qa: torch.Tensor, qm: torch.Tensor, offset: int) -> torch.Tensor:
-    """int32 [N, ceil(G/2)]: groups 2j and 2j+1 of each row as the bytes (qa, bias, qa', bias') from the low end,
-    bias = (qm - qa*offset + 128) mod 256 (`_swar_words`' per-byte bias): the same two bytes a group as qa and qm,
-    laid out for 4-byte loads (`_load_words_pairs`)."""
-    qa32 = qa.to(torch.int32)
-    bias = (qm.to(torch.int32) - qa32 * offset + 128) & 255
-    half = (qa32 & 255) | (bias << 8)
-    if half.shape[1] % 2:
-        half = torch.cat([half, torch.zeros_like(half[:, :1])], 1)
-    return (half[:, 0::2] | (half[:, 1::2] << 16)).contiguous()
-
-
 def unpack_weights(packed: torch.Tensor, qa: torch.Tensor, qm: torch.Tensor, bits: int, step: int, offset: int,
                    group_size: int) -> torch.Tensor:
-    """Packed codes -> int8 weights [N, K] in natural order: the prefill scratch."""
-    n, words = packed.shape
+    """Packed codes ([N, W] or a `layout.py` layout) -> int8 weights [N, K] in natural order: the prefill scratch."""
+    packed = as_chunks(packed)
+    n, words = packed_rows(packed), packed.shape[1]
     k = words * 32 // bits
     out = torch.empty(n, k, dtype=torch.int8, device=packed.device)
     bw = min(words & -words, 256 // (8 // bits))  # words per tile: a power of two dividing the row, <= 256 outputs
     _unpack_kernel[(triton.cdiv(n, 32), words // bw)](
-        packed, qa, qm, out.view(torch.int32), n, packed.stride(0), k // 4, G=qa.shape[1],
-        GS=k if group_size == -1 else group_size, BITS=bits, STEP=step, OFF=offset, BN=32, BW=bw, num_warps=4)
+        packed, qa, qm, out.view(torch.int32), n, *packed.stride(), *scale_strides(qa, qm), k // 4,
+        RC=packed.shape[2], GS=k if group_size == -1 else group_size, BITS=bits, STEP=step, OFF=offset, BN=32, BW=bw,
+        EVEN_N=n % 32 == 0, num_warps=4)
     return out

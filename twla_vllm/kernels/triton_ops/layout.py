@@ -1,0 +1,81 @@
+"""Where the kernels find a weight's packed words and group scales in memory.
+
+The format stores packed codes row-major, [N, W] int32 words. A tensor-core tile reads [BN rows, BK/CPW words]
+a trip: for ternary g32 (BK = 32) two words, 8 bytes, of each of 64 rows 1 KB apart, so every row costs its own
+32-byte sector and L2 request; the one-byte group scales qa/qm [N, G], one per row a trip, likewise (Nsight
+Compute, 4096->28672 at M = 64: 16 sectors per warp-wide load where 1-4 would do, L2 tag lookups 80% busy,
+DRAM 10%: KERNEL_NOTES v27). On the GPU the kernels therefore read
+
+- packed words as chunks of RC rows: [N/RC, W, RC], word w of rows RC*c .. RC*c + RC-1 side by side, so a
+  GEMM trip reads RC*8 contiguous bytes per chunk and the GEMV (RC rows, many words) one contiguous run; any
+  strides work (the row-major [N, W] format is the view [N, W, 1]);
+- group scales by their strides: [N, G] row-major or, resident, N-major ([G, N] storage), so a tile's one-byte
+  scales of BN rows are BN contiguous bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ROW_CHUNK = 8  # rows a chunk: 8 words = one 32-byte sector per packed word index
+
+
+def as_chunks(packed: torch.Tensor) -> torch.Tensor:
+    """[N, W] (any strides) -> the view [N, W, 1]; a [N/RC, W, RC] chunked tensor as it is."""
+    if packed.dim() == 2:
+        return packed.unsqueeze(2)
+    if packed.dim() != 3:
+        raise ValueError(f"packed words must be [N, W] or [N/RC, W, RC], got shape {tuple(packed.shape)}")
+    return packed
+
+
+def packed_rows(packed: torch.Tensor) -> int:
+    """Weight rows N of packed words in either form."""
+    return packed.shape[0] * (packed.shape[2] if packed.dim() == 3 else 1)
+
+
+def row_chunks(packed: torch.Tensor, chunk: int = ROW_CHUNK) -> torch.Tensor:
+    """Row-major [N, W] words -> contiguous [N/chunk, W, chunk] (N a multiple of chunk)."""
+    n, w = packed.shape
+    if n % chunk:
+        raise ValueError(f"{n} rows are not a multiple of the {chunk}-row chunk")
+    return packed.view(n // chunk, chunk, w).transpose(1, 2).contiguous()
+
+
+def n_major(t: torch.Tensor) -> torch.Tensor:
+    """[N, C] with the same values, stored column by column ([C, N] contiguous underneath)."""
+    return t.t().contiguous().t()
+
+
+def chunk_rows(packed: torch.Tensor, rows: slice) -> torch.Tensor:
+    """Rows `rows` (whole chunks) of packed words in either form."""
+    if packed.dim() == 2 or rows == slice(None):
+        return packed[rows]
+    rc = packed.shape[2]
+    start, stop = rows.start or 0, packed_rows(packed) if rows.stop is None else rows.stop
+    if start % rc or stop % rc:
+        raise ValueError(f"rows {start}:{stop} do not start and end on {rc}-row chunks")
+    return packed[start // rc:stop // rc]
+
+
+def resident(packed: torch.Tensor, qa: torch.Tensor, qm: torch.Tensor, layout: str = "served",
+             chunk: int = ROW_CHUNK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A weight's packed words and group scales laid out for the kernels: "served" (TritonKernel's: words in
+    `chunk`-row chunks where N allows, chunk 1 = row-major; scales N-major), "rows" (the format's row-major
+    tensors) or "n-major" (words and scales stored N-major). Same values, so the kernels' outputs are equal."""
+    if layout == "rows":
+        return packed, qa, qm
+    if layout == "n-major":
+        return n_major(packed), n_major(qa), n_major(qm)
+    if layout != "served":
+        raise ValueError(f"unknown layout {layout!r}: served, rows or n-major")
+    words = row_chunks(packed, chunk) if chunk > 1 and packed.shape[0] % chunk == 0 else packed
+    return words, n_major(qa), n_major(qm)
+
+
+def scale_strides(qa: torch.Tensor, qm: torch.Tensor) -> tuple[int, int]:
+    """(row, group) strides shared by qa and qm: the kernels index both with one offset."""
+    if qa.shape != qm.shape or qa.stride() != qm.stride():
+        raise ValueError(f"qa {tuple(qa.shape)} strides {qa.stride()} and qm {tuple(qm.shape)} strides {qm.stride()} "
+                         "must share shape and layout")
+    return qa.stride(0), qa.stride(1)
