@@ -11,7 +11,7 @@
 #   words-sweep  the M = 8 and 64 tile sweeps on up and gate_up, with scale-pairs tiles (KERNEL_NOTES v25, v26)
 #   words-branch int4 r32 (TwinQuant's shape) with the branch columns at decode, M = 64 and prefill
 #   layout   the op tables with the matmul on each weight layout (served row chunks, row-major, N-major; KERNEL_NOTES
-#            v27): ternary g32 at M = 1..2048, gate_up at M = 1, 64, int4 g128, then the quick GPU check
+#            v27): ternary g32 at M = 1, 8, 64, 2048, the quick GPU check, then gate_up at M = 1, 64 and int4 g128
 #   all      check, branch, small, sweep in that order, as one background chain that outlives the call (a plain `&` job does not):
 #            OUT=/tmp/outk setsid nohup bash /tmp/repo/benchmarks/device/kernel_tables.sh all > /tmp/chain.log \
 #              2>&1 < /dev/null & disown        ... then copy /tmp/outk/* to $OUT in later calls
@@ -36,7 +36,7 @@ case $1 in
     k binary_g128_m2_4 150 --code binary --group-size 128 --ms 2,4 ;;
   sweep) k lowrank_sweep_int4_g128_r32_m64 400 --code int4 --group-size 128 --lowrank 32 --lowrank-sweep --ms 64,2048 ;;
   layout)
-    k layout_ternary_g32 200 --ms 1,8,16,64,128,2048
+    k layout_ternary_g32 200 --ms 1,8,64,2048
     python3 -m tests.triton_check --gpu --quick > /tmp/tcq.log 2>&1
     echo "tc rc $?" >> /tmp/tcq.log; cp /tmp/tcq.log $OUT/; echo "== quick GPU check at $(( $(date +%s) - T0 )) s"
     grep -a -E "^FAIL|passed,|Traceback|Error|tc rc" /tmp/tcq.log | tail -8
