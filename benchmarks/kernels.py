@@ -25,9 +25,9 @@ B in fp32 (three TF32 passes: the form before session 25); pre-sum on / off = th
 summed before the matmul the other way from `tiles.lowrank_presum`.
 GEMM on resident int8 (M > 8) = the scratch GEMM on an int8 copy of the weights unpacked beforehand: what keeping
 one resident (1 byte/weight more) would buy against the gemm column.
-Layouts: every column reads the weights as TritonKernel keeps them (`triton_ops.resident`: packed words in 8-row
-chunks, group scales N-major); rows / N-major = the matmul alone (GEMV, GEMM or scratch unpack + GEMM, as the rule
-picks) on the format's row-major tensors / on words and scales stored N-major, checked bit for bit against the gemm
+Layouts: every column reads the weights as TritonKernel keeps them (`triton_ops.SERVED_LAYOUT`); gemm on <layout>
+= the matmul alone (GEMV, GEMM or scratch unpack + GEMM, as the rule picks) on each other `triton_ops.LAYOUTS`
+layout (8-row chunks with N-major scales; everything N-major; row-major), checked bit for bit against the gemm
 column (KERNEL_NOTES v27).
 The launch rules flipped, each checked bit for bit against the op: PDL on / off (sm_90+): the whole op with
 programmatic dependent launch the other way from `tiles.use_pdl` (on at M <= 8, and at M = 9..255 with one
@@ -329,7 +329,7 @@ def main() -> None:
         c = n_copies(nbytes)
         layers, range_sums = [], []
         branch_ab = random_branches(n, k, a.lowrank, c) if a.lowrank else []
-        layouts = {"rows": [], "n-major": []}  # the same copies in the other layouts
+        layouts = {lay: [] for lay in T.LAYOUTS if lay != T.SERVED_LAYOUT}  # the same copies in the other layouts
         for _ in range(c):
             packed, rs, qa, qm, w_int = random_layer(n, k, gs, code)
             rsum = block_row_sums(w_int, kb).cuda()
@@ -350,7 +350,7 @@ def main() -> None:
             group = k if gs == -1 else gs
             variants = {"group_weights": group}  # the op with its launch rules flipped, each checked equal to it
 
-            def mm(i, layout=None, **kw):  # layout: this copy in `layouts[layout]` instead of the served one
+            def mm(i, layout=None, **kw):  # layout: this copy in `layouts[layout]` instead of SERVED_LAYOUT
                 p, rs, qa, qm, rsum = layers[i] if layout is None else layouts[layout][i]
                 return T.quant_matmul(q, s, z, p, rs, qa, qm, rsum, code.bits, code.step, code.offset, gs,
                                       torch.bfloat16, **kw)
@@ -379,7 +379,7 @@ def main() -> None:
             for name in layouts:  # the matmul on the other layouts, equal bit for bit
                 if not torch.equal(mm(0, name), mm(0)):
                     raise AssertionError(f"the matmul on the {name} layout differs")
-                variants[f"{name.replace('-', '_')}_layout_gemm_us"] = bench(lambda i: mm(i, name), c)
+                variants[f"{name}_layout_gemm_us"] = bench(lambda i: mm(i, name), c)
             t_quant = bench(lambda i: T.act_quant(x, left, right, 4, 0.9, kb))
             branch = branch_times(x, layers, branch_ab, left, right, kb, code, gs, c) if a.lowrank else {}
             t_gemm = bench(mm, c)
@@ -435,7 +435,8 @@ def main() -> None:
         extra += f" + {r['act_blocks']} ranges {r['act_ranges_us']:.1f} µs |" if "act_ranges_us" in r else ""
         on_off = lambda rule: "off" if rule else "on"  # noqa: E731
         extra += f" GEMM on resident int8 {r['resident_int8_gemm_us']:.1f} µs |" if "resident_int8_gemm_us" in r else ""
-        extra += f" gemm on rows {r['rows_layout_gemm_us']:.1f} / N-major {r['n_major_layout_gemm_us']:.1f} µs |"
+        extra += "".join(f" gemm on {lay} {r[f'{lay}_layout_gemm_us']:.1f} µs |" for lay in T.LAYOUTS
+                         if f"{lay}_layout_gemm_us" in r)
         extra += (f" PDL {on_off(T.use_pdl(r['m'], K_BLOCKS[r['k']]))} {r['pdl_flipped_us']:.1f} µs |"
                   if "pdl_flipped_us" in r else "")
         extra += (f" late sums {on_off(T.gemv_late_sum(r['m'], r['group_weights']))} {r['late_sum_flipped_us']:.1f}"

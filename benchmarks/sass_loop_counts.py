@@ -23,14 +23,14 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tests.triton_compile_check import GEMM, GEMV, NO_BRANCH, POINTERS, compile_variant  # noqa: E402
+from tests.triton_compile_check import GEMM, GEMV, NO_BRANCH, POINTERS, chunked, compile_variant  # noqa: E402
 from twla_vllm.kernels.triton_ops.gemm import _gemm_kernel  # noqa: E402
 from twla_vllm.kernels.triton_ops.gemv import _gemv_kernel  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-TERNARY_G32 = dict(GS=32, G=128)
-INT4_G128 = dict(BITS=4, OFF=8, GS=128, G=32)
-BINARY_G128 = dict(BITS=1, GS=128, G=32)
+TERNARY_G32 = dict(GS=32)
+INT4_G128 = dict(BITS=4, OFF=8, GS=128)
+BINARY_G128 = dict(BITS=1, GS=128)
 # (name, kernel, pointer kind, constexprs, warps); GEMM tiles are (BM tokens, BN rows, BK codes)
 VARIANTS = [
     ("GEMV M=1 ternary, 64-word chunks", _gemv_kernel, "gemv", {**GEMV, **NO_BRANCH}, 2),
@@ -40,8 +40,9 @@ VARIANTS = [
     *[(f"GEMM {code} {bm}x64x{bk}", _gemm_kernel, "packed", {**GEMM, **NO_BRANCH, **consts, "BM": bm, "BK": bk}, 4)
       for code, consts in (("ternary", TERNARY_G32), ("binary", BINARY_G128), ("int4", INT4_G128))
       for bm in (16, 64) for bk in (32, 64)],
-    *[(f"GEMM {code} 64x64x{bk}, scale pairs (every load pipelined)", _gemm_kernel, "packed pairs",
-       {**GEMM, **NO_BRANCH, **consts, "BK": bk, "PAIRS": True}, 4)
+    ("GEMV M=1 ternary, 64-word chunks, 8-row chunks", _gemv_kernel, "gemv", chunked({**GEMV, **NO_BRANCH}), 2),
+    *[(f"GEMM {code} 64x64x{bk}, 8-row chunks", _gemm_kernel, "packed",
+       chunked({**GEMM, **NO_BRANCH, **consts, "BK": bk}), 4)
       for code, consts in (("ternary", TERNARY_G32), ("int4", INT4_G128)) for bk in (32, 64)],
     ("GEMM scratch int4 128x128x128", _gemm_kernel, "matmul",
      {**GEMM, **NO_BRANCH, **INT4_G128, "SCRATCH": True, "BM": 128, "BN": 128, "BK": 128}, 8),

@@ -56,7 +56,7 @@ class Case:
     pdl: bool | None = None  # programmatic dependent launch of the matmul (sm_90+; None: `tiles.use_pdl`)
     late_sum: bool | None = None  # the GEMV's sums over words after its K loop (None: `tiles.gemv_late_sum`)
     presum: bool | None = None  # the branch's partials summed before the matmul (None: `tiles.lowrank_presum`)
-    layout: str = "served"  # packed words and scales: `triton_ops.resident`'s layouts
+    layout: str = ""  # packed words and scales in a `triton_ops.LAYOUTS` layout ("": SERVED_LAYOUT)
 
     def __str__(self) -> str:
         return (f"m={self.m} n={self.n} k={self.k} {self.code} g={self.gs} kb={self.kb}"
@@ -66,7 +66,7 @@ class Case:
                 f"{'' if self.pdl is None else f' pdl={self.pdl}'}"
                 f"{'' if self.late_sum is None else f' late-sum={self.late_sum}'}"
                 f"{'' if self.presum is None else f' presum={self.presum}'}"
-                f"{'' if self.layout == 'served' else f' {self.layout}'}")
+                f"{f' {self.layout}' if self.layout else ''}")
 
 
 def random_layer(c: Case, gen, dev):
@@ -185,6 +185,7 @@ def check_case(c: Case, dev, gen) -> list[str]:
     return fails
 
 
+OTHER_LAYOUTS = [lay for lay in T.LAYOUTS if lay != T.SERVED_LAYOUT]
 CPU_CASES = [
     # a view whose rows are no power of two (28 x 16, down_proj's 14 rows a block at 2 K-blocks): padded rows
     Case(20, 24, 448, gs=32), Case(300, 24, 448, gs=32, kb=2), Case(1, 24, 448, gs=32, kb=2, code="int4"),
@@ -226,13 +227,14 @@ CPU_CASES = [
     # the packed GEMM's whole-word unpack: groups of one word in a 32-code tile (per-word scales), binary groups of
     # one word, int4 groups of 16
     Case(20, 24, 256, gs=16), Case(24, 40, 512, gs=32, code="binary"), Case(20, 24, 256, gs=16, code="int4"),
-    # the format's row-major words and scales, and words and scales stored N-major (the cases above use the
-    # served layout: 8-row chunks where N is a multiple of 8, else row-major words; scales N-major): GEMV, packed
-    # GEMM with one group and with per-word scales, scratch unpack, a branch over 2 K-blocks
-    *[Case(m, 24, 256, gs=gs, code=code, layout=lay) for lay in ("rows", "n-major")
-      for m, gs, code in ((1, 32, "ternary"), (5, 128, "int4"), (20, 32, "ternary"), (20, 16, "int4"),
-                          (300, 64, "binary"))],
-    Case(17, 72, 256, gs=128, kb=2, rank=4, shards=3, code="int4", layout="rows"),
+    # the other weight layouts (the cases above use SERVED_LAYOUT): GEMV, packed GEMM with one group and with
+    # per-word scales, scratch unpack, a branch over 2 K-blocks; N = 20 is no multiple of the 8-row chunk (row-major
+    # words, N-major scales), N = 24 is
+    *[Case(m, n, 256, gs=gs, code=code, layout=lay) for lay in OTHER_LAYOUTS
+      for m, n, gs, code in ((1, 24, 32, "ternary"), (5, 24, 128, "int4"), (20, 24, 32, "ternary"),
+                             (20, 24, 16, "int4"), (300, 24, 64, "binary"), (3, 20, 32, "binary"),
+                             (20, 20, 64, "ternary"))],
+    *[Case(17, 72, 256, gs=128, kb=2, rank=4, shards=3, code="int4", layout=lay) for lay in OTHER_LAYOUTS],
 ]
 
 
@@ -285,22 +287,23 @@ def gpu_cases() -> list[Case]:
     # the packed GEMM's whole-word unpack with 64-code K tiles (groups of >= 64) and with per-word scales (g16)
     out += [Case(m, 4096, 4096, gs=gs, dtype=bf16, code=code) for m in (16, 64)
             for code, gs in (("ternary", 64), ("binary", 128), ("int4", 128), ("ternary", 16))]
-    # the format's row-major layout and an N-major one, on the compiled paths (the rest run the served layout)
+    # the other weight layouts on the compiled paths (the rest run SERVED_LAYOUT)
     out += [Case(m, 4096, 4096, gs=gs, dtype=bf16, code=code, layout=lay) for m in (1, 8, 64, 300)
-            for code, gs in (("ternary", 32), ("int4", 128)) for lay in ("rows", "n-major")]
-    out += [Case(64, 4096, 14336, gs=32, kb=8, dtype=bf16, layout="rows"),
-            Case(100, 4096, 4096, gs=128, dtype=bf16, code="int4", rank=32, shards=3, layout="n-major")]
+            for code, gs in (("ternary", 32), ("int4", 128)) for lay in OTHER_LAYOUTS]
+    out += [Case(64, 4096, 14336, gs=32, kb=8, dtype=bf16, layout=lay) for lay in OTHER_LAYOUTS]
+    out += [Case(100, 4096, 4096, gs=128, dtype=bf16, code="int4", rank=32, shards=3, layout=lay)
+            for lay in OTHER_LAYOUTS]
     return out
 
 
 def opcheck(dev, gen) -> None:
-    """The registered custom op: schema, fake impl, dynamic-shape AOT dispatch, with the format's row-major tensors
-    and with the served layout (3-D row chunks, transposed scale views)."""
+    """The registered custom op: schema, fake impl, dynamic-shape AOT dispatch, in every weight layout
+    (`triton_ops.LAYOUTS`: row-major, 3-D row chunks, transposed views)."""
     import twla_vllm.ops  # noqa: F401
     code, codes, qa, qm, row_scale = random_layer(Case(5, 48, 128), gen, dev)
     w_int = fmt.int_weights(codes, qa, qm, code)
     x = torch.randn(5, 128, device=dev, dtype=torch.bfloat16)
-    for layout in ("rows", "served"):
+    for layout in T.LAYOUTS:
         packed, qa_l, qm_l = T.resident(fmt.pack_codes(codes, code).to(dev), qa.to(dev), qm.to(dev), layout)
         args = (x, packed, row_scale.to(dev), qa_l, qm_l, block_row_sums(w_int, 1).to(dev), orth(8, gen, dev),
                 orth(16, gen, dev), None, None, None, code.bits, code.step, code.offset, 32, 4, 0.9, 1, 1, 48, 48)
@@ -339,7 +342,7 @@ def main() -> int:
     dev = "cuda" if a.gpu else "cpu"
     cases = CPU_CASES + (gpu_cases() if a.gpu else [])
     if a.quick:
-        cases = [c for c in cases if c.n == 4096 and c.k == 4096 and c.layout != "served" or c in gpu_cases()[:15]]
+        cases = [c for c in cases if c.n == 4096 and c.layout or c in gpu_cases()[:15]]
     bad = total = 0
     for _ in range(a.seeds):
         seed = int.from_bytes(os.urandom(4), "little")

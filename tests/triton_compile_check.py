@@ -44,17 +44,22 @@ ACT = dict(ROWS=64, COLS=64, RBP=64, CP=64, BT=2, HAS_ROT=True, KB=1, AB=1, QR=6
            LR_PRECISION="tf32")  # the branch's dot on bf16 x and fp16 B: one exact TF32 pass
 BRANCH = dict(R=32, NSH=3, RP=32, CP=128)  # rank 32 x 3 fused shards
 NO_BRANCH = dict(R=0, NSH=1, RP=16, CP=16)
-# the served layout (`layout.py`): words in 8-row chunks (row stride 1), scales N-major (row stride 1); the launcher
-# specializes strides equal to 1 as constants
-SERVED = dict(RC=8, stride_wr=1, stride_gn=1, EVEN_N=True)
-GEMV = dict(**SERVED, BITS=2, STEP=1, OFF=1, GW=2, KB=1, LRKB=1, HAS_BIAS=True, BM=1, BN=8, BP=64, SPLIT=1, ASM=True,
+# weight layouts (`layout.py`) as the launcher specializes them (strides equal to 1 become constants): the format's
+# row-major words and scales (SERVED_LAYOUT "rows"), N a multiple of the tile (no row clamp) unless a variant says
+ROWS = dict(RC=1, stride_wk=1, stride_gg=1, EVEN_N=True)
+# 8-row chunks (word and row strides are constants in the kernels) and N-major scales
+CHUNKS = dict(RC=8, stride_gn=1, EVEN_N=True)
+GEMV = dict(**ROWS, BITS=2, STEP=1, OFF=1, GW=2, KB=1, LRKB=1, HAS_BIAS=True, BM=1, BN=8, BP=64, SPLIT=1, ASM=True,
             GDC=True, LATE_SUM=False, CPC=16)  # CPC: branch columns per multiply-add step
-UNPACK = dict(**SERVED, GS=32, BITS=2, STEP=1, OFF=1, BN=32, BW=64)
-GEMM = dict(**SERVED, BITS=2, STEP=1, OFF=1, GS=32, KB=1, LRKB=1, HAS_BIAS=True, SCRATCH=False, SPLIT=1, BM=64,
+UNPACK = dict(**ROWS, GS=32, BITS=2, STEP=1, OFF=1, BN=32, BW=64)
+GEMM = dict(**ROWS, BITS=2, STEP=1, OFF=1, GS=32, KB=1, LRKB=1, HAS_BIAS=True, SCRATCH=False, SPLIT=1, BM=64,
             BN=64, BK=64, GROUP_N=8, PRECISION="tf32x3", GDC=True)
-# the format's row-major words and scales (word and group strides 1), N not a multiple of the tile (rows clamped)
-ROWS = dict(RC=1, stride_wk=1, stride_gg=1, EVEN_N=False)
-ROWS_GEMM = {**{k: v for k, v in GEMM.items() if k not in SERVED}, **ROWS}
+
+def chunked(consts: dict) -> dict:
+    """A variant's constants with the weights in 8-row chunks instead of row-major."""
+    return {**{k: v for k, v in consts.items() if k not in ROWS}, **CHUNKS}
+
+
 VARIANTS = [
     ("act_quant", _act_quant_kernel, "act_quant", ACT, 4),
     ("act_quant + branch x·Bᵀ", _act_quant_kernel, "act_quant", {**ACT, "SR": 32, "JB": 32, "BTL": 64}, 4),
@@ -89,10 +94,13 @@ VARIANTS = [
     ("gemm packed, 32 ranges, split", _gemm_kernel, "packed fp32 partials",
      {**GEMM, **NO_BRANCH, "KB": 32, "SPLIT": 32}, 4),
     ("gemm packed ternary, 32-code K tiles", _gemm_kernel, "packed", {**GEMM, **NO_BRANCH, "BK": 32}, 4),
-    ("gemm packed ternary, row-major words and scales (the format's layout)", _gemm_kernel, "packed",
-     {**ROWS_GEMM, **NO_BRANCH, "BK": 32}, 4),
+    ("gemm packed ternary, rows clamped (N not a multiple of the tile)", _gemm_kernel, "packed",
+     {**GEMM, **NO_BRANCH, "BK": 32, "EVEN_N": False}, 4),
+    ("gemm packed ternary, 8-row chunks", _gemm_kernel, "packed", chunked({**GEMM, **NO_BRANCH, "BK": 32}), 4),
+    ("gemm packed int4 + branch, 8-row chunks, 8 K-blocks", _gemm_kernel, "packed fp32 partials",
+     chunked({**GEMM, **BRANCH, "BITS": 4, "OFF": 8, "GS": 128, "KB": 8, "SPLIT": 8}), 4),
     ("gemm scratch int4 + branch", _gemm_kernel, "matmul",
-     {**ROWS_GEMM, **BRANCH, "SCRATCH": True, "BITS": 4, "OFF": 8, "BM": 128, "BN": 128, "BK": 128}, 8),
+     {**GEMM, **BRANCH, "SCRATCH": True, "BITS": 4, "OFF": 8, "BM": 128, "BN": 128, "BK": 128}, 8),
     ("epilogue int32 partials + branch", _epilogue_kernel, "matmul",
      dict(KB=1, SPLIT=4, LRKB=8, HAS_BIAS=True, BM=32, BN=64, DOT=True, PRECISION="tf32x3", GDC=True, CPC=128,
           **BRANCH), 4),
@@ -105,8 +113,10 @@ VARIANTS = [
     ("unpack ternary", _unpack_kernel, "unpack", UNPACK, 4),
     ("unpack binary", _unpack_kernel, "unpack", {**UNPACK, "BITS": 1, "STEP": 2, "BW": 32}, 4),
     ("unpack int4, per-row groups", _unpack_kernel, "unpack", {**UNPACK, "BITS": 4, "OFF": 8, "GS": 4096}, 4),
-    ("gemv ternary, row-major words and scales", _gemv_kernel, "gemv",
-     {**{k: v for k, v in GEMV.items() if k not in SERVED}, **ROWS, **NO_BRANCH}, 2),
+    ("gemv ternary, 8-row chunks", _gemv_kernel, "gemv", chunked({**GEMV, **NO_BRANCH}), 2),
+    ("gemv M=8 int4, 8-row chunks, rows clamped", _gemv_kernel, "gemv",
+     chunked({**GEMV, **NO_BRANCH, "BITS": 4, "OFF": 8, "BM": 8, "BN": 32, "BP": 32, "EVEN_N": False}), 4),
+    ("unpack ternary, 8-row chunks", _unpack_kernel, "unpack", chunked(UNPACK), 4),
 ]
 
 

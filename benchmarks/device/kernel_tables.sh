@@ -7,11 +7,12 @@
 #   small    int4 and binary group 128 at M = 2, 4 with late sums flipped (never timed there: KERNEL_NOTES v21)
 #   sweep    the branch's x·Bᵀ launch (K-chunks, step) at M = 64 and 2048, never swept on the tensor-core path
 #   words    the packed GEMM (whole-word unpack) at M = 16..128 for each code and gate_up's 4096->28672, with
-#            the "GEMM on scale pairs" column (every load pipelined; KERNEL_NOTES v24-v26)
-#   words-sweep  the M = 8 and 64 tile sweeps on up and gate_up, with scale-pairs tiles (KERNEL_NOTES v25, v26)
+#            the gemm columns on the other weight layouts (KERNEL_NOTES v24-v27)
+#   words-sweep  the M = 8 and 64 tile sweeps on up and gate_up (16-token tiles against the GEMV; 128-code K tiles)
 #   words-branch int4 r32 (TwinQuant's shape) with the branch columns at decode, M = 64 and prefill
-#   layout   the op tables with the matmul on each weight layout (served row chunks, row-major, N-major; KERNEL_NOTES
-#            v27): ternary g32 at M = 1, 8, 64, 2048, the quick GPU check, then gate_up at M = 1, 64 and int4 g128
+#   layout   the op tables with the matmul on each weight layout (row-major as served, 8-row chunks, N-major;
+#            KERNEL_NOTES v27): ternary g32 at M = 1, 8, 64, 2048, the quick GPU check, then gate_up at M = 1, 64
+#            and int4 g128
 #   all      check, branch, small, sweep in that order, as one background chain that outlives the call (a plain `&` job does not):
 #            OUT=/tmp/outk setsid nohup bash /tmp/repo/benchmarks/device/kernel_tables.sh all > /tmp/chain.log \
 #              2>&1 < /dev/null & disown        ... then copy /tmp/outk/* to $OUT in later calls

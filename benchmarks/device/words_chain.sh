@@ -2,7 +2,8 @@
 # Device, after setup.sh: one lease's plan: GPU check; then the serving table for [methods] (default: every mode;
 # `none`: no serving and no vLLM pieces to carry, ~15 min in all), the user-visible number, so it runs before the
 # op tables, once the third carried call has put vllm.txz.part01 in /tmp/chunks (and touched part01.done); then the
-# packed-GEMM tables (`kernel_tables.sh words`, `words-branch`, `words-sweep`).
+# packed-GEMM tables on every weight layout (`kernel_tables.sh layout`, KERNEL_NOTES v27) and the M = 8 / 64 tile
+# sweeps (`words-sweep`).
 #   call 1 (carry .gpu-carry/whl, deps.tar, device-install.sh, env.sh): mkdir -p /tmp/chunks /tmp/outk && cp
 #     .gpu-carry/{deps.tar,device-install.sh,env.sh} /tmp/chunks/ && bash benchmarks/device/setup.sh && (OUT=/tmp/outk
 #     setsid nohup bash /tmp/repo/benchmarks/device/words_chain.sh [methods] > /tmp/chain.log 2>&1 < /dev/null &
@@ -21,6 +22,5 @@ if [ "$1" != none ]; then
   bash benchmarks/device/serve_table.sh "${1:-bf16,fp8,twla,bwla,twinquant}" > /tmp/serve.log 2>&1
   echo "== serve rc $?"; tail -25 /tmp/serve.log
 fi
-bash benchmarks/device/kernel_tables.sh words
-bash benchmarks/device/kernel_tables.sh words-branch
+bash benchmarks/device/kernel_tables.sh layout
 bash benchmarks/device/kernel_tables.sh words-sweep

@@ -74,5 +74,8 @@ class TwlaKernel(ABC):
         return bounds
 
 
-def register(layer: torch.nn.Module, name: str, t: torch.Tensor | None) -> None:
-    layer.register_parameter(name, None if t is None else torch.nn.Parameter(t.contiguous(), requires_grad=False))
+def register(layer: torch.nn.Module, name: str, t: torch.Tensor | None, keep_strides: bool = False) -> None:
+    """t as a frozen parameter, made contiguous unless keep_strides (a kernel's layout, e.g. an N-major view)."""
+    if t is not None and not keep_strides:
+        t = t.contiguous()
+    layer.register_parameter(name, None if t is None else torch.nn.Parameter(t, requires_grad=False))

@@ -16,9 +16,8 @@ _WARNED: set[tuple[int, int]] = set()  # capabilities already warned about in th
 
 class TritonKernel(TwlaKernel):
     """CUDA: fused transform + per-token quantize, then the packed-code int8 GEMV / tensor-core GEMM with the
-    low-rank branch and bias in its epilogue. Resident per weight: the B-bit codes (in 8-row chunks where the
-    shards allow, `triton_ops.layout`), int8 group scale and offset (N-major), fp16 row scale and int32 row sums
-    per K-block."""
+    low-rank branch and bias in its epilogue. Resident per weight: the B-bit codes, int8 group scale and offset
+    (laid out as `triton_ops.layout.SERVED_LAYOUT` says), fp16 row scale and int32 row sums per K-block."""
 
     @classmethod
     def can_implement(cls, spec: LinearSpec) -> tuple[bool, str | None]:
@@ -49,17 +48,16 @@ class TritonKernel(TwlaKernel):
         return True, None
 
     def process_weights(self, layer: torch.nn.Module, w: LayerWeights) -> None:
-        # words in row chunks (`triton_ops.layout`) need every shard to start and end on a chunk (shards are
-        # sliced by rows at run time); group scales kept [G, N] (a tile's scales of BN rows are contiguous bytes)
-        # and passed as their [N, G] views
+        # the kernels' layout of words and scales (`triton_ops.layout`, SERVED_LAYOUT); row chunks need every shard
+        # to start and end on a chunk (shards are sliced by rows at run time)
         chunk = ops.triton_ops.ROW_CHUNK
         if any(sl.start % chunk or sl.stop % chunk for sl in self.shard_slices()):
             chunk = 1
         packed, qa, qm = ops.triton_ops.resident(w.packed, w.group_scale, w.group_offset, chunk=chunk)
-        register(layer, "twla_packed", packed)
+        register(layer, "twla_packed", packed, keep_strides=True)
         register(layer, "twla_row_scale", w.row_scale.half())
-        register(layer, "twla_qa_t", qa.t())
-        register(layer, "twla_qm_t", qm.t())
+        register(layer, "twla_qa", qa, keep_strides=True)
+        register(layer, "twla_qm", qm, keep_strides=True)
         register(layer, "twla_rowsum", block_row_sums(w.w_int, self.spec.act_blocks))
         register(layer, "twla_left", w.left)
         register(layer, "twla_right", w.right)
@@ -90,6 +88,6 @@ class TritonKernel(TwlaKernel):
         la = None if not s.lowrank_rank else layer.twla_lowrank_a[rows]
         return torch.ops.twla.quant_linear(
             x2, ops.triton_ops.chunk_rows(layer.twla_packed, rows), layer.twla_row_scale[rows],
-            layer.twla_qa_t.t()[rows], layer.twla_qm_t.t()[rows], layer.twla_rowsum[rows], left, right, la,
+            layer.twla_qa[rows], layer.twla_qm[rows], layer.twla_rowsum[rows], left, right, la,
             lowrank_b, bias, s.code.bits, s.code.step, s.code.offset, s.group_size, s.act_bits, s.act_clip,
             s.k_blocks, s.act_blocks, *ends)

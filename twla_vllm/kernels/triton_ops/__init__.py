@@ -16,7 +16,7 @@ gemm:       M > 8 on int8 tensor cores, tokens as the MMA's M. The weight tile i
             the bias; x @ lowrank_bᵀ comes from act_quant's launch (K-chunked partials, `lowrank_splits`; one TF32
             pass on 16-bit x and B, exact products; summed before the tensor-core matmuls, `lowrank_presum`).
 layout:     where the kernels read packed words (row-major, or RC-row chunks so a tile's loads are whole
-            32-byte sectors) and group scales (any strides; N-major when resident).
+            32-byte sectors) and group scales (any strides); what TritonKernel keeps (SERVED_LAYOUT).
 pdl:        programmatic dependent launch: at decode sizes the matmul starts while act_quant runs (`tiles.use_pdl`).
 matmul:     `quant_matmul` picks the path by M (tiles.py).
 unpack:     large M unpacks the weights once into an int8 scratch and runs the same GEMM on it (SCRATCH). The
@@ -29,12 +29,12 @@ y = s_n * Σ_b s_b * float32(acc_b - z_b * rowsum_b) (+ low-rank, bias). Roundin
 """
 
 from .act_quant import act_quant, act_ranges_supported
-from .layout import ROW_CHUNK, chunk_rows, packed_rows, resident
+from .layout import LAYOUTS, ROW_CHUNK, SERVED_LAYOUT, chunk_rows, packed_rows, resident
 from .matmul import quant_matmul
 from .pdl import gdc
 from .tiles import GEMV_MAX_M, gemv_late_sum, lowrank_presum, lowrank_splits, use_pdl, uses_scratch
 from .unpack import unpack_weights
 
-__all__ = ["GEMV_MAX_M", "ROW_CHUNK", "act_quant", "act_ranges_supported", "chunk_rows", "gdc", "gemv_late_sum",
-           "lowrank_presum", "lowrank_splits", "packed_rows", "quant_matmul", "resident", "unpack_weights", "use_pdl",
-           "uses_scratch"]
+__all__ = ["GEMV_MAX_M", "LAYOUTS", "ROW_CHUNK", "SERVED_LAYOUT", "act_quant", "act_ranges_supported", "chunk_rows",
+           "gdc", "gemv_late_sum", "lowrank_presum", "lowrank_splits", "packed_rows", "quant_matmul", "resident",
+           "unpack_weights", "use_pdl", "uses_scratch"]

@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from .epilogue import _finish, _promote
-from .unpack import _row_offsets, _rows_in
+from .unpack import _row_offsets, _rows_in, _word_offsets
 
 
 @triton.jit
@@ -24,7 +24,7 @@ def _dp4a(a, b, c, ASM: tl.constexpr):
 
 @triton.jit
 def _gemv_kernel(x_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_ptr, lr_ptr, bias_ptr, y_ptr,
-                 acc_ptr, M, N, K, stride_x, stride_wc, stride_wk, stride_wr, stride_gn, stride_gg, stride_y,
+                 acc_ptr, M, N, K, stride_x, stride_wc, stride_wk, stride_gn, stride_gg, stride_y,
                  stride_lr, SB1, SB2, BITS: tl.constexpr, STEP: tl.constexpr, OFF: tl.constexpr, RC: tl.constexpr,
                  GW: tl.constexpr,
                  KB: tl.constexpr, R: tl.constexpr, NSH: tl.constexpr, RP: tl.constexpr,
@@ -57,9 +57,9 @@ def _gemv_kernel(x_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
     ones = tl.full([BM, BP], 0x01010101, dtype=tl.int32)
     w_lo = pid_s * span
     w_hi = w_lo + span
-    wrow = _row_offsets(rn_in, RC, stride_wc, stride_wr)
+    wrow = _row_offsets(rn_in, RC, stride_wc)
     grow = rn_in * stride_gn
-    wt = tl.load(w_ptr + wrow[:, None] + (w_lo + rp[None, :]) * stride_wk)
+    wt = tl.load(w_ptr + wrow[:, None] + _word_offsets(w_lo + rp, RC, stride_wk)[None, :])
     if GDC:  # weights are constants: the first chunk streams in while act_quant may still run (pdl.py)
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
@@ -67,7 +67,7 @@ def _gemv_kernel(x_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
         cur = wt
         # the next chunk's words go out before this chunk's dp4a, so their latency overlaps it (the last chunk
         # re-reads itself)
-        wt = tl.load(w_ptr + wrow[:, None] + (tl.minimum(w0 + BP, w_hi - BP) + rp[None, :]) * stride_wk)
+        wt = tl.load(w_ptr + wrow[:, None] + _word_offsets(tl.minimum(w0 + BP, w_hi - BP) + rp, RC, stride_wk)[None, :])
         cx = tl.zeros([BM, BN, BP], dtype=tl.int32)
         sx = tl.zeros([BM, BP], dtype=tl.int32)
         for i in tl.static_range(LANES):

@@ -4,13 +4,13 @@ The format stores packed codes row-major, [N, W] int32 words. A tensor-core tile
 a trip: for ternary g32 (BK = 32) two words, 8 bytes, of each of 64 rows 1 KB apart, so every row costs its own
 32-byte sector and L2 request; the one-byte group scales qa/qm [N, G], one per row a trip, likewise (Nsight
 Compute, 4096->28672 at M = 64: 16 sectors per warp-wide load where 1-4 would do, L2 tag lookups 80% busy,
-DRAM 10%: KERNEL_NOTES v27). On the GPU the kernels therefore read
+DRAM 10%: KERNEL_NOTES v27). The kernels therefore read
 
-- packed words as chunks of RC rows: [N/RC, W, RC], word w of rows RC*c .. RC*c + RC-1 side by side, so a
-  GEMM trip reads RC*8 contiguous bytes per chunk and the GEMV (RC rows, many words) one contiguous run; any
-  strides work (the row-major [N, W] format is the view [N, W, 1]);
-- group scales by their strides: [N, G] row-major or, resident, N-major ([G, N] storage), so a tile's one-byte
-  scales of BN rows are BN contiguous bytes.
+- packed words row-major with any strides ([N, W]; N-major too), or in contiguous chunks of RC rows,
+  [N/RC, W, RC]: word w of rows RC*c .. RC*c + RC-1 side by side, so a GEMM trip reads RC*4 contiguous bytes
+  per chunk and word, and the GEMV (RC rows, many words) one contiguous run;
+- group scales by their (row, group) strides: [N, G] row-major or N-major ([G, N] storage), so a tile's
+  one-byte scales of BN rows are BN contiguous bytes.
 """
 
 from __future__ import annotations
@@ -18,6 +18,11 @@ from __future__ import annotations
 import torch
 
 ROW_CHUNK = 8  # rows a chunk: 8 words = one 32-byte sector per packed word index
+LAYOUTS = ("rows", "chunks", "n-major")  # the format's row-major tensors; 8-row chunks + N-major scales; all N-major
+# what TritonKernel keeps: "rows", the layout of every GPU measurement so far. "chunks" (v27) is predicted to
+# cut the M = 16..128 GEMM's L2 requests ~3x but has not yet run on a GPU: flip after `kernel_tables.sh layout`
+# (op tables on all three layouts + the quick GPU check) shows it equal and faster
+SERVED_LAYOUT = "rows"
 
 
 def as_chunks(packed: torch.Tensor) -> torch.Tensor:
@@ -58,19 +63,30 @@ def chunk_rows(packed: torch.Tensor, rows: slice) -> torch.Tensor:
     return packed[start // rc:stop // rc]
 
 
-def resident(packed: torch.Tensor, qa: torch.Tensor, qm: torch.Tensor, layout: str = "served",
+def resident(packed: torch.Tensor, qa: torch.Tensor, qm: torch.Tensor, layout: str = "",
              chunk: int = ROW_CHUNK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A weight's packed words and group scales laid out for the kernels: "served" (TritonKernel's: words in
-    `chunk`-row chunks where N allows, chunk 1 = row-major; scales N-major), "rows" (the format's row-major
-    tensors) or "n-major" (words and scales stored N-major). Same values, so the kernels' outputs are equal."""
+    """A weight's packed words and group scales laid out for the kernels (`LAYOUTS`; default SERVED_LAYOUT).
+    "chunks" falls back to row-major words where N is not a multiple of `chunk` (scales N-major either way). Same
+    values in every layout, so the kernels' outputs are equal bit for bit. Each tensor owns dense storage (no view
+    of a larger one), so a caller may keep it as it is."""
+    layout = layout or SERVED_LAYOUT
     if layout == "rows":
-        return packed, qa, qm
+        return packed.contiguous(), qa.contiguous(), qm.contiguous()
     if layout == "n-major":
         return n_major(packed), n_major(qa), n_major(qm)
-    if layout != "served":
-        raise ValueError(f"unknown layout {layout!r}: served, rows or n-major")
+    if layout != "chunks":
+        raise ValueError(f"unknown weight layout {layout!r}: one of {', '.join(LAYOUTS)}")
     words = row_chunks(packed, chunk) if chunk > 1 and packed.shape[0] % chunk == 0 else packed
     return words, n_major(qa), n_major(qm)
+
+
+def word_strides(packed: torch.Tensor) -> tuple[int, int]:
+    """(row or chunk, word) strides of packed words as the kernels take them: [N, W] any strides; chunks
+    [N/RC, W, RC] must be contiguous within a chunk (word stride RC, row stride 1: constants in the kernels)."""
+    if packed.dim() == 3 and packed.shape[2] > 1 and packed.stride()[1:] != (packed.shape[2], 1):
+        raise ValueError(f"row chunks {tuple(packed.shape)} with strides {packed.stride()}: each chunk must be "
+                         f"contiguous (strides (., {packed.shape[2]}, 1)); use layout.row_chunks")
+    return packed.stride(0), packed.stride(1)
 
 
 def scale_strides(qa: torch.Tensor, qm: torch.Tensor) -> tuple[int, int]:

@@ -11,7 +11,7 @@ from .gemv import _gemv_kernel
 from .pdl import gdc, launch_options
 from .tiles import (GEMM_CONFIGS, GEMV_CONFIGS, GEMV_LOWRANK_SUM, GEMV_MAX_M, GEMV_SPLIT_CTAS, block_k, gemm_split,
                     gemv_late_sum, lowrank_chunk, lowrank_presum, use_pdl, uses_scratch)
-from .layout import as_chunks, packed_rows, scale_strides
+from .layout import as_chunks, packed_rows, scale_strides, word_strides
 from .unpack import unpack_weights
 
 
@@ -40,7 +40,7 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
     m, k = q.shape
     packed = as_chunks(packed)
     n = packed_rows(packed)
-    strides = (*packed.stride(), *scale_strides(qa, qm))  # (chunk, word, row in chunk), (row, group)
+    strides = (*word_strides(packed), *scale_strides(qa, qm))  # (row or chunk, word), (row, group)
     kb = s.shape[1]
     gs = k if group_size == -1 else group_size
     y = out if out is not None else torch.empty(m, n, dtype=out_dtype, device=q.device)
@@ -94,7 +94,7 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
     use_scratch = uses_scratch(m) if scratch is None else scratch
     if use_scratch:
         w = unpacked if unpacked is not None else unpack_weights(packed, qa, qm, bits, step, offset, group_size)
-        strides, rc = (w.stride(0), 1, 0, *strides[3:]), 1  # rows of K int8 weights
+        strides, rc = (w.stride(0), 1, *strides[2:]), 1  # rows of K int8 weights
     else:
         w, rc = packed, packed.shape[2]
     # the packed path's K tile spans at most one weight group (tiles.GEMM_CONFIGS) unless a tile is given

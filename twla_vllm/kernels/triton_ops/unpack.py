@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import as_chunks, packed_rows, scale_strides
+from .layout import as_chunks, packed_rows, scale_strides, word_strides
 
 
 @triton.jit
@@ -50,30 +50,42 @@ def _rows_in(rn, N, EVEN_N: tl.constexpr):
 
 
 @triton.jit
-def _row_offsets(rn, RC: tl.constexpr, stride_wc, stride_wr):
-    """Where rows rn's packed words start (in words): row n is row n % RC of chunk n // RC (`layout.py`)."""
-    return (rn // RC) * stride_wc + (rn % RC) * stride_wr
+def _row_offsets(rn, RC: tl.constexpr, stride_wc):
+    """Where rows rn's packed words start (in words): RC > 1, row n is row n % RC of contiguous chunk n // RC
+    (`layout.py`; row stride 1, a constant, so the compiler can vectorize across a chunk's rows); else stride_wc
+    a row."""
+    if RC > 1:
+        return (rn // RC) * stride_wc + rn % RC
+    return rn * stride_wc
 
 
 @triton.jit
-def _load_packed(w_ptr, wrow, k0, stride_wk, BITS: tl.constexpr, BK: tl.constexpr):
+def _word_offsets(pw, RC: tl.constexpr, stride_wk):
+    """Offsets of word indices pw within a row: RC apart in contiguous chunks, else stride_wk."""
+    if RC > 1:
+        return pw * RC
+    return pw * stride_wk
+
+
+@triton.jit
+def _load_packed(w_ptr, wrow, k0, stride_wk, RC: tl.constexpr, BITS: tl.constexpr, BK: tl.constexpr):
     """The packed words of codes k0..k0+BK-1 of the rows starting at wrow (`_row_offsets`) as uint32 [BN, BK/CPW]
     (unmasked: see `_load_words`)."""
     CPW: tl.constexpr = 32 // BITS
     pw = k0 // CPW + tl.arange(0, BK // CPW)
-    return tl.load(w_ptr + wrow[:, None] + pw[None, :] * stride_wk).to(tl.uint32, bitcast=True)
+    return tl.load(w_ptr + wrow[:, None] + _word_offsets(pw, RC, stride_wk)[None, :]).to(tl.uint32, bitcast=True)
 
 
 @triton.jit
-def _load_words(w_ptr, qa_ptr, qm_ptr, wrow, grow, k0, stride_wk, stride_gg, GS: tl.constexpr, BITS: tl.constexpr,
-                STEP: tl.constexpr, OFF: tl.constexpr, BK: tl.constexpr):
+def _load_words(w_ptr, qa_ptr, qm_ptr, wrow, grow, k0, stride_wk, stride_gg, RC: tl.constexpr, GS: tl.constexpr,
+                BITS: tl.constexpr, STEP: tl.constexpr, OFF: tl.constexpr, BK: tl.constexpr):
     """The packed words of codes k0..k0+BK-1 of the rows starting at wrow (w_ptr int32, `_row_offsets`) and their
     groups' SWAR multiplier and bias (`_swar_words`); grow = the rows' offsets into qa/qm (stride_gn * row).
     Unmasked: the caller passes rows that exist (clamped) and a k0 inside the row, a multiple of BK. Groups hold
     whole words (format: GS % CPW == 0). The multiplier is a*step, the bias (m - a*offset + 128) * 0x01010101:
     [BN, 1] when the tile lies in one group, else one per word [BN, BK/CPW]."""
     CPW: tl.constexpr = 32 // BITS
-    words = _load_packed(w_ptr, wrow, k0, stride_wk, BITS, BK)
+    words = _load_packed(w_ptr, wrow, k0, stride_wk, RC, BITS, BK)
     if BK <= GS:  # one group per row of the tile
         pq = (grow + (k0 // GS) * stride_gg)[:, None]
     else:
@@ -96,7 +108,7 @@ def _words_tile(words, mul, add, BITS: tl.constexpr):
 
 
 @triton.jit
-def _unpack_kernel(w_ptr, qa_ptr, qm_ptr, out_ptr, N, stride_wc, stride_wk, stride_wr, stride_gn, stride_gg,
+def _unpack_kernel(w_ptr, qa_ptr, qm_ptr, out_ptr, N, stride_wc, stride_wk, stride_gn, stride_gg,
                    stride_out, RC: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr, STEP: tl.constexpr,
                    OFF: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, EVEN_N: tl.constexpr):
     # SWAR on whole words: lane i of a packed word, (w >> B*i) & mask, holds codes CPW*p + 4*i .. + 3 in its four
@@ -110,9 +122,9 @@ def _unpack_kernel(w_ptr, qa_ptr, qm_ptr, out_ptr, N, stride_wc, stride_wk, stri
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     rn_in = _rows_in(rn, N, EVEN_N)
     # BW divides the words of a row: every tile lies inside it
-    words, mul, add = _load_words(w_ptr, qa_ptr, qm_ptr, _row_offsets(rn_in, RC, stride_wc, stride_wr),
-                                  rn_in * stride_gn, tl.program_id(1) * BW * CPW, stride_wk, stride_gg, GS, BITS,
-                                  STEP, OFF, BW * CPW)
+    words, mul, add = _load_words(w_ptr, qa_ptr, qm_ptr, _row_offsets(rn_in, RC, stride_wc),
+                                  rn_in * stride_gn, tl.program_id(1) * BW * CPW, stride_wk, stride_gg, RC, GS,
+                                  BITS, STEP, OFF, BW * CPW)
     w = _swar_words(words, mul, add, BITS)
     # (the store's layout differs from the joins': Triton converts through shared memory, 32 KB a program, small
     # beside the 40 KB it moves to and from global memory)
@@ -129,7 +141,7 @@ def unpack_weights(packed: torch.Tensor, qa: torch.Tensor, qm: torch.Tensor, bit
     out = torch.empty(n, k, dtype=torch.int8, device=packed.device)
     bw = min(words & -words, 256 // (8 // bits))  # words per tile: a power of two dividing the row, <= 256 outputs
     _unpack_kernel[(triton.cdiv(n, 32), words // bw)](
-        packed, qa, qm, out.view(torch.int32), n, *packed.stride(), *scale_strides(qa, qm), k // 4,
+        packed, qa, qm, out.view(torch.int32), n, *word_strides(packed), *scale_strides(qa, qm), k // 4,
         RC=packed.shape[2], GS=k if group_size == -1 else group_size, BITS=bits, STEP=step, OFF=offset, BN=32, BW=bw,
         EVEN_N=n % 32 == 0, num_warps=4)
     return out
