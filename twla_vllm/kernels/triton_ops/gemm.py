@@ -18,11 +18,12 @@ def _gemm_kernel(q_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
                  SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_N: tl.constexpr,
                  PRECISION: tl.constexpr, GDC: tl.constexpr, EVEN_N: tl.constexpr):
     # acc [BM tokens, BN rows] = x [BM, BK] . w_intᵀ, int8 x int8 -> int32 on tensor cores.
-    # SCRATCH 0: w_ptr = the packed int32 words in RC-row chunks (`layout.py`), unpacked per tile on whole words
-    # (`_load_words` + `_words_tile`: SWAR as the scratch unpack), q in natural order; the next tile's loads are
-    # issued before this tile's dot so their latency overlaps it (KERNEL_NOTES v7, v24; loading them inside the
-    # loop for Triton's cp.async pipeline measured slower at 26 of 27 shapes, v25; so did int32 scale pairs at
-    # int4/binary g128, v26). SCRATCH 1: w_ptr = the int8 scratch [N, K] (`unpack_weights`, stride_wc = K).
+    # SCRATCH 0: w_ptr = the packed int32 words (row-major or in RC-row chunks, `layout.py`), unpacked per tile
+    # on whole words (`_load_words` + `_words_tile`: SWAR as the scratch unpack), q in natural order; the next
+    # tile's loads are issued before this tile's dot so their latency overlaps it (KERNEL_NOTES v7, v24; loading
+    # them inside the loop for Triton's cp.async pipeline measured slower at 26 of 27 shapes, v25; so did int32
+    # scale pairs at int4/binary g128, v26). SCRATCH 1: w_ptr = the int8 scratch [N, K] (`unpack_weights`;
+    # stride_wc = K).
     # SPLIT > 1: program (tile, s) covers K-range s and leaves a partial in acc_ptr [SPLIT, M, N] for
     # `_epilogue_kernel`: int32 sums (KB == 1) or, with several activation K-blocks (then one split per block),
     # fp32 values already promoted with the block's step and zero point.

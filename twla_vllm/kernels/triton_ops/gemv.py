@@ -26,14 +26,13 @@ def _dp4a(a, b, c, ASM: tl.constexpr):
 def _gemv_kernel(x_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_ptr, lr_ptr, bias_ptr, y_ptr,
                  acc_ptr, M, N, K, stride_x, stride_wc, stride_wk, stride_gn, stride_gg, stride_y,
                  stride_lr, SB1, SB2, BITS: tl.constexpr, STEP: tl.constexpr, OFF: tl.constexpr, RC: tl.constexpr,
-                 GW: tl.constexpr,
-                 KB: tl.constexpr, R: tl.constexpr, NSH: tl.constexpr, RP: tl.constexpr,
+                 GW: tl.constexpr, KB: tl.constexpr, R: tl.constexpr, NSH: tl.constexpr, RP: tl.constexpr,
                  CP: tl.constexpr, CPC: tl.constexpr, LRKB: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
                  BN: tl.constexpr,
                  BP: tl.constexpr, SPLIT: tl.constexpr, ASM: tl.constexpr, GDC: tl.constexpr,
                  LATE_SUM: tl.constexpr, EVEN_N: tl.constexpr):
-    # x_ptr: int8 activations (natural order) viewed as int32 words [M, K/4]; w_ptr: packed words [N, K/CPW] in
-    # RC-row chunks (`layout.py`).
+    # x_ptr: int8 activations (natural order) viewed as int32 words [M, K/4]; w_ptr: packed words [N, K/CPW],
+    # row-major (any strides) or in RC-row chunks (`layout.py`); qa/qm by their (row, group) strides.
     # Word p of a row holds codes CPW*p..; (word >> B*i) & mask = codes CPW*p+4i..+3, which meet activation
     # word LANES*p + i in one dp4a. GW = words per weight group. Program (n, s) covers K-split s; with several
     # activation K-blocks (KB > 1) the splits are the blocks, each promoted with its own step and zero point into
@@ -67,7 +66,8 @@ def _gemv_kernel(x_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
         cur = wt
         # the next chunk's words go out before this chunk's dp4a, so their latency overlaps it (the last chunk
         # re-reads itself)
-        wt = tl.load(w_ptr + wrow[:, None] + _word_offsets(tl.minimum(w0 + BP, w_hi - BP) + rp, RC, stride_wk)[None, :])
+        nxt = _word_offsets(tl.minimum(w0 + BP, w_hi - BP) + rp, RC, stride_wk)
+        wt = tl.load(w_ptr + wrow[:, None] + nxt[None, :])
         cx = tl.zeros([BM, BN, BP], dtype=tl.int32)
         sx = tl.zeros([BM, BP], dtype=tl.int32)
         for i in tl.static_range(LANES):

@@ -8,10 +8,10 @@ import triton
 from .epilogue import _epilogue
 from .gemm import _gemm_kernel
 from .gemv import _gemv_kernel
+from .layout import as_chunks, packed_rows, scale_strides, word_strides
 from .pdl import gdc, launch_options
 from .tiles import (GEMM_CONFIGS, GEMV_CONFIGS, GEMV_LOWRANK_SUM, GEMV_MAX_M, GEMV_SPLIT_CTAS, block_k, gemm_split,
                     gemv_late_sum, lowrank_chunk, lowrank_presum, use_pdl, uses_scratch)
-from .layout import as_chunks, packed_rows, scale_strides, word_strides
 from .unpack import unpack_weights
 
 
