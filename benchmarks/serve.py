@@ -10,7 +10,8 @@ A "+kv<dtype>" suffix (twla+kvfp8) runs the method with vLLM's --kv-cache-dtype 
 activation ranges of G channels per token (format key act_blocks, `twla-quantize --act-group-size`); "+tp1"
 (twla+tp1) with one activation K-block for o_proj and down_proj instead of 8 (`twla-quantize --row-parallel-blocks
 1`: no shard-local ranges, servable at TP 1 only); "+nopdl" (twla+nopdl) without programmatic dependent launch
-(TWLA_PDL=0; `tiles.use_pdl` turns it on at decode sizes).
+(TWLA_PDL=0; `tiles.use_pdl` turns it on at decode sizes); "+chunks" / "+n-major" (twla+chunks) with the kernels'
+weights in that layout (TWLA_WEIGHT_LAYOUT, `triton_ops.layout`; default "rows").
 
 Prints decode tok/s at batch 1 and 64 (128-token prompts, 256 generated), prefill tok/s (32 prompts ×
 2048 tokens, 1 output token) and GPU memory of the weights, with ratios to bf16 from the same run.
@@ -126,13 +127,16 @@ def run_one(method: str, workdir: str, out: str, profile_step: bool = False) -> 
     from vllm import LLM, SamplingParams
 
     # e.g. twla+kvfp8: the mode with an fp8 KV cache; twla+ag128: activation ranges of 128 channels; +tp1: one
-    # K-block for o_proj/down_proj (no shard-local activation ranges: a TP-1-only checkpoint); +nopdl
+    # K-block for o_proj/down_proj (no shard-local activation ranges: a TP-1-only checkpoint); +nopdl; +chunks
     base, *opts = method.split("+")
     kv = next((o[2:] for o in opts if o.startswith("kv")), "")
     act_group = next((int(o[2:]) for o in opts if o.startswith("ag")), 0)
     row_blocks = 1 if "tp1" in opts else 8
     if "nopdl" in opts:  # read when the plugin's kernels are imported, in the engine's processes started below
         os.environ["TWLA_PDL"] = "0"
+    layout = next((o for o in opts if o in ("chunks", "n-major")), "")
+    if layout:  # read at import, as TWLA_PDL
+        os.environ["TWLA_WEIGHT_LAYOUT"] = layout
     model_dir = os.path.join(workdir, method)
     os.makedirs(model_dir, exist_ok=True)
     cfg = dict(LLAMA3_8B)

@@ -1,5 +1,6 @@
 #!/bin/bash
 # Device, after setup.sh: one lease's plan: GPU check; then the serving table for [methods] (default: every mode;
+# e.g. bf16,twla,twla+chunks,twinquant,twinquant+chunks to serve the row-chunk layout beside the served one;
 # `none`: no serving and no vLLM pieces to carry, ~15 min in all), the user-visible number, so it runs before the
 # op tables, once the third carried call has put vllm.txz.part01 in /tmp/chunks (and touched part01.done); then the
 # packed-GEMM tables on every weight layout (`kernel_tables.sh layout`, KERNEL_NOTES v27) and the M = 8 / 64 tile

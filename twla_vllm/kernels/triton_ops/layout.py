@@ -15,14 +15,19 @@ DRAM 10%: KERNEL_NOTES v27). The kernels therefore read
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 ROW_CHUNK = 8  # rows a chunk: 8 words = one 32-byte sector per packed word index
 LAYOUTS = ("rows", "chunks", "n-major")  # the format's row-major tensors; 8-row chunks + N-major scales; all N-major
 # what TritonKernel keeps: "rows", the layout of every GPU measurement so far. "chunks" (v27) is predicted to
 # cut the M = 16..128 GEMM's L2 requests ~3x but has not yet run on a GPU: flip after `kernel_tables.sh layout`
-# (op tables on all three layouts + the quick GPU check) shows it equal and faster
-SERVED_LAYOUT = "rows"
+# (op tables on all three layouts + the quick GPU check) shows it equal and faster. TWLA_WEIGHT_LAYOUT in the
+# environment (read at import, as TWLA_PDL) picks another for comparisons (benchmarks/serve.py's "+chunks")
+SERVED_LAYOUT = os.environ.get("TWLA_WEIGHT_LAYOUT", "rows")
+if SERVED_LAYOUT not in LAYOUTS:
+    raise ValueError(f"TWLA_WEIGHT_LAYOUT={SERVED_LAYOUT!r}: expected one of {', '.join(LAYOUTS)}")
 
 
 def as_chunks(packed: torch.Tensor) -> torch.Tensor:
@@ -67,8 +72,8 @@ def resident(packed: torch.Tensor, qa: torch.Tensor, qm: torch.Tensor, layout: s
              chunk: int = ROW_CHUNK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A weight's packed words and group scales laid out for the kernels (`LAYOUTS`; default SERVED_LAYOUT).
     "chunks" falls back to row-major words where N is not a multiple of `chunk` (scales N-major either way). Same
-    values in every layout, so the kernels' outputs are equal bit for bit. Each tensor owns dense storage (no view
-    of a larger one), so a caller may keep it as it is."""
+    values in every layout, so the kernels' outputs are equal bit for bit. Each tensor is dense in its layout (no
+    gaps between rows), so a caller may keep it as it is."""
     layout = layout or SERVED_LAYOUT
     if layout == "rows":
         return packed.contiguous(), qa.contiguous(), qm.contiguous()
