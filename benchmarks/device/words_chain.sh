@@ -1,10 +1,10 @@
 #!/bin/bash
-# Device, after setup.sh: one lease's plan: GPU check; then the serving table for [methods] (default: every mode;
-# e.g. bf16,twla,twla+chunks,twinquant,twinquant+chunks to serve the row-chunk layout beside the served one;
-# `none`: no serving and no vLLM pieces to carry, ~15 min in all), the user-visible number, so it runs before the
-# op tables, once the third carried call has put vllm.txz.part01 in /tmp/chunks (and touched part01.done); then the
-# packed-GEMM tables on every weight layout (`kernel_tables.sh layout`, KERNEL_NOTES v27) and the M = 8 / 64 tile
-# sweeps (`words-sweep`).
+# Device, after setup.sh: one lease's plan, most decisive first (leases are short and starts often refused): the
+# op tables on every weight layout + the quick GPU check (`kernel_tables.sh layout`, ~5 min, KERNEL_NOTES v27);
+# then the serving table for [methods] (default: every mode; e.g. bf16,twla,twla+chunks,twinquant,twinquant+chunks
+# serves the row-chunk layout beside the default; `none`: no serving and no vLLM pieces to carry), once the third
+# carried call has put vllm.txz.part01 in /tmp/chunks (and touched part01.done); then the full GPU check and the
+# M = 8 / 64 tile sweeps (`words-sweep`).
 #   call 1 (carry .gpu-carry/whl, deps.tar, device-install.sh, env.sh): mkdir -p /tmp/chunks /tmp/outk && cp
 #     .gpu-carry/{deps.tar,device-install.sh,env.sh} /tmp/chunks/ && bash benchmarks/device/setup.sh && (OUT=/tmp/outk
 #     setsid nohup bash /tmp/repo/benchmarks/device/words_chain.sh [methods] > /tmp/chain.log 2>&1 < /dev/null &
@@ -13,15 +13,15 @@
 #   then poll back to back (the machine goes after 30 s idle): tail /tmp/chain.log; cp /tmp/outk/* $OUT/;
 #   cp /tmp/serve-bench/*.json $OUT/  (a call returns a limited number of files: copy the logs /tmp/k_*.log too)
 cd /tmp/repo
-if [ "$1" != none ]; then  # vLLM installs (CPU only) while the GPU check runs
+if [ "$1" != none ]; then  # vLLM installs (CPU only) while the layout tables run
   ( while [ ! -f /tmp/chunks/part01.done ]; do sleep 5; done
     bash /tmp/chunks/device-install.sh > /tmp/install.log 2>&1 && touch /tmp/chunks/installed ) &
 fi
-bash benchmarks/device/kernel_tables.sh check
+bash benchmarks/device/kernel_tables.sh layout
 wait
 if [ "$1" != none ]; then
   bash benchmarks/device/serve_table.sh "${1:-bf16,fp8,twla,bwla,twinquant}" > /tmp/serve.log 2>&1
   echo "== serve rc $?"; tail -25 /tmp/serve.log
 fi
-bash benchmarks/device/kernel_tables.sh layout
+bash benchmarks/device/kernel_tables.sh check
 bash benchmarks/device/kernel_tables.sh words-sweep
