@@ -119,9 +119,9 @@ def random_layer(n: int, k: int, gs: int, code: fmt.WeightCode):
     return (fmt.pack_codes(c, code).cuda(), (torch.rand(n) * 1e-3).half().cuda(), qa.cuda(), qm.cuda(), w_int)
 
 
-def laid_out(packed, rs, qa, qm, rsum, layout: str = "served") -> tuple:
+def laid_out(packed, rs, qa, qm, rsum, layout: str = "") -> tuple:
     """One weight copy (packed, row scale, qa, qm, row sums) in a `triton_ops.resident` layout (served: as
-    TritonKernel keeps it)."""
+    TritonKernel keeps it, "")."""
     packed, qa, qm = T.resident(packed, qa, qm, layout)
     return packed, rs, qa, qm, rsum
 

@@ -122,21 +122,32 @@ def decode_step_breakdown(llm, sampling_params_cls, prompt) -> dict:
     return {g: round((many[g] - one[g]) / 32, 1) for g in one}
 
 
-def run_one(method: str, workdir: str, out: str, profile_step: bool = False) -> None:
-    import torch
-    from vllm import LLM, SamplingParams
+def resident_layouts(model) -> list[str]:
+    """The weight layouts the twla layers actually keep (`triton_ops.layout`), from the tensors themselves."""
+    found = set()
+    for mod in model.modules():
+        p = getattr(mod, "twla_packed", None)
+        if p is not None:
+            found.add("chunks" if p.dim() == 3 else "n-major" if p.stride(0) == 1 and p.shape[0] > 1 else "rows")
+    return sorted(found)
 
+
+def run_one(method: str, workdir: str, out: str, profile_step: bool = False) -> None:
     # e.g. twla+kvfp8: the mode with an fp8 KV cache; twla+ag128: activation ranges of 128 channels; +tp1: one
     # K-block for o_proj/down_proj (no shard-local activation ranges: a TP-1-only checkpoint); +nopdl; +chunks
     base, *opts = method.split("+")
     kv = next((o[2:] for o in opts if o.startswith("kv")), "")
     act_group = next((int(o[2:]) for o in opts if o.startswith("ag")), 0)
     row_blocks = 1 if "tp1" in opts else 8
-    if "nopdl" in opts:  # read when the plugin's kernels are imported, in the engine's processes started below
+    # the plugin's kernels read these at import, which may happen as vLLM is imported: set them first
+    if "nopdl" in opts:
         os.environ["TWLA_PDL"] = "0"
     layout = next((o for o in opts if o in ("chunks", "n-major")), "")
-    if layout:  # read at import, as TWLA_PDL
+    if layout:
         os.environ["TWLA_WEIGHT_LAYOUT"] = layout
+    import torch
+    from vllm import LLM, SamplingParams
+
     model_dir = os.path.join(workdir, method)
     os.makedirs(model_dir, exist_ok=True)
     cfg = dict(LLAMA3_8B)
@@ -152,6 +163,11 @@ def run_one(method: str, workdir: str, out: str, profile_step: bool = False) -> 
         kw["kv_cache_dtype"] = kv
     llm = LLM(**kw)
     res = {"method": method, **llm.apply_model(weight_bytes)[0]}
+    if base in MODES:  # a layout asked for but not kept would time the default under another name
+        res["weight_layout"] = ",".join(llm.apply_model(resident_layouts)[0])
+        if layout and res["weight_layout"] != layout:
+            raise RuntimeError(f"{method}: asked for the {layout} weight layout, the layers keep "
+                               f"{res['weight_layout']}")
     rng = torch.Generator().manual_seed(0)
 
     def prompts(n, length):

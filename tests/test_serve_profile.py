@@ -5,7 +5,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
-from serve import exclusive_us  # noqa: E402
+import torch  # noqa: E402
+from serve import exclusive_us, resident_layouts  # noqa: E402
 
 
 def test_overlap_goes_to_the_kernel_that_started_first_and_groups_sum_to_busy_time():
@@ -18,3 +19,16 @@ def test_overlap_goes_to_the_kernel_that_started_first_and_groups_sum_to_busy_ti
     assert sum(got.values()) == 28.0  # the union of the intervals: 0-27 and 30-31
     # a kernel wholly inside an earlier one adds nothing; disjoint kernels keep their durations
     assert exclusive_us([("gemm_kernel", 0.0, 10.0), ("act_quant", 3.0, 5.0)])["transform+quantize"] == 0.0
+
+
+def test_resident_layouts_reads_the_layout_from_the_kept_tensors():
+    from twla_vllm.kernels.triton_ops import layout
+
+    words = torch.arange(16 * 6, dtype=torch.int32).view(16, 6)
+    model = torch.nn.Module()
+    for name, t in (("rows", words), ("chunks", layout.row_chunks(words)), ("n_major", layout.n_major(words))):
+        sub = torch.nn.Module()
+        sub.twla_packed = t
+        model.add_module(name, sub)
+    assert resident_layouts(model) == ["chunks", "n-major", "rows"]
+    assert resident_layouts(torch.nn.Linear(2, 2)) == []

@@ -360,8 +360,11 @@ def linear_check(dev, gen) -> list[str]:
         for lay, y in outs.items():
             if not torch.equal(y, outs[T.LAYOUTS[0]]):
                 fails.append(f"shards {shards}: TritonKernel on {lay} differs from {T.LAYOUTS[0]}")
+        # one-step activation flips of a transformed token: the GPU's single-pass TF32 transform flips more codes
+        # than the reference's fp32 one, so the CUDA bound is check_case's single-pass 5e-2 (an H100 run measured
+        # 2.4e-2, session 30); the interpreter's fp32 transform agrees to ~1e-7. A wrong shard or chunk is O(1).
         err = ((outs[served] - ref).abs().max() / ref.abs().max()).item()
-        if err > 2e-2:  # one-step activation flips of a transformed token (see check_case)
+        if err > (5e-2 if dev == "cuda" else 2e-2):
             fails.append(f"shards {shards}: TritonKernel vs reference kernel rel err {err:.2e}")
     return fails
 

@@ -19,8 +19,9 @@ if [ "$1" != none ]; then  # vLLM installs (CPU only) while the layout tables ru
 fi
 bash benchmarks/device/kernel_tables.sh layout
 wait
-if [ "$1" != none ]; then
-  bash benchmarks/device/serve_table.sh "${1:-bf16,fp8,twla,bwla,twinquant}" > /tmp/serve.log 2>&1
+if [ "$1" != none ]; then  # a later call may narrow the methods by writing them to /tmp/chunks/methods
+  M=${1:-bf16,fp8,twla,bwla,twinquant}; [ -s /tmp/chunks/methods ] && M=$(cat /tmp/chunks/methods)
+  bash benchmarks/device/serve_table.sh "$M" > /tmp/serve.log 2>&1
   echo "== serve rc $?"; tail -25 /tmp/serve.log
 fi
 bash benchmarks/device/kernel_tables.sh check
