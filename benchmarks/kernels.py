@@ -27,8 +27,8 @@ GEMM on resident int8 (M > 8) = the scratch GEMM on an int8 copy of the weights 
 one resident (1 byte/weight more) would buy against the gemm column.
 Layouts: every column reads the weights as TritonKernel keeps them (`triton_ops.SERVED_LAYOUT`); gemm on <layout>
 = the matmul alone (GEMV, GEMM or scratch unpack + GEMM, as the rule picks) on each other `triton_ops.LAYOUTS`
-layout (8-row chunks with N-major scales; everything N-major; row-major), checked bit for bit against the gemm
-column (KERNEL_NOTES v27).
+layout (8-row x VW-word chunks with N-major scales; the same with one word; row-major), checked bit for bit
+against the gemm column (KERNEL_NOTES v27, v28).
 The launch rules flipped, each checked bit for bit against the op: PDL on / off (sm_90+): the whole op with
 programmatic dependent launch the other way from `tiles.use_pdl` (on at M <= 8, and at M = 9..255 with one
 K-block); late sums on / off (M = 2..8): the GEMV summing its words after the K loop the other way from
@@ -119,10 +119,10 @@ def random_layer(n: int, k: int, gs: int, code: fmt.WeightCode):
     return (fmt.pack_codes(c, code).cuda(), (torch.rand(n) * 1e-3).half().cuda(), qa.cuda(), qm.cuda(), w_int)
 
 
-def laid_out(packed, rs, qa, qm, rsum, layout: str = "") -> tuple:
+def laid_out(packed, rs, qa, qm, rsum, code: fmt.WeightCode, gs: int, layout: str = "") -> tuple:
     """One weight copy (packed, row scale, qa, qm, row sums) in a `triton_ops.resident` layout (served: as
     TritonKernel keeps it, "")."""
-    packed, qa, qm = T.resident(packed, qa, qm, layout)
+    packed, qa, qm = T.resident(packed, qa, qm, code.bits, gs, layout)
     return packed, rs, qa, qm, rsum
 
 
@@ -253,7 +253,7 @@ def lowrank_sweep(code, gs: int, rank: int, ms: list[int]) -> list[dict]:
         layers = []
         for _ in range(c):
             packed, rs, qa, qm, w_int = random_layer(n, k, gs, code)
-            layers.append(laid_out(packed, rs, qa, qm, block_row_sums(w_int, kb).cuda()))
+            layers.append(laid_out(packed, rs, qa, qm, block_row_sums(w_int, kb).cuda(), code, gs))
         branch_ab = random_branches(n, k, rank, c)
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -333,9 +333,9 @@ def main() -> None:
         for _ in range(c):
             packed, rs, qa, qm, w_int = random_layer(n, k, gs, code)
             rsum = block_row_sums(w_int, kb).cuda()
-            layers.append(laid_out(packed, rs, qa, qm, rsum))
+            layers.append(laid_out(packed, rs, qa, qm, rsum, code, gs))
             for name, copies in layouts.items():
-                copies.append(laid_out(packed, rs, qa, qm, rsum, name))
+                copies.append(laid_out(packed, rs, qa, qm, rsum, code, gs, name))
             if ab:
                 range_sums.append(block_row_sums(w_int, ab).cuda())
         _, _, left, right = transform_factors(k, kb)

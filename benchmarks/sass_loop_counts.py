@@ -7,7 +7,8 @@ Each variant is compiled as the launcher specializes a served layer's arguments 
 sm_90, pointers / strides / K / N divisible by 16), assembled by the ptxas that ships with Triton and disassembled
 with its cuobjdump. The K loop is the backward branch whose body holds the kernel's tensor-core MMAs (IGMMA) or
 dp4a (IDP). Printed per variant: loop instructions, MMA/dp4a count, instructions per 32 codes of K (GEMMs) or per
-chunk (GEMVs), registers and spill bytes from `ptxas -v`.
+chunk (GEMVs), its memory instructions (global loads by width, shared-memory stores/loads, barriers: a layout
+the loads cannot vectorize along K goes through shared memory), registers and spill bytes from `ptxas -v`.
 """
 
 from __future__ import annotations
@@ -40,10 +41,13 @@ VARIANTS = [
     *[(f"GEMM {code} {bm}x64x{bk}", _gemm_kernel, "packed", {**GEMM, **NO_BRANCH, **consts, "BM": bm, "BK": bk}, 4)
       for code, consts in (("ternary", TERNARY_G32), ("binary", BINARY_G128), ("int4", INT4_G128))
       for bm in (16, 64) for bk in (32, 64)],
-    ("GEMV M=1 ternary, 64-word chunks, 8-row chunks", _gemv_kernel, "gemv", chunked({**GEMV, **NO_BRANCH}), 2),
-    *[(f"GEMM {code} 64x64x{bk}, 8-row chunks", _gemm_kernel, "packed",
-       chunked({**GEMM, **NO_BRANCH, **consts, "BK": bk}), 4)
-      for code, consts in (("ternary", TERNARY_G32), ("int4", INT4_G128)) for bk in (32, 64)],
+    *[(f"GEMV M={bm} ternary, {bp}-word chunks, 8x{vw} chunks", _gemv_kernel, "gemv",
+       chunked({**GEMV, **NO_BRANCH, "BM": bm, "BN": bn, "BP": bp}, vw), warps)
+      for bm, bn, bp, warps in ((1, 8, 64, 2), (8, 32, 32, 4)) for vw in (1, 2)],
+    *[(f"GEMM {code} 64x64x{bk}, 8x{vw} chunks", _gemm_kernel, "packed",
+       chunked({**GEMM, **NO_BRANCH, **consts, "BK": bk}, vw), 4)
+      for code, consts, vws in (("ternary", TERNARY_G32, (1, 2)), ("int4", INT4_G128, (1, 4))) for bk in (32, 64)
+      for vw in vws],
     ("GEMM scratch int4 128x128x128", _gemm_kernel, "matmul",
      {**GEMM, **NO_BRANCH, **INT4_G128, "SCRATCH": True, "BM": 128, "BN": 128, "BK": 128}, 8),
 ]
@@ -81,9 +85,24 @@ def k_loop(lines: list[tuple[int, str]]) -> list[str]:
     return best
 
 
+def memory_ops(loop: list[str]) -> str:
+    """Global loads by width (LDG32 / 64 / 128, U8 for bytes; LDGSTS = cp.async), shared-memory STS / LDS and
+    barriers in the loop."""
+    ops = collections.Counter()
+    for x in loop:
+        op = re.sub(r"^@!?U?P\w+\s+", "", x).split()[0]
+        parts = op.split(".")
+        if parts[0] == "LDG":
+            width = next((p for p in parts[1:] if p in ("64", "128", "U8", "S8", "U16", "S16")), "32")
+            ops[f"LDG{width}"] += 1
+        elif parts[0] in ("LDGSTS", "STS", "LDS", "BAR", "LDSM"):
+            ops[parts[0]] += 1
+    return ", ".join(f"{k} {v}" for k, v in sorted(ops.items())) or "–"
+
+
 def main() -> None:
-    print("| kernel, tile | loop instructions | MMA or dp4a | per 32 codes of K | top opcodes | registers |")
-    print("|---|---|---|---|---|---|")
+    print("| kernel, tile | loop instructions | MMA or dp4a | per 32 codes of K | top opcodes | memory | registers |")
+    print("|---|---|---|---|---|---|---|")
     for name, kernel, kind, consts, warps in VARIANTS:
         lines, regs = sass_and_ptxas(kernel, kind, consts, warps)
         loop = k_loop(lines)
@@ -91,7 +110,7 @@ def main() -> None:
         work = sum(v for op, v in ops.items() if "MMA" in op or op == "IDP")
         per32 = f"{len(loop) * 32 / consts['BK']:.1f}" if kernel is _gemm_kernel else "–"
         top = ", ".join(f"{op} {v}" for op, v in ops.most_common(4))
-        print(f"| {name} | {len(loop)} | {work} | {per32} | {top} | {regs} |", flush=True)
+        print(f"| {name} | {len(loop)} | {work} | {per32} | {top} | {memory_ops(loop)} | {regs} |", flush=True)
 
 
 if __name__ == "__main__":

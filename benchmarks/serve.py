@@ -10,7 +10,7 @@ A "+kv<dtype>" suffix (twla+kvfp8) runs the method with vLLM's --kv-cache-dtype 
 activation ranges of G channels per token (format key act_blocks, `twla-quantize --act-group-size`); "+tp1"
 (twla+tp1) with one activation K-block for o_proj and down_proj instead of 8 (`twla-quantize --row-parallel-blocks
 1`: no shard-local ranges, servable at TP 1 only); "+nopdl" (twla+nopdl) without programmatic dependent launch
-(TWLA_PDL=0; `tiles.use_pdl` turns it on at decode sizes); "+chunks" / "+n-major" (twla+chunks) with the kernels'
+(TWLA_PDL=0; `tiles.use_pdl` turns it on at decode sizes); "+chunks" / "+chunks-1w" (twla+chunks) with the kernels'
 weights in that layout (TWLA_WEIGHT_LAYOUT, `triton_ops.layout`; default "rows").
 
 Prints decode tok/s at batch 1 and 64 (128-token prompts, 256 generated), prefill tok/s (32 prompts ×
@@ -128,7 +128,7 @@ def resident_layouts(model) -> list[str]:
     for mod in model.modules():
         p = getattr(mod, "twla_packed", None)
         if p is not None:
-            found.add("chunks" if p.dim() == 3 else "n-major" if p.stride(0) == 1 and p.shape[0] > 1 else "rows")
+            found.add("rows" if p.dim() == 2 else "chunks" if p.shape[3] > 1 else "chunks-1w")
     return sorted(found)
 
 
@@ -142,7 +142,7 @@ def run_one(method: str, workdir: str, out: str, profile_step: bool = False) -> 
     # the plugin's kernels read these at import, which may happen as vLLM is imported: set them first
     if "nopdl" in opts:
         os.environ["TWLA_PDL"] = "0"
-    layout = next((o for o in opts if o in ("chunks", "n-major")), "")
+    layout = next((o for o in opts if o in ("chunks", "chunks-1w")), "")
     if layout:
         os.environ["TWLA_WEIGHT_LAYOUT"] = layout
     import torch

@@ -23,51 +23,62 @@ def storage(t: torch.Tensor) -> torch.Tensor:
 def word_at(packed: torch.Tensor, row: int, word: int) -> int:
     """Word `word` of row `row` read the way the kernels address it (`unpack._row_offsets`, `_word_offsets`)."""
     p = L.as_chunks(packed)
-    rc = p.shape[2]
+    rc, vw = p.shape[2:]
     s_row, s_word = L.word_strides(p)
-    offset = (row // rc) * s_row + row % rc + word * rc if rc > 1 else row * s_row + word * s_word
+    if rc > 1:
+        offset = (row // rc) * s_row + (word // vw) * s_word + (row % rc) * vw + word % vw
+    else:
+        offset = row * s_row + word * s_word
     return int(storage(p)[p.storage_offset() + offset])
 
 
 @pytest.mark.parametrize("layout", L.LAYOUTS)
-def test_every_layout_holds_the_same_words_and_scales(layout):
-    packed = torch.randint(-2**31, 2**31 - 1, (24, 6), dtype=torch.int32)
-    qa, qm = torch.randint(-127, 128, (24, 3), dtype=torch.int8), torch.randint(-127, 128, (24, 3), dtype=torch.int8)
-    p, a, m = L.resident(packed, qa, qm, layout)
-    assert L.packed_rows(p) == 24
-    assert all(word_at(p, r, w) == packed[r, w] for r in range(24) for w in range(6))
+@pytest.mark.parametrize("bits,group_size,words,vw", [(2, 32, 6, 2), (4, 128, 12, 4), (4, 128, 6, 2), (1, 32, 6, 1)])
+def test_every_layout_holds_the_same_words_and_scales(layout, bits, group_size, words, vw):
+    packed = torch.randint(-2**31, 2**31 - 1, (24, words), dtype=torch.int32)
+    groups = words * 32 // bits // group_size or 1
+    qa = torch.randint(-127, 128, (24, groups), dtype=torch.int8)
+    qm = torch.randint(-127, 128, (24, groups), dtype=torch.int8)
+    p, a, m = L.resident(packed, qa, qm, bits, group_size, layout)
+    assert L.packed_rows(p) == 24 and L.packed_words(p) == words
+    assert all(word_at(p, r, w) == packed[r, w] for r in range(24) for w in range(words))
     assert torch.equal(a, qa) and torch.equal(m, qm)
     s_row, s_group = L.scale_strides(a, m)
-    assert all(storage(a)[r * s_row + g * s_group] == qa[r, g] for r in range(24) for g in range(3))
-    if layout == "chunks":
-        assert p.shape == (3, 6, 8) and a.stride() == (1, 24)
+    assert all(storage(a)[r * s_row + g * s_group] == qa[r, g] for r in range(24) for g in range(groups))
+    if layout != "rows":  # VW: the packed GEMM's K tile in words, <= 4, dividing the row (tiles.chunk_words)
+        assert p.shape == ((3, words // vw, 8, vw) if layout == "chunks" else (3, words, 8, 1))
+        assert a.stride(0) == 1
 
 
 def test_chunks_fall_back_to_rows_where_n_is_not_a_multiple():
     packed = torch.arange(20 * 4, dtype=torch.int32).view(20, 4)
-    p, _, _ = L.resident(packed, torch.zeros(20, 2, dtype=torch.int8), torch.zeros(20, 2, dtype=torch.int8), "chunks")
+    p, _, _ = L.resident(packed, torch.zeros(20, 2, dtype=torch.int8), torch.zeros(20, 2, dtype=torch.int8), 2, 32,
+                         "chunks")
     assert p.dim() == 2 and torch.equal(p, packed)
 
 
-def test_shard_rows_of_chunks():
-    packed = torch.arange(32 * 3, dtype=torch.int32).view(32, 3)
-    p = L.row_chunks(packed)
+@pytest.mark.parametrize("vw", [1, 2])
+def test_shard_rows_of_chunks(vw):
+    packed = torch.arange(32 * 4, dtype=torch.int32).view(32, 4)
+    p = L.row_chunks(packed, 8, vw)
     shard = L.chunk_rows(p, slice(8, 24))
     assert L.packed_rows(shard) == 16
-    assert all(word_at(shard, r, w) == packed[8 + r, w] for r in range(16) for w in range(3))
+    assert all(word_at(shard, r, w) == packed[8 + r, w] for r in range(16) for w in range(4))
     with pytest.raises(ValueError, match="4:24 do not start and end on 8-row chunks"):
         L.chunk_rows(p, slice(4, 24))
 
 
 def test_unreadable_tensors_are_refused_by_name():
-    p = L.row_chunks(torch.zeros(16, 4, dtype=torch.int32)).transpose(0, 1).contiguous().transpose(0, 1)
+    p = L.row_chunks(torch.zeros(16, 4, dtype=torch.int32), 8, 2).transpose(2, 3).contiguous().transpose(2, 3)
     with pytest.raises(ValueError, match="each chunk must be contiguous"):
         L.word_strides(p)
+    with pytest.raises(ValueError, match=r"\[12, 4\] words do not split into chunks of 8 rows x 2 words"):
+        L.row_chunks(torch.zeros(12, 4, dtype=torch.int32), 8, 2)
     with pytest.raises(ValueError, match="qa .* and qm .* must share shape and layout"):
         L.scale_strides(torch.zeros(4, 2, dtype=torch.int8), L.n_major(torch.zeros(4, 2, dtype=torch.int8)))
     with pytest.raises(ValueError, match="unknown weight layout 'tiles'"):
         L.resident(torch.zeros(8, 2, dtype=torch.int32), torch.zeros(8, 1, dtype=torch.int8),
-                   torch.zeros(8, 1, dtype=torch.int8), "tiles")
+                   torch.zeros(8, 1, dtype=torch.int8), 2, 32, "tiles")
 
 
 def test_environment_picks_the_served_layout_and_rejects_others():
@@ -77,4 +88,4 @@ def test_environment_picks_the_served_layout_and_rejects_others():
     assert out.stdout.strip() == "chunks", out.stderr
     env["TWLA_WEIGHT_LAYOUT"] = "tiles"
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True)
-    assert out.returncode != 0 and "TWLA_WEIGHT_LAYOUT='tiles': expected one of rows, chunks, n-major" in out.stderr
+    assert out.returncode != 0 and "TWLA_WEIGHT_LAYOUT='tiles': expected one of rows, chunks, chunks-1w" in out.stderr

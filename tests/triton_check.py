@@ -128,7 +128,7 @@ def check_case(c: Case, dev, gen) -> list[str]:
     packed = fmt.pack_codes(codes, code).to(dev)
     w_int = fmt.int_weights(codes, qa, qm, code)
     row_scale = row_scale.to(dev)
-    packed, qa, qm = T.resident(packed, qa.to(dev), qm.to(dev), c.layout)
+    packed, qa, qm = T.resident(packed, qa.to(dev), qm.to(dev), code.bits, c.gs, c.layout)
     if scratch:
         un = T.unpack_weights(packed, qa, qm, code.bits, code.step, code.offset, c.gs)
         if not torch.equal(un.cpu(), w_int.to(torch.int8)):
@@ -229,7 +229,8 @@ CPU_CASES = [
     Case(20, 24, 256, gs=16), Case(24, 40, 512, gs=32, code="binary"), Case(20, 24, 256, gs=16, code="int4"),
     # the other weight layouts (the cases above use SERVED_LAYOUT): GEMV, packed GEMM with one group and with
     # per-word scales, scratch unpack, a branch over 2 K-blocks; N = 20 is no multiple of the 8-row chunk (row-major
-    # words, N-major scales), N = 24 is
+    # words, N-major scales), N = 24 is; a chunk's VW words (`tiles.chunk_words`): 2 for ternary g32 and binary
+    # g64, 4 for int4, against GEMM K tiles of 2 to 8 words
     *[Case(m, n, 256, gs=gs, code=code, layout=lay) for lay in OTHER_LAYOUTS
       for m, n, gs, code in ((1, 24, 32, "ternary"), (5, 24, 128, "int4"), (20, 24, 32, "ternary"),
                              (20, 24, 16, "int4"), (300, 24, 64, "binary"), (3, 20, 32, "binary"),
@@ -298,13 +299,14 @@ def gpu_cases() -> list[Case]:
 
 def opcheck(dev, gen) -> None:
     """The registered custom op: schema, fake impl, dynamic-shape AOT dispatch, in every weight layout
-    (`triton_ops.LAYOUTS`: row-major, 3-D row chunks, transposed views)."""
+    (`triton_ops.LAYOUTS`: row-major, 8-row x VW-word chunks, one-word chunks)."""
     import twla_vllm.ops  # noqa: F401
     code, codes, qa, qm, row_scale = random_layer(Case(5, 48, 128), gen, dev)
     w_int = fmt.int_weights(codes, qa, qm, code)
     x = torch.randn(5, 128, device=dev, dtype=torch.bfloat16)
     for layout in T.LAYOUTS:
-        packed, qa_l, qm_l = T.resident(fmt.pack_codes(codes, code).to(dev), qa.to(dev), qm.to(dev), layout)
+        packed, qa_l, qm_l = T.resident(fmt.pack_codes(codes, code).to(dev), qa.to(dev), qm.to(dev), code.bits, 32,
+                                        layout)
         args = (x, packed, row_scale.to(dev), qa_l, qm_l, block_row_sums(w_int, 1).to(dev), orth(8, gen, dev),
                 orth(16, gen, dev), None, None, None, code.bits, code.step, code.offset, 32, 4, 0.9, 1, 1, 48, 48)
         torch.library.opcheck(torch.ops.twla.quant_linear.default, args)
@@ -352,10 +354,10 @@ def linear_check(dev, gen) -> list[str]:
                 layer, kernel = torch.nn.Module(), TritonKernel(spec)
                 kernel.process_weights(layer, w)
                 outs[lay] = kernel.apply(layer, x, bias)
-                chunked = layer.twla_packed.dim() == 3
+                chunked = layer.twla_packed.dim() == 4
             finally:
                 layout_mod.SERVED_LAYOUT = served
-            if chunked != (lay == "chunks" and all(sz % T.ROW_CHUNK == 0 for sz in shards)):
+            if chunked != (lay != "rows" and all(sz % T.ROW_CHUNK == 0 for sz in shards)):
                 fails.append(f"shards {shards} {lay}: words kept {'in' if chunked else 'without'} row chunks")
         for lay, y in outs.items():
             if not torch.equal(y, outs[T.LAYOUTS[0]]):

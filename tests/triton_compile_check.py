@@ -46,18 +46,17 @@ BRANCH = dict(R=32, NSH=3, RP=32, CP=128)  # rank 32 x 3 fused shards
 NO_BRANCH = dict(R=0, NSH=1, RP=16, CP=16)
 # weight layouts (`layout.py`) as the launcher specializes them (strides equal to 1 become constants): the format's
 # row-major words and scales (SERVED_LAYOUT "rows"), N a multiple of the tile (no row clamp) unless a variant says
-ROWS = dict(RC=1, stride_wk=1, stride_gg=1, EVEN_N=True)
-# 8-row chunks (word and row strides are constants in the kernels) and N-major scales
-CHUNKS = dict(RC=8, stride_gn=1, EVEN_N=True)
+ROWS = dict(RC=1, VW=1, stride_wk=1, stride_gg=1, EVEN_N=True)
 GEMV = dict(**ROWS, BITS=2, STEP=1, OFF=1, GW=2, KB=1, LRKB=1, HAS_BIAS=True, BM=1, BN=8, BP=64, SPLIT=1, ASM=True,
             GDC=True, LATE_SUM=False, CPC=16)  # CPC: branch columns per multiply-add step
 UNPACK = dict(**ROWS, GS=32, BITS=2, STEP=1, OFF=1, BN=32, BW=64)
 GEMM = dict(**ROWS, BITS=2, STEP=1, OFF=1, GS=32, KB=1, LRKB=1, HAS_BIAS=True, SCRATCH=False, SPLIT=1, BM=64,
             BN=64, BK=64, GROUP_N=8, PRECISION="tf32x3", GDC=True)
 
-def chunked(consts: dict) -> dict:
-    """A variant's constants with the weights in 8-row chunks instead of row-major."""
-    return {**{k: v for k, v in consts.items() if k not in ROWS}, **CHUNKS}
+def chunked(consts: dict, vw: int) -> dict:
+    """A variant's constants with the words in chunks of 8 rows x vw words (in-chunk strides are constants in the
+    kernels) and N-major scales instead of row-major."""
+    return {**{k: v for k, v in consts.items() if k not in ROWS or k == "EVEN_N"}, "RC": 8, "VW": vw, "stride_gn": 1}
 
 
 VARIANTS = [
@@ -96,9 +95,10 @@ VARIANTS = [
     ("gemm packed ternary, 32-code K tiles", _gemm_kernel, "packed", {**GEMM, **NO_BRANCH, "BK": 32}, 4),
     ("gemm packed ternary, rows clamped (N not a multiple of the tile)", _gemm_kernel, "packed",
      {**GEMM, **NO_BRANCH, "BK": 32, "EVEN_N": False}, 4),
-    ("gemm packed ternary, 8-row chunks", _gemm_kernel, "packed", chunked({**GEMM, **NO_BRANCH, "BK": 32}), 4),
-    ("gemm packed int4 + branch, 8-row chunks, 8 K-blocks", _gemm_kernel, "packed fp32 partials",
-     chunked({**GEMM, **BRANCH, "BITS": 4, "OFF": 8, "GS": 128, "KB": 8, "SPLIT": 8}), 4),
+    ("gemm packed ternary, 8x2 chunks", _gemm_kernel, "packed", chunked({**GEMM, **NO_BRANCH, "BK": 32}, 2), 4),
+    ("gemm packed ternary, 8x1 chunks", _gemm_kernel, "packed", chunked({**GEMM, **NO_BRANCH, "BK": 32}, 1), 4),
+    ("gemm packed int4 + branch, 8x4 chunks, 8 K-blocks", _gemm_kernel, "packed fp32 partials",
+     chunked({**GEMM, **BRANCH, "BITS": 4, "OFF": 8, "GS": 128, "KB": 8, "SPLIT": 8}, 4), 4),
     ("gemm scratch int4 + branch", _gemm_kernel, "matmul",
      {**GEMM, **BRANCH, "SCRATCH": True, "BITS": 4, "OFF": 8, "BM": 128, "BN": 128, "BK": 128}, 8),
     ("epilogue int32 partials + branch", _epilogue_kernel, "matmul",
@@ -113,10 +113,12 @@ VARIANTS = [
     ("unpack ternary", _unpack_kernel, "unpack", UNPACK, 4),
     ("unpack binary", _unpack_kernel, "unpack", {**UNPACK, "BITS": 1, "STEP": 2, "BW": 32}, 4),
     ("unpack int4, per-row groups", _unpack_kernel, "unpack", {**UNPACK, "BITS": 4, "OFF": 8, "GS": 4096}, 4),
-    ("gemv ternary, 8-row chunks", _gemv_kernel, "gemv", chunked({**GEMV, **NO_BRANCH}), 2),
-    ("gemv M=8 int4, 8-row chunks, rows clamped", _gemv_kernel, "gemv",
-     chunked({**GEMV, **NO_BRANCH, "BITS": 4, "OFF": 8, "BM": 8, "BN": 32, "BP": 32, "EVEN_N": False}), 4),
-    ("unpack ternary, 8-row chunks", _unpack_kernel, "unpack", chunked(UNPACK), 4),
+    ("gemv ternary, 8x2 chunks", _gemv_kernel, "gemv", chunked({**GEMV, **NO_BRANCH}, 2), 2),
+    ("gemv ternary, 8x1 chunks", _gemv_kernel, "gemv", chunked({**GEMV, **NO_BRANCH}, 1), 2),
+    ("gemv M=8 int4, 8x4 chunks, rows clamped", _gemv_kernel, "gemv",
+     chunked({**GEMV, **NO_BRANCH, "BITS": 4, "OFF": 8, "BM": 8, "BN": 32, "BP": 32, "EVEN_N": False}, 4), 4),
+    ("unpack ternary, 8x2 chunks", _unpack_kernel, "unpack", chunked(UNPACK, 2), 4),
+    ("unpack ternary, 8x1 chunks", _unpack_kernel, "unpack", chunked(UNPACK, 1), 4),
 ]
 
 

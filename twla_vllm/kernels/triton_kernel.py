@@ -53,7 +53,8 @@ class TritonKernel(TwlaKernel):
         chunk = ops.triton_ops.ROW_CHUNK
         if any(sl.start % chunk or sl.stop % chunk for sl in self.shard_slices()):
             chunk = 1
-        packed, qa, qm = ops.triton_ops.resident(w.packed, w.group_scale, w.group_offset, chunk=chunk)
+        packed, qa, qm = ops.triton_ops.resident(w.packed, w.group_scale, w.group_offset, self.spec.code.bits,
+                                                 self.spec.group_size, chunk=chunk)
         register(layer, "twla_packed", packed, keep_strides=True)
         register(layer, "twla_row_scale", w.row_scale.half())
         register(layer, "twla_qa", qa, keep_strides=True)

@@ -13,12 +13,12 @@ from .unpack import _load_words, _row_offsets, _rows_in, _words_tile
 def _gemm_kernel(q_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_ptr, lr_ptr, bias_ptr, y_ptr,
                  acc_ptr, M, N, K, stride_q, stride_wc, stride_wk, stride_gn, stride_gg, stride_y,
                  stride_lr, SB1, SB2, BITS: tl.constexpr, STEP: tl.constexpr, OFF: tl.constexpr, RC: tl.constexpr,
-                 GS: tl.constexpr, KB: tl.constexpr, R: tl.constexpr, NSH: tl.constexpr, RP: tl.constexpr,
-                 CP: tl.constexpr, LRKB: tl.constexpr, HAS_BIAS: tl.constexpr, SCRATCH: tl.constexpr,
+                 VW: tl.constexpr, GS: tl.constexpr, KB: tl.constexpr, R: tl.constexpr, NSH: tl.constexpr,
+                 RP: tl.constexpr, CP: tl.constexpr, LRKB: tl.constexpr, HAS_BIAS: tl.constexpr, SCRATCH: tl.constexpr,
                  SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_N: tl.constexpr,
                  PRECISION: tl.constexpr, GDC: tl.constexpr, EVEN_N: tl.constexpr):
     # acc [BM tokens, BN rows] = x [BM, BK] . w_intᵀ, int8 x int8 -> int32 on tensor cores.
-    # SCRATCH 0: w_ptr = the packed int32 words (row-major or in RC-row chunks, `layout.py`), unpacked per tile
+    # SCRATCH 0: w_ptr = the packed int32 words (row-major or in RC x VW chunks, `layout.py`), unpacked per tile
     # on whole words (`_load_words` + `_words_tile`: SWAR as the scratch unpack), q in natural order; the next
     # tile's loads are issued before this tile's dot so their latency overlaps it (KERNEL_NOTES v7, v24; loading
     # them inside the loop for Triton's cp.async pipeline measured slower at 26 of 27 shapes, v25; so did int32
@@ -47,12 +47,13 @@ def _gemm_kernel(q_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
     BLK = K // KB
     k_lo = pid_s * (K // SPLIT)
     k_hi = k_lo + K // SPLIT
-    wrow = _row_offsets(rn_in, RC, stride_wc)
+    wrow = _row_offsets(rn_in, RC, VW, stride_wc)
     grow = rn_in * stride_gn
     acc = tl.zeros([BM, BN], dtype=tl.int32)
     y = tl.zeros([BM, BN], dtype=tl.float32)
     if not SCRATCH:
-        ahead = _load_words(w_ptr, qa_ptr, qm_ptr, wrow, grow, k_lo, stride_wk, stride_gg, RC, GS, BITS, STEP, OFF,
+        ahead = _load_words(w_ptr, qa_ptr, qm_ptr, wrow, grow, k_lo, stride_wk, stride_gg, RC, VW, GS, BITS, STEP,
+                            OFF,
                             BK)
     if GDC:  # the scratch and the activations come from the kernels before this one (pdl.py)
         tl.extra.cuda.gdc_launch_dependents()
@@ -63,7 +64,7 @@ def _gemm_kernel(q_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
         else:
             cur = ahead  # (words, mul, add) a tile ahead; the last tile re-reads itself: a cache hit, and no mask
             ahead = _load_words(w_ptr, qa_ptr, qm_ptr, wrow, grow, tl.minimum(k0 + BK, k_hi - BK), stride_wk,
-                                stride_gg, RC, GS, BITS, STEP, OFF, BK)
+                                stride_gg, RC, VW, GS, BITS, STEP, OFF, BK)
             w = _words_tile(cur[0], cur[1], cur[2], BITS)
         x = tl.load(q_ptr + rm_in[:, None] * stride_q + k0 + rk[None, :])
         acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)

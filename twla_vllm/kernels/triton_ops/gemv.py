@@ -26,13 +26,12 @@ def _dp4a(a, b, c, ASM: tl.constexpr):
 def _gemv_kernel(x_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_ptr, lr_ptr, bias_ptr, y_ptr,
                  acc_ptr, M, N, K, stride_x, stride_wc, stride_wk, stride_gn, stride_gg, stride_y,
                  stride_lr, SB1, SB2, BITS: tl.constexpr, STEP: tl.constexpr, OFF: tl.constexpr, RC: tl.constexpr,
-                 GW: tl.constexpr, KB: tl.constexpr, R: tl.constexpr, NSH: tl.constexpr, RP: tl.constexpr,
-                 CP: tl.constexpr, CPC: tl.constexpr, LRKB: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
-                 BN: tl.constexpr,
-                 BP: tl.constexpr, SPLIT: tl.constexpr, ASM: tl.constexpr, GDC: tl.constexpr,
-                 LATE_SUM: tl.constexpr, EVEN_N: tl.constexpr):
+                 VW: tl.constexpr, GW: tl.constexpr, KB: tl.constexpr, R: tl.constexpr, NSH: tl.constexpr,
+                 RP: tl.constexpr, CP: tl.constexpr, CPC: tl.constexpr, LRKB: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, SPLIT: tl.constexpr, ASM: tl.constexpr,
+                 GDC: tl.constexpr, LATE_SUM: tl.constexpr, EVEN_N: tl.constexpr):
     # x_ptr: int8 activations (natural order) viewed as int32 words [M, K/4]; w_ptr: packed words [N, K/CPW],
-    # row-major (any strides) or in RC-row chunks (`layout.py`); qa/qm by their (row, group) strides.
+    # row-major (any strides) or in RC x VW chunks (`layout.py`); qa/qm by their (row, group) strides.
     # Word p of a row holds codes CPW*p..; (word >> B*i) & mask = codes CPW*p+4i..+3, which meet activation
     # word LANES*p + i in one dp4a. GW = words per weight group. Program (n, s) covers K-split s; with several
     # activation K-blocks (KB > 1) the splits are the blocks, each promoted with its own step and zero point into
@@ -56,9 +55,9 @@ def _gemv_kernel(x_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
     ones = tl.full([BM, BP], 0x01010101, dtype=tl.int32)
     w_lo = pid_s * span
     w_hi = w_lo + span
-    wrow = _row_offsets(rn_in, RC, stride_wc)
+    wrow = _row_offsets(rn_in, RC, VW, stride_wc)
     grow = rn_in * stride_gn
-    wt = tl.load(w_ptr + wrow[:, None] + _word_offsets(w_lo + rp, RC, stride_wk)[None, :])
+    wt = tl.load(w_ptr + wrow[:, None] + _word_offsets(w_lo + rp, RC, VW, stride_wk)[None, :])
     if GDC:  # weights are constants: the first chunk streams in while act_quant may still run (pdl.py)
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
@@ -66,7 +65,7 @@ def _gemv_kernel(x_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
         cur = wt
         # the next chunk's words go out before this chunk's dp4a, so their latency overlaps it (the last chunk
         # re-reads itself)
-        nxt = _word_offsets(tl.minimum(w0 + BP, w_hi - BP) + rp, RC, stride_wk)
+        nxt = _word_offsets(tl.minimum(w0 + BP, w_hi - BP) + rp, RC, VW, stride_wk)
         wt = tl.load(w_ptr + wrow[:, None] + nxt[None, :])
         cx = tl.zeros([BM, BN, BP], dtype=tl.int32)
         sx = tl.zeros([BM, BP], dtype=tl.int32)

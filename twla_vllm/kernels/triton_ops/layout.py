@@ -6,11 +6,16 @@ a trip: for ternary g32 (BK = 32) two words, 8 bytes, of each of 64 rows 1 KB ap
 Compute, 4096->28672 at M = 64: 16 sectors per warp-wide load where 1-4 would do, L2 tag lookups 80% busy,
 DRAM 10%: KERNEL_NOTES v27). The kernels therefore read
 
-- packed words row-major with any strides ([N, W]; N-major too), or in contiguous chunks of RC rows,
-  [N/RC, W, RC]: word w of rows RC*c .. RC*c + RC-1 side by side, so a GEMM trip reads RC*4 contiguous bytes
-  per chunk and word, and the GEMV (RC rows, many words) one contiguous run;
+- packed words row-major with any strides ([N, W]), or in contiguous chunks of RC rows x VW words,
+  [N/RC, W/VW, RC, VW]: words VW*v .. VW*v + VW-1 of rows RC*c .. RC*c + RC-1 side by side, so a GEMM trip over VW
+  words reads RC*VW*4 contiguous bytes per chunk, and a thread's VW words of one row stay one vector load (the
+  GEMV and the prefill unpack keep their K-major registers);
 - group scales by their (row, group) strides: [N, G] row-major or N-major ([G, N] storage), so a tile's
   one-byte scales of BN rows are BN contiguous bytes.
+
+"chunks" takes VW = the packed GEMM's K tile in words (at most 4: `tiles.chunk_words`), "chunks-1w" VW = 1 (the
+session-29 form, measured in session 30: GEMM at M = 64 2x faster on the wide shapes, the GEMV up to 3x and the
+prefill unpack 2x slower, its loads vectorized across rows and converted through shared memory).
 """
 
 from __future__ import annotations
@@ -19,37 +24,44 @@ import os
 
 import torch
 
-ROW_CHUNK = 8  # rows a chunk: 8 words = one 32-byte sector per packed word index
-LAYOUTS = ("rows", "chunks", "n-major")  # the format's row-major tensors; 8-row chunks + N-major scales; all N-major
-# what TritonKernel keeps: "rows", the layout of every GPU measurement so far. "chunks" (v27) is predicted to
-# cut the M = 16..128 GEMM's L2 requests ~3x but has not yet run on a GPU: flip after `kernel_tables.sh layout`
-# (op tables on all three layouts + the quick GPU check) shows it equal and faster. TWLA_WEIGHT_LAYOUT in the
-# environment (read at import, as TWLA_PDL) picks another for comparisons (benchmarks/serve.py's "+chunks")
+from .tiles import chunk_words
+
+ROW_CHUNK = 8  # rows a chunk: 8 rows x 1 word = one 32-byte sector
+LAYOUTS = ("rows", "chunks", "chunks-1w")  # the format's row-major tensors; RC x VW chunks (+ N-major scales); VW 1
+# what TritonKernel keeps: "rows", the layout of every serving measurement so far. "chunks" (v28) has not yet run
+# on a GPU: flip after `kernel_tables.sh layout` (op tables on every layout + the quick GPU check) shows it equal
+# and faster at every M. TWLA_WEIGHT_LAYOUT in the environment (read at import, as TWLA_PDL) picks another for
+# comparisons (benchmarks/serve.py's "+chunks")
 SERVED_LAYOUT = os.environ.get("TWLA_WEIGHT_LAYOUT", "rows")
 if SERVED_LAYOUT not in LAYOUTS:
     raise ValueError(f"TWLA_WEIGHT_LAYOUT={SERVED_LAYOUT!r}: expected one of {', '.join(LAYOUTS)}")
 
 
 def as_chunks(packed: torch.Tensor) -> torch.Tensor:
-    """[N, W] (any strides) -> the view [N, W, 1]; a [N/RC, W, RC] chunked tensor as it is."""
+    """[N, W] (any strides) -> the view [N, W, 1, 1]; a [N/RC, W/VW, RC, VW] chunked tensor as it is."""
     if packed.dim() == 2:
-        return packed.unsqueeze(2)
-    if packed.dim() != 3:
-        raise ValueError(f"packed words must be [N, W] or [N/RC, W, RC], got shape {tuple(packed.shape)}")
+        return packed[:, :, None, None]
+    if packed.dim() != 4:
+        raise ValueError(f"packed words must be [N, W] or [N/RC, W/VW, RC, VW], got shape {tuple(packed.shape)}")
     return packed
 
 
 def packed_rows(packed: torch.Tensor) -> int:
     """Weight rows N of packed words in either form."""
-    return packed.shape[0] * (packed.shape[2] if packed.dim() == 3 else 1)
+    return packed.shape[0] * (packed.shape[2] if packed.dim() == 4 else 1)
 
 
-def row_chunks(packed: torch.Tensor, chunk: int = ROW_CHUNK) -> torch.Tensor:
-    """Row-major [N, W] words -> contiguous [N/chunk, W, chunk] (N a multiple of chunk)."""
+def packed_words(packed: torch.Tensor) -> int:
+    """Words W of each row in either form."""
+    return packed.shape[1] * (packed.shape[3] if packed.dim() == 4 else 1)
+
+
+def row_chunks(packed: torch.Tensor, rows: int = ROW_CHUNK, words: int = 1) -> torch.Tensor:
+    """Row-major [N, W] words -> contiguous [N/rows, W/words, rows, words] (N a multiple of rows, W of words)."""
     n, w = packed.shape
-    if n % chunk:
-        raise ValueError(f"{n} rows are not a multiple of the {chunk}-row chunk")
-    return packed.view(n // chunk, chunk, w).transpose(1, 2).contiguous()
+    if n % rows or w % words:
+        raise ValueError(f"[{n}, {w}] words do not split into chunks of {rows} rows x {words} words")
+    return packed.view(n // rows, rows, w // words, words).permute(0, 2, 1, 3).contiguous()
 
 
 def n_major(t: torch.Tensor) -> torch.Tensor:
@@ -68,29 +80,33 @@ def chunk_rows(packed: torch.Tensor, rows: slice) -> torch.Tensor:
     return packed[start // rc:stop // rc]
 
 
-def resident(packed: torch.Tensor, qa: torch.Tensor, qm: torch.Tensor, layout: str = "",
-             chunk: int = ROW_CHUNK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A weight's packed words and group scales laid out for the kernels (`LAYOUTS`; default SERVED_LAYOUT).
-    "chunks" falls back to row-major words where N is not a multiple of `chunk` (scales N-major either way). Same
-    values in every layout, so the kernels' outputs are equal bit for bit. Each tensor is dense in its layout (no
-    gaps between rows), so a caller may keep it as it is."""
+def resident(packed: torch.Tensor, qa: torch.Tensor, qm: torch.Tensor, bits: int, group_size: int,
+             layout: str = "", chunk: int = ROW_CHUNK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A weight's packed words (B = bits codes, group_size weights a group, -1: one group a row) and group scales
+    laid out for the kernels (`LAYOUTS`; default SERVED_LAYOUT). The chunked layouts fall back to row-major words
+    where N is not a multiple of `chunk` (scales N-major either way). Same values in every layout, so the kernels'
+    outputs are equal bit for bit. Each tensor is dense in its layout (no gaps between rows), so a caller may keep
+    it as it is."""
     layout = layout or SERVED_LAYOUT
     if layout == "rows":
         return packed.contiguous(), qa.contiguous(), qm.contiguous()
-    if layout == "n-major":
-        return n_major(packed), n_major(qa), n_major(qm)
-    if layout != "chunks":
+    if layout not in LAYOUTS:
         raise ValueError(f"unknown weight layout {layout!r}: one of {', '.join(LAYOUTS)}")
-    words = row_chunks(packed, chunk) if chunk > 1 and packed.shape[0] % chunk == 0 else packed
+    n, w = packed.shape
+    vw = 1 if layout == "chunks-1w" else chunk_words(bits, w * 32 // bits if group_size == -1 else group_size, w)
+    words = row_chunks(packed, chunk, vw) if chunk > 1 and n % chunk == 0 else packed
     return words, n_major(qa), n_major(qm)
 
 
 def word_strides(packed: torch.Tensor) -> tuple[int, int]:
-    """(row or chunk, word) strides of packed words as the kernels take them: [N, W] any strides; chunks
-    [N/RC, W, RC] must be contiguous within a chunk (word stride RC, row stride 1: constants in the kernels)."""
-    if packed.dim() == 3 and packed.shape[2] > 1 and packed.stride()[1:] != (packed.shape[2], 1):
-        raise ValueError(f"row chunks {tuple(packed.shape)} with strides {packed.stride()}: each chunk must be "
-                         f"contiguous (strides (., {packed.shape[2]}, 1)); use layout.row_chunks")
+    """(row or chunk, word or word-vector) strides of packed words as the kernels take them: [N, W] any strides
+    ([N, W, 1, 1] from `as_chunks`); chunks [N/RC, W/VW, RC, VW] must be contiguous within a chunk (the kernels
+    use the constants RC*VW, VW, 1 for those strides)."""
+    if packed.dim() == 4 and packed.shape[2] > 1:
+        rc, vw = packed.shape[2:]
+        if packed.stride()[1:] != (rc * vw, vw, 1):
+            raise ValueError(f"row chunks {tuple(packed.shape)} with strides {packed.stride()}: each chunk must be "
+                             f"contiguous (strides (., {rc * vw}, {vw}, 1)); use layout.row_chunks")
     return packed.stride(0), packed.stride(1)
 
 

@@ -26,7 +26,7 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
                  unpacked: torch.Tensor | None = None) -> torch.Tensor:
     """y [M, N] = s_n * Σ_b s_b (q·W_intᵀ - z_b rowsum_b) (+ lowrank_a @ lrᵀ per shard, + bias).
 
-    q/s/z from `act_quant`; packed [N, K*bits/32] int32 words, any strides, or in row chunks [N/RC, K*bits/32, RC]
+    q/s/z from `act_quant`; packed [N, W = K*bits/32] int32 words, any strides, or in chunks [N/RC, W/VW, RC, VW]
     (`layout.py`); row_scale [N] fp16/fp32; qa/qm [N, G] int8, any strides (the same for both); rowsum
     [N, KB] int32; lr fp32 = x @ lowrank_bᵀ of the S shards, [M, S*R] or as partial sums [P, M, S*R] (what
     `act_quant` returns), whose rows end at shard_bounds (two ascending row indices; (N, N) for one shard).
@@ -80,8 +80,9 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
             split *= 2
         acc = _partials(split, kb, y)
         _gemv_kernel[(n_ctas, split)](q.view(torch.int32), s, z, packed, *args, acc, m, n, k, q.stride(0) // 4,
-                                      *strides, y.stride(0), stride_lr, sb1, sb2, RC=packed.shape[2], GW=gw, BM=bm,
-                                      BN=bn, BP=bp, EVEN_N=n % bn == 0, SPLIT=split, ASM=asm,
+                                      *strides, y.stride(0), stride_lr, sb1, sb2, RC=packed.shape[2],
+                                      VW=packed.shape[3], GW=gw, BM=bm, BN=bn, BP=bp, EVEN_N=n % bn == 0,
+                                      SPLIT=split, ASM=asm,
                                       CPC=lowrank_chunk(bm, bn, meta["CP"]),
                                       LATE_SUM=gemv_late_sum(m, gs) if late_sum is None else late_sum,
                                       num_warps=warps, **launch, **meta)
@@ -94,9 +95,9 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
     use_scratch = uses_scratch(m) if scratch is None else scratch
     if use_scratch:
         w = unpacked if unpacked is not None else unpack_weights(packed, qa, qm, bits, step, offset, group_size)
-        strides, rc = (w.stride(0), 1, *strides[2:]), 1  # rows of K int8 weights
+        strides, rc, vw = (w.stride(0), 1, *strides[2:]), 1, 1  # rows of K int8 weights
     else:
-        w, rc = packed, packed.shape[2]
+        w, rc, vw = packed, packed.shape[2], packed.shape[3]
     # the packed path's K tile spans at most one weight group (tiles.GEMM_CONFIGS) unless a tile is given
     bk = block_k(k // kb, bkc if use_scratch or tile is not None else min(bkc, max(32, gs)))
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
@@ -107,7 +108,7 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
                          f"several blocks, one split per block")
     acc = _partials(split, kb, y)
     _gemm_kernel[(tiles, split)](q, s, z, w, *args, acc, m, n, k, q.stride(0), *strides, y.stride(0), stride_lr,
-                                 sb1, sb2, RC=rc, GS=gs, SCRATCH=use_scratch, SPLIT=split, BM=bm, BN=bn, BK=bk,
+                                 sb1, sb2, RC=rc, VW=vw, GS=gs, SCRATCH=use_scratch, SPLIT=split, BM=bm, BN=bn, BK=bk,
                                  GROUP_N=8, EVEN_N=n % bn == 0,
                                  PRECISION="ieee" if q.device.type == "cpu" else "tf32x3",
                                  num_warps=warps, num_stages=stages, **launch, **meta)

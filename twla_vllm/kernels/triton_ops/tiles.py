@@ -32,6 +32,17 @@ def lowrank_chunk(bm: int, bn: int, cp: int) -> int:
 GEMM_CONFIGS = ((16, 16, 64, 64, 4, 2), (64, 64, 64, 64, 4, 3), (255, 128, 64, 64, 4, 3),
                 (1 << 62, 128, 128, 128, 8, 3))
 SCRATCH_MIN_M = 256  # from here on: unpack once to an int8 scratch, then the GEMM on int8 weights
+CHUNK_MAX_WORDS = 4  # a chunked layout's words per row and chunk at most: 16 bytes, one vector load
+
+
+def chunk_words(bits: int, group_size: int, words: int) -> int:
+    """Words VW a row keeps together in the "chunks" layout (`layout.py`): the packed GEMM's K tile at M <= 255
+    (64 codes, at most one weight group, at least 32) in words, so each trip reads whole RC x VW chunks, capped at
+    CHUNK_MAX_WORDS and halved until it divides the row's `words`. Ternary g32: 2, binary g128: 2, int4 g128: 4."""
+    vw = min(CHUNK_MAX_WORDS, max(1, min(64, max(32, group_size)) * bits // 32))
+    while words % vw:
+        vw //= 2
+    return vw
 
 
 def uses_scratch(m: int) -> bool:

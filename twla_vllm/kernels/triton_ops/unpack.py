@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import as_chunks, packed_rows, scale_strides, word_strides
+from .layout import as_chunks, packed_rows, packed_words, scale_strides, word_strides
 
 
 @triton.jit
@@ -50,42 +50,47 @@ def _rows_in(rn, N, EVEN_N: tl.constexpr):
 
 
 @triton.jit
-def _row_offsets(rn, RC: tl.constexpr, stride_wc):
-    """Where rows rn's packed words start (in words): RC > 1, row n is row n % RC of contiguous chunk n // RC
-    (`layout.py`; row stride 1, a constant, so the compiler can vectorize across a chunk's rows); else stride_wc
-    a row."""
+def _row_offsets(rn, RC: tl.constexpr, VW: tl.constexpr, stride_wc):
+    """Where rows rn's packed words start (in words): RC > 1, row n is row n % RC of contiguous chunk n // RC of
+    RC x VW words (`layout.py`; in-chunk strides are constants, so the compiler can vectorize); else stride_wc a
+    row."""
     if RC > 1:
-        return (rn // RC) * stride_wc + rn % RC
+        return (rn // RC) * stride_wc + (rn % RC) * VW
     return rn * stride_wc
 
 
 @triton.jit
-def _word_offsets(pw, RC: tl.constexpr, stride_wk):
-    """Offsets of word indices pw within a row: RC apart in contiguous chunks, else stride_wk."""
+def _word_offsets(pw, RC: tl.constexpr, VW: tl.constexpr, stride_wk):
+    """Offsets of word indices pw within a row: in contiguous RC x VW chunks word pw is element pw % VW of vector
+    pw // VW (RC*VW words apart); row-major: stride_wk apart."""
     if RC > 1:
-        return pw * RC
+        if VW == 1:
+            return pw * RC
+        return (pw // VW) * (RC * VW) + pw % VW
     return pw * stride_wk
 
 
 @triton.jit
-def _load_packed(w_ptr, wrow, k0, stride_wk, RC: tl.constexpr, BITS: tl.constexpr, BK: tl.constexpr):
+def _load_packed(w_ptr, wrow, k0, stride_wk, RC: tl.constexpr, VW: tl.constexpr, BITS: tl.constexpr,
+                 BK: tl.constexpr):
     """The packed words of codes k0..k0+BK-1 of the rows starting at wrow (`_row_offsets`) as uint32 [BN, BK/CPW]
     (unmasked: see `_load_words`)."""
     CPW: tl.constexpr = 32 // BITS
     pw = k0 // CPW + tl.arange(0, BK // CPW)
-    return tl.load(w_ptr + wrow[:, None] + _word_offsets(pw, RC, stride_wk)[None, :]).to(tl.uint32, bitcast=True)
+    return tl.load(w_ptr + wrow[:, None] + _word_offsets(pw, RC, VW, stride_wk)[None, :]).to(tl.uint32,
+                                                                                          bitcast=True)
 
 
 @triton.jit
-def _load_words(w_ptr, qa_ptr, qm_ptr, wrow, grow, k0, stride_wk, stride_gg, RC: tl.constexpr, GS: tl.constexpr,
-                BITS: tl.constexpr, STEP: tl.constexpr, OFF: tl.constexpr, BK: tl.constexpr):
+def _load_words(w_ptr, qa_ptr, qm_ptr, wrow, grow, k0, stride_wk, stride_gg, RC: tl.constexpr, VW: tl.constexpr,
+                GS: tl.constexpr, BITS: tl.constexpr, STEP: tl.constexpr, OFF: tl.constexpr, BK: tl.constexpr):
     """The packed words of codes k0..k0+BK-1 of the rows starting at wrow (w_ptr int32, `_row_offsets`) and their
     groups' SWAR multiplier and bias (`_swar_words`); grow = the rows' offsets into qa/qm (stride_gn * row).
     Unmasked: the caller passes rows that exist (clamped) and a k0 inside the row, a multiple of BK. Groups hold
     whole words (format: GS % CPW == 0). The multiplier is a*step, the bias (m - a*offset + 128) * 0x01010101:
     [BN, 1] when the tile lies in one group, else one per word [BN, BK/CPW]."""
     CPW: tl.constexpr = 32 // BITS
-    words = _load_packed(w_ptr, wrow, k0, stride_wk, RC, BITS, BK)
+    words = _load_packed(w_ptr, wrow, k0, stride_wk, RC, VW, BITS, BK)
     if BK <= GS:  # one group per row of the tile
         pq = (grow + (k0 // GS) * stride_gg)[:, None]
     else:
@@ -109,8 +114,8 @@ def _words_tile(words, mul, add, BITS: tl.constexpr):
 
 @triton.jit
 def _unpack_kernel(w_ptr, qa_ptr, qm_ptr, out_ptr, N, stride_wc, stride_wk, stride_gn, stride_gg,
-                   stride_out, RC: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr, STEP: tl.constexpr,
-                   OFF: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, EVEN_N: tl.constexpr):
+                   stride_out, RC: tl.constexpr, VW: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr,
+                   STEP: tl.constexpr, OFF: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, EVEN_N: tl.constexpr):
     # SWAR on whole words: lane i of a packed word, (w >> B*i) & mask, holds codes CPW*p + 4*i .. + 3 in its four
     # bytes, i.e. in natural order, so one multiply-add by a*step with the bias (m - a*offset + 128) per byte gives
     # four int8 weights + 128 (each byte's value is w + 128 in [1, 255]: no carries) and an XOR unbiases them; the
@@ -122,8 +127,8 @@ def _unpack_kernel(w_ptr, qa_ptr, qm_ptr, out_ptr, N, stride_wc, stride_wk, stri
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     rn_in = _rows_in(rn, N, EVEN_N)
     # BW divides the words of a row: every tile lies inside it
-    words, mul, add = _load_words(w_ptr, qa_ptr, qm_ptr, _row_offsets(rn_in, RC, stride_wc),
-                                  rn_in * stride_gn, tl.program_id(1) * BW * CPW, stride_wk, stride_gg, RC, GS,
+    words, mul, add = _load_words(w_ptr, qa_ptr, qm_ptr, _row_offsets(rn_in, RC, VW, stride_wc),
+                                  rn_in * stride_gn, tl.program_id(1) * BW * CPW, stride_wk, stride_gg, RC, VW, GS,
                                   BITS, STEP, OFF, BW * CPW)
     w = _swar_words(words, mul, add, BITS)
     # (the store's layout differs from the joins': Triton converts through shared memory, 32 KB a program, small
@@ -136,12 +141,12 @@ def unpack_weights(packed: torch.Tensor, qa: torch.Tensor, qm: torch.Tensor, bit
                    group_size: int) -> torch.Tensor:
     """Packed codes ([N, W] or a `layout.py` layout) -> int8 weights [N, K] in natural order: the prefill scratch."""
     packed = as_chunks(packed)
-    n, words = packed_rows(packed), packed.shape[1]
+    n, words = packed_rows(packed), packed_words(packed)
     k = words * 32 // bits
     out = torch.empty(n, k, dtype=torch.int8, device=packed.device)
     bw = min(words & -words, 256 // (8 // bits))  # words per tile: a power of two dividing the row, <= 256 outputs
     _unpack_kernel[(triton.cdiv(n, 32), words // bw)](
         packed, qa, qm, out.view(torch.int32), n, *word_strides(packed), *scale_strides(qa, qm), k // 4,
-        RC=packed.shape[2], GS=k if group_size == -1 else group_size, BITS=bits, STEP=step, OFF=offset, BN=32, BW=bw,
-        EVEN_N=n % 32 == 0, num_warps=4)
+        RC=packed.shape[2], VW=packed.shape[3], GS=k if group_size == -1 else group_size, BITS=bits, STEP=step,
+        OFF=offset, BN=32, BW=bw, EVEN_N=n % 32 == 0, num_warps=4)
     return out
