@@ -9,6 +9,7 @@
 #   words    the packed GEMM (whole-word unpack) at M = 16..128 for each code and gate_up's 4096->28672, with
 #            the gemm columns on the other weight layouts (KERNEL_NOTES v24-v27)
 #   words-sweep  the M = 8 and 64 tile sweeps on up and gate_up (16-token tiles against the GEMV; 128-code K tiles)
+#   chunks-sweep the same with every column on the 8-row x VW-word chunks (TWLA_WEIGHT_LAYOUT=chunks; v28)
 #   words-branch int4 r32 (TwinQuant's shape) with the branch columns at decode, M = 64 and prefill
 #   layout   the op tables with the matmul on each weight layout (row-major as served, 8-row x VW-word chunks,
 #            one-word chunks; KERNEL_NOTES v27, v28): ternary g32 at M = 1, 8, 64, 2048, the quick GPU check, then
@@ -51,6 +52,9 @@ case $1 in
     k words_binary_g128 150 --code binary --group-size 128 --ms 16,64,128 ;;
   words-branch) k words_int4_g128_r32 200 --code int4 --group-size 128 --lowrank 32 --ms 8,64,2048 ;;
   words-sweep) k words_sweep_ternary_g32 400 --shapes 4096:14336,4096:28672 --ms 8,64 --sweep ;;
+  chunks-sweep) TWLA_WEIGHT_LAYOUT=chunks k chunks_sweep_ternary_g32 400 --shapes 4096:14336,4096:28672 --ms 8,64 \
+    --sweep ;;
   all) for t in check branch small sweep; do bash "$0" $t; done ;;
-  *) echo "usage: $0 check|ternary|g64|branch|small|sweep|words|words-branch|words-sweep|all" >&2; exit 2 ;;
+  *) echo "usage: $0 check|ternary|g64|branch|small|sweep|words|words-branch|words-sweep|chunks-sweep|layout|all" >&2
+     exit 2 ;;
 esac

@@ -4,7 +4,7 @@
 # then the serving table for [methods] (default: every mode; e.g. bf16,twla,twla+chunks,twla+chunks-1w serves the
 # chunked layouts beside the default, ~2.5 min a method; `none`: no serving and no vLLM pieces to carry), once the third
 # carried call has put vllm.txz.part01 in /tmp/chunks (and touched part01.done); then the full GPU check and the
-# M = 8 / 64 tile sweeps (`words-sweep`).
+# M = 8 / 64 tile sweeps on the chunked layout (`chunks-sweep`).
 #   call 1 (carry .gpu-carry/whl, deps.tar, device-install.sh, env.sh): mkdir -p /tmp/chunks /tmp/outk && cp
 #     .gpu-carry/{deps.tar,device-install.sh,env.sh} /tmp/chunks/ && bash benchmarks/device/setup.sh && (OUT=/tmp/outk
 #     setsid nohup bash /tmp/repo/benchmarks/device/words_chain.sh [methods] > /tmp/chain.log 2>&1 < /dev/null &
@@ -25,4 +25,4 @@ if [ "$1" != none ]; then  # a later call may narrow the methods by writing them
   echo "== serve rc $?"; tail -25 /tmp/serve.log
 fi
 bash benchmarks/device/kernel_tables.sh check
-bash benchmarks/device/kernel_tables.sh words-sweep
+bash benchmarks/device/kernel_tables.sh chunks-sweep
