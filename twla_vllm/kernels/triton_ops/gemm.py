@@ -53,8 +53,7 @@ def _gemm_kernel(q_ptr, s_ptr, z_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr, la_
     y = tl.zeros([BM, BN], dtype=tl.float32)
     if not SCRATCH:
         ahead = _load_words(w_ptr, qa_ptr, qm_ptr, wrow, grow, k_lo, stride_wk, stride_gg, RC, VW, GS, BITS, STEP,
-                            OFF,
-                            BK)
+                            OFF, BK)
     if GDC:  # the scratch and the activations come from the kernels before this one (pdl.py)
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()

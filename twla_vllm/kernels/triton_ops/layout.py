@@ -15,7 +15,7 @@ DRAM 10%: KERNEL_NOTES v27). The kernels therefore read
 
 "chunks" takes VW = the packed GEMM's K tile in words (at most 4: `tiles.chunk_words`), "chunks-1w" VW = 1 (the
 session-29 form, measured in session 30: GEMM at M = 64 2x faster on the wide shapes, the GEMV up to 3x and the
-prefill unpack 2x slower, its loads vectorized across rows and converted through shared memory).
+4096->14336 prefill unpack 2x slower; in sm_90a SASS the GEMV's loads go across rows and through shared memory).
 """
 
 from __future__ import annotations
