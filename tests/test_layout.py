@@ -89,3 +89,18 @@ def test_environment_picks_the_served_layout_and_rejects_others():
     env["TWLA_WEIGHT_LAYOUT"] = "tiles"
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True)
     assert out.returncode != 0 and "TWLA_WEIGHT_LAYOUT='tiles': expected one of rows, chunks, chunks-1w" in out.stderr
+
+
+def test_the_kernel_benchmark_lays_out_its_copies_in_every_layout():
+    # benchmarks/kernels.py runs only on a GPU; a layout name it passed wrong once cost a lease (session 30)
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from kernels import laid_out
+
+    from twla_vllm import format as fmt
+
+    packed = torch.randint(-2**31, 2**31 - 1, (16, 8), dtype=torch.int32)
+    qa, qm = torch.ones(16, 4, dtype=torch.int8), torch.zeros(16, 4, dtype=torch.int8)
+    for layout in (None,) + L.LAYOUTS:  # None: the default, what every served column uses
+        args = (packed, None, qa, qm, None, fmt.CODES["ternary"], 32) + (() if layout is None else (layout,))
+        p, _, a, m, _ = laid_out(*args)
+        assert L.packed_rows(p) == 16 and L.packed_words(p) == 8 and torch.equal(a, qa) and torch.equal(m, qm)
