@@ -11,7 +11,7 @@ from .gemv import _gemv_kernel
 from .layout import as_chunks, packed_rows, scale_strides, word_strides
 from .pdl import gdc, launch_options
 from .tiles import (GEMM_CONFIGS, GEMV_CONFIGS, GEMV_LOWRANK_SUM, GEMV_MAX_M, GEMV_SPLIT_CTAS, block_k, gemm_split,
-                    gemv_late_sum, lowrank_chunk, lowrank_presum, use_pdl, uses_scratch)
+                    gemv_late_sum, lowrank_chunk, lowrank_presum, packed_k_cap, use_pdl, uses_scratch)
 from .unpack import unpack_weights
 
 
@@ -99,7 +99,7 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
     else:
         w, rc, vw = packed, packed.shape[2], packed.shape[3]
     # the packed path's K tile spans at most one weight group (tiles.GEMM_CONFIGS) unless a tile is given
-    bk = block_k(k // kb, bkc if use_scratch or tile is not None else min(bkc, max(32, gs)))
+    bk = block_k(k // kb, bkc if use_scratch or tile is not None else packed_k_cap(bkc, gs))
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     if split is None:  # enough programs to hide the unpack loop's latency (benchmarks/KERNEL_NOTES.md v7)
         split = 1 if use_scratch else gemm_split(tiles, k, kb, bk)

@@ -35,11 +35,17 @@ SCRATCH_MIN_M = 256  # from here on: unpack once to an int8 scratch, then the GE
 CHUNK_MAX_WORDS = 4  # a chunked layout's words per row and chunk at most: 16 bytes, one vector load
 
 
+def packed_k_cap(bk_cap: int, group_size: int) -> int:
+    """The packed GEMM's K-tile cap: the config's, but at most one weight group (at least 32 codes), since a
+    tile over several groups needs per-word scales (slower for ternary g32: see GEMM_CONFIGS)."""
+    return min(bk_cap, max(32, group_size))
+
+
 def chunk_words(bits: int, group_size: int, words: int) -> int:
     """Words VW a row keeps together in the "chunks" layout (`layout.py`): the packed GEMM's K tile at M <= 255
-    (64 codes, at most one weight group, at least 32) in words, so each trip reads whole RC x VW chunks, capped at
+    (`packed_k_cap` of the 9..255-token configs' cap) in words, so each trip reads whole RC x VW chunks, capped at
     CHUNK_MAX_WORDS and halved until it divides the row's `words`. Ternary g32: 2, binary g128: 2, int4 g128: 4."""
-    vw = min(CHUNK_MAX_WORDS, max(1, min(64, max(32, group_size)) * bits // 32))
+    vw = min(CHUNK_MAX_WORDS, max(1, packed_k_cap(GEMM_CONFIGS[1][3], group_size) * bits // 32))
     while words % vw:
         vw //= 2
     return vw
