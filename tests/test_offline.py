@@ -47,22 +47,25 @@ def test_e2m_atq_beats_rtn_on_output_error(code, gs, rng):
 
 def test_act_aware_target_is_least_squares_on_quantized_inputs(rng):
     """act_aware_target(W) = argmin_W' ||X Wᵀ - X̃ W'ᵀ|| (X̃: X quantized per token at 3 bits), checked against
-    lstsq; GPTQ on (target, X̃ᵀX̃) then serves X̃ better than GPTQ on (W, XᵀX) does."""
+    lstsq; GPTQ on (target, X̃ᵀX̃) then serves X̃ better than GPTQ on (W, XᵀX) does. The second claim holds on
+    average, by ~2% here, not for every draw (one in ~50 random draws lost by < 0.5%), so it is checked on the sum
+    over 8 independent draws (spread of that sum's ratio ~0.3%)."""
     from twla_offline.weights import act_aware_target
     from twla_vllm.reference import fake_quant_per_token
 
-    w = torch.randn(24, 64, generator=rng) * 0.02
-    x = torch.randn(2048, 64, generator=rng) * torch.linspace(0.2, 2, 64)
-    xq = fake_quant_per_token(x, 3, 1.0)
-    target = act_aware_target(w, xq.t() @ xq, xq.t() @ x, damp=0.0)
-    lstsq = torch.linalg.lstsq(xq.double(), (x @ w.t()).double()).solution.t().float()
-    torch.testing.assert_close(target, lstsq, rtol=1e-3, atol=1e-5)
-
-    def served_err(q):
-        return float((xq @ q.dequantize().t() - x @ w.t()).pow(2).mean())
-    aware = gptq_quantize(target, xq.t() @ xq, CODES["ternary"], 32)
-    plain = gptq_quantize(w, x.t() @ x, CODES["ternary"], 32)
-    assert served_err(aware) < served_err(plain)
+    aware_err = plain_err = 0.0
+    for _ in range(8):
+        w = torch.randn(24, 64, generator=rng) * 0.02
+        x = torch.randn(2048, 64, generator=rng) * torch.linspace(0.2, 2, 64)
+        xq = fake_quant_per_token(x, 3, 1.0)
+        target = act_aware_target(w, xq.t() @ xq, xq.t() @ x, damp=0.0)
+        lstsq = torch.linalg.lstsq(xq.double(), (x @ w.t()).double()).solution.t().float()
+        torch.testing.assert_close(target, lstsq, rtol=1e-3, atol=1e-5)
+        aware = gptq_quantize(target, xq.t() @ xq, CODES["ternary"], 32)
+        plain = gptq_quantize(w, x.t() @ x, CODES["ternary"], 32)
+        aware_err += float((xq @ aware.dequantize().t() - x @ w.t()).pow(2).mean())
+        plain_err += float((xq @ plain.dequantize().t() - x @ w.t()).pow(2).mean())
+    assert aware_err < plain_err
 
 
 def test_integer_grid_search_is_the_best_neighbour(rng):
