@@ -10,8 +10,8 @@ A "+kv<dtype>" suffix (twla+kvfp8) runs the method with vLLM's --kv-cache-dtype 
 activation ranges of G channels per token (format key act_blocks, `twla-quantize --act-group-size`); "+tp1"
 (twla+tp1) with one activation K-block for o_proj and down_proj instead of 8 (`twla-quantize --row-parallel-blocks
 1`: no shard-local ranges, servable at TP 1 only); "+nopdl" (twla+nopdl) without programmatic dependent launch
-(TWLA_PDL=0; `tiles.use_pdl` turns it on at decode sizes); "+chunks" / "+chunks-1w" (twla+chunks) with the kernels'
-weights in that layout (TWLA_WEIGHT_LAYOUT, `triton_ops.layout`; default "rows").
+(TWLA_PDL=0; `tiles.use_pdl` turns it on at decode sizes); "+chunks" (twla+chunks) with the kernels'
+weights in 8-row chunks (TWLA_WEIGHT_LAYOUT, `triton_ops.layout`; default "rows").
 
 Prints decode tok/s at batch 1 and 64 (128-token prompts, 256 generated), prefill tok/s (32 prompts ×
 2048 tokens, 1 output token) and GPU memory of the weights, with ratios to bf16 from the same run.
@@ -128,7 +128,7 @@ def resident_layouts(model) -> list[str]:
     for mod in model.modules():
         p = getattr(mod, "twla_packed", None)
         if p is not None:
-            found.add("rows" if p.dim() == 2 else "chunks" if p.shape[3] > 1 else "chunks-1w")
+            found.add("rows" if p.dim() == 2 else "chunks")
     return sorted(found)
 
 
@@ -142,7 +142,7 @@ def run_one(method: str, workdir: str, out: str, profile_step: bool = False) -> 
     # the plugin's kernels read these at import, which may happen as vLLM is imported: set them first
     if "nopdl" in opts:
         os.environ["TWLA_PDL"] = "0"
-    layout = next((o for o in opts if o in ("chunks", "chunks-1w")), "")
+    layout = "chunks" if "chunks" in opts else ""
     if layout:
         os.environ["TWLA_WEIGHT_LAYOUT"] = layout
     import torch

@@ -26,9 +26,9 @@ def test_resident_layouts_reads_the_layout_from_the_kept_tensors():
 
     words = torch.arange(16 * 6, dtype=torch.int32).view(16, 6)
     model = torch.nn.Module()
-    for name, t in (("rows", words), ("chunks", layout.row_chunks(words, 8, 2)), ("one", layout.row_chunks(words))):
+    for name, t in (("rows", words), ("chunks", layout.row_chunks(words, 8, 2)), ("again", words.clone())):
         sub = torch.nn.Module()
         sub.twla_packed = t
         model.add_module(name, sub)
-    assert resident_layouts(model) == ["chunks", "chunks-1w", "rows"]
+    assert resident_layouts(model) == ["chunks", "rows"]
     assert resident_layouts(torch.nn.Linear(2, 2)) == []

@@ -299,7 +299,7 @@ def gpu_cases() -> list[Case]:
 
 def opcheck(dev, gen) -> None:
     """The registered custom op: schema, fake impl, dynamic-shape AOT dispatch, in every weight layout
-    (`triton_ops.LAYOUTS`: row-major, 8-row x VW-word chunks, one-word chunks)."""
+    (`triton_ops.LAYOUTS`: row-major, 8-row x VW-word chunks)."""
     import twla_vllm.ops  # noqa: F401
     code, codes, qa, qm, row_scale = random_layer(Case(5, 48, 128), gen, dev)
     w_int = fmt.int_weights(codes, qa, qm, code)

@@ -11,8 +11,8 @@
 #   words-sweep  the M = 8 and 64 tile sweeps on up and gate_up (16-token tiles against the GEMV; 128-code K tiles)
 #   chunks-sweep the same with every column on the 8-row x VW-word chunks (TWLA_WEIGHT_LAYOUT=chunks; v28)
 #   words-branch int4 r32 (TwinQuant's shape) with the branch columns at decode, M = 64 and prefill
-#   layout   the op tables with the matmul on each weight layout (row-major as served, 8-row x VW-word chunks,
-#            one-word chunks; KERNEL_NOTES v27, v28): ternary g32 at M = 1, 8, 64, 2048, the quick GPU check, then
+#   layout   the op tables with the matmul on each weight layout (row-major as served, 8-row x VW-word chunks;
+#            KERNEL_NOTES v27, v28): ternary g32 at M = 1, 8, 64, 2048, the quick GPU check, then
 #            gate_up at M = 1, 64
 #            and int4 g128
 #   all      check, branch, small, sweep in that order, as one background chain that outlives the call (a plain `&` job does not):

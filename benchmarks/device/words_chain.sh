@@ -1,8 +1,8 @@
 #!/bin/bash
 # Device, after setup.sh: one lease's plan, most decisive first (leases are short and starts often refused): the
 # op tables on every weight layout + the quick GPU check (`kernel_tables.sh layout`, ~5 min, KERNEL_NOTES v28);
-# then the serving table for [methods] (default: every mode; e.g. bf16,twla,twla+chunks,twla+chunks-1w serves the
-# chunked layouts beside the default, ~2.5 min a method; `none`: no serving and no vLLM pieces to carry), once the third
+# then the serving table for [methods] (default: every mode; e.g. bf16,twla,twla+chunks serves the
+# chunked layout beside the default, ~2.5 min a method; `none`: no serving and no vLLM pieces to carry), once the third
 # carried call has put vllm.txz.part01 in /tmp/chunks (and touched part01.done); then the full GPU check and the
 # M = 8 / 64 tile sweeps on the chunked layout (`chunks-sweep`).
 #   call 1 (carry .gpu-carry/whl, deps.tar, device-install.sh, env.sh): mkdir -p /tmp/chunks /tmp/outk && cp

@@ -13,9 +13,10 @@ DRAM 10%: KERNEL_NOTES v27). The kernels therefore read
 - group scales by their (row, group) strides: [N, G] row-major or N-major ([G, N] storage), so a tile's
   one-byte scales of BN rows are BN contiguous bytes.
 
-"chunks" takes VW = the packed GEMM's K tile in words (at most 4: `tiles.chunk_words`), "chunks-1w" VW = 1 (the
-session-29 form, measured in session 30: GEMM at M = 64 2x faster on the wide shapes, the GEMV up to 3x and the
-4096->14336 prefill unpack 2x slower; in sm_90a SASS the GEMV's loads go across rows and through shared memory).
+"chunks" takes VW = the packed GEMM's K tile in words (at most 4: `tiles.chunk_words`). Measured on the H100
+(KERNEL_NOTES v28): the GEMM at M = 64 1.9-2.2x faster on the wide shapes, the GEMV 1.3-1.8x slower (a warp's
+words of one row span 16 chunks, so 4x the sectors a row-major run needs), and served Llama-3-8B shape decode
++13% at bs = 64 but -17% at bs = 1 (one VW = 1 column measured the same as VW = 2 and was dropped).
 """
 
 from __future__ import annotations
@@ -27,11 +28,9 @@ import torch
 from .tiles import chunk_words
 
 ROW_CHUNK = 8  # rows a chunk: 8 rows x 1 word = one 32-byte sector
-LAYOUTS = ("rows", "chunks", "chunks-1w")  # the format's row-major tensors; RC x VW chunks (+ N-major scales); VW 1
-# what TritonKernel keeps: "rows", the layout of every serving measurement so far. "chunks" (v28) has not yet run
-# on a GPU: flip after `kernel_tables.sh layout` (op tables on every layout + the quick GPU check) shows it equal
-# and faster at every M. TWLA_WEIGHT_LAYOUT in the environment (read at import, as TWLA_PDL) picks another for
-# comparisons (benchmarks/serve.py's "+chunks")
+LAYOUTS = ("rows", "chunks")  # the format's row-major tensors; RC x VW chunks (+ N-major scales)
+# what TritonKernel keeps: "rows" by default (faster at bs = 1..8, the GEMV's sizes); TWLA_WEIGHT_LAYOUT=chunks in
+# the environment of `vllm serve` (read at import, as TWLA_PDL) trades bs = 1 for throughput at bs >= 16
 SERVED_LAYOUT = os.environ.get("TWLA_WEIGHT_LAYOUT", "rows")
 if SERVED_LAYOUT not in LAYOUTS:
     raise ValueError(f"TWLA_WEIGHT_LAYOUT={SERVED_LAYOUT!r}: expected one of {', '.join(LAYOUTS)}")
@@ -93,7 +92,7 @@ def resident(packed: torch.Tensor, qa: torch.Tensor, qm: torch.Tensor, bits: int
     if layout not in LAYOUTS:
         raise ValueError(f"unknown weight layout {layout!r}: one of {', '.join(LAYOUTS)}")
     n, w = packed.shape
-    vw = 1 if layout == "chunks-1w" else chunk_words(bits, w * 32 // bits if group_size == -1 else group_size, w)
+    vw = chunk_words(bits, w * 32 // bits if group_size == -1 else group_size, w)
     words = row_chunks(packed, chunk, vw) if chunk > 1 and n % chunk == 0 else packed
     return words, n_major(qa), n_major(qm)
 
