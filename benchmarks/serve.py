@@ -10,8 +10,9 @@ A "+kv<dtype>" suffix (twla+kvfp8) runs the method with vLLM's --kv-cache-dtype 
 activation ranges of G channels per token (format key act_blocks, `twla-quantize --act-group-size`); "+tp1"
 (twla+tp1) with one activation K-block for o_proj and down_proj instead of 8 (`twla-quantize --row-parallel-blocks
 1`: no shard-local ranges, servable at TP 1 only); "+nopdl" (twla+nopdl) without programmatic dependent launch
-(TWLA_PDL=0; `tiles.use_pdl` turns it on at decode sizes); "+chunks" (twla+chunks) with the kernels'
-weights in 8-row chunks (TWLA_WEIGHT_LAYOUT, `triton_ops.layout`; default "rows").
+(TWLA_PDL=0; `tiles.use_pdl` turns it on at decode sizes); "+chunks" (twla+chunks) with the kernels' weights in
+8-row chunks (TWLA_WEIGHT_LAYOUT, `triton_ops.layout`; default "rows"); "+cw<W>" (twla+chunks+cw8) with W words of
+a row together in each chunk (TWLA_CHUNK_WORDS).
 
 Prints decode tok/s at batch 1 and 64 (128-token prompts, 256 generated), prefill tok/s (32 prompts ×
 2048 tokens, 1 output token) and GPU memory of the weights, with ratios to bf16 from the same run.
@@ -145,6 +146,9 @@ def run_one(method: str, workdir: str, out: str, profile_step: bool = False) -> 
     layout = "chunks" if "chunks" in opts else ""
     if layout:
         os.environ["TWLA_WEIGHT_LAYOUT"] = layout
+    chunk_words = next((o[2:] for o in opts if o.startswith("cw")), "")
+    if chunk_words:
+        os.environ["TWLA_CHUNK_WORDS"] = chunk_words
     import torch
     from vllm import LLM, SamplingParams
 

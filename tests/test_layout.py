@@ -68,6 +68,11 @@ def test_shard_rows_of_chunks(vw):
         L.chunk_rows(p, slice(4, 24))
 
 
+def test_one_chunk_a_row_block_is_readable_whatever_its_stride():
+    p = L.row_chunks(torch.arange(16 * 8, dtype=torch.int32).view(16, 8), 8, 8)  # [2, 1, 8, 8]
+    assert L.word_strides(p) == (p.stride(0), p.stride(1))
+
+
 def test_unreadable_tensors_are_refused_by_name():
     p = L.row_chunks(torch.zeros(16, 4, dtype=torch.int32), 8, 2).transpose(2, 3).contiguous().transpose(2, 3)
     with pytest.raises(ValueError, match="each chunk must be contiguous"):
@@ -89,6 +94,18 @@ def test_environment_picks_the_served_layout_and_rejects_others():
     env["TWLA_WEIGHT_LAYOUT"] = "tiles"
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True)
     assert out.returncode != 0 and "TWLA_WEIGHT_LAYOUT='tiles': expected one of rows, chunks" in out.stderr
+
+
+def test_environment_sets_a_chunks_words_and_rejects_others():
+    code = ("import torch; from twla_vllm.kernels.triton_ops import layout as L; "
+            "z = torch.zeros(16, 1, dtype=torch.int8); "
+            "print(L.resident(torch.zeros(16, 256, dtype=torch.int32), z, z, 2, 32, 'chunks')[0].shape)")
+    env = {**os.environ, "TWLA_CHUNK_WORDS": "8"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True)
+    assert out.stdout.strip() == "torch.Size([2, 32, 8, 8])", out.stderr  # ternary g32's own VW would be 2
+    env["TWLA_CHUNK_WORDS"] = "3"
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True)
+    assert out.returncode != 0 and "TWLA_CHUNK_WORDS=3: expected a power of two from 1 to 32" in out.stderr
 
 
 def test_the_kernel_benchmark_lays_out_its_copies_in_every_layout():

@@ -10,6 +10,8 @@
 #            the gemm columns on the other weight layouts (KERNEL_NOTES v24-v27)
 #   words-sweep  the M = 8 and 64 tile sweeps on up and gate_up (16-token tiles against the GEMV; 128-code K tiles)
 #   chunks-sweep the same with every column on the 8-row x VW-word chunks (TWLA_WEIGHT_LAYOUT=chunks; v28)
+#   chunk-words  the chunks column with a row's words kept 4, 8 and 16 together (TWLA_CHUNK_WORDS; ternary g32's own
+#            VW is 2): does a wider run per row win the GEMV back and keep the M = 64 GEMM's gain (v28 outcome)
 #   words-branch int4 r32 (TwinQuant's shape) with the branch columns at decode, M = 64 and prefill
 #   layout   the op tables with the matmul on each weight layout (row-major as served, 8-row x VW-word chunks;
 #            KERNEL_NOTES v27, v28): ternary g32 at M = 1, 8, 64, 2048, the quick GPU check, then
@@ -54,7 +56,10 @@ case $1 in
   words-sweep) k words_sweep_ternary_g32 400 --shapes 4096:14336,4096:28672 --ms 8,64 --sweep ;;
   chunks-sweep) TWLA_WEIGHT_LAYOUT=chunks k chunks_sweep_ternary_g32 400 --shapes 4096:14336,4096:28672 --ms 8,64 \
     --sweep ;;
+  chunk-words) for vw in 4 8 16; do TWLA_CHUNK_WORDS=$vw k chunk_words${vw}_ternary_g32 150 --ms 1,8,64 \
+    --shapes 4096:4096,14336:4096,4096:28672; done ;;
   all) for t in check branch small sweep; do bash "$0" $t; done ;;
-  *) echo "usage: $0 check|ternary|g64|branch|small|sweep|words|words-branch|words-sweep|chunks-sweep|layout|all" >&2
+  *) echo "usage: $0 check|ternary|g64|branch|small|sweep|words|words-branch|words-sweep|chunks-sweep|chunk-words|\
+layout|all" >&2
      exit 2 ;;
 esac

@@ -1,8 +1,9 @@
 #!/bin/bash
 # Device, after setup.sh: one lease's plan, most decisive first (leases are short and starts often refused): the
-# op tables on every weight layout + the quick GPU check (`kernel_tables.sh layout`, ~5 min, KERNEL_NOTES v28);
-# then the serving table for [methods] (default: every mode; e.g. bf16,twla,twla+chunks serves the
-# chunked layout beside the default, ~2.5 min a method; `none`: no serving and no vLLM pieces to carry), once the third
+# chunks column with 4, 8 and 16 words of a row together (`kernel_tables.sh chunk-words`, ~3 min, KERNEL_NOTES v28
+# outcome); then the serving table for [methods] (default: every mode; e.g. bf16,twla,twla+chunks,twla+chunks+cw8
+# serves the chunked layout beside the default, ~2.5 min a method; `none`: no serving and no vLLM pieces to carry;
+# /tmp/chunks/methods, written by a later call, narrows them once the tables are read), once the third
 # carried call has put vllm.txz.part01 in /tmp/chunks (and touched part01.done); then the full GPU check and the
 # M = 8 / 64 tile sweeps on the chunked layout (`chunks-sweep`).
 #   call 1 (carry .gpu-carry/whl, deps.tar, device-install.sh, env.sh): mkdir -p /tmp/chunks /tmp/outk && cp
@@ -13,11 +14,11 @@
 #   then poll back to back (the machine goes after 30 s idle): tail /tmp/chain.log; cp /tmp/outk/* $OUT/;
 #   cp /tmp/serve-bench/*.json $OUT/  (a call returns a limited number of files: copy the logs /tmp/k_*.log too)
 cd /tmp/repo
-if [ "$1" != none ]; then  # vLLM installs (CPU only) while the layout tables run
+if [ "$1" != none ]; then  # vLLM installs (CPU only) while the op tables run
   ( while [ ! -f /tmp/chunks/part01.done ]; do sleep 5; done
     bash /tmp/chunks/device-install.sh > /tmp/install.log 2>&1 && touch /tmp/chunks/installed ) &
 fi
-bash benchmarks/device/kernel_tables.sh layout
+bash benchmarks/device/kernel_tables.sh chunk-words
 wait
 if [ "$1" != none ]; then  # a later call may narrow the methods by writing them to /tmp/chunks/methods
   M=${1:-bf16,fp8,twla,bwla,twinquant}; [ -s /tmp/chunks/methods ] && M=$(cat /tmp/chunks/methods)

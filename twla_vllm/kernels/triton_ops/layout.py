@@ -34,6 +34,12 @@ LAYOUTS = ("rows", "chunks")  # the format's row-major tensors; RC x VW chunks (
 SERVED_LAYOUT = os.environ.get("TWLA_WEIGHT_LAYOUT", "rows")
 if SERVED_LAYOUT not in LAYOUTS:
     raise ValueError(f"TWLA_WEIGHT_LAYOUT={SERVED_LAYOUT!r}: expected one of {', '.join(LAYOUTS)}")
+# words a row keeps together in a chunk, for measurements (TWLA_CHUNK_WORDS, read at import; default: the GEMM's K
+# tile, `tiles.chunk_words`): wider runs of one row suit the GEMV (a warp's loads span fewer sectors), narrower
+# ones the GEMM's trips (KERNEL_NOTES v28 outcome)
+CHUNK_WORDS = int(os.environ.get("TWLA_CHUNK_WORDS") or 0)
+if CHUNK_WORDS not in (0, 1, 2, 4, 8, 16, 32):
+    raise ValueError(f"TWLA_CHUNK_WORDS={CHUNK_WORDS}: expected a power of two from 1 to 32")
 
 
 def as_chunks(packed: torch.Tensor) -> torch.Tensor:
@@ -92,7 +98,7 @@ def resident(packed: torch.Tensor, qa: torch.Tensor, qm: torch.Tensor, bits: int
     if layout not in LAYOUTS:
         raise ValueError(f"unknown weight layout {layout!r}: one of {', '.join(LAYOUTS)}")
     n, w = packed.shape
-    vw = chunk_words(bits, w * 32 // bits if group_size == -1 else group_size, w)
+    vw = chunk_words(bits, w * 32 // bits if group_size == -1 else group_size, w, CHUNK_WORDS)
     words = row_chunks(packed, chunk, vw) if chunk > 1 and n % chunk == 0 else packed
     return words, n_major(qa), n_major(qm)
 
@@ -103,7 +109,8 @@ def word_strides(packed: torch.Tensor) -> tuple[int, int]:
     use the constants RC*VW, VW, 1 for those strides)."""
     if packed.dim() == 4 and packed.shape[2] > 1:
         rc, vw = packed.shape[2:]
-        if packed.stride()[1:] != (rc * vw, vw, 1):
+        # (a size-1 dimension's stride is arbitrary: torch may leave one chunk per row block with any)
+        if packed.stride()[2:] != (vw, 1) or packed.shape[1] > 1 and packed.stride(1) != rc * vw:
             raise ValueError(f"row chunks {tuple(packed.shape)} with strides {packed.stride()}: each chunk must be "
                              f"contiguous (strides (., {rc * vw}, {vw}, 1)); use layout.row_chunks")
     return packed.stride(0), packed.stride(1)

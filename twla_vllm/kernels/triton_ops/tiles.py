@@ -41,11 +41,12 @@ def packed_k_cap(bk_cap: int, group_size: int) -> int:
     return min(bk_cap, max(32, group_size))
 
 
-def chunk_words(bits: int, group_size: int, words: int) -> int:
+def chunk_words(bits: int, group_size: int, words: int, want: int = 0) -> int:
     """Words VW a row keeps together in the "chunks" layout (`layout.py`): the packed GEMM's K tile at M <= 255
     (`packed_k_cap` of the 9..255-token configs' cap) in words, so each trip reads whole RC x VW chunks, capped at
-    CHUNK_MAX_WORDS and halved until it divides the row's `words`. Ternary g32: 2, binary g128: 2, int4 g128: 4."""
-    vw = min(CHUNK_MAX_WORDS, max(1, packed_k_cap(GEMM_CONFIGS[1][3], group_size) * bits // 32))
+    CHUNK_MAX_WORDS (or `want` words, a power of two, for measurements), halved until it divides the row's `words`.
+    Ternary g32: 2, binary g128: 2, int4 g128: 4."""
+    vw = want or min(CHUNK_MAX_WORDS, max(1, packed_k_cap(GEMM_CONFIGS[1][3], group_size) * bits // 32))
     while words % vw:
         vw //= 2
     return vw
