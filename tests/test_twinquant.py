@@ -102,7 +102,9 @@ def test_reported_objective_belongs_to_the_returned_factors(lr, rng):
     r = _recipe(twinquant_lr=lr, twinquant_iters=20)
     left, right, hist = tq.learn_transform(w, 8, 8, GS, 1, True, r, lambda: x)
     assert hist[-1] <= hist[0]
-    assert tq.quantized_output_error(tq._residual(w, r), x, left, right, GS, 4) == pytest.approx(hist[-1], rel=1e-3)
+    # the same J up to the fold's rounding (~1e-6), or one 4-bit code flipped by it (~1e-3, one draw in ~20: the
+    # learning folds with S⁻¹, quantized_output_error with fold_weight); other factors' J differs by ~3x
+    assert tq.quantized_output_error(tq._residual(w, r), x, left, right, GS, 4) == pytest.approx(hist[-1], rel=1e-2)
 
 
 def test_learned_lowrank_beats_svd_init_and_no_branch(rng):
