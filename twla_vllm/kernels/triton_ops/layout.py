@@ -15,8 +15,8 @@ DRAM 10%: KERNEL_NOTES v27). The kernels therefore read
 
 "chunks" takes VW = the packed GEMM's K tile in words (at most 4: `tiles.chunk_words`). Measured on the H100
 (KERNEL_NOTES v28): the GEMM at M = 64 1.9-2.2x faster on the wide shapes, the GEMV 1.3-1.8x slower (likely, not
-measured: a warp's words of one row span 16 chunks, 4x the sectors of a row-major run), and served Llama-3-8B shape decode
-+13% at bs = 64 but -17% at bs = 1 (one VW = 1 column measured the same as VW = 2 and was dropped).
+measured: a warp's words of one row span 16 chunks, 4x the sectors of a row-major run), and Llama-3-8B-shape
+decode served +13% at bs = 64 but -17% at bs = 1 (one VW = 1 column measured the same as VW = 2 and was dropped).
 """
 
 from __future__ import annotations
