@@ -37,9 +37,10 @@ if SERVED_LAYOUT not in LAYOUTS:
 # words a row keeps together in a chunk, for measurements (TWLA_CHUNK_WORDS, read at import; default: the GEMM's K
 # tile, `tiles.chunk_words`): wider runs of one row suit the GEMV (a warp's loads span fewer sectors), narrower
 # ones the GEMM's trips (KERNEL_NOTES v28 outcome)
-CHUNK_WORDS = int(os.environ.get("TWLA_CHUNK_WORDS") or 0)
-if CHUNK_WORDS not in (0, 1, 2, 4, 8, 16, 32):
-    raise ValueError(f"TWLA_CHUNK_WORDS={CHUNK_WORDS}: expected a power of two from 1 to 32")
+_CHUNK_WORDS = os.environ.get("TWLA_CHUNK_WORDS") or "0"
+if _CHUNK_WORDS not in ("0", "1", "2", "4", "8", "16", "32"):  # named even when it is no number
+    raise ValueError(f"TWLA_CHUNK_WORDS={_CHUNK_WORDS}: expected a power of two from 1 to 32")
+CHUNK_WORDS = int(_CHUNK_WORDS)
 
 
 def as_chunks(packed: torch.Tensor) -> torch.Tensor:
