@@ -11,8 +11,9 @@ activation ranges of G channels per token (format key act_blocks, `twla-quantize
 (twla+tp1) with one activation K-block for o_proj and down_proj instead of 8 (`twla-quantize --row-parallel-blocks
 1`: no shard-local ranges, servable at TP 1 only); "+nopdl" (twla+nopdl) without programmatic dependent launch
 (TWLA_PDL=0; `tiles.use_pdl` turns it on at decode sizes); "+chunks" (twla+chunks) with the kernels' weights in
-8-row chunks (TWLA_WEIGHT_LAYOUT, `triton_ops.layout`; default "rows"); "+cw<W>" (twla+chunks+cw8) with W words of
-a row together in each chunk (TWLA_CHUNK_WORDS).
+8-row chunks (TWLA_WEIGHT_LAYOUT, `triton_ops.layout`; default "rows"); "+wide" (twla+wide) with chunks only where
+N >= 2K (the fused gate/up); "+cw<W>" (twla+chunks+cw8) with W words of a row together in each chunk
+(TWLA_CHUNK_WORDS).
 
 Prints decode tok/s at batch 1 and 64 (128-token prompts, 256 generated), prefill tok/s (32 prompts ×
 2048 tokens, 1 output token) and GPU memory of the weights, with ratios to bf16 from the same run.
@@ -143,7 +144,7 @@ def run_one(method: str, workdir: str, out: str, profile_step: bool = False) -> 
     # the plugin's kernels read these at import, which may happen as vLLM is imported: set them first
     if "nopdl" in opts:
         os.environ["TWLA_PDL"] = "0"
-    layout = "chunks" if "chunks" in opts else ""
+    layout = next((o for o in opts if o in ("chunks", "wide")), "")
     if layout:
         os.environ["TWLA_WEIGHT_LAYOUT"] = layout
     chunk_words = next((o[2:] for o in opts if o.startswith("cw")), "")
@@ -169,7 +170,7 @@ def run_one(method: str, workdir: str, out: str, profile_step: bool = False) -> 
     res = {"method": method, **llm.apply_model(weight_bytes)[0]}
     if base in MODES:  # a layout asked for but not kept would time the default under another name
         res["weight_layout"] = ",".join(llm.apply_model(resident_layouts)[0])
-        if layout and res["weight_layout"] != layout:
+        if layout and res["weight_layout"] != {"chunks": "chunks", "wide": "chunks,rows"}[layout]:
             raise RuntimeError(f"{method}: asked for the {layout} weight layout, the layers keep "
                                f"{res['weight_layout']}")
     rng = torch.Generator().manual_seed(0)

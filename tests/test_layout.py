@@ -93,7 +93,15 @@ def test_environment_picks_the_served_layout_and_rejects_others():
     assert out.stdout.strip() == "chunks", out.stderr
     env["TWLA_WEIGHT_LAYOUT"] = "tiles"
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True)
-    assert out.returncode != 0 and "TWLA_WEIGHT_LAYOUT='tiles': expected one of rows, chunks" in out.stderr
+    assert out.returncode != 0 and "TWLA_WEIGHT_LAYOUT='tiles': expected one of rows, chunks, wide" in out.stderr
+
+
+def test_wide_chunks_only_weights_much_wider_than_deep():
+    # ternary: 16 codes a word, so 16 words a row = K 256; N >= 2K (gate/up-like) -> chunks, else row-major
+    def kept(n):
+        scales = torch.zeros(n, 8, dtype=torch.int8)
+        return L.resident(torch.zeros(n, 16, dtype=torch.int32), scales, scales, 2, 32, "wide")[0].dim()
+    assert kept(512) == 4 and kept(504) == 2 and kept(256) == 2
 
 
 def test_environment_sets_a_chunks_words_and_rejects_others():

@@ -30,10 +30,14 @@ from .tiles import chunk_words
 ROW_CHUNK = 8  # rows a chunk: 8 rows x 1 word = one 32-byte sector
 LAYOUTS = ("rows", "chunks")  # the format's row-major tensors; RC x VW chunks (+ N-major scales)
 # what TritonKernel keeps: "rows" by default (faster at bs = 1..8, the GEMV's sizes); TWLA_WEIGHT_LAYOUT=chunks in
-# the environment of `vllm serve` (read at import, as TWLA_PDL) trades bs = 1 for throughput at bs >= 16
+# the environment of `vllm serve` (read at import, as TWLA_PDL) trades bs = 1 for throughput at bs >= 16; "wide"
+# chunks only the weights with N >= WIDE_RATIO * K (Llama's fused gate/up), where the op tables' M = 64 gain was
+# largest against the smallest bs = 1 loss (KERNEL_NOTES v28 outcome)
+SERVED_CHOICES = LAYOUTS + ("wide",)
+WIDE_RATIO = 2
 SERVED_LAYOUT = os.environ.get("TWLA_WEIGHT_LAYOUT", "rows")
-if SERVED_LAYOUT not in LAYOUTS:
-    raise ValueError(f"TWLA_WEIGHT_LAYOUT={SERVED_LAYOUT!r}: expected one of {', '.join(LAYOUTS)}")
+if SERVED_LAYOUT not in SERVED_CHOICES:
+    raise ValueError(f"TWLA_WEIGHT_LAYOUT={SERVED_LAYOUT!r}: expected one of {', '.join(SERVED_CHOICES)}")
 # words a row keeps together in a chunk, for measurements (TWLA_CHUNK_WORDS, read at import; default: the GEMM's K
 # tile, `tiles.chunk_words`): wider runs of one row suit the GEMV (a warp's loads span fewer sectors), narrower
 # ones the GEMM's trips (KERNEL_NOTES v28 outcome)
@@ -89,15 +93,17 @@ def chunk_rows(packed: torch.Tensor, rows: slice) -> torch.Tensor:
 def resident(packed: torch.Tensor, qa: torch.Tensor, qm: torch.Tensor, bits: int, group_size: int,
              layout: str = "", chunk: int = ROW_CHUNK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A weight's packed words (B = bits codes, group_size weights a group, -1: one group a row) and group scales
-    laid out for the kernels (`LAYOUTS`; default SERVED_LAYOUT). The chunked layouts fall back to row-major words
-    where N is not a multiple of `chunk` (scales N-major either way). Same values in every layout, so the kernels'
-    outputs are equal bit for bit. Each tensor is dense in its layout (no gaps between rows), so a caller may keep
-    it as it is."""
+    laid out for the kernels (`LAYOUTS`, or "wide": chunks where N >= WIDE_RATIO * K; default SERVED_LAYOUT). The
+    chunked layouts fall back to row-major words where N is not a multiple of `chunk` (scales N-major either way).
+    Same values in every layout, so the kernels' outputs are equal bit for bit. Each tensor is dense in its layout
+    (no gaps between rows), so a caller may keep it as it is."""
     layout = layout or SERVED_LAYOUT
+    if layout == "wide":
+        layout = "chunks" if packed.shape[0] >= WIDE_RATIO * packed.shape[1] * 32 // bits else "rows"
     if layout == "rows":
         return packed.contiguous(), qa.contiguous(), qm.contiguous()
     if layout not in LAYOUTS:
-        raise ValueError(f"unknown weight layout {layout!r}: one of {', '.join(LAYOUTS)}")
+        raise ValueError(f"unknown weight layout {layout!r}: one of {', '.join(SERVED_CHOICES)}")
     n, w = packed.shape
     vw = chunk_words(bits, w * 32 // bits if group_size == -1 else group_size, w, CHUNK_WORDS)
     words = row_chunks(packed, chunk, vw) if chunk > 1 and n % chunk == 0 else packed
