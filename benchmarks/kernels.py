@@ -143,23 +143,26 @@ def act_quant_table() -> None:
 
 def act_quant_sweep(ms: list[int]) -> None:
     """act_quant's tokens per program: the launch rule (`tiles.tokens_per_program`) against fixed values, TF32
-    transform, default warps ("/8w": 8); codes compared with one token per program."""
+    transform, default warps ("/8w": 8), the left factor applied first ("L": one token permute, KERNEL_NOTES v30);
+    codes compared with one token per program in the same factor order."""
     print("\n| factors | K-blocks | M | µs by tokens per program (!: a code differs from bt=1) |\n|---|---|---|---|")
     for k, kb in ((14336, 8), (4096, 1)):
         n1, n2, left, right = transform_factors(k, kb)
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            want = T.act_quant(x, left, right, 4, 0.9, kb, bt=1)[0]
+            want = {lf: T.act_quant(x, left, right, 4, 0.9, kb, bt=1, left_first=lf)[0] for lf in (False, True)}
             cells = []
-            for bt, warps in ((None, None), (1, None), (1, 8), (2, None), (4, None), (8, None), (8, 8)):
-                kw = dict(bt=bt, warps=warps)
+            for bt, warps, lf in ((None, None, False), (None, None, True), (1, None, False), (1, None, True),
+                                  (1, 8, False), (2, None, False), (2, None, True), (4, None, False),
+                                  (8, None, False), (8, None, True), (8, 8, False), (8, 8, True)):
+                kw = dict(bt=bt, warps=warps, left_first=lf)
+                label = f"{'rule' if bt is None else bt}{f'/{warps}w' if warps else ''}{'L' if lf else ''}"
                 try:
-                    same = torch.equal(T.act_quant(x, left, right, 4, 0.9, kb, **kw)[0], want)
+                    same = torch.equal(T.act_quant(x, left, right, 4, 0.9, kb, **kw)[0], want[lf])
                     us = bench(lambda i: T.act_quant(x, left, right, 4, 0.9, kb, **kw))
-                    label = f"{'rule' if bt is None else bt}{f'/{warps}w' if warps else ''}"
                     cells.append(f"{label}: {us:.1f}{'' if same else '!'}")
                 except Exception as e:  # noqa: BLE001 - a setting that does not compile is a result too
-                    cells.append(f"{bt}: {type(e).__name__}")
+                    cells.append(f"{label}: {type(e).__name__}")
             print(f"| {n1}x{n2} | {kb} | {m} | {' / '.join(cells)} |", flush=True)
 
 

@@ -57,6 +57,7 @@ class Case:
     late_sum: bool | None = None  # the GEMV's sums over words after its K loop (None: `tiles.gemv_late_sum`)
     presum: bool | None = None  # the branch's partials summed before the matmul (None: `tiles.lowrank_presum`)
     layout: str = ""  # packed words and scales in a `triton_ops.LAYOUTS` layout ("": SERVED_LAYOUT)
+    left_first: bool = False  # act_quant applies the left factor first (one token permute)
 
     def __str__(self) -> str:
         return (f"m={self.m} n={self.n} k={self.k} {self.code} g={self.gs} kb={self.kb}"
@@ -66,7 +67,7 @@ class Case:
                 f"{'' if self.pdl is None else f' pdl={self.pdl}'}"
                 f"{'' if self.late_sum is None else f' late-sum={self.late_sum}'}"
                 f"{'' if self.presum is None else f' presum={self.presum}'}"
-                f"{f' {self.layout}' if self.layout else ''}")
+                f"{f' {self.layout}' if self.layout else ''}{' left-first' if self.left_first else ''}")
 
 
 def random_layer(c: Case, gen, dev):
@@ -105,7 +106,8 @@ def check_case(c: Case, dev, gen) -> list[str]:
     q = torch.full((c.m, c.k), -128, dtype=torch.int8, device=dev)
     s = torch.full((c.m, ab), float("nan"), device=dev)
     z = torch.full((c.m, ab), float("nan"), device=dev)
-    T.act_quant(x, left, right, c.bits, 0.9, c.kb, c.precision, out=(q, s, z), act_blocks=ab, bt=c.bt)
+    T.act_quant(x, left, right, c.bits, 0.9, c.kb, c.precision, out=(q, s, z), act_blocks=ab, bt=c.bt,
+                left_first=c.left_first)
     q_ref, s_ref, z_ref = quantize_per_token(kron_rotate(x.float(), left, right), c.bits, 0.9, ab)
     if torch.isnan(s).any() or torch.isnan(z).any():
         fails.append("act_quant left s/z unwritten")
@@ -236,6 +238,9 @@ CPU_CASES = [
                              (20, 24, 16, "int4"), (300, 24, 64, "binary"), (3, 20, 32, "binary"),
                              (20, 20, 64, "ternary"))],
     *[Case(17, 72, 256, gs=128, kb=2, rank=4, shards=3, code="int4", layout=lay) for lay in OTHER_LAYOUTS],
+    # act_quant's left factor first: 1, 2 and 4 tokens a program, padded 14-row blocks, finer activation ranges
+    Case(40, 33, 256, gs=64, kb=4, bt=4, left_first=True), Case(260, 40, 384, gs=64, kb=2, bt=2, left_first=True),
+    Case(300, 24, 448, gs=32, kb=2, bt=2, left_first=True), Case(3, 24, 256, gs=32, kb=2, ab=4, left_first=True),
 ]
 
 
@@ -294,6 +299,9 @@ def gpu_cases() -> list[Case]:
     out += [Case(64, 4096, 14336, gs=32, kb=8, dtype=bf16, layout=lay) for lay in OTHER_LAYOUTS]
     out += [Case(100, 4096, 4096, gs=128, dtype=bf16, code="int4", rank=32, shards=3, layout=lay)
             for lay in OTHER_LAYOUTS]
+    # act_quant's left factor first, at the served views' token stacking (2 of 64x64, 8 of 112x128 in 8 blocks)
+    out += [Case(m, 4096, k, gs=32, kb=kb, dtype=bf16, left_first=True, precision=p)
+            for m, k, kb in ((300, 4096, 1), (64, 14336, 8), (2048, 14336, 8)) for p in (None, "tf32x3")]
     return out
 
 
@@ -397,14 +405,14 @@ def main() -> int:
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--seeds", type=int, default=1, help="repeat every case with this many fresh seeds")
     ap.add_argument("--quick", action="store_true",
-                    help="--gpu: only the serving shapes (M = 1..300, every code) and the layout cases (~1/4 of the "
-                         "time; the whole check stays the bar)")
+                    help="--gpu: only the serving shapes (M = 1..300, every code), the layout and left-first "
+                         "cases (~1/4 of the time; the whole check stays the bar)")
     a = ap.parse_args()
     dev = "cuda" if a.gpu else "cpu"
     cases = CPU_CASES + (gpu_cases() if a.gpu else [])
     if a.quick:
         serving = gpu_cases()[:15]  # M = 1..300 on 4096x4096, every code
-        cases = [c for c in cases if c.n == 4096 and c.layout or c in serving]
+        cases = [c for c in cases if c.n == 4096 and (c.layout or c.left_first) or c in serving]
     bad = total = 0
     for _ in range(a.seeds):
         seed = int.from_bytes(os.urandom(4), "little")

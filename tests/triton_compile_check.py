@@ -41,7 +41,7 @@ POINTERS["packed fp32 partials"] = {**POINTERS["fp32 partials"], "w_ptr": "*i32"
 POINTERS["gemv fp32 partials"] = {**POINTERS["gemv"], "acc_ptr": "*fp32"}
 ACT = dict(ROWS=64, COLS=64, RBP=64, CP=64, BT=2, HAS_ROT=True, KB=1, AB=1, QR=64, BITS=4, CLIP=0.9,
            PRECISION="tf32", ASM=True, GDC=True, SR=0, JB=16, BTL=16, BKL=128, KS=1, LR_DOT=True,
-           LR_PRECISION="tf32")  # the branch's dot on bf16 x and fp16 B: one exact TF32 pass
+           LR_PRECISION="tf32", LEFT_FIRST=False)  # the branch's dot on bf16 x and fp16 B: one exact TF32 pass
 BRANCH = dict(R=32, NSH=3, RP=32, CP=128)  # rank 32 x 3 fused shards
 NO_BRANCH = dict(R=0, NSH=1, RP=16, CP=16)
 # weight layouts (`layout.py`) as the launcher specializes them (strides equal to 1 become constants): the format's
@@ -67,6 +67,10 @@ VARIANTS = [
     ("act_quant, 32 ranges", _act_quant_kernel, "act_quant", {**ACT, "AB": 32, "QR": 2}, 4),
     ("act_quant down_proj 8 blocks, 112 ranges", _act_quant_kernel, "act_quant",
      {**ACT, "ROWS": 112, "COLS": 128, "RBP": 16, "CP": 128, "KB": 8, "AB": 112, "QR": 1, "BT": 8}, 8),
+    ("act_quant left factor first, 2 tokens of 64x64", _act_quant_kernel, "act_quant", {**ACT, "LEFT_FIRST": True}, 4),
+    ("act_quant left factor first, down_proj 8 blocks, 8 tokens", _act_quant_kernel, "act_quant",
+     {**ACT, "ROWS": 112, "COLS": 128, "RBP": 16, "CP": 128, "KB": 8, "AB": 8, "QR": 16, "BT": 8, "LEFT_FIRST": True},
+     8),
     ("act_quant M=1, ranges + branch", _act_quant_kernel, "act_quant",
      {**ACT, "BT": 1, "AB": 32, "QR": 2, "SR": 48, "JB": 32, "BTL": 16}, 4),
     ("act_quant M=1 + branch in 8 K-chunks (fp32 FMA, 512-wide steps)", _act_quant_kernel, "act_quant",

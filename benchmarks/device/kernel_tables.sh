@@ -10,6 +10,8 @@
 #            the gemm columns on the other weight layouts (KERNEL_NOTES v24-v27)
 #   words-sweep  the M = 8 and 64 tile sweeps on up and gate_up (16-token tiles against the GEMV; 128-code K tiles)
 #   chunks-sweep the same with every column on the 8-row x VW-word chunks (TWLA_WEIGHT_LAYOUT=chunks; v28)
+#   left-first   act_quant with the left factor applied first (one token permute; KERNEL_NOTES v30) beside the
+#            served order in the act_quant sweep (M = 1, 64, 2048, 8192), then the quick GPU check (has its cases)
 #   chunk-words  the chunks column with a row's words kept 4, 8 and 16 together (TWLA_CHUNK_WORDS; ternary g32's own
 #            VW is 2): does a wider run per row win the GEMV back and keep the M = 64 GEMM's gain (v28 outcome)
 #   words-branch int4 r32 (TwinQuant's shape) with the branch columns at decode, M = 64 and prefill
@@ -54,12 +56,17 @@ case $1 in
     k words_binary_g128 150 --code binary --group-size 128 --ms 16,64,128 ;;
   words-branch) k words_int4_g128_r32 200 --code int4 --group-size 128 --lowrank 32 --ms 8,64,2048 ;;
   words-sweep) k words_sweep_ternary_g32 400 --shapes 4096:14336,4096:28672 --ms 8,64 --sweep ;;
+  left-first)
+    k act_quant_left_first 200 --act-quant-sweep --ms 1,64,2048,8192
+    python3 -m tests.triton_check --gpu --quick > /tmp/tcq.log 2>&1
+    echo "tc rc $?" >> /tmp/tcq.log; cp /tmp/tcq.log $OUT/; echo "== quick GPU check at $(( $(date +%s) - T0 )) s"
+    grep -a -E "^FAIL|passed,|Traceback|Error|tc rc" /tmp/tcq.log | tail -8 ;;
   chunks-sweep) TWLA_WEIGHT_LAYOUT=chunks k chunks_sweep_ternary_g32 400 --shapes 4096:14336,4096:28672 --ms 8,64 \
     --sweep ;;
   chunk-words) for vw in 4 8 16; do TWLA_CHUNK_WORDS=$vw k chunk_words${vw}_ternary_g32 150 --ms 1,8,64 \
     --shapes 4096:4096,14336:4096,4096:28672; done ;;
   all) for t in check branch small sweep; do bash "$0" $t; done ;;
   *) echo "usage: $0 check|ternary|g64|branch|small|sweep|words|words-branch|words-sweep|chunks-sweep|chunk-words|\
-layout|all" >&2
+left-first|layout|all" >&2
      exit 2 ;;
 esac

@@ -64,10 +64,33 @@ def _lowrank_down(x_ptr, b_ptr, lr_ptr, M, stride_x, lid, K: tl.constexpr, KB: t
 
 
 @triton.jit
+def _dot(a, b, PRECISION: tl.constexpr):
+    if PRECISION == "bf16":  # single-pass bf16 operands, fp32 accumulation
+        out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:
+        out = tl.dot(a, b, input_precision=PRECISION)
+    return out
+
+
+@triton.jit
+def _block_factors(l_ptr, r_ptr, b, RB: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, RBP: tl.constexpr,
+                   CP: tl.constexpr):
+    """K-block b's diagonal block of the left factor [RBP, RBP] and the right factor [CP, CP], zero-padded."""
+    rr = tl.arange(0, RBP)
+    ci = tl.arange(0, CP)
+    lm = tl.load(l_ptr + (b * RB + rr[:, None]) * ROWS + b * RB + rr[None, :],
+                 mask=(rr[:, None] < RB) & (rr[None, :] < RB), other=0.0)
+    rm = tl.load(r_ptr + ci[:, None] * COLS + ci[None, :], mask=(ci[:, None] < COLS) & (ci[None, :] < COLS),
+                 other=0.0)
+    return lm, rm
+
+
+@triton.jit
 def _quantize_tokens(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, M, stride_x, stride_q, pid, ROWS: tl.constexpr,
                      COLS: tl.constexpr, RBP: tl.constexpr, CP: tl.constexpr, BT: tl.constexpr,
                      HAS_ROT: tl.constexpr, KB: tl.constexpr, AB: tl.constexpr, QR: tl.constexpr,
-                     BITS: tl.constexpr, CLIP: tl.constexpr, PRECISION: tl.constexpr, ASM: tl.constexpr):
+                     BITS: tl.constexpr, CLIP: tl.constexpr, PRECISION: tl.constexpr, ASM: tl.constexpr,
+                     LEFT_FIRST: tl.constexpr):
     # One program per (BT tokens, K-block). A token row is viewed as [ROWS, COLS] (= [n1, n2] when transformed);
     # K-block b owns rows [b*RB, (b+1)*RB), and the left factor is block-diagonal along those blocks (checked at
     # load), so blocks transform and quantize independently. The BT tokens are stacked as [BT*RBP, CP]: one dot
@@ -76,6 +99,9 @@ def _quantize_tokens(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, M, stride_x, stri
     # With AB > KB activation ranges, each block's rows split further into QB = AB/KB ranges of QR rows (a power
     # of two, so the padded RBP rows split into whole ranges; the ranges past RB are padding and not stored);
     # with AB == KB, QR = RBP: one range over the whole (padded) block.
+    # LEFT_FIRST (BT > 1): load the tokens as [RBP, BT*CP] instead, apply the left factor first (as the reference
+    # does) and move the token index back beside the rows once, before the right-factor dot: one token permute
+    # through shared memory instead of two (KERNEL_NOTES v30).
     b = tl.program_id(1)
     RB: tl.constexpr = ROWS // KB
     ti = pid * BT + tl.arange(0, BT * RBP) // RBP  # token of each stacked row
@@ -83,25 +109,27 @@ def _quantize_tokens(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, M, stride_x, stri
     ci = tl.arange(0, CP)
     valid = (ti[:, None] < M) & (ri[:, None] < RB) & (ci[None, :] < COLS)
     offs = (b * RB + ri[:, None]) * COLS + ci[None, :]  # position within a token
-    x = tl.load(x_ptr + ti[:, None] * stride_x + offs, mask=valid, other=0.0).to(tl.float32)
-    if HAS_ROT:
-        rr = tl.arange(0, RBP)
-        lm = tl.load(l_ptr + (b * RB + rr[:, None]) * ROWS + b * RB + rr[None, :],
-                     mask=(rr[:, None] < RB) & (rr[None, :] < RB), other=0.0)
-        rm = tl.load(r_ptr + ci[:, None] * COLS + ci[None, :],
-                     mask=(ci[:, None] < COLS) & (ci[None, :] < COLS), other=0.0)
-        if PRECISION == "bf16":  # single-pass bf16 operands, fp32 accumulation
-            x = tl.dot(x.to(tl.bfloat16), rm.to(tl.bfloat16))
-        else:
-            x = tl.dot(x, rm, input_precision=PRECISION)
-        if BT > 1:
-            x = tl.reshape(tl.permute(tl.reshape(x, (BT, RBP, CP)), (1, 0, 2)), (RBP, BT * CP))
-        if PRECISION == "bf16":
-            x = tl.dot(lm.to(tl.bfloat16), x.to(tl.bfloat16))
-        else:
-            x = tl.dot(lm, x, input_precision=PRECISION)
+    if HAS_ROT and LEFT_FIRST:
+        rl = tl.arange(0, RBP)
+        tc = pid * BT + tl.arange(0, BT * CP) // CP  # token of each stacked column
+        cl = tl.arange(0, BT * CP) % CP
+        x = tl.load(x_ptr + tc[None, :] * stride_x + (b * RB + rl[:, None]) * COLS + cl[None, :],
+                    mask=(tc[None, :] < M) & (rl[:, None] < RB) & (cl[None, :] < COLS), other=0.0).to(tl.float32)
+        lm, rm = _block_factors(l_ptr, r_ptr, b, RB, ROWS, COLS, RBP, CP)
+        x = _dot(lm, x, PRECISION)
         if BT > 1:
             x = tl.reshape(tl.permute(tl.reshape(x, (RBP, BT, CP)), (1, 0, 2)), (BT * RBP, CP))
+        x = _dot(x, rm, PRECISION)
+    else:
+        x = tl.load(x_ptr + ti[:, None] * stride_x + offs, mask=valid, other=0.0).to(tl.float32)
+        if HAS_ROT:
+            lm, rm = _block_factors(l_ptr, r_ptr, b, RB, ROWS, COLS, RBP, CP)
+            x = _dot(x, rm, PRECISION)
+            if BT > 1:
+                x = tl.reshape(tl.permute(tl.reshape(x, (BT, RBP, CP)), (1, 0, 2)), (RBP, BT * CP))
+            x = _dot(lm, x, PRECISION)
+            if BT > 1:
+                x = tl.reshape(tl.permute(tl.reshape(x, (RBP, BT, CP)), (1, 0, 2)), (BT * RBP, CP))
     qmax = 2.0 ** BITS - 1.0
     half = 2.0 ** (BITS - 1)
     QB: tl.constexpr = AB // KB
@@ -133,7 +161,8 @@ def _act_quant_kernel(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, b_ptr, lr_ptr, M
                       BT: tl.constexpr, HAS_ROT: tl.constexpr, KB: tl.constexpr, AB: tl.constexpr,
                       QR: tl.constexpr, BITS: tl.constexpr, CLIP: tl.constexpr, PRECISION: tl.constexpr,
                       ASM: tl.constexpr, SR: tl.constexpr, JB: tl.constexpr, BTL: tl.constexpr, BKL: tl.constexpr,
-                      KS: tl.constexpr, LR_DOT: tl.constexpr, LR_PRECISION: tl.constexpr, GDC: tl.constexpr):
+                      KS: tl.constexpr, LR_DOT: tl.constexpr, LR_PRECISION: tl.constexpr, GDC: tl.constexpr,
+                      LEFT_FIRST: tl.constexpr):
     # Programs [0, NQ) along axis 0 transform and quantize BT tokens each; with a low-rank branch (SR > 0) the
     # programs after them compute its down-projection x @ lowrank_bᵀ from the same unrotated x, in the same
     # launch (horizontal fusion: no separate GEMM, no fp32 copy of x). Axis 1 is the K-block either way.
@@ -142,7 +171,7 @@ def _act_quant_kernel(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, b_ptr, lr_ptr, M
     pid = tl.program_id(0)
     if pid < NQ:
         _quantize_tokens(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, M, stride_x, stride_q, pid, ROWS, COLS, RBP, CP,
-                         BT, HAS_ROT, KB, AB, QR, BITS, CLIP, PRECISION, ASM)
+                         BT, HAS_ROT, KB, AB, QR, BITS, CLIP, PRECISION, ASM, LEFT_FIRST)
     if SR > 0:  # compile-time: kernels without a branch have no such programs
         if pid >= NQ:
             _lowrank_down(x_ptr, b_ptr, lr_ptr, M, stride_x, pid - NQ, ROWS * COLS, KB, KS, SR, JB, BTL, BKL,
@@ -153,7 +182,7 @@ def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | 
               k_blocks: int, precision: str | None = None,
               out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, bt: int | None = None,
               warps: int | None = None, lowrank_b: torch.Tensor | None = None, act_blocks: int = 0,
-              lowrank_split: tuple[int, int] | None = None,
+              lowrank_split: tuple[int, int] | None = None, left_first: bool = False,
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """x [M, K] -> (q int8 [M, K], s fp32 [M, AB], z fp32 [M, AB], lr) as `reference.quantize_per_token` of
     `reference.kron_rotate(x, left, right)` with AB = act_blocks (0: k_blocks) ranges per token. A left factor
@@ -165,7 +194,9 @@ def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | 
     with fp32-exact products (`lowrank_dot_precision`), returned as lr [P, M, SR] partial sums, P = k_blocks *
     `lowrank_splits`, for `quant_matmul` (None without lowrank_b).
     `out`: preallocated outputs (tests poison them). `bt` (tokens per program), `warps`, `lowrank_split` (the
-    branch's K-chunks per K-block and K step per program): override the launch heuristics (benchmarks, tests)."""
+    branch's K-chunks per K-block and K step per program): override the launch heuristics (benchmarks, tests).
+    `left_first`: apply the left factor before the right one (one token permute instead of two when a program
+    stacks tokens; off until timed, KERNEL_NOTES v30)."""
     m, k = x.shape
     x = x.contiguous()
     ab = act_blocks or k_blocks
@@ -201,7 +232,7 @@ def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | 
             CLIP=float(clip),
             PRECISION=precision, ASM=cuda, SR=sr, JB=jb, BTL=btl, BKL=bkl, KS=ks, LR_DOT=lr_dot,
             LR_PRECISION=lowrank_dot_precision(x.dtype, lowrank_b.dtype if sr else x.dtype, cuda), GDC=gdc(x.device),
-            num_warps=warps)
+            LEFT_FIRST=left_first and left is not None, num_warps=warps)
     return q, s, z, lr
 
 
