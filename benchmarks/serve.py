@@ -12,7 +12,8 @@ activation ranges of G channels per token (format key act_blocks, `twla-quantize
 1`: no shard-local ranges, servable at TP 1 only); "+nopdl" (twla+nopdl) without programmatic dependent launch
 (TWLA_PDL=0; `tiles.use_pdl` turns it on at decode sizes); "+chunks" (twla+chunks) with the kernels' weights in
 8-row chunks (TWLA_WEIGHT_LAYOUT, `triton_ops.layout`; default "rows"); "+wide" (twla+wide) with chunks only where
-N >= 2K (the fused gate/up); "+cw<W>" (twla+chunks+cw8) with W words of a row together in each chunk
+N >= 2K (the fused gate/up); "+lf" (twla+lf) with act_quant's left factor first (TWLA_ACT_LEFT_FIRST, KERNEL_NOTES
+v30); "+cw<W>" (twla+chunks+cw8) with W words of a row together in each chunk
 (TWLA_CHUNK_WORDS).
 
 Prints decode tok/s at batch 1 and 64 (128-token prompts, 256 generated), prefill tok/s (32 prompts ×
@@ -144,6 +145,8 @@ def run_one(method: str, workdir: str, out: str, profile_step: bool = False) -> 
     # the plugin's kernels read these at import, which may happen as vLLM is imported: set them first
     if "nopdl" in opts:
         os.environ["TWLA_PDL"] = "0"
+    if "lf" in opts:
+        os.environ["TWLA_ACT_LEFT_FIRST"] = "1"
     layout = next((o for o in opts if o in ("chunks", "wide")), "")
     if layout:
         os.environ["TWLA_WEIGHT_LAYOUT"] = layout

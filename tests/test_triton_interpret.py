@@ -116,3 +116,17 @@ def test_programmatic_dependent_launch_never_reaches_cpu_tensors():
     cpu = torch.device("cpu")
     assert not gdc(cpu)
     assert launch_options(cpu, pdl=True) == {} and launch_options(cpu, pdl=False) == {}
+
+
+def test_act_quant_factor_order_is_the_served_one_unless_the_environment_says():
+    """TWLA_ACT_LEFT_FIRST=1 (read at import) turns act_quant's left-first order on for serve.py's "+lf"; any
+    other value or none keeps the right factor first (KERNEL_NOTES v30)."""
+    code = "from twla_vllm.kernels.triton_ops import tiles; print(tiles.ACT_LEFT_FIRST)"
+    seen = {}
+    for value in ("1", "0", None):
+        env = {k: v for k, v in os.environ.items() if k != "TWLA_ACT_LEFT_FIRST"}
+        if value is not None:
+            env["TWLA_ACT_LEFT_FIRST"] = value
+        out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True)
+        seen[value] = out.stdout.strip()
+    assert seen == {"1": "True", "0": "False", None: "False"}, seen

@@ -9,7 +9,7 @@ import triton.language as tl
 from triton.language.extra.cuda import libdevice
 
 from .pdl import gdc
-from .tiles import block_k, lowrank_splits, lowrank_tile, tokens_per_program
+from .tiles import ACT_LEFT_FIRST, block_k, lowrank_splits, lowrank_tile, tokens_per_program
 
 
 @triton.jit
@@ -182,7 +182,7 @@ def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | 
               k_blocks: int, precision: str | None = None,
               out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, bt: int | None = None,
               warps: int | None = None, lowrank_b: torch.Tensor | None = None, act_blocks: int = 0,
-              lowrank_split: tuple[int, int] | None = None, left_first: bool = False,
+              lowrank_split: tuple[int, int] | None = None, left_first: bool | None = None,
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """x [M, K] -> (q int8 [M, K], s fp32 [M, AB], z fp32 [M, AB], lr) as `reference.quantize_per_token` of
     `reference.kron_rotate(x, left, right)` with AB = act_blocks (0: k_blocks) ranges per token. A left factor
@@ -196,7 +196,7 @@ def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | 
     `out`: preallocated outputs (tests poison them). `bt` (tokens per program), `warps`, `lowrank_split` (the
     branch's K-chunks per K-block and K step per program): override the launch heuristics (benchmarks, tests).
     `left_first`: apply the left factor before the right one (one token permute instead of two when a program
-    stacks tokens; off until timed, KERNEL_NOTES v30)."""
+    stacks tokens; None: `tiles.ACT_LEFT_FIRST`, off unless TWLA_ACT_LEFT_FIRST=1, KERNEL_NOTES v30)."""
     m, k = x.shape
     x = x.contiguous()
     ab = act_blocks or k_blocks
@@ -232,7 +232,8 @@ def act_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | 
             CLIP=float(clip),
             PRECISION=precision, ASM=cuda, SR=sr, JB=jb, BTL=btl, BKL=bkl, KS=ks, LR_DOT=lr_dot,
             LR_PRECISION=lowrank_dot_precision(x.dtype, lowrank_b.dtype if sr else x.dtype, cuda), GDC=gdc(x.device),
-            LEFT_FIRST=left_first and left is not None, num_warps=warps)
+            LEFT_FIRST=(ACT_LEFT_FIRST if left_first is None else left_first) and left is not None,
+            num_warps=warps)
     return q, s, z, lr
 
 

@@ -3,6 +3,8 @@ act_quant's tokens per program."""
 
 from __future__ import annotations
 
+import os
+
 
 def block_k(unit: int, cap: int, floor: int = 32) -> int:
     """Largest power of two in [floor, cap] dividing `unit` (K, or a K-block)."""
@@ -120,6 +122,10 @@ def gemm_split(tiles: int, k: int, kb: int, bk: int) -> int:
     return split
 
 
+# act_quant's factor order: the right factor first (served) unless TWLA_ACT_LEFT_FIRST=1 in the environment (read at
+# import): the left factor first, one token permute instead of two (KERNEL_NOTES v30), a switch for serve.py's "+lf"
+# until the act_quant sweep has timed it
+ACT_LEFT_FIRST = os.environ.get("TWLA_ACT_LEFT_FIRST") == "1"
 MIN_PROGRAMS = 256  # act_quant keeps at least this many programs once it stacks tokens (~2 per H100 SM)
 
 
