@@ -1,7 +1,8 @@
 """Instructions per K-loop iteration of the TWLA kernels, from their sm_90a SASS, on a machine without a GPU: the
-proxy KERNEL_NOTES v15-v17 judged the mid-M kernels by (they are issue-bound there), not a timing.
+proxy KERNEL_NOTES v15-v17 judged the mid-M kernels by (they are issue-bound there), not a timing. Then act_quant
+(no K loop: one program's whole instruction stream) in both factor orders (KERNEL_NOTES v30).
 
-    python benchmarks/sass_loop_counts.py
+    python benchmarks/sass_loop_counts.py [--json benchmarks/results/sass_counts.json]
 
 Each variant is compiled as the launcher specializes a served layer's arguments (`tests.triton_compile_check`:
 sm_90, pointers / strides / K / N divisible by 16), assembled by the ptxas that ships with Triton and disassembled
@@ -13,6 +14,7 @@ the loads cannot vectorize along K goes through shared memory), registers and sp
 
 from __future__ import annotations
 
+import argparse
 import collections
 import os
 import re
@@ -24,7 +26,9 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tests.triton_compile_check import GEMM, GEMV, NO_BRANCH, POINTERS, chunked, compile_variant  # noqa: E402
+from results_file import merge_rows  # noqa: E402  (benchmarks/, the script's own folder)
+from tests.triton_compile_check import ACT, GEMM, GEMV, NO_BRANCH, POINTERS, chunked, compile_variant  # noqa: E402
+from twla_vllm.kernels.triton_ops.act_quant import _act_quant_kernel  # noqa: E402
 from twla_vllm.kernels.triton_ops.gemm import _gemm_kernel  # noqa: E402
 from twla_vllm.kernels.triton_ops.gemv import _gemv_kernel  # noqa: E402
 
@@ -51,12 +55,22 @@ VARIANTS = [
     ("GEMM scratch int4 128x128x128", _gemm_kernel, "matmul",
      {**GEMM, **NO_BRANCH, **INT4_G128, "SCRATCH": True, "BM": 128, "BN": 128, "BK": 128}, 8),
 ]
+DOWN_PROJ = dict(ROWS=112, COLS=128, RBP=16, CP=128, KB=8, AB=8, QR=16, BT=8)  # 112x128 in 8 blocks, 8 tokens
+# act_quant as served (the rule's tokens and warps) and against it, each in both factor orders: (name, consts, warps)
+ACT_QUANT_VARIANTS = [
+    (f"act_quant {view}, {bt} token(s), {warps} warps{', left first' if lf else ''}",
+     {**ACT, **consts, "BT": bt, "LEFT_FIRST": lf}, warps)
+    for view, consts, bt, warps in (("down_proj 112x128 in 8 blocks", DOWN_PROJ, 8, 8),
+                                    ("down_proj 112x128 in 8 blocks", DOWN_PROJ, 8, 4),
+                                    ("64x64", {}, 2, 4), ("64x64", {}, 1, 4))
+    for lf in (False, True)]
 SASS_LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 BRANCH = re.compile(r"BRA (?:`\(\.L_x_\d+\) )?0x([0-9a-f]+)")
 
 
-def sass_and_ptxas(kernel, kind: str, consts: dict, warps: int) -> tuple[list[tuple[int, str]], str]:
-    """(address, instruction) of the compiled variant and ptxas' register / spill line."""
+def sass_and_ptxas(kernel, kind: str, consts: dict, warps: int) -> tuple[list[tuple[int, str]], str, int]:
+    """(address, instruction) of the compiled variant, ptxas' register / spill line and the shared memory bytes
+    Triton allocates a CTA."""
     compiled = compile_variant(kernel, POINTERS[kind], consts, warps)
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
@@ -69,7 +83,8 @@ def sass_and_ptxas(kernel, kind: str, consts: dict, warps: int) -> tuple[list[tu
     regs = re.search(r"Used (\d+) registers", info)
     spills = re.search(r"(\d+) bytes spill stores", info)
     lines = [(int(m.group(1), 16), m.group(2)) for m in map(SASS_LINE.match, sass.splitlines()) if m]
-    return lines, f"{regs.group(1) if regs else '?'} registers, {spills.group(1) if spills else '?'} B spilled"
+    return (lines, f"{regs.group(1) if regs else '?'} registers, {spills.group(1) if spills else '?'} B spilled",
+            compiled.metadata.shared)
 
 
 def k_loop(lines: list[tuple[int, str]]) -> list[str]:
@@ -101,16 +116,31 @@ def memory_ops(loop: list[str]) -> str:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", help="also write the rows here (benchmarks/results schema)")
+    a = ap.parse_args()
+    rows = []
     print("| kernel, tile | loop instructions | MMA or dp4a | per 32 codes of K | top opcodes | memory | registers |")
     print("|---|---|---|---|---|---|---|")
     for name, kernel, kind, consts, warps in VARIANTS:
-        lines, regs = sass_and_ptxas(kernel, kind, consts, warps)
+        lines, regs, _ = sass_and_ptxas(kernel, kind, consts, warps)
         loop = k_loop(lines)
         ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", x).split()[0].split(".")[0] for x in loop)
         work = sum(v for op, v in ops.items() if "MMA" in op or op == "IDP")
         per32 = f"{len(loop) * 32 / consts['BK']:.1f}" if kernel is _gemm_kernel else "–"
         top = ", ".join(f"{op} {v}" for op, v in ops.most_common(4))
         print(f"| {name} | {len(loop)} | {work} | {per32} | {top} | {memory_ops(loop)} | {regs} |", flush=True)
+        rows.append(dict(kernel=name, loop_instructions=len(loop), memory=memory_ops(loop), registers=regs))
+    print("\n| act_quant variant | instructions a warp | memory | registers | shared memory KB |")
+    print("|---|---|---|---|---|")
+    for name, consts, warps in ACT_QUANT_VARIANTS:
+        lines, regs, shared = sass_and_ptxas(_act_quant_kernel, "act_quant", consts, warps)
+        body = [x for _, x in lines]
+        print(f"| {name} | {len(body)} | {memory_ops(body)} | {regs} | {shared / 1024:.0f} |", flush=True)
+        rows.append(dict(kernel=name, instructions=len(body), memory=memory_ops(body), registers=regs,
+                         shared_bytes=shared))
+    if a.json:
+        merge_rows(a.json, rows, key=lambda r: r["kernel"], device="cpu (sm_90a SASS, no GPU)")
 
 
 if __name__ == "__main__":
