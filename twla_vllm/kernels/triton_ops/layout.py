@@ -97,15 +97,16 @@ def resident(packed: torch.Tensor, qa: torch.Tensor, qm: torch.Tensor, bits: int
     chunked layouts fall back to row-major words where N is not a multiple of `chunk` (scales N-major either way).
     Same values in every layout, so the kernels' outputs are equal bit for bit. Each tensor is dense in its layout
     (no gaps between rows), so a caller may keep it as it is."""
+    n, w = packed.shape
+    k = w * 32 // bits
     layout = layout or SERVED_LAYOUT
     if layout == "wide":
-        layout = "chunks" if packed.shape[0] >= WIDE_RATIO * packed.shape[1] * 32 // bits else "rows"
+        layout = "chunks" if n >= WIDE_RATIO * k else "rows"
     if layout == "rows":
         return packed.contiguous(), qa.contiguous(), qm.contiguous()
     if layout not in LAYOUTS:
         raise ValueError(f"unknown weight layout {layout!r}: one of {', '.join(SERVED_CHOICES)}")
-    n, w = packed.shape
-    vw = chunk_words(bits, w * 32 // bits if group_size == -1 else group_size, w, CHUNK_WORDS)
+    vw = chunk_words(bits, k if group_size == -1 else group_size, w, CHUNK_WORDS)
     words = row_chunks(packed, chunk, vw) if chunk > 1 and n % chunk == 0 else packed
     return words, n_major(qa), n_major(qm)
 
