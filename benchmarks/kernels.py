@@ -33,6 +33,8 @@ The launch rules flipped, each checked bit for bit against the op: PDL on / off 
 programmatic dependent launch the other way from `tiles.use_pdl` (on at M <= 8, and at M = 9..255 with one
 K-block); late sums on / off (M = 2..8): the GEMV summing its words after the K loop the other way from
 `tiles.gemv_late_sum` (on at M = 5..8 for groups of >= 128 weights).
+One launch (M = 1): the whole op as one `gemv_quant` launch (act_quant in the GEMV's prologue, a persistent grid;
+TWLA_FUSED_GEMV=1 serves it), checked against the op; with --sweep also its tiles and programs per SM (FUSED_SWEEP).
 With --act-group-size G: + ranges = the whole op with activation ranges of about G channels (twla-quantize
 --act-group-size G picks the same count: offline.layout.pick_act_blocks) instead of one per transform block.
 """
@@ -243,6 +245,34 @@ def branch_times(x, layers, branch_ab, left, right, kb, code, gs, copies) -> dic
     return times
 
 
+# --sweep at M = 1: gemv_quant's (BN rows, BP words, warps) tile and programs per SM against tiles.FUSED_GEMV
+FUSED_SWEEP = [(tile, per_sm) for tile in ((8, 64, 2), (16, 64, 4), (32, 64, 4), (16, 64, 8), (16, 128, 4), (16, 256, 4))
+               for per_sm in (1, 2, 4, 8)]
+
+
+def one_launch_times(x, layers, left, right, kb, code, gs, copies, served, sweep: bool) -> dict[str, float]:
+    """The op at M = 1 as one `gemv_quant` launch (tiles.FUSED_GEMV), checked against the served op `served` within
+    single-pass transform flips (its transform runs at another warp count), and with --sweep its other launches."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+
+    def fused(i, **kw):
+        p, rs, qa, qm, rsum = layers[i]
+        return T.gemv_quant(x, left, right, 4, 0.9, kb, kb, p, rs, qa, qm, rsum, code.bits, code.step, code.offset,
+                            gs, **kw)
+
+    out = {}
+    for tile, per_sm in [(None, None)] + (FUSED_SWEEP if sweep else []):
+        kw = {} if tile is None else dict(tile=tile, programs=max(1, per_sm * sms // kb))
+        y = fused(0, **kw).float()
+        if not torch.allclose(y, served.float(), rtol=1e-2, atol=1e-2 * served.float().abs().max().item()):
+            raise AssertionError(f"gemv_quant {kw} differs from the served op")
+        us = bench(lambda i: fused(i, **kw), copies)
+        out["one_launch_us" if tile is None else f"one_launch_{tile[0]}x{tile[1]}_{tile[2]}w_{per_sm}sm_us"] = us
+        if tile is not None:
+            print(f"  gemv_quant tile {tile}, {per_sm} programs/SM: {us:.1f} us", flush=True)
+    return out
+
+
 def lowrank_sweep(code, gs: int, rank: int, ms: list[int]) -> list[dict]:
     """The branch's x·Bᵀ launch in act_quant (KERNEL_NOTES v11-v12): the whole op with a rank-`rank` branch by
     (K-chunks per K-block, K step per program), against the launch rule and the separate fp32 GEMM; `!` marks a
@@ -391,6 +421,8 @@ def main() -> None:
                 if not torch.equal(op_with(0, **options), op(0)):
                     raise AssertionError(f"{key}: the op with {options} differs from the served op")
                 variants[key] = bench(lambda i: op_with(i, **options), c)
+            if m == 1:  # act_quant in the GEMV's prologue (gemv_quant, KERNEL_NOTES v31): the op in one launch
+                variants.update(one_launch_times(x, layers, left, right, kb, code, gs, c, op(0), a.sweep))
             ranges = {"act_blocks": ab, "act_ranges_us": bench(lambda i: op(i, ranges=True), c)} if ab else {}
             t_bf16 = bench(lambda i: x @ w_bf16[i].t(), c16)
             xq = x.to(torch.float8_e4m3fn)
@@ -442,6 +474,7 @@ def main() -> None:
                          if f"{lay}_layout_gemm_us" in r)
         extra += (f" PDL {on_off(T.use_pdl(r['m'], K_BLOCKS[r['k']]))} {r['pdl_flipped_us']:.1f} µs |"
                   if "pdl_flipped_us" in r else "")
+        extra += f" one launch {r['one_launch_us']:.1f} µs |" if "one_launch_us" in r else ""
         extra += (f" late sums {on_off(T.gemv_late_sum(r['m'], r['group_weights']))} {r['late_sum_flipped_us']:.1f}"
                   f" µs |" if "late_sum_flipped_us" in r else "")
         print(f"| {r['k']}->{r['n']} | {r['m']} | {r['quant_us']:.1f} | {r['gemm_us']:.1f} | {r['twla_us']:.1f} | "

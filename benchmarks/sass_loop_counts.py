@@ -1,6 +1,8 @@
 """Instructions per K-loop iteration of the TWLA kernels, from their sm_90a SASS, on a machine without a GPU: the
 proxy KERNEL_NOTES v15-v17 judged the mid-M kernels by (they are issue-bound there), not a timing. Then act_quant
-(no K loop: one program's whole instruction stream) in both factor orders (KERNEL_NOTES v30).
+(no K loop: one program's whole instruction stream) in both factor orders (KERNEL_NOTES v30), and the M = 1 GEMV
+with act_quant in its prologue (KERNEL_NOTES v31; its row-tile loop holds an unrolled chunk loop where the trip
+count is a constant, so the "loop" is then one tile).
 
     python benchmarks/sass_loop_counts.py [--json benchmarks/results/sass_counts.json]
 
@@ -27,10 +29,12 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from results_file import merge_rows  # noqa: E402  (benchmarks/, the script's own folder)
-from tests.triton_compile_check import ACT, GEMM, GEMV, NO_BRANCH, POINTERS, chunked, compile_variant  # noqa: E402
+from tests.triton_compile_check import (ACT, FUSED, FUSED_DOWN, GEMM, GEMV, NO_BRANCH, POINTERS, chunked,  # noqa: E402
+                                        compile_variant)
 from twla_vllm.kernels.triton_ops.act_quant import _act_quant_kernel  # noqa: E402
 from twla_vllm.kernels.triton_ops.gemm import _gemm_kernel  # noqa: E402
 from twla_vllm.kernels.triton_ops.gemv import _gemv_kernel  # noqa: E402
+from twla_vllm.kernels.triton_ops.gemv_quant import _gemv_quant_kernel  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 TERNARY_G32 = dict(GS=32)
@@ -64,6 +68,13 @@ ACT_QUANT_VARIANTS = [
                                     ("down_proj 112x128 in 8 blocks", DOWN_PROJ, 8, 4),
                                     ("64x64", {}, 2, 4), ("64x64", {}, 1, 4))
     for lf in (False, True)]
+# act_quant in the GEMV's prologue (gemv_quant.py, KERNEL_NOTES v31), at tiles.FUSED_GEMV's 16 rows on 4 warps and
+# at the served GEMV's 8 rows on 2: (name, pointer kind, consts, warps)
+FUSED_VARIANTS = [
+    (f"gemv_quant {view}, {bn}-row tiles, {warps} warps", kind, {**FUSED, **consts, "BN": bn}, warps)
+    for view, kind, consts in (("ternary 4096, 64x64 transform", "gemv_quant", {}),
+                               ("ternary down_proj 112x128 in 8 blocks", "gemv_quant fp32 partials", FUSED_DOWN))
+    for bn, warps in ((16, 4), (8, 2))]
 SASS_LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 BRANCH = re.compile(r"BRA (?:`\(\.L_x_\d+\) )?0x([0-9a-f]+)")
 
@@ -138,6 +149,16 @@ def main() -> None:
         body = [x for _, x in lines]
         print(f"| {name} | {len(body)} | {memory_ops(body)} | {regs} | {shared / 1024:.0f} |", flush=True)
         rows.append(dict(kernel=name, instructions=len(body), memory=memory_ops(body), registers=regs,
+                         shared_bytes=shared))
+    print("\n| act_quant in the GEMV's prologue | instructions a warp | largest loop with dp4a: instructions / dp4a | "
+          "registers | shared memory KB |")
+    print("|---|---|---|---|---|")
+    for name, kind, consts, warps in FUSED_VARIANTS:
+        lines, regs, shared = sass_and_ptxas(_gemv_quant_kernel, kind, consts, warps)
+        loop = k_loop(lines)
+        idp = sum(1 for x in loop if "IDP" in x)
+        print(f"| {name} | {len(lines)} | {len(loop)} / {idp} | {regs} | {shared / 1024:.0f} |", flush=True)
+        rows.append(dict(kernel=name, instructions=len(lines), loop_instructions=len(loop), registers=regs,
                          shared_bytes=shared))
     if a.json:
         merge_rows(a.json, rows, key=lambda r: r["kernel"], device="cpu (sm_90a SASS, no GPU)")

@@ -14,7 +14,8 @@ activation ranges of G channels per token (format key act_blocks, `twla-quantize
 8-row chunks (TWLA_WEIGHT_LAYOUT, `triton_ops.layout`; default "rows"); "+wide" (twla+wide) with chunks only where
 N >= 2K (the fused gate/up); "+lf" (twla+lf) with act_quant's left factor first (TWLA_ACT_LEFT_FIRST, KERNEL_NOTES
 v30); "+cw<W>" (twla+chunks+cw8) with W words of a row together in each chunk
-(TWLA_CHUNK_WORDS).
+(TWLA_CHUNK_WORDS); "+fq" (twla+fq) with act_quant in the GEMV's prologue at batch 1 (TWLA_FUSED_GEMV, KERNEL_NOTES
+v31; the JSON rows' `fused_gemv` says whether the engine's kernels saw it).
 
 Prints decode tok/s at batch 1 and 64 (128-token prompts, 256 generated), prefill tok/s (32 prompts ×
 2048 tokens, 1 output token) and GPU memory of the weights, with ratios to bf16 from the same run.
@@ -88,7 +89,9 @@ def weight_bytes(model) -> dict:
     return {"weights_gb": round(total / 1e9, 2), "linear_bytes_per_param": round(lin_bytes / max(lin_params, 1), 3)}
 
 
-KERNEL_GROUPS = (("twla GEMV/GEMM", ("gemv_kernel", "gemm_kernel", "unpack_kernel", "epilogue_kernel")),
+# gemv_quant (act_quant in the GEMV's prologue, "+fq") counts as the matmul: the transform is inside it
+KERNEL_GROUPS = (("twla GEMV/GEMM", ("gemv_kernel", "gemv_quant_kernel", "gemm_kernel", "unpack_kernel",
+                                     "epilogue_kernel")),
                  ("transform+quantize", ("act_quant",)),
                  ("attention", ("flash", "attn", "attention", "reshape_and_cache", "rotary")),
                  ("dense GEMM (bf16/fp8, lm_head)", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "sm90", "scaled_mm")))
@@ -135,6 +138,13 @@ def resident_layouts(model) -> list[str]:
     return sorted(found)
 
 
+def fused_gemv_on(model) -> bool:
+    """Whether the engine's TWLA kernels took TWLA_FUSED_GEMV (read when they were imported)."""
+    from twla_vllm.kernels.triton_ops import tiles
+
+    return tiles.FUSED_GEMV_ON
+
+
 def run_one(method: str, workdir: str, out: str, profile_step: bool = False) -> None:
     # e.g. twla+kvfp8: the mode with an fp8 KV cache; twla+ag128: activation ranges of 128 channels; +tp1: one
     # K-block for o_proj/down_proj (no shard-local activation ranges: a TP-1-only checkpoint); +nopdl; +chunks
@@ -147,6 +157,8 @@ def run_one(method: str, workdir: str, out: str, profile_step: bool = False) -> 
         os.environ["TWLA_PDL"] = "0"
     if "lf" in opts:
         os.environ["TWLA_ACT_LEFT_FIRST"] = "1"
+    if "fq" in opts:
+        os.environ["TWLA_FUSED_GEMV"] = "1"
     layout = next((o for o in opts if o in ("chunks", "wide")), "")
     if layout:
         os.environ["TWLA_WEIGHT_LAYOUT"] = layout
@@ -176,6 +188,10 @@ def run_one(method: str, workdir: str, out: str, profile_step: bool = False) -> 
         if layout and res["weight_layout"] != {"chunks": "chunks", "wide": "chunks,rows"}[layout]:
             raise RuntimeError(f"{method}: asked for the {layout} weight layout, the layers keep "
                                f"{res['weight_layout']}")
+        res["fused_gemv"] = llm.apply_model(fused_gemv_on)[0]
+        if res["fused_gemv"] != ("fq" in opts):
+            raise RuntimeError(f"{method}: TWLA_FUSED_GEMV {'asked for but' if 'fq' in opts else 'not asked for,'} "
+                               f"the kernels have it {'off' if 'fq' in opts else 'on'}")
     rng = torch.Generator().manual_seed(0)
 
     def prompts(n, length):

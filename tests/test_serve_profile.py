@@ -19,6 +19,8 @@ def test_overlap_goes_to_the_kernel_that_started_first_and_groups_sum_to_busy_ti
     assert sum(got.values()) == 28.0  # the union of the intervals: 0-27 and 30-31
     # a kernel wholly inside an earlier one adds nothing; disjoint kernels keep their durations
     assert exclusive_us([("gemm_kernel", 0.0, 10.0), ("act_quant", 3.0, 5.0)])["transform+quantize"] == 0.0
+    # act_quant inside the GEMV's launch ("+fq") is the matmul's time, not "transform+quantize" or "other"
+    assert exclusive_us([("_gemv_quant_kernel", 0.0, 4.0)])["twla GEMV/GEMM"] == 4.0
 
 
 def test_resident_layouts_reads_the_layout_from_the_kept_tensors():

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from twla_vllm.kernels.triton_ops.act_quant import lowrank_dot_precision
@@ -118,15 +119,29 @@ def test_programmatic_dependent_launch_never_reaches_cpu_tensors():
     assert launch_options(cpu, pdl=True) == {} and launch_options(cpu, pdl=False) == {}
 
 
-def test_act_quant_factor_order_is_the_served_one_unless_the_environment_says():
-    """TWLA_ACT_LEFT_FIRST=1 (read at import) turns act_quant's left-first order on for serve.py's "+lf"; any
-    other value or none keeps the right factor first (KERNEL_NOTES v30)."""
-    code = "from twla_vllm.kernels.triton_ops import tiles; print(tiles.ACT_LEFT_FIRST)"
+@pytest.mark.parametrize("variable, attribute", [("TWLA_ACT_LEFT_FIRST", "ACT_LEFT_FIRST"),
+                                                  ("TWLA_FUSED_GEMV", "FUSED_GEMV_ON")])
+def test_kernel_switches_are_off_unless_the_environment_says(variable, attribute):
+    """TWLA_ACT_LEFT_FIRST=1 (act_quant's left factor first, serve.py's "+lf", KERNEL_NOTES v30) and
+    TWLA_FUSED_GEMV=1 (one token in one launch, "+fq", v31), read at import, turn the switch on; any other value or
+    none keeps the served path."""
+    code = f"from twla_vllm.kernels.triton_ops import tiles; print(tiles.{attribute})"
     seen = {}
     for value in ("1", "0", None):
-        env = {k: v for k, v in os.environ.items() if k != "TWLA_ACT_LEFT_FIRST"}
+        env = {k: v for k, v in os.environ.items() if k != variable}
         if value is not None:
-            env["TWLA_ACT_LEFT_FIRST"] = value
+            env[variable] = value
         out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True)
         seen[value] = out.stdout.strip()
     assert seen == {"1": "True", "0": "False", None: "False"}, seen
+
+
+def test_one_launch_only_for_one_token_without_a_branch(monkeypatch):
+    """`fuse_act_quant`: gemv_quant takes M = 1 without a low-rank branch, and only with the switch on."""
+    from twla_vllm.kernels.triton_ops import tiles
+
+    monkeypatch.setattr(tiles, "FUSED_GEMV_ON", True)
+    assert tiles.fuse_act_quant(1, False)
+    assert not tiles.fuse_act_quant(2, False) and not tiles.fuse_act_quant(1, True)
+    monkeypatch.setattr(tiles, "FUSED_GEMV_ON", False)
+    assert not tiles.fuse_act_quant(1, False)

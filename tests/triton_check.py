@@ -184,6 +184,16 @@ def check_case(c: Case, dev, gen) -> list[str]:
     tol += flip_out / ref.float().abs().max().item()
     if e2 > tol:
         fails.append(f"end-to-end rel err {e2:.2e}")
+    if c.m == 1 and not c.rank:  # act_quant in the GEMV's prologue (gemv_quant): the same linear in one launch
+        y3 = T.gemv_quant(x, left, right, c.bits, 0.9, c.kb, ab, packed, row_scale, qa, qm, rowsum, code.bits,
+                          code.step, code.offset, c.gs, bias, c.precision)
+        e3 = ((y3.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+        # the interpreter runs act_quant's code with the same operations in both: equal bit for bit; compiled, the
+        # transform's dots may be issued differently at other warp counts, so the end-to-end bound above applies
+        if dev == "cpu" and not torch.equal(y3, y2):
+            fails.append(f"gemv_quant differs from act_quant + GEMV: {(y3 != y2).sum().item()} outputs")
+        if e3 > tol:
+            fails.append(f"gemv_quant end-to-end rel err {e3:.2e}")
     return fails
 
 
@@ -241,6 +251,10 @@ CPU_CASES = [
     # act_quant's left factor first: 1, 2 and 4 tokens a program, padded 14-row blocks, finer activation ranges
     Case(40, 33, 256, gs=64, kb=4, bt=4, left_first=True), Case(260, 40, 384, gs=64, kb=2, bt=2, left_first=True),
     Case(300, 24, 448, gs=32, kb=2, bt=2, left_first=True), Case(3, 24, 256, gs=32, kb=2, ab=4, left_first=True),
+    # one token in one launch (gemv_quant; every M = 1 case without a branch checks it): finer ranges in one block,
+    # no transform with odd N and per-row groups, binary over 4 blocks with 3 tiles a program
+    Case(1, 40, 256, gs=32, ab=4, bias=True), Case(1, 33, 512, gs=-1, rot=False, bias=True, bits=6),
+    Case(1, 100, 256, gs=64, kb=4, code="binary"),
 ]
 
 
@@ -253,6 +267,7 @@ def gpu_cases() -> list[Case]:
             Case(33, 1000, 4096, gs=-1, kb=8, bits=6, dtype=bf16),
             Case(600, 4096, 4096, gs=32, kb=8, rank=32, shards=3, dtype=bf16, code="int4"),
             Case(1, 4096, 4096, gs=32, ab=32, dtype=bf16), Case(64, 4096, 4096, gs=32, ab=32, dtype=bf16),
+            Case(1, 4096, 14336, gs=32, kb=8, dtype=bf16),  # down_proj at M = 1 (gemv_quant's 8 blocks too)
             Case(600, 4096, 14336, gs=32, kb=8, ab=112, rot=False, dtype=bf16), Case(1, 1376, 384, gs=64, kb=2),
             Case(200, 96, 256, gs=64, kb=4), Case(1, 4096, 14336, gs=32, kb=2, rot=False, dtype=bf16),
             Case(4, 4096, 14336, gs=-1, kb=1, rot=False, dtype=bf16), Case(64, 4096, 4096, gs=128, rank=32, shards=3,
@@ -324,7 +339,8 @@ def linear_check(dev, gen) -> list[str]:
     """The serving class itself: `TritonKernel.process_weights` + `apply` on a fused three-shard layer with its own
     transform and low-rank branch per shard (rows sliced per shard at run time), in every weight layout, with shard
     sizes that are whole 8-row chunks (24, 16, 8) and that are not (20, 12, 16: row-major words). The layouts must
-    agree bit for bit (same integer sums), and with the torch reference kernel within the end-to-end tolerance."""
+    agree bit for bit (same integer sums), and with the torch reference kernel within the end-to-end tolerance.
+    Then one token without the branch through the one-launch path (`_fused_dispatch_check`)."""
     from twla_vllm import ops
     from twla_vllm.kernels import LinearSpec, TorchReferenceKernel, TritonKernel
     from twla_vllm.kernels.base import LayerWeights
@@ -376,7 +392,39 @@ def linear_check(dev, gen) -> list[str]:
         err = ((outs[served] - ref).abs().max() / ref.abs().max()).item()
         if err > (5e-2 if dev == "cuda" else 2e-2):
             fails.append(f"shards {shards}: TritonKernel vs reference kernel rel err {err:.2e}")
+        fails += _fused_dispatch_check(spec, w, x[:1], bias)
     return fails
+
+
+def _fused_dispatch_check(spec, w, x, bias) -> list[str]:
+    """One token through the served op with `tiles.FUSED_GEMV_ON` (TWLA_FUSED_GEMV=1) and without, on the same
+    layer less its branch: the op must take gemv_quant (once per shard) and give act_quant + GEMV's outputs (bit
+    for bit in the interpreter; within check_case's single-pass bound compiled)."""
+    import dataclasses
+
+    from twla_vllm.kernels import TritonKernel
+    from twla_vllm.kernels.triton_ops import tiles
+
+    spec = dataclasses.replace(spec, lowrank_rank=0)
+    w = dataclasses.replace(w, lowrank_a=None, lowrank_b=None)
+    layer, kernel = torch.nn.Module(), TritonKernel(spec)
+    kernel.process_weights(layer, w)
+    calls = []
+    fused, on = T.gemv_quant, tiles.FUSED_GEMV_ON
+    T.gemv_quant = lambda *a, **k: calls.append(1) or fused(*a, **k)
+    try:
+        outs = []
+        for flag in (False, True):
+            tiles.FUSED_GEMV_ON = flag
+            outs.append(kernel.apply(layer, x, bias))
+    finally:
+        T.gemv_quant, tiles.FUSED_GEMV_ON = fused, on
+    if len(calls) != len(spec.shard_sizes):
+        return [f"TWLA_FUSED_GEMV: gemv_quant ran {len(calls)} times for {len(spec.shard_sizes)} shards"]
+    err = ((outs[1] - outs[0]).abs().max() / outs[0].abs().max()).item()
+    if x.device.type == "cpu" and not torch.equal(outs[0], outs[1]) or err > 5e-2:
+        return [f"TWLA_FUSED_GEMV: the one-launch layer differs from the two-launch one (rel {err:.2e})"]
+    return []
 
 
 def rule_check(dev, gen) -> list[str]:
@@ -405,14 +453,16 @@ def main() -> int:
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--seeds", type=int, default=1, help="repeat every case with this many fresh seeds")
     ap.add_argument("--quick", action="store_true",
-                    help="--gpu: only the serving shapes (M = 1..300, every code), the layout and left-first "
-                         "cases (~1/4 of the time; the whole check stays the bar)")
+                    help="--gpu: only the serving shapes (M = 1..300, every code; M = 1 also through gemv_quant), "
+                         "down_proj at M = 1, the layout and left-first cases (~1/4 of the time; the whole check "
+                         "stays the bar)")
     a = ap.parse_args()
     dev = "cuda" if a.gpu else "cpu"
     cases = CPU_CASES + (gpu_cases() if a.gpu else [])
     if a.quick:
         serving = gpu_cases()[:15]  # M = 1..300 on 4096x4096, every code
-        cases = [c for c in cases if c.n == 4096 and (c.layout or c.left_first) or c in serving]
+        down_1 = Case(1, 4096, 14336, gs=32, kb=8, dtype=torch.bfloat16)  # gemv_quant over 8 blocks
+        cases = [c for c in cases if c.n == 4096 and (c.layout or c.left_first) or c in serving or c == down_1]
     bad = total = 0
     for _ in range(a.seeds):
         seed = int.from_bytes(os.urandom(4), "little")

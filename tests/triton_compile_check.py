@@ -21,6 +21,7 @@ from twla_vllm.kernels.triton_ops.act_quant import _act_quant_kernel
 from twla_vllm.kernels.triton_ops.epilogue import _epilogue_kernel
 from twla_vllm.kernels.triton_ops.gemm import _gemm_kernel
 from twla_vllm.kernels.triton_ops.gemv import _gemv_kernel
+from twla_vllm.kernels.triton_ops.gemv_quant import _gemv_quant_kernel
 from twla_vllm.kernels.triton_ops.unpack import _unpack_kernel
 
 H100 = GPUTarget("cuda", 90, 32)
@@ -39,6 +40,10 @@ POINTERS["fp32 partials"] = {**POINTERS["matmul"], "acc_ptr": "*fp32"}  # severa
 POINTERS["packed"] = {**POINTERS["matmul"], "w_ptr": "*i32"}  # the packed GEMM reads int32 words
 POINTERS["packed fp32 partials"] = {**POINTERS["fp32 partials"], "w_ptr": "*i32"}
 POINTERS["gemv fp32 partials"] = {**POINTERS["gemv"], "acc_ptr": "*fp32"}
+# act_quant in the GEMV's prologue: the token and factors as act_quant's, its scratch as int8 and as int32 words
+POINTERS["gemv_quant"] = {**POINTERS["gemv"], **POINTERS["act_quant"], "qs_ptr": "*i8", "qw_ptr": "*i32",
+                          "ss_ptr": "*fp32", "zs_ptr": "*fp32", "acc_ptr": "*bf16"}
+POINTERS["gemv_quant fp32 partials"] = {**POINTERS["gemv_quant"], "acc_ptr": "*fp32"}
 ACT = dict(ROWS=64, COLS=64, RBP=64, CP=64, BT=2, HAS_ROT=True, KB=1, AB=1, QR=64, BITS=4, CLIP=0.9,
            PRECISION="tf32", ASM=True, GDC=True, SR=0, JB=16, BTL=16, BKL=128, KS=1, LR_DOT=True,
            LR_PRECISION="tf32", LEFT_FIRST=False)  # the branch's dot on bf16 x and fp16 B: one exact TF32 pass
@@ -49,6 +54,11 @@ NO_BRANCH = dict(R=0, NSH=1, RP=16, CP=16)
 ROWS = dict(RC=1, VW=1, stride_wk=1, stride_gg=1, EVEN_N=True)
 GEMV = dict(**ROWS, BITS=2, STEP=1, OFF=1, GW=2, KB=1, LRKB=1, HAS_BIAS=True, BM=1, BN=8, BP=64, SPLIT=1, ASM=True,
             GDC=True, LATE_SUM=False, CPC=16)  # CPC: branch columns per multiply-add step
+# one token of 4096 in a 64x64 view, ternary g32 into 4096 rows (tiles.FUSED_GEMV's tile)
+FUSED = dict(**ROWS, K=4096, ROWS=64, COLS=64, RBP=64, XCP=64, HAS_ROT=True, KB=1, AB=1, QR=64, ABITS=4, CLIP=0.9,
+             PRECISION="tf32", BITS=2, STEP=1, OFF=1, GW=2, HAS_BIAS=False, BN=16, BP=64, ASM=True, GDC=True,
+             LEFT_FIRST=False)
+FUSED_DOWN = dict(K=14336, ROWS=112, COLS=128, RBP=16, XCP=128, KB=8, AB=8, QR=16, BP=16)  # 112x128 in 8 blocks
 UNPACK = dict(**ROWS, GS=32, BITS=2, STEP=1, OFF=1, BN=32, BW=64)
 GEMM = dict(**ROWS, BITS=2, STEP=1, OFF=1, GS=32, KB=1, LRKB=1, HAS_BIAS=True, SCRATCH=False, SPLIT=1, BM=64,
             BN=64, BK=64, GROUP_N=8, PRECISION="tf32x3", GDC=True)
@@ -89,6 +99,12 @@ VARIANTS = [
      {**GEMV, **NO_BRANCH, "BM": 8, "BN": 32, "BP": 32, "LATE_SUM": True}, 4),
     ("gemv int4, 8 blocks", _gemv_kernel, "gemv fp32 partials",
      {**GEMV, **NO_BRANCH, "BITS": 4, "OFF": 8, "KB": 8, "SPLIT": 8}, 4),
+    ("gemv_quant M=1 ternary, 64x64 transform", _gemv_quant_kernel, "gemv_quant", FUSED, 4),
+    ("gemv_quant M=1 ternary, down_proj 8 blocks", _gemv_quant_kernel, "gemv_quant fp32 partials",
+     {**FUSED, **FUSED_DOWN}, 4),
+    ("gemv_quant M=1 int4 g128, no transform, 4 ranges, bias, 8x4 chunks", _gemv_quant_kernel, "gemv_quant",
+     chunked({**FUSED, "HAS_ROT": False, "ROWS": 16, "COLS": 256, "RBP": 16, "XCP": 256, "AB": 4, "QR": 4,
+              "BITS": 4, "OFF": 8, "GW": 16, "HAS_BIAS": True}, 4), 4),
     ("gemm packed ternary", _gemm_kernel, "packed", {**GEMM, **NO_BRANCH}, 4),
     ("gemm packed binary", _gemm_kernel, "packed", {**GEMM, **NO_BRANCH, "BITS": 1}, 4),
     ("gemm packed int4, groups of 16 in 64-wide tiles (per-word scales)", _gemm_kernel, "packed",

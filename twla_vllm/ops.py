@@ -50,6 +50,9 @@ if triton_ops is not None:
     def _quant_linear(x, packed, row_scale, qa, qm, rowsum, left, right, lowrank_a, lowrank_b, bias, code_bits,
                       code_step, code_offset, group_size, act_bits, act_clip, k_blocks, act_blocks, shard_end0,
                       shard_end1):
+        if triton_ops.fuse_act_quant(x.shape[0], lowrank_b is not None):
+            return triton_ops.gemv_quant(x, left, right, act_bits, act_clip, k_blocks, act_blocks, packed, row_scale,
+                                         qa, qm, rowsum, code_bits, code_step, code_offset, group_size, bias)
         # x·Bᵀ runs in act_quant's launch (B fp16 as stored, converted in registers)
         q, s, z, lr = triton_ops.act_quant(x, left, right, act_bits, act_clip, k_blocks, lowrank_b=lowrank_b,
                                            act_blocks=act_blocks)

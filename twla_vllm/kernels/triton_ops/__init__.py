@@ -19,6 +19,8 @@ layout:     where the kernels read packed words (row-major, or RC-row chunks so 
             32-byte sectors) and group scales (any strides); what TritonKernel keeps (SERVED_LAYOUT).
 pdl:        programmatic dependent launch: at decode sizes the matmul starts while act_quant runs (`tiles.use_pdl`).
 matmul:     `quant_matmul` picks the path by M (tiles.py).
+gemv_quant: one token in one launch: every program of a persistent GEMV transforms and quantizes its K-block of
+            the token itself (act_quant's code) before its share of row tiles (`tiles.fuse_act_quant`).
 unpack:     large M unpacks the weights once into an int8 scratch and runs the same GEMM on it (SCRATCH). The
             unpack builds four int8 weights per multiply-add from one packed word (SWAR on uint32): lane i,
             ((w >> B*i) & mask) * (a*step) + (m - a*offset + 128), XOR 0x80 per byte, holds four consecutive codes,
@@ -30,11 +32,12 @@ y = s_n * Σ_b s_b * float32(acc_b - z_b * rowsum_b) (+ low-rank, bias). Roundin
 
 from .act_quant import act_quant, act_ranges_supported
 from .layout import LAYOUTS, ROW_CHUNK, SERVED_LAYOUT, chunk_rows, packed_rows, resident
+from .gemv_quant import gemv_quant
 from .matmul import quant_matmul
 from .pdl import gdc
-from .tiles import GEMV_MAX_M, gemv_late_sum, lowrank_presum, lowrank_splits, use_pdl, uses_scratch
+from .tiles import GEMV_MAX_M, fuse_act_quant, gemv_late_sum, lowrank_presum, lowrank_splits, use_pdl, uses_scratch
 from .unpack import unpack_weights
 
 __all__ = ["GEMV_MAX_M", "LAYOUTS", "ROW_CHUNK", "SERVED_LAYOUT", "act_quant", "act_ranges_supported", "chunk_rows",
-           "gdc", "gemv_late_sum", "lowrank_presum", "lowrank_splits", "packed_rows", "quant_matmul", "resident",
-           "unpack_weights", "use_pdl", "uses_scratch"]
+           "fuse_act_quant", "gdc", "gemv_late_sum", "gemv_quant", "lowrank_presum", "lowrank_splits", "packed_rows",
+           "quant_matmul", "resident", "unpack_weights", "use_pdl", "uses_scratch"]

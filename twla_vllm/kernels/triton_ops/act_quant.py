@@ -86,12 +86,12 @@ def _block_factors(l_ptr, r_ptr, b, RB: tl.constexpr, ROWS: tl.constexpr, COLS: 
 
 
 @triton.jit
-def _quantize_tokens(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, M, stride_x, stride_q, pid, ROWS: tl.constexpr,
+def _quantize_tokens(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, M, stride_x, stride_q, pid, b, ROWS: tl.constexpr,
                      COLS: tl.constexpr, RBP: tl.constexpr, CP: tl.constexpr, BT: tl.constexpr,
                      HAS_ROT: tl.constexpr, KB: tl.constexpr, AB: tl.constexpr, QR: tl.constexpr,
                      BITS: tl.constexpr, CLIP: tl.constexpr, PRECISION: tl.constexpr, ASM: tl.constexpr,
                      LEFT_FIRST: tl.constexpr):
-    # One program per (BT tokens, K-block). A token row is viewed as [ROWS, COLS] (= [n1, n2] when transformed);
+    # One program per (BT tokens, K-block b). A token row is viewed as [ROWS, COLS] (= [n1, n2] when transformed);
     # K-block b owns rows [b*RB, (b+1)*RB), and the left factor is block-diagonal along those blocks (checked at
     # load), so blocks transform and quantize independently. The BT tokens are stacked as [BT*RBP, CP]: one dot
     # with the right factor for all of them, and one with the left factor after moving the token index next to
@@ -102,7 +102,6 @@ def _quantize_tokens(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, M, stride_x, stri
     # LEFT_FIRST (BT > 1): load the tokens as [RBP, BT*CP] instead, apply the left factor first (as the reference
     # does) and move the token index back beside the rows once, before the right-factor dot: one token permute
     # through shared memory instead of two (KERNEL_NOTES v30).
-    b = tl.program_id(1)
     RB: tl.constexpr = ROWS // KB
     ti = pid * BT + tl.arange(0, BT * RBP) // RBP  # token of each stacked row
     ri = tl.arange(0, BT * RBP) % RBP
@@ -170,8 +169,8 @@ def _act_quant_kernel(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, b_ptr, lr_ptr, M
         tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     if pid < NQ:
-        _quantize_tokens(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, M, stride_x, stride_q, pid, ROWS, COLS, RBP, CP,
-                         BT, HAS_ROT, KB, AB, QR, BITS, CLIP, PRECISION, ASM, LEFT_FIRST)
+        _quantize_tokens(x_ptr, l_ptr, r_ptr, q_ptr, s_ptr, z_ptr, M, stride_x, stride_q, pid, tl.program_id(1), ROWS,
+                         COLS, RBP, CP, BT, HAS_ROT, KB, AB, QR, BITS, CLIP, PRECISION, ASM, LEFT_FIRST)
     if SR > 0:  # compile-time: kernels without a branch have no such programs
         if pid >= NQ:
             _lowrank_down(x_ptr, b_ptr, lr_ptr, M, stride_x, pid - NQ, ROWS * COLS, KB, KS, SR, JB, BTL, BKL,

@@ -16,6 +16,22 @@ def block_k(unit: int, cap: int, floor: int = 32) -> int:
 
 GEMV_MAX_M = 8  # up to here: CUDA-core dp4a GEMV
 GEMV_CONFIGS = ((1, 8, 64, 2), (GEMV_MAX_M, 32, 32, 4))  # (max M, BN, BP words, warps)
+# M = 1 with act_quant in the GEMV's prologue (gemv_quant.py, KERNEL_NOTES v31; not yet timed): (BN rows, BP words,
+# warps, programs per SM). 4 warps for the transform's dots (act_quant's M = 1 launch); BN 16 keeps the 2-warp
+# GEMV's 8 words a thread per chunk. Each program repeats the transform (~1 400 instructions a warp, sm_90a SASS),
+# and each streams its tiles one chunk ahead: 4 programs an SM keep ~16 KB of weights in flight per SM (the
+# per-tile GEMV's ~4 resident 2-warp CTAs x 2 chunks, ~16 KB) for 4 transforms' issue slots. `benchmarks/kernels.py
+# --sweep --ms 1` times 1-8 programs an SM and other tiles (FUSED_SWEEP).
+FUSED_GEMV = (16, 64, 4, 4)
+FUSED_GEMV_ON = os.environ.get("TWLA_FUSED_GEMV") == "1"
+
+
+def fuse_act_quant(m: int, has_branch: bool) -> bool:
+    """Whether a linear runs as one `gemv_quant` launch: one token, no low-rank branch (its x·Bᵀ rides in
+    act_quant's launch), and TWLA_FUSED_GEMV=1 until the serving table has timed it."""
+    return FUSED_GEMV_ON and m == 1 and not has_branch
+
+
 GEMV_SPLIT_CTAS = 528  # split K (int32 partials) while the grid has fewer CTAs than this (4 per SM)
 GEMV_LOWRANK_SUM = 4096  # largest [BM, BN, branch columns] multiply-add tile of an epilogue's low-rank branch
 
