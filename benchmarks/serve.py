@@ -20,8 +20,8 @@ v31; the JSON rows' `fused_gemv` says whether the engine's kernels saw it).
 Prints decode tok/s at batch 1 and 64 (128-token prompts, 256 generated), prefill tok/s (32 prompts ×
 2048 tokens, 1 output token) and GPU memory of the weights, with ratios to bf16 from the same run.
 Each method runs in its own process (one engine per process). --profile adds, per method, where the GPU
-time of one bs=1 decode step goes (torch profiler, CUDA graphs on, overlapping kernels counted once; needs the
-in-process engine core, VLLM_ENABLE_V1_MULTIPROCESSING=0, as the staged GPU vLLM uses).
+time of one bs=1 and one bs=64 decode step goes (torch profiler, CUDA graphs on, overlapping kernels counted once;
+needs the in-process engine core, VLLM_ENABLE_V1_MULTIPROCESSING=0, as the staged GPU vLLM uses).
 """
 
 from __future__ import annotations
@@ -111,16 +111,18 @@ def exclusive_us(kernels: list[tuple[str, float, float]]) -> dict[str, float]:
     return groups
 
 
-def decode_step_breakdown(llm, sampling_params_cls, prompt) -> dict:
-    """GPU µs per bs=1 decode step by kernel group: (profile of 33 tokens − profile of 1 token) / 32, each
-    profile's kernels attributed by `exclusive_us`."""
+def decode_step_breakdown(llm, sampling_params_cls, new_prompts) -> dict:
+    """GPU µs per decode step by kernel group: (profile of 33 tokens − profile of 1 token) / 32 over a batch of
+    `new_prompts()`, each profile's kernels attributed by `exclusive_us`. Each profile gets prompts of its own:
+    with the same ones vLLM's prefix cache would skip the second prefill, and the difference would subtract a
+    prefill from the 32 steps (~1/32 of a 64 x 128-token prefill per step at bs = 64)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     def kernel_us(n_tokens):
         sp = sampling_params_cls(temperature=0, max_tokens=n_tokens, ignore_eos=True, detokenize=False)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            llm.generate([prompt], sp)
+            llm.generate(new_prompts(), sp)
         return exclusive_us([(ev.name, ev.time_range.start, ev.time_range.end) for ev in prof.events()
                              if ev.device_type == DeviceType.CUDA])
 
@@ -214,8 +216,9 @@ def run_one(method: str, workdir: str, out: str, profile_step: bool = False) -> 
     res["decode_bs64_tok_s"] = 64 * 256 / t
     t = timed(32, 2048, 1)
     res["prefill_tok_s"] = 32 * 2048 / t
-    if profile_step:
-        res["decode_step_us"] = decode_step_breakdown(llm, SamplingParams, prompts(1, 128)[0])
+    if profile_step:  # bs = 64 as well: its step (~14 ms for twla vs ~8 for bf16) was never broken down
+        res["decode_step_us"] = decode_step_breakdown(llm, SamplingParams, lambda: prompts(1, 128))
+        res["decode_step_bs64_us"] = decode_step_breakdown(llm, SamplingParams, lambda: prompts(64, 128))
     with open(out, "w") as f:
         json.dump(res, f)
 
@@ -224,7 +227,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--methods", default="bf16,fp8,twla")
     ap.add_argument("--workdir", default="/tmp/serve-bench")
-    ap.add_argument("--profile", action="store_true", help="GPU time of one bs=1 decode step by kernel group")
+    ap.add_argument("--profile", action="store_true",
+                    help="GPU time of one bs=1 and one bs=64 decode step by kernel group")
     ap.add_argument("--json", help="write the rows here (benchmarks/results schema)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -261,14 +265,15 @@ def main() -> None:
                        "command": "python " + " ".join(sys.argv), "rows": results}, f, indent=1)
     if a.profile:
         groups = [g for g, _ in KERNEL_GROUPS] + ["other"]
-        print("\nGPU time of one bs=1 decode step (µs, torch profiler, CUDA graphs on)")
-        print("| method | " + " | ".join(groups) + " | total |")
-        print("|---|" + "---|" * (len(groups) + 1))
-        for r in results:
-            st = r.get("decode_step_us")
-            if st:
-                print(f"| {r['method']} | " + " | ".join(f"{st[g]:.0f}" for g in groups)
-                      + f" | {sum(st.values()):.0f} |")
+        for key, batch in (("decode_step_us", 1), ("decode_step_bs64_us", 64)):
+            print(f"\nGPU time of one bs={batch} decode step (µs, torch profiler, CUDA graphs on)")
+            print("| method | " + " | ".join(groups) + " | total |")
+            print("|---|" + "---|" * (len(groups) + 1))
+            for r in results:
+                st = r.get(key)
+                if st:
+                    print(f"| {r['method']} | " + " | ".join(f"{st[g]:.0f}" for g in groups)
+                          + f" | {sum(st.values()):.0f} |")
 
 
 if __name__ == "__main__":
