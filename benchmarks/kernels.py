@@ -81,6 +81,12 @@ SWEEP[64] += [dict(tile=(64, 64, 32, 4, 3), split=sp) for sp in (16, 32)]
 SWEEP[64] += [dict(tile=(64, bn, 128, w, st)) for bn, w in ((64, 4), (128, 8)) for st in (3, 5)]
 # M = 8 on the tensor-core path (a 16-token tile) against the GEMV the rule picks (tiles.GEMV_MAX_M)
 SWEEP[8] = [dict(tile=(16, bn, 32, w, st)) for bn, w in ((64, 4), (128, 8)) for st in (3, 5)]
+# the GEMV's (BN rows, BP words a chunk, warps) against tiles.GEMV_CONFIGS' (8, 64, 2) at M = 1 (and (32, 32, 4) at
+# M = 8): wider chunks keep more of a row's words in flight per trip (a 4096-wide ternary row is 256 words, so BP
+# 256 is one trip), more rows per CTA fewer CTAs (on every shape at M = 1: the op there is latency-bound)
+SWEEP[1] = [dict(gemv_tile=t) for t in ((8, 128, 2), (8, 256, 2), (16, 64, 4), (16, 128, 4), (4, 256, 1),
+                                        (8, 256, 4))]
+SWEEP[8] += [dict(gemv_tile=t) for t in ((16, 64, 4), (64, 32, 8), (16, 32, 2))]
 L2_BEATING_BYTES = 128 << 20
 
 
@@ -429,13 +435,13 @@ def main() -> None:
             t_fp8 = bench(lambda i: torch._scaled_mm(xq, w_f8[i].t(), one, one, out_dtype=torch.bfloat16), c8) \
                 if m >= 16 else float("nan")
             t_int = bench(lambda i: torch._int_mm(q, w_i8[i].t()), c8) if m > 16 else float("nan")
-            if a.sweep and m in SWEEP and ((k, n) == (4096, 14336) or m == 64 or kb > 1):
+            if a.sweep and m in SWEEP and ((k, n) == (4096, 14336) or m in (1, 64) or kb > 1):
                 base = mm(0)
                 for kw in SWEEP[m]:
                     if kb > 1 and kw.get("split", kb) not in (1, kb):  # one split per K-block (tiles.gemm_split)
                         continue
                     try:
-                        kw = {"scratch": False, **kw}
+                        kw = {"scratch": False, **kw} if "gemv_tile" not in kw else kw
                         ok = torch.allclose(mm(0, **kw).float(), base.float(), rtol=1e-2,
                                             atol=1e-3 * base.float().abs().max().item())
                         us = bench(lambda i: mm(i, **kw), c)
@@ -451,10 +457,11 @@ def main() -> None:
             print(f"{k}->{n} M={m}: twla {t_all:.1f} us (quant {t_quant:.1f}, gemm {t_gemm:.1f}), bf16 {t_bf16:.1f} us",
                   flush=True)
     if sweep:
-        print("\n| K->N | M | scratch | tile (BM,BN,BK,warps,stages) | split | equal | µs |")
+        print("\n| K->N | M | scratch | tile (BM,BN,BK,warps,stages) or GEMV (BN,BP,warps) | split | equal | µs |")
         print("|---|---|---|---|---|---|---|")
         for k, n, m, kw, ok, us in sweep:
-            print(f"| {k}->{n} | {m} | {kw['scratch']} | {kw['tile']} | "
+            tile = kw["tile"] if "tile" in kw else f"GEMV {kw['gemv_tile']}"
+            print(f"| {k}->{n} | {m} | {kw.get('scratch', False)} | {tile} | "
                   f"{kw.get('split', 'rule')} | {ok} | {us:.1f} |")
     print(f"\n{code.name}, group size {gs}\n| K->N | M | quant µs | gemm µs | twla µs | bf16 µs | fp8 µs | _int_mm µs "
           f"| bf16/twla | floor % |\n|---|---|---|---|---|---|---|---|---|---|")

@@ -428,9 +428,9 @@ def _fused_dispatch_check(spec, w, x, bias) -> list[str]:
 
 
 def rule_check(dev, gen) -> list[str]:
-    """`quant_matmul` with each launch rule overridden the other way (`pdl`, `late_sum`) against the rules, at
-    sizes where the rule is on and where it is off: equal bit for bit, since the integer sums are exact and only
-    their order and the launch differ."""
+    """`quant_matmul` with each launch rule overridden the other way (`pdl`, `late_sum`; at decode sizes also the
+    GEMV's tile) against the rules, at sizes where the rule is on and where it is off: equal bit for bit, since the
+    integer sums are exact and only their order and the launch differ."""
     fails = []
     for code_name, gs, m in (("binary", 128, 4), ("ternary", 32, 8), ("int4", 128, 1), ("ternary", 32, 24),
                              ("binary", 128, 40), ("int4", 64, 12)):
@@ -442,7 +442,10 @@ def rule_check(dev, gen) -> list[str]:
         args = (q, s, z, fmt.pack_codes(codes, code).to(dev), row_scale.to(dev), qa.to(dev), qm.to(dev),
                 block_row_sums(w_int, 1).to(dev), code.bits, code.step, code.offset, gs, torch.bfloat16)
         ruled = T.quant_matmul(*args)
-        for key, flipped in (("pdl", not T.use_pdl(m, 1)), ("late_sum", not T.gemv_late_sum(m, gs))):
+        overrides = [("pdl", not T.use_pdl(m, 1)), ("late_sum", not T.gemv_late_sum(m, gs))]
+        if m <= T.GEMV_MAX_M:  # the GEMV's tile of the benchmarks' sweep: 256-word chunks on 1 warp, 16 rows on 4
+            overrides += [("gemv_tile", (4, 256, 1)), ("gemv_tile", (16, 64, 4))]
+        for key, flipped in overrides:
             if not torch.equal(T.quant_matmul(*args, **{key: flipped}), ruled):
                 fails.append(f"{code_name} g{gs} M={m}: {key}={flipped} changes the output")
     return fails

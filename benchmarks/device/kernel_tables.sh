@@ -12,8 +12,9 @@
 #   chunks-sweep the same with every column on the 8-row x VW-word chunks (TWLA_WEIGHT_LAYOUT=chunks; v28)
 #   left-first   act_quant with the left factor applied first (one token permute; KERNEL_NOTES v30) beside the
 #            served order in the act_quant sweep (M = 1, 64, 2048, 8192), then the quick GPU check (has its cases)
-#   one-launch   M = 1 as one gemv_quant launch (act_quant in the GEMV's prologue; KERNEL_NOTES v31) beside the
-#            served two launches, with its tiles and programs per SM swept, on the four Llama-3-8B shapes
+#   decode   M = 1 and 8 on the four Llama-3-8B shapes with --sweep: M = 1 as one gemv_quant launch (act_quant in
+#            the GEMV's prologue; KERNEL_NOTES v31) beside the served two launches, its tiles and programs per SM,
+#            and the GEMV's own tiles (BN rows, BP words a chunk, warps) at M = 1 and 8
 #   chunk-words  the chunks column with a row's words kept 4, 8 and 16 together (TWLA_CHUNK_WORDS; ternary g32's own
 #            VW is 2): does a wider run per row win the GEMV back and keep the M = 64 GEMM's gain (v28 outcome)
 #   words-branch int4 r32 (TwinQuant's shape) with the branch columns at decode, M = 64 and prefill
@@ -63,13 +64,13 @@ case $1 in
     python3 -m tests.triton_check --gpu --quick > /tmp/tcq.log 2>&1
     echo "tc rc $?" >> /tmp/tcq.log; cp /tmp/tcq.log $OUT/; echo "== quick GPU check at $(( $(date +%s) - T0 )) s"
     grep -a -E "^FAIL|passed,|Traceback|Error|tc rc" /tmp/tcq.log | tail -8 ;;
-  one-launch) k one_launch_ternary_g32 250 --ms 1 --sweep --shapes 4096:4096,4096:14336,14336:4096,4096:28672 ;;
+  decode) k decode_sweep_ternary_g32 300 --ms 1,8 --sweep --shapes 4096:4096,4096:14336,14336:4096,4096:28672 ;;
   chunks-sweep) TWLA_WEIGHT_LAYOUT=chunks k chunks_sweep_ternary_g32 400 --shapes 4096:14336,4096:28672 --ms 8,64 \
     --sweep ;;
   chunk-words) for vw in 4 8 16; do TWLA_CHUNK_WORDS=$vw k chunk_words${vw}_ternary_g32 150 --ms 1,8,64 \
     --shapes 4096:4096,14336:4096,4096:28672; done ;;
   all) for t in check branch small sweep; do bash "$0" $t; done ;;
   *) echo "usage: $0 check|ternary|g64|branch|small|sweep|words|words-branch|words-sweep|chunks-sweep|chunk-words|\
-left-first|one-launch|layout|all" >&2
+left-first|decode|layout|all" >&2
      exit 2 ;;
 esac

@@ -1,8 +1,8 @@
 #!/bin/bash
 # Device, after setup.sh: one lease's plan, most decisive first (leases are short and starts often refused): act_quant
 # with its left factor first beside the served order (`kernel_tables.sh left-first`: the act_quant sweep's "L" cells
-# and the quick GPU check, ~4 min, KERNEL_NOTES v30); M = 1 in one launch with its sweep (`one-launch`, ~2 min,
-# v31); the chunks column with 4, 8 and 16 words of a row together
+# and the quick GPU check, ~4 min, KERNEL_NOTES v30); M = 1 in one launch and the GEMV's tiles at M = 1 and 8 (`decode`,
+# ~4 min, v31); the chunks column with 4, 8 and 16 words of a row together
 # (`kernel_tables.sh chunk-words`, ~3 min, v28 outcome); then the serving table for [methods] (default: every mode;
 # e.g. bf16,twla,twla+fq,twla+wide,twla+lf,twla+chunks+cw8 serves v29-v31's switches beside the default, ~2.5 min a
 # method; `none`: no serving and no vLLM pieces to carry; /tmp/chunks/methods, written by a later call, narrows them
@@ -21,7 +21,7 @@ if [ "$1" != none ]; then  # vLLM installs (CPU only) while the op tables run
     bash /tmp/chunks/device-install.sh > /tmp/install.log 2>&1 && touch /tmp/chunks/installed ) &
 fi
 bash benchmarks/device/kernel_tables.sh left-first
-bash benchmarks/device/kernel_tables.sh one-launch
+bash benchmarks/device/kernel_tables.sh decode
 bash benchmarks/device/kernel_tables.sh chunk-words
 wait
 if [ "$1" != none ]; then  # a later call may narrow the methods by writing them to /tmp/chunks/methods

@@ -23,7 +23,8 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
                  tile: tuple[int, int, int, int, int] | None = None, out: torch.Tensor | None = None,
                  split: int | None = None, gemv_split: bool = True, pdl: bool | None = None,
                  late_sum: bool | None = None, presum: bool | None = None,
-                 unpacked: torch.Tensor | None = None) -> torch.Tensor:
+                 unpacked: torch.Tensor | None = None,
+                 gemv_tile: tuple[int, int, int] | None = None) -> torch.Tensor:
     """y [M, N] = s_n * Σ_b s_b (q·W_intᵀ - z_b rowsum_b) (+ lowrank_a @ lrᵀ per shard, + bias).
 
     q/s/z from `act_quant`; packed [N, W = K*bits/32] int32 words, any strides, or in chunks [N/RC, W/VW, RC, VW]
@@ -36,7 +37,8 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
     (programmatic dependent launch), `tiles.gemv_late_sum` (the GEMV's sums over words after its K loop) and
     `tiles.lowrank_presum` (the branch's partials summed before the matmul); `unpacked`: these weights' int8
     scratch from `unpack_weights`, kept resident, for the scratch path to use instead of unpacking (benchmarks:
-    what a resident int8 copy would buy)."""
+    what a resident int8 copy would buy); `gemv_tile` (BN rows, BP words, warps): the GEMV's tile instead of
+    `tiles.GEMV_CONFIGS` (benchmarks: the --sweep at decode sizes)."""
     m, k = q.shape
     packed = as_chunks(packed)
     n = packed_rows(packed)
@@ -62,7 +64,7 @@ def quant_matmul(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, packed: torc
     asm = q.device.type == "cuda"
     launch = dict(GDC=gdc(q.device), **launch_options(q.device, use_pdl(m, kb) if pdl is None else pdl))
     if m <= GEMV_MAX_M and tile is None:
-        _, bn, bp, warps = next(c for c in GEMV_CONFIGS if m <= c[0])
+        bn, bp, warps = gemv_tile or next(c for c in GEMV_CONFIGS if m <= c[0])[1:]
         lanes = 8 // bits
         words = k // (4 * lanes)
         gw = gs // (4 * lanes)
