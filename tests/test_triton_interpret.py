@@ -137,7 +137,8 @@ def test_kernel_switches_are_off_unless_the_environment_says(variable, attribute
 
 
 def test_one_launch_only_for_one_token_without_a_branch(monkeypatch):
-    """`fuse_act_quant`: gemv_quant takes M = 1 without a low-rank branch, and only with the switch on."""
+    """`fuse_act_quant`: gemv_quant takes M = 1 without a low-rank branch, and only with the switch on;
+    `fused_programs_per_sm` keeps its persistent grid to one wave."""
     from twla_vllm.kernels.triton_ops import tiles
 
     monkeypatch.setattr(tiles, "FUSED_GEMV_ON", True)
@@ -145,3 +146,7 @@ def test_one_launch_only_for_one_token_without_a_branch(monkeypatch):
     assert not tiles.fuse_act_quant(2, False) and not tiles.fuse_act_quant(1, True)
     monkeypatch.setattr(tiles, "FUSED_GEMV_ON", False)
     assert not tiles.fuse_act_quant(1, False)
+    # one wave of programs: 4 an SM at the 64x64 transform (96 registers), 2 with down_proj's 128x128 right
+    # factor (180 registers), 4 without a transform
+    assert tiles.fused_programs_per_sm(64, 64, True) == 4 and tiles.fused_programs_per_sm(16, 128, True) == 2
+    assert tiles.fused_programs_per_sm(16, 256, False) == 4

@@ -5,7 +5,7 @@ several K-blocks): the bs=1 decode profile spent ~1.1 ms of a ~3.9 ms step in 12
 session 21). Here every program transforms and quantizes its K-block of the token itself (the same
 `_quantize_tokens` code, so the same q, s, z) into its own slot of a small scratch, then runs the GEMV over its
 share of the row tiles. The work is repeated once per program, so the grid is persistent (a few programs per SM,
-`tiles.FUSED_GEMV`), not one per row tile. KERNEL_NOTES v31."""
+`tiles.fused_programs_per_sm`), not one per row tile. KERNEL_NOTES v31."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from .epilogue import _epilogue, _finish, _promote
 from .gemv import _gemv_sum
 from .layout import as_chunks, packed_rows, scale_strides, word_strides
 from .pdl import gdc, launch_options
-from .tiles import ACT_LEFT_FIRST, FUSED_GEMV, use_pdl
+from .tiles import ACT_LEFT_FIRST, FUSED_GEMV, fused_programs_per_sm, use_pdl
 from .unpack import _row_offsets, _rows_in, _word_offsets
 
 
@@ -96,8 +96,8 @@ def gemv_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor |
                tile: tuple[int, int, int] | None = None, pdl: bool | None = None) -> torch.Tensor:
     """y [1, N] = quant_matmul(*act_quant(x, ...)) for one token, without a low-rank branch, in one launch (two
     with several K-blocks: the split epilogue). Arguments as `act_quant` and `quant_matmul`; `programs` (per
-    K-block, default `tiles.FUSED_GEMV`'s per-SM count x the SMs) and `tile` (BN rows, BP words, warps)
-    override the launch (benchmarks, tests)."""
+    K-block; default `tiles.fused_programs_per_sm` x the SMs / K-blocks) and `tile` (BN rows, BP words, warps;
+    default `tiles.FUSED_GEMV`) override the launch (benchmarks, tests)."""
     m, k = x.shape
     if m != 1:
         raise ValueError(f"gemv_quant takes one token, got x of shape {tuple(x.shape)}")
@@ -110,13 +110,15 @@ def gemv_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor |
     rbp = triton.next_power_of_2(rows // k_blocks)
     if left is not None:
         rbp = max(16, rbp)  # tl.dot needs >= 16
-    bn, bp, warps = tile or FUSED_GEMV[:3]
+    cp = max(16, triton.next_power_of_2(cols))
+    bn, bp, warps = tile or FUSED_GEMV
     words = k // (32 // bits) // ab  # per activation range
     gw = (k if group_size == -1 else group_size) // (32 // bits)
     while words % bp or (bp % gw and gw % bp):  # a power of two that never straddles a group
         bp //= 2
     tiles = triton.cdiv(n, bn)
-    per_block = programs or max(1, -(-FUSED_GEMV[3] * (_sm_count(x.device.index or 0) if cuda else 1) // k_blocks))
+    per_sm = fused_programs_per_sm(rbp, cp, left is not None)
+    per_block = programs or max(1, -(-per_sm * (_sm_count(x.device.index or 0) if cuda else 1) // k_blocks))
     grid = k_blocks * min(tiles, per_block)
     qs = torch.empty(grid, k, dtype=torch.int8, device=x.device)
     ss = torch.empty(grid, ab, dtype=torch.float32, device=x.device)
@@ -128,7 +130,7 @@ def gemv_quant(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor |
     _gemv_quant_kernel[(grid,)](
         x, left if left is not None else x, right if right is not None else x, qs, qs.view(torch.int32),
         ss, zs, packed, row_scale, qa, qm, rowsum, bias_t, y, acc, n, tiles, x.stride(0), *word_strides(packed),
-        *scale_strides(qa, qm), K=k, ROWS=rows, COLS=cols, RBP=rbp, XCP=max(16, triton.next_power_of_2(cols)),
+        *scale_strides(qa, qm), K=k, ROWS=rows, COLS=cols, RBP=rbp, XCP=cp,
         HAS_ROT=left is not None, KB=k_blocks, AB=ab, QR=rbp if ab == k_blocks else rows // ab, ABITS=act_bits,
         CLIP=float(clip), PRECISION=precision or ("tf32" if cuda else "ieee"), BITS=bits, STEP=step, OFF=offset,
         RC=packed.shape[2], VW=packed.shape[3], GW=gw, HAS_BIAS=bias is not None, BN=bn, BP=bp, ASM=cuda,

@@ -17,12 +17,20 @@ def block_k(unit: int, cap: int, floor: int = 32) -> int:
 GEMV_MAX_M = 8  # up to here: CUDA-core dp4a GEMV
 GEMV_CONFIGS = ((1, 8, 64, 2), (GEMV_MAX_M, 32, 32, 4))  # (max M, BN, BP words, warps)
 # M = 1 with act_quant in the GEMV's prologue (gemv_quant.py, KERNEL_NOTES v31; not yet timed): (BN rows, BP words,
-# warps, programs per SM). 4 warps for the transform's dots (act_quant's M = 1 launch); BN 16 keeps the 2-warp
-# GEMV's 8 words a thread per chunk. Each program repeats the transform (~1 400 instructions a warp, sm_90a SASS),
-# and each streams its tiles one chunk ahead: 4 programs an SM keep ~16 KB of weights in flight per SM (the
-# per-tile GEMV's ~4 resident 2-warp CTAs x 2 chunks, ~16 KB) for 4 transforms' issue slots. `benchmarks/kernels.py
-# --sweep --ms 1` times 1-8 programs an SM and other tiles (FUSED_SWEEP).
-FUSED_GEMV = (16, 64, 4, 4)
+# warps). 4 warps for the transform's dots (act_quant's M = 1 launch); BN 16 keeps the 2-warp GEMV's 8 words a
+# thread per chunk. Each program repeats the transform (~1 400 instructions a warp, sm_90a SASS) and streams its
+# tiles one chunk ahead. `benchmarks/kernels.py --sweep --ms 1` times other tiles and 1-8 programs an SM.
+FUSED_GEMV = (16, 64, 4)
+
+
+def fused_programs_per_sm(rbp: int, cp: int, rotated: bool) -> int:
+    """gemv_quant's programs per SM for a token view block of [rbp, cp] (padded): the grid is persistent, so it
+    should be one wave. 4 keep ~16 KB of weights in flight per SM (the per-tile GEMV's ~4 resident 2-warp CTAs x 2
+    chunks) where they fit: 96 registers with a 64x64 transform (ptxas, sm_90a); with a 128x128 right factor
+    (down_proj's 112x128 view) 180 registers, so 2 (65 536 / (180 x 128) = 2.8)."""
+    return 4 if not rotated or rbp * rbp + cp * cp <= 8192 else 2
+
+
 FUSED_GEMV_ON = os.environ.get("TWLA_FUSED_GEMV") == "1"
 
 
