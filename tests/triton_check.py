@@ -255,7 +255,7 @@ CPU_CASES = [
     Case(40, 33, 256, gs=64, kb=4, bt=4, left_first=True), Case(260, 40, 384, gs=64, kb=2, bt=2, left_first=True),
     Case(300, 24, 448, gs=32, kb=2, bt=2, left_first=True), Case(3, 24, 256, gs=32, kb=2, ab=4, left_first=True),
     # one token in one launch (gemv_quant; every M = 1 case without a branch checks it): finer ranges in one block,
-    # no transform with odd N and per-row groups, binary over 4 blocks with 3 tiles a program
+    # no transform with odd N and per-row groups, binary over 4 blocks with 7 tiles a program
     Case(1, 40, 256, gs=32, ab=4, bias=True), Case(1, 33, 512, gs=-1, rot=False, bias=True, bits=6),
     Case(1, 100, 256, gs=64, kb=4, code="binary"),
 ]
