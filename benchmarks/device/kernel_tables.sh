@@ -64,7 +64,7 @@ case $1 in
     python3 -m tests.triton_check --gpu --quick > /tmp/tcq.log 2>&1
     echo "tc rc $?" >> /tmp/tcq.log; cp /tmp/tcq.log $OUT/; echo "== quick GPU check at $(( $(date +%s) - T0 )) s"
     grep -a -E "^FAIL|passed,|Traceback|Error|tc rc" /tmp/tcq.log | tail -8 ;;
-  decode) k decode_sweep_ternary_g32 300 --ms 1,8 --sweep --shapes 4096:4096,4096:14336,14336:4096,4096:28672 ;;
+  decode) k decode_sweep_ternary_g32 420 --ms 1,8 --sweep --shapes 4096:4096,4096:14336,14336:4096,4096:28672 ;;
   chunks-sweep) TWLA_WEIGHT_LAYOUT=chunks k chunks_sweep_ternary_g32 400 --shapes 4096:14336,4096:28672 --ms 8,64 \
     --sweep ;;
   chunk-words) for vw in 4 8 16; do TWLA_CHUNK_WORDS=$vw k chunk_words${vw}_ternary_g32 150 --ms 1,8,64 \
