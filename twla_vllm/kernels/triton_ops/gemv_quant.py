@@ -25,6 +25,15 @@ from .unpack import _row_offsets, _rows_in, _word_offsets
 
 
 @triton.jit
+def _tile_chunk(w_ptr, t, w0, N, stride_wc, stride_wk, RC: tl.constexpr, VW: tl.constexpr, BN: tl.constexpr,
+                BP: tl.constexpr, EVEN_N: tl.constexpr):
+    """Packed words [BN, BP] of row tile t from word w0 on (rows past N read the last row, as in the GEMV)."""
+    rows = _rows_in(t * BN + tl.arange(0, BN), N, EVEN_N)
+    return tl.load(w_ptr + _row_offsets(rows, RC, VW, stride_wc)[:, None]
+                   + _word_offsets(w0 + tl.arange(0, BP), RC, VW, stride_wk)[None, :])
+
+
+@triton.jit
 def _gemv_quant_kernel(x_ptr, l_ptr, r_ptr, qs_ptr, qw_ptr, ss_ptr, zs_ptr, w_ptr, ws_ptr, qa_ptr, qm_ptr, rs_ptr,
                        bias_ptr, y_ptr, acc_ptr, N, TILES, stride_x, stride_wc, stride_wk, stride_gn, stride_gg,
                        K: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, RBP: tl.constexpr,
@@ -44,18 +53,17 @@ def _gemv_quant_kernel(x_ptr, l_ptr, r_ptr, qs_ptr, qw_ptr, ss_ptr, zs_ptr, w_pt
     QB: tl.constexpr = AB // KB
     RW: tl.constexpr = K // (32 // BITS) // AB  # packed words per activation range
     rm = tl.arange(0, 1)
-    rp = tl.arange(0, BP)
     t0 = pid // KB
     step = tl.num_programs(0) // KB
+    s_row = ss_ptr + pid * AB  # this program's steps and zero points
+    z_row = zs_ptr + pid * AB
     # the first tile's first chunk of weights streams in before the wait (weights are constants; pdl.py)
-    rn = t0 * BN + tl.arange(0, BN)
-    wt = tl.load(w_ptr + _row_offsets(_rows_in(rn, N, EVEN_N), RC, VW, stride_wc)[:, None]
-                 + _word_offsets(b * QB * RW + rp, RC, VW, stride_wk)[None, :])
+    wt = _tile_chunk(w_ptr, t0, b * QB * RW, N, stride_wc, stride_wk, RC, VW, BN, BP, EVEN_N)
     if GDC:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-    _quantize_tokens(x_ptr, l_ptr, r_ptr, qs_ptr + pid * K, ss_ptr + pid * AB, zs_ptr + pid * AB, 1, stride_x, K, 0,
-                     b, ROWS, COLS, RBP, XCP, 1, HAS_ROT, KB, AB, QR, ABITS, CLIP, PRECISION, ASM, LEFT_FIRST)
+    _quantize_tokens(x_ptr, l_ptr, r_ptr, qs_ptr + pid * K, s_row, z_row, 1, stride_x, K, 0, b, ROWS, COLS, RBP,
+                     XCP, 1, HAS_ROT, KB, AB, QR, ABITS, CLIP, PRECISION, ASM, LEFT_FIRST)
     tl.debug_barrier()  # the program's own stores of q, s, z are visible to all of its threads
     xrow = qw_ptr + pid * (K // 4) + rm[:, None] * 0
     for t in range(t0, TILES, step):
@@ -66,18 +74,17 @@ def _gemv_quant_kernel(x_ptr, l_ptr, r_ptr, qs_ptr, qw_ptr, ss_ptr, zs_ptr, w_pt
         for j in tl.static_range(QB):
             a = b * QB + j
             if j > 0:
-                wt = tl.load(w_ptr + wrow[:, None] + _word_offsets(a * RW + rp, RC, VW, stride_wk)[None, :])
+                wt = _tile_chunk(w_ptr, t, a * RW, N, stride_wc, stride_wk, RC, VW, BN, BP, EVEN_N)
             acc = _gemv_sum(xrow, w_ptr, wrow, rn_in * stride_gn, qa_ptr, qm_ptr, wt, a * RW, (a + 1) * RW,
                             stride_wk, stride_gg, BITS, STEP, OFF, RC, VW, GW, 1, BN, BP, ASM, False)
-            part = _promote(acc, ss_ptr + pid * AB, zs_ptr + pid * AB, rs_ptr, rm, rm < 1, rn, rn < N, a, AB)
+            part = _promote(acc, s_row, z_row, rs_ptr, rm, rm < 1, rn, rn < N, a, AB)
             if KB == 1:
                 y += part
             else:
                 tl.store(acc_ptr + a * N + rn[None, :], part, mask=rn[None, :] < N)
         # the next tile's first chunk goes out before this tile's epilogue (the last tile re-reads its own rows)
-        rn_next = _rows_in(tl.minimum(t + step, TILES - 1) * BN + tl.arange(0, BN), N, EVEN_N)
-        wt = tl.load(w_ptr + _row_offsets(rn_next, RC, VW, stride_wc)[:, None]
-                     + _word_offsets(b * QB * RW + rp, RC, VW, stride_wk)[None, :])
+        wt = _tile_chunk(w_ptr, tl.minimum(t + step, TILES - 1), b * QB * RW, N, stride_wc, stride_wk, RC, VW, BN,
+                         BP, EVEN_N)
         if KB == 1:
             y = _finish(y, rm, rn, 1, N, ws_ptr, ws_ptr, ws_ptr, bias_ptr, 0, N, N, 0, 1, 16, 16, 16, 1, HAS_BIAS,
                         False, "ieee")

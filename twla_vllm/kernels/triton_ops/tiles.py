@@ -27,7 +27,7 @@ def fused_programs_per_sm(rbp: int, cp: int, rotated: bool) -> int:
     """gemv_quant's programs per SM for a token view block of [rbp, cp] (padded): the grid is persistent, so it
     should be one wave. 4 keep ~16 KB of weights in flight per SM (the per-tile GEMV's ~4 resident 2-warp CTAs x 2
     chunks) where they fit: 96 registers with a 64x64 transform (ptxas, sm_90a); with a 128x128 right factor
-    (down_proj's 112x128 view) 180 registers, so 2 (65 536 / (180 x 128) = 2.8)."""
+    (down_proj's 112x128 view) 184 registers, so 2 (65 536 / (184 x 128) = 2.8)."""
     return 4 if not rotated or rbp * rbp + cp * cp <= 8192 else 2
 
 
